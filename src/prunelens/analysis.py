@@ -1,0 +1,359 @@
+"""Dense vs pruned through h → z → p, per layer on the prompts and per decoding step.
+
+One model, two views (``pruned_view`` swaps modules, no weight is copied). Per batch of prompts:
+
+1. Prefill dense and pruned once each, recording the residual stream at every layer: cosine and
+   the parallel/orthogonal split of Δh per layer over all prompt tokens, plus the logit lens
+   z_l = lm_head(norm(h_l)) at the last prompt token.
+2. Decode with the KV cache, both views in lock-step. The pruned view runs two rows per prompt:
+   *teacher-forced* (fed the dense model's greedy tokens) and *free-running* (fed its own). The
+   dense view runs each prompt twice as well, so every pruned row has a dense row computed with
+   the same batch shape: CPU kernels give batch-shape dependent rounding, and this keeps an empty
+   plan exactly equal to the dense model (KL = 0, cos = 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .capture import capture, resid_names
+from .errors import PrunelensError
+from .metrics import hidden_metrics, logit_metrics
+from .models import LoadedModel
+from .prune.drop import LAYER_INDEXING, DropPlan, pruned_view
+
+SCHEMA = "prunelens.analysis/1"
+
+CONVENTIONS = {
+    "h": "final-norm output (input of the LM head), so z = lm_head(h)",
+    "z": "output logits of the model",
+    "p": "softmax(z / T) for each temperature T",
+    "kl": "KL(p_pruned || p_dense), natural log",
+    "rkl": "KL(p_dense || p_pruned)",
+    "dz": "z_pruned - z_dense",
+    "taylor_kl": "Var_{p_dense}(dz) / (2 T^2)",
+    "taylor_cos": "Var_r(dz) / (2 T^2), r proportional to p_dense^2; estimates 1 - cos(p)",
+    "var_topk": "variance of dz over the top-k dense tokens, equal weights",
+    "layer_index": "layerwise index l: residual stream before block l (0 = embeddings); "
+                   "l = n_layers is the last block's output, before the final norm",
+    "logit_lens": "z_l = lm_head(final_norm(h_l)) at the last prompt token (no logit soft-capping)",
+    "drop_indices": LAYER_INDEXING,
+    "step": "decoding step t = 1..N: the distribution of the t-th generated token; step 1 is "
+            "the last prompt position",
+    "teacher_forced": "pruned model fed the dense model's greedy tokens",
+    "free_running": "each model fed its own greedy tokens",
+    "valid_steps": "teacher-forced steps count until the dense model has emitted EOS; "
+                   "free-running steps until either model has",
+}
+
+
+@dataclass
+class AnalysisSettings:
+    temperatures: tuple[float, ...] = (1.0,)
+    max_new_tokens: int = 32
+    batch_size: int = 8
+    topk: int = 10
+    chat_template: bool = True
+    logit_lens: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.temperatures:
+            raise PrunelensError("at least one temperature is needed")
+        for t in self.temperatures:
+            if not (t > 0 and math.isfinite(t)):
+                raise PrunelensError(f"temperature must be positive, got {t}")
+        if self.max_new_tokens < 1:
+            raise PrunelensError(f"--steps must be at least 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise PrunelensError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+
+# --- tokenisation ------------------------------------------------------------------------------
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat_template: bool = True) -> list[list[int]]:
+    """Token ids per prompt; instruct models get their chat template (with generation prompt)."""
+    use_chat = chat_template and getattr(tokenizer, "chat_template", None)
+    out = []
+    for p in prompts:
+        if use_chat:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(p)["input_ids"]
+        if not ids:
+            raise PrunelensError("a prompt encodes to zero tokens")
+        out.append(list(ids))
+    return out
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[r, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def eos_ids(lm: LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    for src in (lm.tokenizer.eos_token_id, getattr(lm.model.generation_config, "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(x) for x in src)
+    return ids
+
+
+# --- forward passes ----------------------------------------------------------------------------
+
+
+def forward_cached(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
+    """One cached forward over ``ids`` (left-padded rows); returns the last position's logits.
+
+    ``mask`` covers the cached tokens plus ``ids``; positions come from it, so padding is skipped.
+    """
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+def view(lm: LoadedModel, plan: DropPlan | None):
+    return pruned_view(lm.adapter, plan) if plan is not None else contextlib.nullcontext()
+
+
+def step_metrics(hd: torch.Tensor, hp: torch.Tensor, zd: torch.Tensor, zp: torch.Tensor,
+                 settings: AnalysisSettings) -> dict[str, torch.Tensor]:
+    m = {f"{k}_h": v for k, v in hidden_metrics(hd, hp).items()}
+    m.update(logit_metrics(zd, zp, settings.temperatures, settings.topk))
+    return m
+
+
+# --- the analysis ------------------------------------------------------------------------------
+
+
+def _nanmean(a: np.ndarray, valid: np.ndarray) -> tuple[list[float | None], list[int]]:
+    """Mean over prompts (axis 0) of a (prompts, steps) array, counting only valid cells."""
+    n = valid.sum(0)
+    s = np.where(valid, a, 0.0).sum(0)
+    mean = [float(x / c) if c else None for x, c in zip(s, n)]
+    return mean, [int(c) for c in n]
+
+
+@torch.inference_mode()
+def analyze(
+    lm: LoadedModel,
+    plan: DropPlan,
+    prompts: Sequence[str],
+    settings: AnalysisSettings | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Compare the dense model with ``plan`` applied to it; returns a JSON-ready result dict."""
+    settings = settings or AnalysisSettings()
+    settings.validate()
+    if not prompts:
+        raise PrunelensError("no prompts to analyse")
+    plan.validate(lm.adapter.n_layers)
+    torch.manual_seed(settings.seed)
+    t0 = time.perf_counter()
+    model, adapter, dev = lm.model, lm.adapter, lm.device
+    n_layers, N = adapter.n_layers, settings.max_new_tokens
+    pad_id = lm.tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = next(iter(eos_ids(lm)), 0)
+    eos = torch.tensor(sorted(eos_ids(lm)) or [-1], device=dev)
+    encoded = encode_prompts(lm.tokenizer, prompts, settings.chat_template)
+
+    layer_acc: dict[str, list[list[torch.Tensor]]] = defaultdict(lambda: [[] for _ in range(n_layers + 1)])
+    # per mode: metric -> list of (B, N) arrays; plus validity and tokens
+    step_acc: dict[str, dict[str, list[np.ndarray]]] = {
+        "teacher_forced": defaultdict(list), "free_running": defaultdict(list)}
+    per_prompt: list[dict[str, Any]] = []
+    cache_cls = _cache_class()
+    n_batches = math.ceil(len(encoded) / settings.batch_size)
+    bar = tqdm(total=n_batches * N, desc=f"analyze {plan.label()}", unit="step", disable=not progress)
+
+    for b0 in range(0, len(encoded), settings.batch_size):
+        batch = encoded[b0:b0 + settings.batch_size]
+        B = len(batch)
+        ids, mask = left_pad(batch, pad_id, dev)
+        valid_tok = mask.bool()
+        names = resid_names(n_layers) + ["final"]
+
+        # 1. prefill, recording the residual stream of both views
+        cache_d, cache_p = cache_cls(config=model.config), cache_cls(config=model.config)
+        with capture(adapter, names) as dense_states:
+            zd = forward_cached(model, ids, mask, cache_d)
+        with view(lm, plan), capture(adapter, names) as pr_states:
+            zp = forward_cached(model, ids, mask, cache_p)
+        for li in range(n_layers + 1):
+            a, b = dense_states[f"resid.{li}"], pr_states[f"resid.{li}"]
+            for k, v in hidden_metrics(a[valid_tok], b[valid_tok]).items():
+                layer_acc[k + "_h"][li].append(v.cpu())
+            if settings.logit_lens:
+                lens = logit_metrics(adapter.logits_from_hidden(a[:, -1]).float(),
+                                     adapter.logits_from_hidden(b[:, -1]).float(),
+                                     settings.temperatures, settings.topk)
+                for k, v in lens.items():
+                    layer_acc["lens_" + k][li].append(v.cpu())
+        hd, hp = dense_states["final"][:, -1], pr_states["final"][:, -1]
+        del dense_states, pr_states
+
+        # 2. lock-step decoding: rows (2i, 2i+1) = (teacher-forced, free-running) of prompt i
+        for c in (cache_d, cache_p):
+            c.batch_repeat_interleave(2)
+        mask2 = mask.repeat_interleave(2, 0)
+        zd2, zp2 = zd.repeat_interleave(2, 0), zp.repeat_interleave(2, 0)
+        hd2, hp2 = hd.repeat_interleave(2, 0), hp.repeat_interleave(2, 0)
+        rows: dict[str, dict[str, list[np.ndarray]]] = {"teacher_forced": defaultdict(list),
+                                                        "free_running": defaultdict(list)}
+        ended_d = torch.zeros(B, dtype=torch.bool, device=dev)
+        ended_p = torch.zeros(B, dtype=torch.bool, device=dev)
+        toks_d, toks_p = [], []
+        for t in range(1, N + 1):
+            m = step_metrics(hd2, hp2, zd2, zp2, settings)
+            tok_d, tok_p = zd2[0::2].argmax(-1), zp2[1::2].argmax(-1)
+            valid_tf, valid_fr = ~ended_d, ~(ended_d | ended_p)
+            for mode, sl, valid in (("teacher_forced", slice(0, None, 2), valid_tf),
+                                    ("free_running", slice(1, None, 2), valid_fr)):
+                for k, v in m.items():
+                    rows[mode][k].append(v[sl].cpu().numpy())
+                rows[mode]["valid"].append(valid.cpu().numpy())
+            rows["free_running"]["token_agree"].append((tok_d == tok_p).double().cpu().numpy())
+            toks_d.append(tok_d)
+            toks_p.append(tok_p)
+            ended_d |= torch.isin(tok_d, eos)
+            ended_p |= torch.isin(tok_p, eos)
+            bar.update(1)
+            if t == N or bool((ended_d & ended_p).all()):
+                bar.update(N - t)
+                break
+            feed_d = torch.stack([tok_d, tok_d], 1).reshape(-1, 1)
+            feed_p = torch.stack([tok_d, tok_p], 1).reshape(-1, 1)
+            mask2 = torch.cat([mask2, mask2.new_ones(2 * B, 1)], 1)
+            with capture(adapter, ["final"]) as s:
+                zd2 = forward_cached(model, feed_d, mask2, cache_d)
+            hd2 = s["final"][:, -1]
+            with view(lm, plan), capture(adapter, ["final"]) as s:
+                zp2 = forward_cached(model, feed_p, mask2, cache_p)
+            hp2 = s["final"][:, -1]
+
+        for mode, d in rows.items():
+            for k, seq in d.items():
+                arr = np.stack(seq, 1).astype(np.float64)  # (B, steps_done)
+                pad = np.full((B, N - arr.shape[1]), np.nan if k != "valid" else 0.0)
+                step_acc[mode][k].append(np.concatenate([arr, pad], 1))
+        td, tp = torch.stack(toks_d, 1).cpu(), torch.stack(toks_p, 1).cpu()
+        fr_valid = np.stack(rows["free_running"]["valid"], 1)
+        for r in range(B):
+            diverged = [i for i in range(td.shape[1]) if fr_valid[r, i] and td[r, i] != tp[r, i]]
+            per_prompt.append({
+                "prompt": prompts[b0 + r],
+                "n_prompt_tokens": len(batch[r]),
+                "dense_text": _decode_until_eos(lm.tokenizer, td[r], eos),
+                "pruned_text": _decode_until_eos(lm.tokenizer, tp[r], eos),
+                "first_divergence": diverged[0] + 1 if diverged else None,
+                "valid_steps_free_running": int(fr_valid[r].sum()),
+            })
+    bar.close()
+
+    layerwise = {"layer": list(range(n_layers + 1))}
+    for k, per_layer in layer_acc.items():
+        layerwise[k] = [float(torch.cat(v).double().mean()) for v in per_layer]
+
+    stepwise: dict[str, Any] = {}
+    for mode, d in step_acc.items():
+        valid = np.concatenate(d["valid"], 0).astype(bool)
+        out: dict[str, Any] = {"step": list(range(1, N + 1))}
+        for k, parts in d.items():
+            if k == "valid":
+                continue
+            out[k], out["n"] = _nanmean(np.concatenate(parts, 0), valid)
+        stepwise[mode] = out
+
+    elapsed = time.perf_counter() - t0
+    result = {
+        "schema": SCHEMA,
+        "prunelens_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "conventions": CONVENTIONS,
+        "model": lm.info,
+        "pruning": plan.to_dict(),
+        "settings": {**asdict(settings), "temperatures": list(settings.temperatures),
+                     "n_prompts": len(prompts)},
+        "layerwise": layerwise,
+        "stepwise": stepwise,
+        "per_prompt": per_prompt,
+        "timing": {"analysis_s": elapsed},
+    }
+    result["summary"] = summarize(result)
+    return result
+
+
+def _cache_class():
+    from transformers import DynamicCache
+
+    return DynamicCache
+
+
+def _decode_until_eos(tokenizer: Any, toks: torch.Tensor, eos: torch.Tensor) -> str:
+    ids = toks.tolist()
+    for i, t in enumerate(ids):
+        if t in eos.tolist():
+            ids = ids[:i]
+            break
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _mean_valid(values: list[float | None]) -> float | None:
+    xs = [v for v in values if v is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """Headline numbers: the three spaces at the last prompt token, and decoding-step averages."""
+    temps = result["settings"]["temperatures"]
+    t = f"{temps[0]:g}"
+    tf, fr = result["stepwise"]["teacher_forced"], result["stepwise"]["free_running"]
+    first = {k: tf[k][0] for k in ("cos_h", "cos_z", f"cos_p@{t}", f"kl@{t}", f"taylor_kl@{t}")}
+    divs = [p["first_divergence"] for p in result["per_prompt"]]
+    return {
+        "temperature": temps[0],
+        "last_prompt_token": first,
+        "min_layer_cos_h": min(result["layerwise"]["cos_h"]),
+        "teacher_forced_mean": {k: _mean_valid(tf[k]) for k in
+                                ("cos_h", "cos_z", f"cos_p@{t}", f"kl@{t}", "top1_agree")},
+        "free_running_mean": {k: _mean_valid(fr[k]) for k in
+                              ("cos_h", "cos_z", f"cos_p@{t}", f"kl@{t}", "token_agree")},
+        "kl_growth_teacher_forced": _growth(tf[f"kl@{t}"]),
+        "kl_growth_free_running": _growth(fr[f"kl@{t}"]),
+        "prompts_diverged": sum(d is not None for d in divs),
+        "median_first_divergence": float(np.median([d for d in divs if d is not None]))
+        if any(d is not None for d in divs) else None,
+    }
+
+
+def _growth(series: list[float | None]) -> float | None:
+    """Mean KL over the second half of the steps ÷ mean over the first half."""
+    xs = [v for v in series if v is not None]
+    if len(xs) < 2:
+        return None
+    h = len(xs) // 2
+    a, b = float(np.mean(xs[:h])), float(np.mean(xs[h:]))
+    return b / a if a > 0 else None

@@ -1,0 +1,65 @@
+"""Named places to read the residual stream, and the definition of the three spaces.
+
+Names (TransformerLens-style):
+- ``resid.{l}`` for l = 0..L: the residual stream *before* block l (l = 0 is the embedding output)
+  and, for l = L, after the last block (before the final norm).
+- ``mid.{i}``: the residual stream between block i's attention and its MLP.
+- ``final``: the final-norm output h, so that the logits are z = lm_head(h) and p = softmax(z/T).
+
+Hooks are attached to whatever module sits in each slot when the context is entered, so enter
+``capture`` *inside* a pruned view (a dropped block's stand-in is captured as the identity).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from .arch import Adapter
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+@contextlib.contextmanager
+def capture(adapter: Adapter, names: Iterable[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the named activations of the next forward pass(es) into the yielded dict."""
+    wanted = set(names)
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+    layers = adapter.layers
+    n = len(layers)
+
+    def keep(name: str, t: torch.Tensor) -> None:
+        store[name] = t.detach()
+
+    if "resid.0" in wanted:
+        handles.append(layers[0].register_forward_pre_hook(
+            lambda m, args, kwargs: keep("resid.0", args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True))
+    for i in range(n):
+        if f"resid.{i + 1}" in wanted:
+            handles.append(layers[i].register_forward_hook(
+                lambda m, a, out, i=i: keep(f"resid.{i + 1}", _first(out))))
+        if f"mid.{i}" in wanted:
+            try:
+                norm = adapter.pre_mlp_norm(i)
+            except AttributeError:  # a dropped block has no MLP norm: mid = resid before it
+                continue
+            handles.append(norm.register_forward_pre_hook(
+                lambda m, args, i=i: keep(f"mid.{i}", args[0])))
+    if "final" in wanted:
+        handles.append(adapter.final_norm.register_forward_hook(
+            lambda m, a, out: keep("final", _first(out))))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def resid_names(n_layers: int) -> list[str]:
+    return [f"resid.{i}" for i in range(n_layers + 1)]

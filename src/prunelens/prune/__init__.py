@@ -1,0 +1,1 @@
+"""Pruning methods. Layer dropping lives in ``drop`` (what to skip) and ``importance`` (how to choose)."""

@@ -1,0 +1,271 @@
+"""Inter-layer pruning: a plan of dropped sublayers/blocks, a zero-copy pruned view, and saving.
+
+The pruned view swaps the dropped modules for stand-ins that add nothing to the residual stream
+and are never computed, then puts the originals back: dense and pruned share every weight.
+A dropped attention sublayer still appends (zero) keys/values to the KV cache, because
+transformers derives positions and mask sizes from the cache length; without it, decoding after
+prefill would place tokens at the wrong positions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..arch import Adapter, get_module, set_module
+from ..errors import PrunelensError
+
+KINDS = ("attn", "mlp", "block")
+# Layer indices are 0-based positions in the original (dense) model's layer list.
+LAYER_INDEXING = "0-based index into the dense model's decoder layers"
+
+
+@dataclass(frozen=True)
+class DropRequest:
+    """One parsed ``--drop`` spec: either explicit layers or a count chosen by importance."""
+
+    kind: str
+    count: int | None = None
+    layers: tuple[int, ...] | None = None
+
+    def __str__(self) -> str:
+        if self.layers is not None:
+            return f"{self.kind}@{','.join(map(str, self.layers))}"
+        return f"{self.kind}:{self.count}"
+
+
+_SPEC = re.compile(r"^(attn|mlp|block)(?::(\d+)|@(\d+(?:,\d+)*))$")
+
+
+def parse_drop(spec: str) -> DropRequest:
+    """Parse ``attn:4`` (drop the 4 least important) or ``mlp@3,7`` (drop layers 3 and 7)."""
+    m = _SPEC.match(spec.strip().replace(" ", ""))
+    if not m:
+        raise PrunelensError(
+            f"malformed drop spec '{spec}': expected KIND:N or KIND@i,j,... with KIND in "
+            f"{'/'.join(KINDS)} (e.g. attn:4, mlp@3,7, block:2)"
+        )
+    kind, count, layers = m.groups()
+    if layers is not None:
+        idx = tuple(int(x) for x in layers.split(","))
+        if len(set(idx)) != len(idx):
+            raise PrunelensError(f"drop spec '{spec}' repeats a layer index")
+        return DropRequest(kind, layers=tuple(sorted(idx)))
+    return DropRequest(kind, count=int(count))
+
+
+@dataclass(frozen=True)
+class DropPlan:
+    """Which sublayers and blocks are dropped, with how they were chosen."""
+
+    attn: tuple[int, ...] = ()
+    mlp: tuple[int, ...] = ()
+    block: tuple[int, ...] = ()
+    info: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.attn or self.mlp or self.block)
+
+    def units(self) -> list[tuple[str, int]]:
+        return [(k, i) for k in KINDS for i in getattr(self, k)]
+
+    def with_unit(self, kind: str, i: int) -> DropPlan:
+        cur = getattr(self, kind)
+        return DropPlan(**{**self._fields(), kind: tuple(sorted({*cur, i}))}, info=self.info)
+
+    def _fields(self) -> dict[str, tuple[int, ...]]:
+        return {"attn": self.attn, "mlp": self.mlp, "block": self.block}
+
+    def label(self) -> str:
+        parts = [f"{k}@{','.join(map(str, v))}" for k, v in self._fields().items() if v]
+        return "+".join(parts) or "dense"
+
+    def validate(self, n_layers: int) -> None:
+        for kind, i in self.units():
+            if not 0 <= i < n_layers:
+                raise PrunelensError(
+                    f"cannot drop {kind} {i}: the model has layers 0..{n_layers - 1}"
+                )
+        if len(self.block) >= n_layers:
+            raise PrunelensError(f"cannot drop all {n_layers} blocks")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{k: list(v) for k, v in self._fields().items()}, "label": self.label(),
+                "layer_indexing": LAYER_INDEXING, **({"selection": self.info} if self.info else {})}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DropPlan:
+        return cls(attn=tuple(d.get("attn", ())), mlp=tuple(d.get("mlp", ())),
+                   block=tuple(d.get("block", ())), info=d.get("selection", {}))
+
+
+def merge(a: DropPlan, b: DropPlan) -> DropPlan:
+    return DropPlan(
+        attn=tuple(sorted({*a.attn, *b.attn})),
+        mlp=tuple(sorted({*a.mlp, *b.mlp})),
+        block=tuple(sorted({*a.block, *b.block})),
+        info={**a.info, **b.info},
+    )
+
+
+# --- stand-ins for dropped modules -------------------------------------------------------------
+
+
+class _CacheKeeper(nn.Module):
+    """Appends zero keys/values so the KV cache of a skipped layer keeps the right length."""
+
+    def __init__(self, layer_idx: int, n_kv: int, head_dim: int):
+        super().__init__()
+        self.layer_idx, self.n_kv, self.head_dim = layer_idx, n_kv, head_dim
+
+    def _keep_cache(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+        if cache is not None:
+            b, t = hidden.shape[:2]
+            kv = hidden.new_zeros(b, self.n_kv, t, self.head_dim)
+            cache.update(kv, kv, self.layer_idx)
+
+
+class SkippedAttention(_CacheKeeper):
+    """A dropped attention sublayer: contributes zero, computes nothing."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+        self._keep_cache(hidden_states, kwargs)
+        return torch.zeros_like(hidden_states), None
+
+
+class SkippedBlock(_CacheKeeper):
+    """A dropped decoder block: the identity on the residual stream."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+        self._keep_cache(hidden_states, kwargs)
+        return hidden_states
+
+
+class SkippedMLP(nn.Module):
+    """A dropped MLP sublayer: contributes zero."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+@contextlib.contextmanager
+def pruned_view(adapter: Adapter, plan: DropPlan) -> Iterator[None]:
+    """Inside the block, the model computes as if ``plan``'s units were removed.
+
+    No weight is copied: the dropped modules are swapped out for stand-ins and restored on exit.
+    """
+    plan.validate(adapter.n_layers)
+    root = adapter.model
+    saved: list[tuple[str, nn.Module]] = []
+    n_kv, hd = adapter.num_kv_heads, adapter.head_dim
+
+    def swap(path: str, new: nn.Module) -> None:
+        saved.append((path, get_module(root, path)))
+        set_module(root, path, new)
+
+    try:
+        for i in plan.block:
+            swap(adapter.layer_path(i), SkippedBlock(i, n_kv, hd))
+        for i in plan.attn:
+            if i not in plan.block:
+                swap(adapter.sublayer_path("attn", i), SkippedAttention(i, n_kv, hd))
+        for i in plan.mlp:
+            if i not in plan.block:
+                swap(adapter.sublayer_path("mlp", i), SkippedMLP())
+        yield
+    finally:
+        for path, module in reversed(saved):
+            set_module(root, path, module)
+
+
+def install_permanently(adapter: Adapter, plan: DropPlan) -> None:
+    """Skip a loaded checkpoint's zeroed sublayers for good (used when reading prunelens metadata)."""
+    ctx = pruned_view(adapter, plan)
+    ctx.__enter__()  # never exited: the stand-ins stay
+
+
+# --- saving -----------------------------------------------------------------------------------
+
+METADATA_KEY = "prunelens"
+
+
+def pruned_state_and_config(adapter: Adapter, plan: DropPlan) -> tuple[dict[str, torch.Tensor], Any]:
+    """State dict and config of the pruned model as plain transformers understands it.
+
+    Dropped blocks are removed and later blocks renumbered; dropped sublayers keep their weights
+    but their output projection is zeroed, so they add exactly nothing. Weights are shared with
+    the live model except for the zero tensors created here.
+    """
+    plan.validate(adapter.n_layers)
+    spec, prefix = adapter.spec, adapter.spec.layers + "."
+    keep = [i for i in range(adapter.n_layers) if i not in plan.block]
+    new_index = {old: new for new, old in enumerate(keep)}
+    zeroed = {f"{adapter.layer_path(i)}.{spec.attn_out}." for i in plan.attn} | {
+        f"{adapter.layer_path(i)}.{spec.mlp_out}." for i in plan.mlp
+    }
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in adapter.model.state_dict(keep_vars=False).items():
+        if name.startswith(prefix):
+            idx_str, rest = name[len(prefix):].split(".", 1)
+            old = int(idx_str)
+            if old in plan.block:
+                continue
+            if any(name.startswith(z) for z in zeroed):
+                tensor = torch.zeros_like(tensor)
+            name = f"{prefix}{new_index[old]}.{rest}"
+        state[name] = tensor
+
+    config = copy.deepcopy(adapter.config)
+    config.num_hidden_layers = len(keep)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[i] for i in keep]
+    meta = {
+        "format": 1,
+        "dropped": plan.to_dict(),
+        "dense_num_hidden_layers": adapter.n_layers,
+        "kept_layers": keep,
+        # what to skip in the saved model's own indexing (sublayers of kept blocks):
+        "skip": {"attn": [new_index[i] for i in plan.attn if i in new_index],
+                 "mlp": [new_index[i] for i in plan.mlp if i in new_index]},
+    }
+    setattr(config, METADATA_KEY, meta)
+    return state, config
+
+
+def save_pruned(adapter: Adapter, plan: DropPlan, out_dir: str | Path, tokenizer: Any = None) -> Path:
+    """Write a safetensors checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads as is."""
+    out = Path(out_dir)
+    state, config = pruned_state_and_config(adapter, plan)
+    model = adapter.model
+    # Blocks removed: drop the stale modules from the state dict's view by saving with a swapped
+    # config (save_pretrained writes self.config) and the explicit state dict.
+    original = model.config
+    model.config = config
+    try:
+        model.save_pretrained(out, state_dict=state, safe_serialization=True)
+    finally:
+        model.config = original
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    (out / "prunelens.json").write_text(json.dumps(getattr(config, METADATA_KEY), indent=2))
+    return out
+
+
+def plan_from_config(config: Any) -> DropPlan | None:
+    """The skip plan recorded in a saved pruned checkpoint (saved-model indexing), if any."""
+    meta = getattr(config, METADATA_KEY, None)
+    if not isinstance(meta, dict) or "skip" not in meta:
+        return None
+    skip = meta["skip"]
+    return DropPlan(attn=tuple(skip.get("attn", ())), mlp=tuple(skip.get("mlp", ())))

@@ -1,0 +1,130 @@
+"""Choosing which layers to drop: importance scores measured on calibration text.
+
+- ``cosine`` (LLM-Drop, He et al.; ShortGPT's Block Influence, Men et al.): a unit's score is
+  1 − cos(its input, its output) on the residual stream, averaged over all calibration tokens.
+  For a sublayer the output is input + sublayer(input); for a block it is the block's output.
+  Low score = the unit barely changes the stream = dropped first.
+- ``angular`` (Gromov et al.): for n consecutive blocks starting at l, arccos(cos(h_l, h_{l+n}))/π
+  at the last token; the window with the smallest distance is dropped whole (blocks only).
+
+One-shot scores once and drops the n lowest; iterative re-scores after every drop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..capture import capture, resid_names
+from ..errors import PrunelensError
+from ..metrics import cosine
+from ..models import LoadedModel
+from .drop import DropPlan, DropRequest, pruned_view
+
+METRICS = ("cosine", "angular")
+
+
+def _stream_states(lm: LoadedModel, plan: DropPlan, calib: torch.Tensor, batch_size: int):
+    """Yield the captured residual stream for each calibration batch under ``plan``."""
+    n = lm.adapter.n_layers
+    names = resid_names(n) + [f"mid.{i}" for i in range(n)]
+    for b0 in range(0, len(calib), batch_size):
+        ids = calib[b0:b0 + batch_size].to(lm.device)
+        with pruned_view(lm.adapter, plan), capture(lm.adapter, names) as st:
+            lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        yield st
+
+
+@torch.inference_mode()
+def unit_scores(lm: LoadedModel, plan: DropPlan, calib: torch.Tensor, kind: str,
+                batch_size: int = 4) -> dict[int, float]:
+    """1 − cos(in, out) of every attention sublayer, MLP sublayer or block, under ``plan``."""
+    n = lm.adapter.n_layers
+    sums, count = torch.zeros(n, dtype=torch.float64), 0
+    for st in _stream_states(lm, plan, calib, batch_size):
+        for i in range(n):
+            pre, post = st[f"resid.{i}"], st[f"resid.{i + 1}"]
+            mid = st.get(f"mid.{i}", pre)
+            a, b = {"attn": (pre, mid), "mlp": (mid, post), "block": (pre, post)}[kind]
+            sums[i] += (1.0 - cosine(a, b)).sum()
+        count += pre.shape[0] * pre.shape[1]
+    return {i: float(sums[i] / count) for i in range(n)}
+
+
+@torch.inference_mode()
+def angular_scores(lm: LoadedModel, plan: DropPlan, calib: torch.Tensor, width: int,
+                   batch_size: int = 4) -> dict[int, float]:
+    """Angular distance between h_l and h_{l+width} at the last token, per start l."""
+    n = lm.adapter.n_layers
+    starts = range(0, n - width + 1)
+    sums, count = torch.zeros(n, dtype=torch.float64), 0
+    for st in _stream_states(lm, plan, calib, batch_size):
+        for s in starts:
+            c = cosine(st[f"resid.{s}"][:, -1], st[f"resid.{s + width}"][:, -1]).clamp(-1, 1)
+            sums[s] += (torch.arccos(c) / math.pi).sum()
+        count += st["resid.0"].shape[0]
+    return {s: float(sums[s] / count) for s in starts}
+
+
+def _candidates(plan: DropPlan, kind: str, n: int) -> list[int]:
+    taken = set(plan.block) | (set(getattr(plan, kind)) if kind != "block" else set())
+    return [i for i in range(n) if i not in taken]
+
+
+def select_drop(
+    lm: LoadedModel,
+    requests: Sequence[DropRequest],
+    metric: str = "cosine",
+    iterative: bool = False,
+    calib: torch.Tensor | None = None,
+    batch_size: int = 4,
+) -> DropPlan:
+    """Turn drop requests into a plan, scoring importance on ``calib`` where counts are given."""
+    if metric not in METRICS:
+        raise PrunelensError(f"unknown importance metric '{metric}'; choose from {', '.join(METRICS)}")
+    n = lm.adapter.n_layers
+    plan = DropPlan()
+    info: dict[str, Any] = {"metric": metric, "iterative": iterative, "requests": [str(r) for r in requests]}
+    scores_log: dict[str, Any] = {}
+    for req in requests:
+        if req.layers is not None:
+            for i in req.layers:
+                plan = plan.with_unit(req.kind, i)
+            plan.validate(n)
+            continue
+        assert req.count is not None
+        if not 0 <= req.count < n:
+            raise PrunelensError(
+                f"cannot drop {req.count} {req.kind} units: the model has {n} layers (need 0 <= N < {n})")
+        if req.count == 0:
+            continue
+        if calib is None:
+            raise PrunelensError(f"'{req}' needs calibration text to rank layers")
+        if metric == "angular":
+            if req.kind != "block":
+                raise PrunelensError("the angular metric ranks windows of whole blocks; use block:N")
+            sc = angular_scores(lm, plan, calib, req.count, batch_size)
+            start = min(sc, key=sc.__getitem__)
+            for i in range(start, start + req.count):
+                plan = plan.with_unit("block", i)
+            scores_log[f"{req}"] = {"window_start": start, "scores": sc}
+            continue
+        order: list[int] = []
+        first: dict[int, float] | None = None
+        steps = req.count if iterative else 1
+        for _ in range(steps):
+            sc = unit_scores(lm, plan, calib, req.kind, batch_size)
+            first = first or sc
+            cand = sorted(_candidates(plan, req.kind, n), key=sc.__getitem__)
+            if len(cand) < (1 if iterative else req.count):
+                raise PrunelensError(f"not enough {req.kind} units left to drop {req.count}")
+            picks = cand[:1] if iterative else cand[:req.count]
+            for i in picks:
+                plan = plan.with_unit(req.kind, i)
+                order.append(i)
+        scores_log[f"{req}"] = {"order": order, "scores": first}
+    info["scores"] = scores_log
+    return DropPlan(plan.attn, plan.mlp, plan.block, info=info)

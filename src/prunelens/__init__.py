@@ -3,10 +3,24 @@
 Notebook use::
 
     import prunelens as pl
-    lm = pl.load_model("smollm2-135m")
-    plan = pl.select_drop(lm, "attn:4")
+    lm = pl.load_model("smollm2-135m")                 # a preset, local dir, .gguf or hub id
+    plan = pl.select_drop(lm, "attn:4")                # 4 least important attention sublayers
     result = pl.analyze(lm, plan, pl.builtin_prompts())
-    pl.write_run(result, "runs/attn4")          # results.json, figures, report.html
+    pl.write_run(result, "runs/attn4")                 # results.json, figures/, report.html
 """
 
 __version__ = "0.1.0"
+
+from .analysis import AnalysisSettings, analyze  # noqa: E402
+from .api import select_drop  # noqa: E402
+from .data import builtin_prompts, read_texts  # noqa: E402
+from .errors import PrunelensError  # noqa: E402
+from .models import PRESETS, LoadedModel, load_model  # noqa: E402
+from .prune.drop import DropPlan, parse_drop, pruned_view, save_pruned  # noqa: E402
+from .runs import write_run  # noqa: E402
+
+__all__ = [
+    "AnalysisSettings", "DropPlan", "LoadedModel", "PRESETS", "PrunelensError", "analyze",
+    "builtin_prompts", "load_model", "parse_drop", "pruned_view", "read_texts", "save_pruned",
+    "select_drop", "write_run",
+]

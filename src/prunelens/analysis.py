@@ -100,7 +100,9 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat_template: bool =
     return out
 
 
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -152,7 +154,7 @@ def _nanmean(a: np.ndarray, valid: np.ndarray) -> tuple[list[float | None], list
     """Mean over prompts (axis 0) of a (prompts, steps) array, counting only valid cells."""
     n = valid.sum(0)
     s = np.where(valid, a, 0.0).sum(0)
-    mean = [float(x / c) if c else None for x, c in zip(s, n)]
+    mean = [float(x / c) if c else None for x, c in zip(s, n, strict=True)]
     return mean, [int(c) for c in n]
 
 

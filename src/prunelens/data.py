@@ -98,7 +98,8 @@ def read_texts(path: str | Path, what: str = "prompt") -> list[str]:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise PrunelensError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-                key = next((k for k in _TEXT_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), str)), None)
+                key = next((k for k in _TEXT_KEYS
+                            if isinstance(obj, dict) and isinstance(obj.get(k), str)), None)
                 if key is None:
                     raise PrunelensError(f"{p}:{n}: no string field among {', '.join(_TEXT_KEYS)}")
                 if obj[key].strip():

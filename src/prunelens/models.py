@@ -9,6 +9,7 @@ and never imported.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -262,6 +263,19 @@ def resolve_source(name: str) -> tuple[Path | str, dict[str, Any]]:
     )
 
 
+@contextlib.contextmanager
+def _quiet_hf_progress():
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     device: str = "cpu",
@@ -285,8 +299,9 @@ def load_model(
         raise PrunelensError(f"could not load model config from '{src}': {e}") from e
     Adapter.check_config(config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            src, dtype=dt, trust_remote_code=trust_remote_code)
+        with _quiet_hf_progress():  # a seconds-long load needs no per-tensor progress bar
+            model = AutoModelForCausalLM.from_pretrained(
+                src, dtype=dt, trust_remote_code=trust_remote_code)
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise PrunelensError(f"could not load model '{name}': {e}") from e

@@ -159,12 +159,8 @@ class SkippedMLP(nn.Module):
         return torch.zeros_like(hidden_states)
 
 
-@contextlib.contextmanager
-def pruned_view(adapter: Adapter, plan: DropPlan) -> Iterator[None]:
-    """Inside the block, the model computes as if ``plan``'s units were removed.
-
-    No weight is copied: the dropped modules are swapped out for stand-ins and restored on exit.
-    """
+def _swap_in(adapter: Adapter, plan: DropPlan) -> list[tuple[str, nn.Module]]:
+    """Replace the plan's units by stand-ins; returns what was replaced, for restoring."""
     plan.validate(adapter.n_layers)
     root = adapter.model
     saved: list[tuple[str, nn.Module]] = []
@@ -183,16 +179,33 @@ def pruned_view(adapter: Adapter, plan: DropPlan) -> Iterator[None]:
         for i in plan.mlp:
             if i not in plan.block:
                 swap(adapter.sublayer_path("mlp", i), SkippedMLP())
+    except BaseException:
+        _restore(adapter, saved)
+        raise
+    return saved
+
+
+def _restore(adapter: Adapter, saved: list[tuple[str, nn.Module]]) -> None:
+    for path, module in reversed(saved):
+        set_module(adapter.model, path, module)
+
+
+@contextlib.contextmanager
+def pruned_view(adapter: Adapter, plan: DropPlan) -> Iterator[None]:
+    """Inside the block, the model computes as if ``plan``'s units were removed.
+
+    No weight is copied: the dropped modules are swapped out for stand-ins and restored on exit.
+    """
+    saved = _swap_in(adapter, plan)
+    try:
         yield
     finally:
-        for path, module in reversed(saved):
-            set_module(root, path, module)
+        _restore(adapter, saved)
 
 
 def install_permanently(adapter: Adapter, plan: DropPlan) -> None:
     """Skip a loaded checkpoint's zeroed sublayers for good (used when reading prunelens metadata)."""
-    ctx = pruned_view(adapter, plan)
-    ctx.__enter__()  # never exited: the stand-ins stay
+    _swap_in(adapter, plan)
 
 
 # --- saving -----------------------------------------------------------------------------------

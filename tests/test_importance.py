@@ -1,0 +1,102 @@
+"""Importance rankings on constructed models whose answer is known by construction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from prunelens.arch import Adapter
+from prunelens.errors import PrunelensError
+from prunelens.models import LoadedModel
+from prunelens.prune.drop import DropPlan, parse_drop
+from prunelens.prune.importance import angular_scores, select_drop, unit_scores
+
+N_LAYERS = 8
+
+
+def _tiny(silent_attn=(), silent_mlp=(), seed: int = 0) -> LoadedModel:
+    """A random Llama whose listed sublayers are silenced by zeroing their output projections."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=N_LAYERS,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # make every live sublayer matter
+            layer.self_attn.o_proj.weight.mul_(20)
+            layer.mlp.down_proj.weight.mul_(20)
+        for i in silent_attn:
+            model.model.layers[i].self_attn.o_proj.weight.zero_()
+        for i in silent_mlp:
+            model.model.layers[i].mlp.down_proj.weight.zero_()
+    return LoadedModel(model, None, Adapter(model), {})
+
+
+CALIB = torch.randint(0, 101, (4, 24), generator=torch.Generator().manual_seed(1))
+
+
+def test_silent_attention_scores_zero_and_is_dropped_first() -> None:
+    lm = _tiny(silent_attn=(2, 5))
+    sc = unit_scores(lm, DropPlan(), CALIB, "attn")
+    assert sc[2] == pytest.approx(0.0, abs=1e-12) and sc[5] == pytest.approx(0.0, abs=1e-12)
+    assert min(v for i, v in sc.items() if i not in (2, 5)) > 1e-4
+    plan = select_drop(lm, [parse_drop("attn:2")], calib=CALIB)
+    assert plan.attn == (2, 5) and plan.mlp == () and plan.block == ()
+
+
+def test_silent_mlp_is_dropped_first() -> None:
+    lm = _tiny(silent_mlp=(6,))
+    plan = select_drop(lm, [parse_drop("mlp:1")], calib=CALIB)
+    assert plan.mlp == (6,)
+
+
+def test_block_influence_picks_fully_silent_block() -> None:
+    lm = _tiny(silent_attn=(1, 4), silent_mlp=(4, 7))
+    sc = unit_scores(lm, DropPlan(), CALIB, "block")
+    assert sc[4] == pytest.approx(0.0, abs=1e-12)
+    assert select_drop(lm, [parse_drop("block:1")], calib=CALIB).block == (4,)
+
+
+def test_angular_picks_the_silent_window() -> None:
+    lm = _tiny(silent_attn=(3, 4, 5), silent_mlp=(3, 4, 5))
+    sc = angular_scores(lm, DropPlan(), CALIB, width=3)
+    assert sc[3] == pytest.approx(0.0, abs=1e-6)
+    assert set(sc) == set(range(0, N_LAYERS - 3 + 1))
+    plan = select_drop(lm, [parse_drop("block:3")], metric="angular", calib=CALIB)
+    assert plan.block == (3, 4, 5)
+
+
+def test_iterative_rescoring_excludes_dropped_units_and_records_order() -> None:
+    lm = _tiny(silent_attn=(6,))
+    plan = select_drop(lm, [parse_drop("attn:3")], iterative=True, calib=CALIB)
+    order = plan.info["scores"]["attn:3"]["order"]
+    assert order[0] == 6 and len(set(order)) == 3 and set(plan.attn) == set(order)
+
+
+def test_scores_under_a_plan_see_the_dropped_unit_as_identity() -> None:
+    lm = _tiny()
+    sc = unit_scores(lm, DropPlan(attn=(3,)), CALIB, "attn")
+    assert sc[3] == pytest.approx(0.0, abs=1e-12)  # its output equals its input under the plan
+
+
+def test_explicit_layers_need_no_calibration_and_counts_are_bounded() -> None:
+    lm = _tiny()
+    assert select_drop(lm, [parse_drop("mlp@1,3")]).mlp == (1, 3)
+    with pytest.raises(PrunelensError, match="need 0 <= N < 8"):
+        select_drop(lm, [parse_drop("attn:8")], calib=CALIB)
+    with pytest.raises(PrunelensError, match="angular"):
+        select_drop(lm, [parse_drop("attn:2")], metric="angular", calib=CALIB)
+    with pytest.raises(PrunelensError, match="unknown importance metric"):
+        select_drop(lm, [parse_drop("attn:2")], metric="magic", calib=CALIB)
+
+
+@pytest.mark.parametrize("spec", ["attn", "attn:", "attn:x", "mlp@", "mlp@1,,2", "block@1,1", "ffn:2"])
+def test_malformed_drop_specs(spec: str) -> None:
+    with pytest.raises(PrunelensError):
+        parse_drop(spec)
+
+
+def test_drop_spec_forms() -> None:
+    assert parse_drop("attn:4").count == 4
+    assert parse_drop("mlp@7,3").layers == (3, 7)
+    assert str(parse_drop("block@2,1")) == "block@1,2"

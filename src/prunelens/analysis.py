@@ -136,6 +136,25 @@ def forward_cached(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any
     return out.logits[:, -1].float()
 
 
+def _malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them, and the KV cache grows by
+    reallocation every step, so without this the resident size creeps up during decoding)."""
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 def view(lm: LoadedModel, plan: DropPlan | None):
     return pruned_view(lm.adapter, plan) if plan is not None else contextlib.nullcontext()
 
@@ -208,12 +227,18 @@ def analyze(
             a, b = dense_states[f"resid.{li}"], pr_states[f"resid.{li}"]
             for k, v in hidden_metrics(a[valid_tok], b[valid_tok]).items():
                 layer_acc[k + "_h"][li].append(v.cpu())
-            if settings.logit_lens:
-                lens = logit_metrics(adapter.logits_from_hidden(a[:, -1]).float(),
-                                     adapter.logits_from_hidden(b[:, -1]).float(),
-                                     settings.temperatures, settings.topk)
-                for k, v in lens.items():
-                    layer_acc["lens_" + k][li].append(v.cpu())
+        if settings.logit_lens:  # layers go through the LM head in a few batched matmuls
+            per_chunk = max(1, 64 // B)
+            for l0 in range(0, n_layers + 1, per_chunk):
+                ls = range(l0, min(l0 + per_chunk, n_layers + 1))
+                lens_d = torch.stack([dense_states[f"resid.{li}"][:, -1] for li in ls])
+                lens_p = torch.stack([pr_states[f"resid.{li}"][:, -1] for li in ls])
+                lens = logit_metrics(adapter.logits_from_hidden(lens_d).float(),
+                                     adapter.logits_from_hidden(lens_p).float(),
+                                     settings.temperatures, settings.topk, light=True)
+                for k, v in lens.items():  # v: (layers in chunk, B)
+                    for j, li in enumerate(ls):
+                        layer_acc["lens_" + k][li].append(v[j].cpu())
         hd, hp = dense_states["final"][:, -1], pr_states["final"][:, -1]
         del dense_states, pr_states
 
@@ -255,6 +280,7 @@ def analyze(
             with view(lm, plan), capture(adapter, ["final"]) as s:
                 zp2 = forward_cached(model, feed_p, mask2, cache_p)
             hp2 = s["final"][:, -1]
+            release_freed_memory()
 
         for mode, d in rows.items():
             for k, seq in d.items():

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "'question' field); default: 8 built-in prompts")
     a.add_argument("--limit", type=int, help="use only the first N prompts")
     a.add_argument("--steps", type=int, default=32, help="decoding steps per prompt (default 32)")
-    a.add_argument("--temps", default="1,0.5", help="temperatures, comma-separated (default 1,0.5)")
+    a.add_argument("--temps", default="1", help="temperatures, comma-separated, e.g. 1,0.5 (default 1)")
     a.add_argument("--batch-size", type=int, default=8)
     a.add_argument("--topk", type=int, default=10, help="k for the top-k variance of dz (default 10)")
     a.add_argument("--no-chat-template", action="store_true",

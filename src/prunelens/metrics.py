@@ -26,23 +26,38 @@ def _f64(x: Tensor) -> Tensor:
     return x.detach().to(torch.float64)
 
 
-def one_minus_cos(a: Tensor, b: Tensor) -> Tensor:
-    """1 − cos(a, b) along the last axis, computed as ½‖â − b̂‖².
+def _cos_pair(a: Tensor, b: Tensor, d: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(cos, 1 − cos), each computed the accurate way for its range, from four reductions.
 
-    Exactly 0 for identical inputs and free of the ~1e-16 cancellation floor of ``1 − a·b``, so
-    tiny perturbations keep their relative accuracy. A zero vector counts as orthogonal.
+    Near cos = 1 it uses 2|a||b|(1 − cos) = |d|² − (|b| − |a|)², |b| − |a| = (2a·d + |d|²)/(|a| + |b|)
+    with d = b − a: exactly 0 for identical inputs and accurate for tiny perturbations, where
+    ``1 − a·b/(|a||b|)`` bottoms out at ~1e-16. Elsewhere the plain ratio is the accurate one.
+    A zero vector counts as orthogonal.
     """
     a, b = _f64(a), _f64(b)
-    na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
+    d = b - a if d is None else _f64(d)
+    aa, bb, ab = (a * a).sum(-1), (b * b).sum(-1), (a * b).sum(-1)
+    ad, dd = (a * d).sum(-1), (d * d).sum(-1)
+    na, nb = aa.sqrt(), bb.sqrt()
     tiny = torch.finfo(torch.float64).tiny
-    d = 0.5 * ((a / na.clamp_min(tiny) - b / nb.clamp_min(tiny)) ** 2).sum(-1)
-    zero = (na.squeeze(-1) == 0) | (nb.squeeze(-1) == 0)
-    return torch.where(zero, torch.ones_like(d), d).clamp(0.0, 2.0)
+    direct = (ab / (na * nb).clamp_min(tiny)).clamp(-1.0, 1.0)
+    gap = (2.0 * ad + dd) / (na + nb).clamp_min(tiny)
+    near = ((dd - gap * gap) / (2.0 * na * nb).clamp_min(tiny)).clamp(0.0, 2.0)
+    use_near = direct > 0.5
+    omc = torch.where(use_near, near, 1.0 - direct)
+    cos = torch.where(use_near, 1.0 - near, direct)
+    zero = (aa == 0) | (bb == 0)
+    return torch.where(zero, torch.zeros_like(cos), cos), torch.where(zero, torch.ones_like(omc), omc)
 
 
-def cosine(a: Tensor, b: Tensor) -> Tensor:
+def one_minus_cos(a: Tensor, b: Tensor, d: Tensor | None = None) -> Tensor:
+    """1 − cos(a, b) along the last axis (pass d = b − a if already computed)."""
+    return _cos_pair(a, b, d)[1]
+
+
+def cosine(a: Tensor, b: Tensor, d: Tensor | None = None) -> Tensor:
     """Cosine similarity along the last axis (exactly 1 for identical non-zero vectors)."""
-    return 1.0 - one_minus_cos(a, b)
+    return _cos_pair(a, b, d)[0]
 
 
 def log_probs(z: Tensor, temperature: float = 1.0) -> Tensor:
@@ -53,10 +68,8 @@ def log_probs(z: Tensor, temperature: float = 1.0) -> Tensor:
 
 
 def kl_div(logp: Tensor, logq: Tensor) -> Tensor:
-    """KL(P || Q) from log-probabilities; terms with P = 0 contribute 0."""
-    p = logp.exp()
-    terms = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))
-    return terms.sum(-1).clamp_min(0.0)
+    """KL(P || Q) from log-probabilities; terms with P = 0 contribute 0 (0·log 0 = 0)."""
+    return (logp.exp() * (logp - logq)).nansum(-1).clamp_min(0.0)
 
 
 def js_div(logp: Tensor, logq: Tensor) -> Tensor:
@@ -68,9 +81,10 @@ def js_div(logp: Tensor, logq: Tensor) -> Tensor:
 def weighted_var(x: Tensor, w: Tensor) -> Tensor:
     """Variance of x under weights w (normalised along the last axis)."""
     x, w = _f64(x), _f64(w)
-    w = w / w.sum(-1, keepdim=True)
-    mean = (w * x).sum(-1, keepdim=True)
-    return (w * (x - mean) ** 2).sum(-1)
+    total = w.sum(-1, keepdim=True)
+    mean = (w * x).sum(-1, keepdim=True) / total
+    c = x - mean
+    return (w * c * c).sum(-1) / total.squeeze(-1)
 
 
 def taylor_kl(dz: Tensor, p_dense: Tensor, temperature: float) -> Tensor:
@@ -85,7 +99,9 @@ def taylor_one_minus_cos(dz: Tensor, p_dense: Tensor, temperature: float) -> Ten
 
 def uniform_var(dz: Tensor) -> Tensor:
     """Variance of Δz over the whole vocabulary with equal weights."""
-    return _f64(dz).var(-1, unbiased=False)
+    x = _f64(dz)
+    c = x - x.mean(-1, keepdim=True)
+    return (c * c).mean(-1)
 
 
 def topk_var(dz: Tensor, z_dense: Tensor, k: int) -> Tensor:
@@ -126,35 +142,71 @@ def logit_metrics(
     z_pruned: Tensor,
     temperatures: Sequence[float] = (1.0,),
     topk: int = 10,
+    light: bool = False,
+    chunk_rows: int = 1,
 ) -> dict[str, Tensor]:
     """All logit- and probability-space metrics, one value per row.
 
-    Keys: cos_z, l1_dz, l2_dz, orth_frac_z, var_uniform, var_topk (top-``topk`` dense tokens),
-    top1_agree, and per temperature
-    T (suffix ``@T``): cos_p, one_minus_cos_p, kl, rkl, js, taylor_kl, taylor_cos.
+    Keys: cos_z, top1_agree, and per temperature T (suffix ``@T``): cos_p, one_minus_cos_p, kl.
+    Unless ``light``: l1_dz, l2_dz, orth_frac_z, var_uniform, var_topk (top-``topk`` dense
+    tokens), and per T: rkl, js, taylor_kl, taylor_cos.
+
+    Rows are processed ``chunk_rows`` at a time: vocabulary-wide float64 temporaries of one row
+    stay in cache (measured fastest on CPU) and do not fragment the heap in long decoding loops.
     """
+    zd_all, zp_all = z_dense.reshape(-1, z_dense.shape[-1]), z_pruned.reshape(-1, z_pruned.shape[-1])
+    parts = [_logit_metrics_rows(zd_all[i:i + chunk_rows], zp_all[i:i + chunk_rows],
+                                 temperatures, topk, light)
+             for i in range(0, zd_all.shape[0], chunk_rows)]
+    lead = z_dense.shape[:-1]
+    return {k: torch.cat([p[k] for p in parts]).reshape(lead) for k in parts[0]}
+
+
+def _softmax_f64(a: Tensor) -> tuple[Tensor, Tensor]:
+    """softmax(a) and logsumexp(a) per row with a single exp pass."""
+    m = a.max(-1, keepdim=True).values
+    e = torch.exp(a - m)
+    s = e.sum(-1, keepdim=True)
+    return e / s, m + s.log()
+
+
+def _logit_metrics_rows(z_dense: Tensor, z_pruned: Tensor, temperatures: Sequence[float], topk: int,
+                        light: bool) -> dict[str, Tensor]:
     zd, zp = _f64(z_dense), _f64(z_pruned)
     dz = zp - zd
-    par, orth = parallel_orthogonal(dz, zd)
-    tot = par + orth
     out: dict[str, Tensor] = {
-        "cos_z": cosine(zd, zp),
-        "l1_dz": dz.abs().sum(-1),
-        "l2_dz": dz.norm(dim=-1),
-        "orth_frac_z": torch.where(tot > 0, orth / tot.clamp_min(1e-300), torch.zeros_like(tot)),
-        "var_uniform": uniform_var(dz),
-        "var_topk": topk_var(dz, zd, topk),
+        "cos_z": cosine(zd, zp, dz),
         "top1_agree": (zd.argmax(-1) == zp.argmax(-1)).to(torch.float64),
     }
+    if not light:
+        par, orth = parallel_orthogonal(dz, zd)
+        tot = par + orth
+        out.update({
+            "l1_dz": dz.abs().sum(-1),
+            "l2_dz": dz.norm(dim=-1),
+            "orth_frac_z": torch.where(tot > 0, orth / tot.clamp_min(1e-300), torch.zeros_like(tot)),
+            "var_uniform": uniform_var(dz),
+            "var_topk": topk_var(dz, zd, topk),
+        })
     for t in temperatures:
-        lpd, lpp = log_probs(zd, t), log_probs(zp, t)
-        pd, pp = lpd.exp(), lpp.exp()
-        omc = one_minus_cos(pd, pp)
-        out[f"cos_p@{t:g}"] = 1.0 - omc
+        if t <= 0:
+            raise ValueError(f"temperature must be positive, got {t}")
+        pd, lse_d = _softmax_f64(zd / t)
+        pp, lse_p = _softmax_f64(zp / t)
+        # u = log p_pruned - log p_dense, exactly from dz: no log of a rounded probability, so
+        # tiny perturbations keep full float64 precision.
+        u = dz / t - (lse_p - lse_d)
+        cos_p, omc = _cos_pair(pd, pp, pp - pd)
+        out[f"cos_p@{t:g}"] = cos_p
         out[f"one_minus_cos_p@{t:g}"] = omc
-        out[f"kl@{t:g}"] = kl_div(lpp, lpd)
-        out[f"rkl@{t:g}"] = kl_div(lpd, lpp)
-        out[f"js@{t:g}"] = js_div(lpp, lpd)
+        out[f"kl@{t:g}"] = (pp * u).nansum(-1).clamp_min(0.0)
+        if light:
+            continue
+        out[f"rkl@{t:g}"] = (pd * u).nansum(-1).neg().clamp_min(0.0)
+        # log p_d - log m = -log((1 + e^u) / 2), written to stay accurate for small |u|
+        small = -torch.log1p(0.5 * torch.expm1(u.clamp(max=60.0)))
+        t_d = torch.where(u > 60.0, math.log(2.0) - u, small)
+        out[f"js@{t:g}"] = (0.5 * (pd * t_d + pp * (u + t_d))).nansum(-1).clamp_min(0.0)
         out[f"taylor_kl@{t:g}"] = taylor_kl(dz, pd, t)
         out[f"taylor_cos@{t:g}"] = taylor_one_minus_cos(dz, pd, t)
     return out

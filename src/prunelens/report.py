@@ -31,7 +31,7 @@ from .errors import PrunelensError
 
 DPI = 110
 FIGURE_ORDER = ("layerwise", "stepwise", "spaces")
-SPACE_COLORS = {"h": "tab:green", "z": "tab:orange", "p": "tab:purple"}
+SPACE_COLORS = {"h": "tab:green", "z": "tab:orange", "zc": "tab:brown", "p": "tab:purple"}
 DROP_COLORS = {"attn": "tab:red", "mlp": "tab:blue", "block": "0.45"}
 MODES = {"teacher_forced": "teacher-forced", "free_running": "free-running"}
 
@@ -163,6 +163,7 @@ def _fig_layerwise(result: dict[str, Any], path: Path) -> bool:
     temps = _temperatures(result)
     t0 = temps[0] if temps else None
     cos = {"h": _arr(lw.get("cos_h"), n), "z": _arr(lw.get("lens_cos_z"), n),
+           "zc": _arr(lw.get("lens_cos_zc"), n),
            "p": _arr(lw.get(f"lens_cos_p@{t0}"), n) if t0 else None}
     kls = {t: _arr(lw.get(f"lens_kl@{t}"), n) for t in temps}
     kls = {t: a for t, a in kls.items() if a is not None}
@@ -171,7 +172,8 @@ def _fig_layerwise(result: dict[str, Any], path: Path) -> bool:
 
     fig, (ax1, ax2, ax3) = _new_figure(3, 9.5)
     dropped = _dropped(result)
-    names = {"h": "cos(h), all prompt tokens", "z": "cos(z), logit lens", "p": f"cos(p), logit lens, T={t0}"}
+    names = {"h": "cos(h), all prompt tokens", "z": "cos(z), logit lens",
+             "zc": "cos(z − mean z), logit lens", "p": f"cos(p), logit lens, T={t0}"}
     for ax in (ax1, ax2, ax3):
         span_handles = _shade_drops(ax, dropped)
         ax.grid(alpha=0.3)
@@ -466,6 +468,7 @@ def _summary_rows(result: dict[str, Any]) -> dict[str, str]:
         "§last prompt token (step 1)": "",
         "cos(h)": fmt(_get(lp, "cos_h")),
         "cos(z)": fmt(_get(lp, "cos_z")),
+        "cos(z − mean z)": fmt(_get(lp, "cos_zc")),
         "cos(p)": fmt(_prefixed(lp, "cos_p@")),
         "KL(p_pruned‖p_dense)": fmt(_prefixed(lp, "kl@")),
         "Taylor Var_p(Δz)/2T²": fmt(_prefixed(lp, "taylor_kl@")),
@@ -473,6 +476,7 @@ def _summary_rows(result: dict[str, Any]) -> dict[str, str]:
         "§teacher-forced, mean over steps": "",
         "cos(h) ": fmt(_get(tf, "cos_h")),
         "cos(z) ": fmt(_get(tf, "cos_z")),
+        "cos(z − mean z) ": fmt(_get(tf, "cos_zc")),
         "cos(p) ": fmt(_prefixed(tf, "cos_p@")),
         "KL ": fmt(_prefixed(tf, "kl@")),
         "top-1 agreement": _pct(_get(tf, "top1_agree")),
@@ -480,6 +484,7 @@ def _summary_rows(result: dict[str, Any]) -> dict[str, str]:
         "§free-running, mean over steps": "",
         "cos(h)  ": fmt(_get(fr, "cos_h")),
         "cos(z)  ": fmt(_get(fr, "cos_z")),
+        "cos(z − mean z)  ": fmt(_get(fr, "cos_zc")),
         "cos(p)  ": fmt(_prefixed(fr, "cos_p@")),
         "KL  ": fmt(_prefixed(fr, "kl@")),
         "token agreement": _pct(_get(fr, "token_agree")),

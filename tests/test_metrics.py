@@ -558,7 +558,8 @@ def test_centred_logit_cosine_ignores_a_constant_shift_like_p() -> None:
     z = 3.0 * randn(3, 500, seed=21)
     m = logit_metrics(z, z + 7.0)
     assert bool((m["cos_z"] < 1.0).all())  # the plain cosine sees the shift...
-    torch.testing.assert_close(m["cos_zc"], torch.ones(3, dtype=F64), rtol=0, atol=1e-12)  # ...the centred one not
+    # ...the centred one does not
+    torch.testing.assert_close(m["cos_zc"], torch.ones(3, dtype=F64), rtol=0, atol=1e-12)
     dz = 0.3 * randn(3, 500, seed=22)
     shifted = logit_metrics(z, z + dz + 5.0)
     torch.testing.assert_close(shifted["cos_zc"], logit_metrics(z, z + dz)["cos_zc"], rtol=1e-12, atol=0)

@@ -31,7 +31,8 @@ from .capture import capture, resid_names
 from .errors import PrunelensError
 from .metrics import hidden_metrics, logit_metrics
 from .models import LoadedModel
-from .prune.drop import LAYER_INDEXING, DropPlan, pruned_view
+from .prune import Modification
+from .prune.drop import LAYER_INDEXING
 
 SCHEMA = "prunelens.analysis/1"
 
@@ -155,8 +156,8 @@ def release_freed_memory() -> None:
         _TRIM(0)
 
 
-def view(lm: LoadedModel, plan: DropPlan | None):
-    return pruned_view(lm.adapter, plan) if plan is not None else contextlib.nullcontext()
+def view(lm: LoadedModel, plan: Modification | None):
+    return plan.view(lm.adapter) if plan is not None else contextlib.nullcontext()
 
 
 def step_metrics(hd: torch.Tensor, hp: torch.Tensor, zd: torch.Tensor, zp: torch.Tensor,
@@ -180,12 +181,12 @@ def _nanmean(a: np.ndarray, valid: np.ndarray) -> tuple[list[float | None], list
 @torch.inference_mode()
 def analyze(
     lm: LoadedModel,
-    plan: DropPlan,
+    plan: Modification,
     prompts: Sequence[str],
     settings: AnalysisSettings | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Compare the dense model with ``plan`` applied to it; returns a JSON-ready result dict."""
+    """Compare the dense model with ``plan`` (any modification) applied; returns a JSON-ready dict."""
     settings = settings or AnalysisSettings()
     settings.validate()
     if not prompts:

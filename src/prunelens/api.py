@@ -39,3 +39,59 @@ def select_drop(
 
 def parse_drops(specs: Sequence[str]) -> list[DropRequest]:
     return [parse_drop(s) for s in specs]
+
+
+def weight_method(spec: str):
+    """Parse a ``--prune`` (magnitude/wanda/sparsegpt) or ``--quant`` (rtn/gptq) spec."""
+    from .prune.weights import QUANT_METHODS, parse_prune, parse_quant
+
+    return parse_quant(spec) if spec.split(":")[0] in QUANT_METHODS else parse_prune(spec)
+
+
+def prune_weights(
+    lm: LoadedModel,
+    spec: str,
+    calib: str | Path | None = None,
+    calib_samples: int = 32,
+    calib_len: int = 256,
+    seed: int = 0,
+    skip: Sequence[str] = (),
+    inplace: bool = False,
+    progress: bool = True,
+):
+    """Sparsify (``"wanda:0.5"``, ``"sparsegpt:2:4"``, ``"magnitude:0.5"``) or fake-quantise
+    (``"gptq:w4g128"``, ``"rtn:w8"``) every decoder linear layer; returns a ``WeightPatch``.
+
+    Calibrated methods draw ``calib_samples`` windows of ``calib_len`` tokens from ``calib``
+    (a .txt/.jsonl file) or the built-in sample. The model stays dense unless ``inplace``.
+    """
+    from .prune.weights import CALIBRATED, sparsify
+
+    method = weight_method(spec)
+    ids = (calibration_ids(lm.tokenizer, calib, calib_samples, calib_len, seed)
+           if method.name in CALIBRATED else None)
+    patch = sparsify(lm.adapter, method, ids, skip=skip, inplace=inplace, progress=progress)
+    if ids is not None:
+        patch.report["calibration"] = {"source": str(calib) if calib else "built-in",
+                                       "samples": calib_samples, "seq_len": calib_len, "seed": seed}
+    return patch
+
+
+def save_modified(lm: LoadedModel, modification, out_dir: str | Path) -> Path:
+    """Save any modification (layer drops and/or a weight patch) as a plain HF checkpoint."""
+    import contextlib
+
+    from .prune import Composite
+    from .prune.drop import save_pruned
+    from .prune.weights import WeightPatch
+
+    parts = modification.parts if isinstance(modification, Composite) else [modification]
+    drops = [p for p in parts if isinstance(p, DropPlan)]
+    patches = [p for p in parts if isinstance(p, WeightPatch)]
+    plan = drops[0] if drops else DropPlan()
+    extra = {"weights": [{k: v for k, v in p.to_dict().items() if k not in ("layers", "seconds_per_block")}
+                         for p in patches]} if patches else None
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p.view(lm.adapter))
+        return save_pruned(lm.adapter, plan, out_dir, lm.tokenizer, extra_meta=extra)

@@ -42,8 +42,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="allow model code from the hub (off by default)")
 
 
-def _add_drop_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--drop", action="append", default=[], required=required, metavar="SPEC",
+def _add_drop_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--drop", action="append", default=[], metavar="SPEC",
                    help="KIND:N drops the N least important units, KIND@i,j drops those layers; "
                         "KIND is attn, mlp or block; repeatable (e.g. --drop attn:4 --drop mlp@2)")
     p.add_argument("--importance", default="cosine", choices=["cosine", "angular"],
@@ -52,8 +52,19 @@ def _add_drop_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--iterative", action="store_true", help="re-score after every drop")
     p.add_argument("--calib", help="calibration text (.txt or .jsonl with a 'text' field); "
                                    "default: a built-in sample")
-    p.add_argument("--calib-samples", type=int, default=8, help="calibration windows (default 8)")
-    p.add_argument("--calib-len", type=int, default=128, help="tokens per window (default 128)")
+    p.add_argument("--calib-samples", type=int,
+                   help="calibration windows (default 8 for --drop ranking, 32 for --prune/--quant)")
+    p.add_argument("--calib-len", type=int,
+                   help="tokens per calibration window (default 128 for --drop, 256 for --prune/--quant)")
+    p.add_argument("--prune", metavar="SPEC",
+                   help="sparsify every decoder linear layer: magnitude|wanda|sparsegpt:RATIO (e.g. "
+                        "wanda:0.5) or METHOD:N:M, N kept of every M inputs (e.g. sparsegpt:2:4)")
+    p.add_argument("--quant", metavar="SPEC",
+                   help="fake-quantise every decoder linear layer: rtn|gptq:wBITS[gGROUP][s] "
+                        "(e.g. gptq:w4g128; s = symmetric)")
+    p.add_argument("--prune-skip", action="append", default=[], metavar="PATTERN",
+                   help="leave these linear layers alone: a layer index or a glob on the module path "
+                        "(e.g. 0, '*.mlp.down_proj'); repeatable")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("analyze", help="trace dense vs pruned through h -> z -> p, per layer and step")
     _add_model_args(a)
-    _add_drop_args(a, required=False)
+    _add_drop_args(a)
     a.add_argument("--prompts", help="prompt file (.txt: one per line; .jsonl: 'prompt'/'text'/"
                                      "'question' field); default: 8 built-in prompts")
     a.add_argument("--limit", type=int, help="use only the first N prompts")
@@ -77,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--save-pruned", metavar="DIR", help="also save the pruned checkpoint here")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("prune", help="drop layers and save an HF checkpoint plain transformers loads")
+    p = sub.add_parser("prune", help="prune/quantise and save an HF checkpoint plain transformers loads")
     _add_model_args(p)
-    _add_drop_args(p, required=True)
+    _add_drop_args(p)
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.add_argument("--overwrite", action="store_true")
 
@@ -90,6 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--calib-samples", type=int, default=8)
     r.add_argument("--calib-len", type=int, default=128)
 
+    pp = sub.add_parser("ppl", help="perplexity of the dense and the modified model on a text file")
+    _add_model_args(pp)
+    _add_drop_args(pp)
+    pp.add_argument("--text", required=True,
+                    help="corpus: .txt, or .jsonl with a 'text' field per row (rows joined by blank lines)")
+    pp.add_argument("--seq-len", type=int, default=1024, help="window length in tokens (default 1024)")
+    pp.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    pp.add_argument("--out", help="also write the numbers to this JSON file")
+    pp.add_argument("--quiet", action="store_true")
+
     rep = sub.add_parser("report", help="rebuild the HTML report from saved run directories")
     rep.add_argument("runs", nargs="+", help="run directories (several are shown side by side)")
     rep.add_argument("--out", help="HTML file (default RUN/report.html for one run, else report.html)")
@@ -98,16 +119,59 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _check_modification_args(args: argparse.Namespace) -> list:
+    """Parse every spec before any model is loaded, so bad input fails in a second."""
+    from . import api
+
+    if args.prune and args.quant:
+        raise PrunelensError("use either --prune or --quant, not both")
+    for spec in (args.prune, args.quant):
+        if spec:
+            method = api.weight_method(spec)
+            if (spec is args.prune) != (method.pattern is not None):
+                raise PrunelensError(f"'{spec}' is a {'quantisation' if method.quant else 'pruning'} spec; "
+                                     f"pass it to --{'quant' if method.quant else 'prune'}")
+    for v, name in ((args.calib_samples, "--calib-samples"), (args.calib_len, "--calib-len")):
+        if v is not None:
+            _positive(name, v)
+    if args.calib:
+        from .data import read_texts
+
+        read_texts(args.calib, "calibration")
+    return api.parse_drops(args.drop)
+
+
+def _build_modification(lm, args: argparse.Namespace, requests: list, progress: bool = True,
+                        inplace: bool = False):
+    """Layer drops (ranked on calibration text) and/or one weight patch, as one modification.
+
+    ``inplace`` writes the new weights into the model (no dense copy kept): for saving only.
+    """
+    from . import api
+    from .prune import combine
+
+    parts = []
+    if requests:
+        parts.append(api.select_drop(lm, *requests, metric=args.importance, iterative=args.iterative,
+                                     calib=args.calib, calib_samples=args.calib_samples or 8,
+                                     calib_len=args.calib_len or 128, seed=args.seed))
+    spec = args.prune or args.quant
+    if spec:
+        parts.append(api.prune_weights(lm, spec, calib=args.calib, calib_samples=args.calib_samples or 32,
+                                       calib_len=args.calib_len or 256, seed=args.seed,
+                                       skip=args.prune_skip, progress=progress, inplace=inplace))
+    return combine(parts)
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from . import api
     from .analysis import AnalysisSettings, analyze
     from .data import builtin_prompts, read_texts
     from .models import load_model
-    from .prune.drop import save_pruned
     from .runs import check_out_dir, default_run_dir, write_run
 
     # Validate everything cheap before loading a model.
-    requests = api.parse_drops(args.drop)
+    requests = _check_modification_args(args)
     settings = AnalysisSettings(
         temperatures=_temps(args.temps), max_new_tokens=_positive("--steps", args.steps),
         batch_size=_positive("--batch-size", args.batch_size), topk=_positive("--topk", args.topk),
@@ -118,20 +182,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None:
         check_out_dir(out, args.overwrite)
-    if args.calib:
-        from .data import read_texts as _check
-        _check(args.calib, "calibration")
 
     lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
-    plan = api.select_drop(lm, *requests, metric=args.importance, iterative=args.iterative,
-                           calib=args.calib, calib_samples=args.calib_samples,
-                           calib_len=args.calib_len, seed=args.seed)
+    plan = _build_modification(lm, args, requests, progress=not args.quiet)
     print(f"pruning: {plan.label()}", file=sys.stderr)
     result = analyze(lm, plan, prompts, settings, progress=not args.quiet)
     out = out or default_run_dir(args.model, plan.label())
     write_run(result, out, overwrite=args.overwrite)
     if args.save_pruned:
-        save_pruned(lm.adapter, plan, args.save_pruned, lm.tokenizer)
+        api.save_modified(lm, plan, args.save_pruned)
     _print_summary(result, out)
     return 0
 
@@ -158,18 +217,42 @@ def _print_summary(result: dict[str, Any], out: Path) -> None:
 def cmd_prune(args: argparse.Namespace) -> int:
     from . import api
     from .models import load_model
-    from .prune.drop import save_pruned
 
-    requests = api.parse_drops(args.drop)
+    requests = _check_modification_args(args)
+    if not (requests or args.prune or args.quant):
+        raise PrunelensError("nothing to do: give --drop, --prune or --quant")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise PrunelensError(f"output directory '{out}' is not empty (use --overwrite)")
     lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
-    plan = api.select_drop(lm, *requests, metric=args.importance, iterative=args.iterative,
-                           calib=args.calib, calib_samples=args.calib_samples,
-                           calib_len=args.calib_len, seed=args.seed)
-    save_pruned(lm.adapter, plan, out, lm.tokenizer)
+    plan = _build_modification(lm, args, requests, inplace=True)
+    api.save_modified(lm, plan, out)
     print(f"saved {plan.label()} to {out}")
+    return 0
+
+
+def cmd_ppl(args: argparse.Namespace) -> int:
+    from .evaluate import perplexity, read_corpus
+    from .models import load_model
+    from .runs import write_json
+
+    requests = _check_modification_args(args)
+    text = read_corpus(args.text)
+    _positive("--seq-len", args.seq_len)
+    if args.max_windows is not None:
+        _positive("--max-windows", args.max_windows)
+    lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    plan = _build_modification(lm, args, requests, progress=not args.quiet)
+    kw = dict(seq_len=args.seq_len, max_windows=args.max_windows, progress=not args.quiet)
+    dense = perplexity(lm, text, **kw)
+    mod = perplexity(lm, text, plan, **kw) if plan.label() != "dense" else dense
+    res = {"model": lm.info["name"], "text": str(args.text), "modification": plan.to_dict(),
+           "dense": dense, "modified": mod}
+    print(f"{lm.info['name']}  {plan.label()}: perplexity {mod['perplexity']:.3f} "
+          f"(dense {dense['perplexity']:.3f}) over {mod['tokens']} tokens in {mod['windows']} windows "
+          f"of {args.seq_len}")
+    if args.out:
+        write_json(Path(args.out), res)
     return 0
 
 
@@ -211,8 +294,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"analyze": cmd_analyze, "prune": cmd_prune, "rank": cmd_rank, "report": cmd_report,
-            "models": cmd_models}
+COMMANDS = {"analyze": cmd_analyze, "prune": cmd_prune, "ppl": cmd_ppl, "rank": cmd_rank,
+            "report": cmd_report, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

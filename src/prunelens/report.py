@@ -643,10 +643,43 @@ def _layer_key(kv: tuple[str, Any]) -> tuple[bool, int, str]:
     return (not k.isdigit(), int(k) if k.isdigit() else 0, k)
 
 
+def _pruning_parts(result: dict[str, Any]) -> list[dict[str, Any]]:
+    p = result.get("pruning") or {}
+    parts = p.get("parts")
+    return [q for q in parts if isinstance(q, dict)] if isinstance(parts, list) else [p]
+
+
+_WEIGHT_KEYS = ("label", "pattern", "target_sparsity", "zero_frac", "dense_zero_frac",
+                "added_frac_of_dense_nonzeros", "nm_violations", "quant", "bits_per_weight", "effective_mb",
+                "fp16_mb", "n_modules", "n_weights", "seconds", "calibration", "skip")
+
+
+def _weights_section(result: dict[str, Any]) -> str:
+    """Sparsity / quantisation report of weight modifications: overall numbers, then per module."""
+    out = []
+    for part in _pruning_parts(result):
+        if part.get("kind") != "weights":
+            continue
+        top = {k: part[k] for k in _WEIGHT_KEYS if k in part}
+        out.append(_kv_table(top))
+        layers = part.get("layers")
+        if isinstance(layers, list) and layers:
+            cols = [c for c in ("module", "numel", "dense_zero_frac", "zero_frac",
+                                "added_frac_of_dense_nonzeros", "nm_violations") if c in layers[0]]
+            head = "".join(f"<th>{_e(c)}</th>" for c in cols)
+            body = "".join("<tr>" + "".join(
+                f"<td>{_e(fmt(r.get(c)) if isinstance(r.get(c), float) else r.get(c))}</td>" for c in cols)
+                + "</tr>" for r in layers)
+            out.append(f"<details><summary>per module ({len(layers)})</summary><div class=\"scroll\">"
+                       f"<table><tr>{head}</tr>{body}</table></div></details>")
+    return "".join(out)
+
+
 def _selection(result: dict[str, Any]) -> str:
     """Importance metric, order and per-layer scores, dropped layers highlighted."""
     p = result.get("pruning") or {}
-    sel = p.get("selection")
+    sel = p.get("selection") or next(
+        (q.get("selection") for q in _pruning_parts(result) if q.get("selection")), None)
     if not isinstance(sel, dict) or not sel:
         return '<p class="muted">No selection info (layers given explicitly or not recorded).</p>'
     top = {k: v for k, v in sel.items() if k != "scores"}
@@ -718,6 +751,12 @@ def render_html(runs: list[tuple[dict[str, Any], list[Path]]], title: str = "pru
         if ncol > 1:
             out.append(f"<h3>{_e(_run_name(r))}</h3>")
         out.append(_selection(r))
+    if any(_weights_section(r) for r in results):
+        out.append("<h2>Weights: sparsity and quantisation</h2>")
+        for r in results:
+            if ncol > 1:
+                out.append(f"<h3>{_e(_run_name(r))}</h3>")
+            out.append(_weights_section(r) or '<p class="muted">No weight modification.</p>')
 
     out.append("<h2>Settings and conventions</h2>")
     for r in results:

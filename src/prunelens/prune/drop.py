@@ -90,6 +90,9 @@ class DropPlan:
         parts = [f"{k}@{','.join(map(str, v))}" for k, v in self._fields().items() if v]
         return "+".join(parts) or "dense"
 
+    def view(self, adapter: Adapter) -> contextlib.AbstractContextManager[None]:
+        return pruned_view(adapter, self)
+
     def validate(self, n_layers: int) -> None:
         for kind, i in self.units():
             if not 0 <= i < n_layers:
@@ -213,7 +216,8 @@ def install_permanently(adapter: Adapter, plan: DropPlan) -> None:
 METADATA_KEY = "prunelens"
 
 
-def pruned_state_and_config(adapter: Adapter, plan: DropPlan) -> tuple[dict[str, torch.Tensor], Any]:
+def pruned_state_and_config(adapter: Adapter, plan: DropPlan,
+                            extra_meta: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], Any]:
     """State dict and config of the pruned model as plain transformers understands it.
 
     Dropped blocks are removed and later blocks renumbered; dropped sublayers keep their weights
@@ -251,15 +255,17 @@ def pruned_state_and_config(adapter: Adapter, plan: DropPlan) -> tuple[dict[str,
         # what to skip in the saved model's own indexing (sublayers of kept blocks):
         "skip": {"attn": [new_index[i] for i in plan.attn if i in new_index],
                  "mlp": [new_index[i] for i in plan.mlp if i in new_index]},
+        **(extra_meta or {}),
     }
     setattr(config, METADATA_KEY, meta)
     return state, config
 
 
-def save_pruned(adapter: Adapter, plan: DropPlan, out_dir: str | Path, tokenizer: Any = None) -> Path:
+def save_pruned(adapter: Adapter, plan: DropPlan, out_dir: str | Path, tokenizer: Any = None,
+                extra_meta: dict[str, Any] | None = None) -> Path:
     """Write a safetensors checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads as is."""
     out = Path(out_dir)
-    state, config = pruned_state_and_config(adapter, plan)
+    state, config = pruned_state_and_config(adapter, plan, extra_meta)
     model = adapter.model
     # Blocks removed: drop the stale modules from the state dict's view by saving with a swapped
     # config (save_pretrained writes self.config) and the explicit state dict.

@@ -36,13 +36,12 @@ class QuantSpec:
 
     def bits_per_weight(self, in_features: int) -> float:
         """Weight bits plus the fp16 scale (and zero point, if asymmetric) of each group."""
-        g = in_features if self.group_size == -1 else self.group_size
-        return self.bits + (16 + (0 if self.symmetric else self.bits)) / g
+        groups = 1 if self.group_size == -1 else -(-in_features // self.group_size)
+        return self.bits + groups * (16 + (0 if self.symmetric else self.bits)) / in_features
 
     def check_columns(self, in_features: int, name: str = "layer") -> None:
-        if self.group_size != -1 and in_features % self.group_size:
-            raise PrunelensError(
-                f"group size {self.group_size} does not divide the input dimension {in_features} of {name}")
+        """Any width works: as in GPTQ, a last group narrower than ``group_size`` is allowed."""
+        return None
 
 
 def _params(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, int]:

@@ -1,0 +1,80 @@
+"""Perplexity of a (possibly modified) model on a text corpus.
+
+WikiText-style, as Wanda and SparseGPT measure it: the corpus is joined into one string
+(JSONL rows with "\\n\\n", blank rows included), tokenised once, cut into non-overlapping windows of
+``seq_len`` tokens, and perplexity = exp(total next-token NLL / number of predicted tokens).
+Token-level perplexity (not word-level).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import _open
+from .errors import PrunelensError
+from .models import LoadedModel
+
+
+def read_corpus(path: str | Path) -> str:
+    """The whole text of a .txt file, or the "text" fields of a .jsonl(.gz) joined with blank lines."""
+    p = Path(path)
+    if not p.is_file():
+        raise PrunelensError(f"text file '{p}' does not exist")
+    with _open(p) as f:
+        if ".jsonl" not in p.name:
+            text = f.read()
+        else:
+            rows = []
+            for n, line in enumerate(f, 1):
+                try:
+                    rows.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise PrunelensError(f"{p}:{n}: expected a JSON object with a 'text' field") from None
+            text = "\n\n".join(rows)
+    if not text.strip():
+        raise PrunelensError(f"text file '{p}' is empty")
+    return text
+
+
+@torch.inference_mode()
+def perplexity(
+    lm: LoadedModel,
+    text: str,
+    modification: Any = None,
+    seq_len: int = 1024,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Token-level perplexity over non-overlapping windows (the first ``max_windows`` if given)."""
+    if seq_len < 2:
+        raise PrunelensError(f"sequence length must be at least 2, got {seq_len}")
+    ids = lm.tokenizer(text, return_tensors="pt")["input_ids"][0]
+    n_windows = len(ids) // seq_len
+    if max_windows is not None:
+        if max_windows < 1:
+            raise PrunelensError(f"--max-windows must be at least 1, got {max_windows}")
+        n_windows = min(n_windows, max_windows)
+    if n_windows == 0:
+        raise PrunelensError(f"text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    windows = ids[: n_windows * seq_len].reshape(n_windows, seq_len)
+    nll, count = 0.0, 0
+    ctx = modification.view(lm.adapter) if modification is not None else contextlib.nullcontext()
+    with ctx:
+        batches = range(0, n_windows, batch_size)
+        for b0 in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+            x = windows[b0:b0 + batch_size].to(lm.device)
+            logits = lm.model(input_ids=x, use_cache=False).logits.float()
+            nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                         reduction="sum"))
+            count += x[:, 1:].numel()
+    return {"perplexity": math.exp(nll / count), "nll_per_token": nll / count, "tokens": count,
+            "windows": n_windows, "seq_len": seq_len, "corpus_tokens": len(ids)}

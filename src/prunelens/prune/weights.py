@@ -227,20 +227,24 @@ def sparsify(
         stats: dict[str, _Stats] = {}
         if calibrated and paths:
             need_h = method.name != "wanda"
-            memo: dict[tuple, torch.Tensor] = {}
+            # q/k/v (and gate/up) receive one and the same input tensor: its statistics are
+            # computed once. The memo holds the tensor itself, so that no later activation can
+            # be allocated at the same address during this forward pass and be mistaken for it.
+            memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
             handles = []
             for p in paths:
                 stats[p] = _Stats(need_h)
 
                 def hook(module, args, p=p, memo=memo, stats=stats, need_h=need_h):
                     x = args[0]
-                    key = (x.data_ptr(), tuple(x.shape))
-                    if key not in memo:  # q/k/v (and gate/up) share one input: compute once
+                    key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+                    if key not in memo:
                         tmp = _Stats(need_h)
                         tmp.add(x)
-                        memo[key] = tmp.acc
+                        memo[key] = (x, tmp.acc)
+                    part = memo[key][1]
                     s = stats[p]
-                    s.acc = memo[key].clone() if s.acc is None else s.acc.add_(memo[key])
+                    s.acc = part.clone() if s.acc is None else s.acc.add_(part)
                     s.n += x.reshape(-1, x.shape[-1]).shape[0]
 
                 handles.append(adapter.model.get_submodule(p).register_forward_pre_hook(hook))

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .data import calibration_ids
+from .errors import PrunelensError
 from .models import LoadedModel
 from .prune.drop import DropPlan, DropRequest, parse_drop
 from .prune.importance import select_drop as _select_drop
@@ -43,9 +44,13 @@ def parse_drops(specs: Sequence[str]) -> list[DropRequest]:
 
 def weight_method(spec: str):
     """Parse a ``--prune`` (magnitude/wanda/sparsegpt) or ``--quant`` (rtn/gptq) spec."""
-    from .prune.weights import QUANT_METHODS, parse_prune, parse_quant
+    from .prune.weights import PRUNE_METHODS, QUANT_METHODS, parse_prune, parse_quant
 
-    return parse_quant(spec) if spec.split(":")[0] in QUANT_METHODS else parse_prune(spec)
+    name = spec.split(":")[0]
+    if name not in PRUNE_METHODS + QUANT_METHODS:
+        raise PrunelensError(f"unknown method '{name}'; pruning: {', '.join(PRUNE_METHODS)}; "
+                             f"quantisation: {', '.join(QUANT_METHODS)}")
+    return parse_quant(spec) if name in QUANT_METHODS else parse_prune(spec)
 
 
 def prune_weights(

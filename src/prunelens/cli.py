@@ -111,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--out", help="also write the numbers to this JSON file")
     pp.add_argument("--quiet", action="store_true")
 
+    ev = sub.add_parser("eval", help="multiple-choice accuracy of the dense and the modified model")
+    _add_model_args(ev)
+    _add_drop_args(ev)
+    ev.add_argument("--tasks", required=True,
+                    help="comma-separated: arc_easy, arc_challenge, piqa, boolq, winogrande, hellaswag, "
+                         "mmlu, mmlu_5shot, mmlu_full, mmlu_full_5shot")
+    ev.add_argument("--data-dir", required=True, help="directory with the tasks' JSONL files")
+    ev.add_argument("--limit", type=int, help="a seeded sample of N questions per task")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--out", help="also write all numbers (and per-question predictions) to this JSON")
+    ev.add_argument("--quiet", action="store_true")
+
     rep = sub.add_parser("report", help="rebuild the HTML report from saved run directories")
     rep.add_argument("runs", nargs="+", help="run directories (several are shown side by side)")
     rep.add_argument("--out", help="HTML file (default RUN/report.html for one run, else report.html)")
@@ -274,6 +286,40 @@ def cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .models import load_model
+    from .runs import write_json
+    from .tasks.mcq import MCQ_TASKS, McqTask, evaluate_mcq, task_file
+
+    requests = _check_modification_args(args)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for t in tasks:
+        if t not in MCQ_TASKS:
+            raise PrunelensError(f"unknown task '{t}'; multiple-choice tasks: {', '.join(MCQ_TASKS)}")
+        task: McqTask = MCQ_TASKS[t]
+        task_file(task, Path(args.data_dir))
+    if args.limit is not None:
+        _positive("--limit", args.limit)
+    _positive("--batch-size", args.batch_size)
+    lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    plan = _build_modification(lm, args, requests, progress=not args.quiet)
+    modified = plan.label() != "dense"
+    rows = []
+    for t in tasks:
+        kw = dict(limit=args.limit, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
+        dense = evaluate_mcq(lm, t, args.data_dir, **kw)
+        mod = evaluate_mcq(lm, t, args.data_dir, modification=plan, **kw) if modified else dense
+        rows.append({"task": t, "dense": dense.to_dict(), "modified": mod.to_dict()})
+        rel = (mod.acc - dense.acc) / dense.acc if dense.acc else float("nan")
+        print(f"{t:16s} n={dense.n:5d}  dense acc {dense.acc:.3f}±{dense.acc_stderr:.3f} "
+              f"(norm {dense.acc_norm:.3f})  {plan.label()} acc {mod.acc:.3f}±{mod.acc_stderr:.3f} "
+              f"(norm {mod.acc_norm:.3f})  relative change {rel:+.1%}", flush=True)
+    if args.out:
+        write_json(Path(args.out), {"model": lm.info, "modification": plan.to_dict(), "limit": args.limit,
+                                    "seed": args.seed, "tasks": rows})
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import report_from_run_dirs
 
@@ -294,7 +340,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"analyze": cmd_analyze, "prune": cmd_prune, "ppl": cmd_ppl, "rank": cmd_rank,
+COMMANDS = {"analyze": cmd_analyze, "prune": cmd_prune, "ppl": cmd_ppl, "eval": cmd_eval, "rank": cmd_rank,
             "report": cmd_report, "models": cmd_models}
 
 

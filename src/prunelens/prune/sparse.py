@@ -13,6 +13,7 @@ at most N stay non-zero (2:4 and 4:8 keep half). Masks are True where a weight i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,11 @@ class Pattern:
                 f"{in_features} of {name}")
 
 
+def n_removed(count: int, ratio: float) -> int:
+    """⌊count·ratio⌋ without float noise (100 · 0.29 is 28.999999999999996 in binary)."""
+    return int(math.floor(count * ratio + 1e-9))
+
+
 def _nm_mask(score: Tensor, n: int, m: int) -> Tensor:
     """Remove the m−n lowest scores in every group of m consecutive columns."""
     rows, cols = score.shape
@@ -72,7 +78,7 @@ def magnitude_mask(w: Tensor, pattern: Pattern) -> Tensor:
     pattern.check_columns(score.shape[1])
     if pattern.structured:
         return _nm_mask(score, pattern.n, pattern.m)  # type: ignore[arg-type]
-    k = int(score.numel() * pattern.ratio)  # type: ignore[operator]
+    k = n_removed(score.numel(), pattern.ratio)  # type: ignore[arg-type]
     mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
     if k:
         mask[score.flatten().topk(k, largest=False).indices] = True
@@ -88,7 +94,7 @@ def wanda_mask(w: Tensor, act_sq_norm: Tensor, pattern: Pattern) -> Tensor:
     pattern.check_columns(score.shape[1])
     if pattern.structured:
         return _nm_mask(score, pattern.n, pattern.m)  # type: ignore[arg-type]
-    k = int(score.shape[1] * pattern.ratio)  # type: ignore[operator]
+    k = n_removed(score.shape[1], pattern.ratio)  # type: ignore[arg-type]
     mask = torch.zeros_like(score, dtype=torch.bool)
     if k:
         mask.scatter_(1, score.topk(k, dim=1, largest=False).indices, True)
@@ -136,7 +142,7 @@ def sparsegpt_prune(w: Tensor, h: Tensor, pattern: Pattern, blocksize: int = 128
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:  # adaptive mask: the block's lowest w²/[H⁻¹]²_jj
             score = W1 ** 2 / d.unsqueeze(0) ** 2
-            k = int(score.numel() * pattern.ratio)  # type: ignore[operator]
+            k = n_removed(score.numel(), pattern.ratio)  # type: ignore[arg-type]
             mask1 = torch.zeros(score.numel(), dtype=torch.bool)
             if k:
                 mask1[score.flatten().topk(k, largest=False).indices] = True

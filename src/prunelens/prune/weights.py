@@ -189,7 +189,7 @@ def _modify(method: WeightMethod, w: torch.Tensor, stats: _Stats | None) -> torc
     raise PrunelensError(f"unknown method '{method.name}'")
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the new weights must stay usable for fine-tuning
 def sparsify(
     adapter: Adapter,
     method: WeightMethod,

@@ -1,0 +1,1 @@
+"""Task evaluation: multiple choice by log-likelihood (and, later, generative tasks)."""

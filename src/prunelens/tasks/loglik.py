@@ -1,0 +1,141 @@
+"""Log-likelihood of continuations given contexts, with each shared context encoded once.
+
+A request is a context and its candidate continuations (the answer options). Tokenisation follows
+lm-evaluation-harness: the continuation's tokens are those of ``encode(context + continuation)``
+past ``len(encode(context))`` (a trailing space of the context moves to the continuation first),
+and the model sees ``context_tokens + continuation_tokens``. Contexts of a batch are prefilled
+once (left-padded, KV cache); the cache is then repeated once per option and all options are
+scored in one right-padded forward pass. The first continuation token is scored by the context's
+last-position logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..models import LoadedModel
+
+
+@dataclass(frozen=True)
+class Request:
+    context: str
+    continuations: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Summed log-probability and greedy-match flag of each continuation."""
+
+    logprobs: tuple[float, ...]
+    n_tokens: tuple[int, ...]
+    is_greedy: tuple[bool, ...]
+
+
+def split_tokens(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's context/continuation split of the token sequence."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if getattr(tokenizer, "add_bos_token", False) and bos is not None:
+        ctx = [bos, *ctx]
+        whole = [bos, *whole]
+    cont = whole[len(ctx):]
+    if not cont:
+        raise ValueError(f"continuation {continuation!r} encodes to no tokens")
+    if not ctx:  # score the first token from a BOS/EOS-only context, as lm-eval does
+        ctx = [bos if bos is not None else tokenizer.eos_token_id]
+    return ctx, cont
+
+
+def _pad_left(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    w = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), w), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), w), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, w - len(s):] = torch.tensor(s)
+        mask[r, w - len(s):] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def score_requests(
+    lm: LoadedModel,
+    requests: Sequence[Request],
+    modification: Any = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "loglikelihood",
+) -> list[Scored]:
+    """Score every continuation of every request (contexts batched, options share the prefix)."""
+    from transformers import DynamicCache
+
+    tok, model, dev = lm.tokenizer, lm.model, lm.device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    split = [[split_tokens(tok, r.context, c) for c in r.continuations] for r in requests]
+    # Options whose context tokens differ (tokenisation across the boundary) get their own row.
+    rows: list[tuple[int, list[int], list[list[int]], list[int]]] = []  # (req, ctx, conts, option idx)
+    for ri, opts in enumerate(split):
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for oi, (ctx, _) in enumerate(opts):
+            groups.setdefault(tuple(ctx), []).append(oi)
+        for ctx, ois in groups.items():
+            rows.append((ri, list(ctx), [opts[oi][1] for oi in ois], ois))
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][1]))  # similar lengths together
+    out_lp: list[list[float]] = [[0.0] * len(r.continuations) for r in requests]
+    out_n: list[list[int]] = [[0] * len(r.continuations) for r in requests]
+    out_g: list[list[bool]] = [[False] * len(r.continuations) for r in requests]
+    ctx_mgr = modification.view(lm.adapter) if modification is not None else contextlib.nullcontext()
+    with ctx_mgr:
+        for b0 in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
+            batch = [rows[i] for i in order[b0:b0 + batch_size]]
+            ids, mask = _pad_left([b[1] for b in batch], pad)
+            ids, mask = ids.to(dev), mask.to(dev)
+            cache = DynamicCache(config=model.config)
+            pos = (mask.cumsum(-1) - 1).clamp_min(0)
+            z0 = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1].float()
+            reps = [len(b[2]) for b in batch]
+            rep_t = torch.tensor(reps, device=dev)
+            _repeat_cache(cache, rep_t)
+            conts = [c for b in batch for c in b[2]]
+            width = max(len(c) for c in conts)
+            cont_ids = torch.full((len(conts), width), pad, dtype=torch.long, device=dev)
+            cont_mask = torch.zeros((len(conts), width), dtype=torch.long, device=dev)
+            for r, c in enumerate(conts):
+                cont_ids[r, :len(c)] = torch.tensor(c, device=dev)
+                cont_mask[r, :len(c)] = 1
+            full_mask = torch.cat([mask.repeat_interleave(rep_t, 0), cont_mask], 1)
+            cpos = (full_mask.cumsum(-1) - 1).clamp_min(0)[:, -width:]
+            logits = model(input_ids=cont_ids, attention_mask=full_mask, position_ids=cpos,
+                           past_key_values=cache, use_cache=True).logits.float()
+            # logits predicting cont token j: z0 for j = 0, logits[:, j-1] after
+            pred = torch.cat([z0.repeat_interleave(rep_t, 0).unsqueeze(1), logits[:, :-1]], 1)
+            logp = torch.log_softmax(pred, -1)
+            tok_lp = logp.gather(-1, cont_ids.unsqueeze(-1)).squeeze(-1) * cont_mask
+            greedy = ((pred.argmax(-1) == cont_ids) | (cont_mask == 0)).all(-1)
+            r = 0
+            for ri, _, cs, ois in batch:
+                for oi, c in zip(ois, cs, strict=True):
+                    out_lp[ri][oi] = float(tok_lp[r].sum())
+                    out_n[ri][oi] = len(c)
+                    out_g[ri][oi] = bool(greedy[r])
+                    r += 1
+    return [Scored(tuple(a), tuple(n), tuple(g)) for a, n, g in zip(out_lp, out_n, out_g, strict=True)]
+
+
+def _repeat_cache(cache: Any, reps: torch.Tensor) -> None:
+    """Repeat row i of every cached key/value reps[i] times (options of one context share it)."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            layer.keys = layer.keys.repeat_interleave(reps, 0)
+            layer.values = layer.values.repeat_interleave(reps, 0)

@@ -1,0 +1,261 @@
+"""Multiple-choice tasks scored by log-likelihood, in lm-evaluation-harness's formats.
+
+Each task turns one JSONL row (schemas in ../shared/data/README.md and docs/tasks.md) into options
+(context, continuation); the predicted option is the argmax of the summed log-probability (acc) or
+of log-probability per character of the continuation (acc_norm). No chat template: these read one
+step of the model, as the harness does by default.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import PrunelensError
+from ..models import LoadedModel
+from .loglik import Request, score_requests
+
+LETTERS = "ABCDEFGHIJ"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One question: option k is (contexts[k], continuations[k]); ``gold`` is the right k."""
+
+    contexts: tuple[str, ...]
+    continuations: tuple[str, ...]
+    gold: int
+
+
+# --- reading rows ------------------------------------------------------------------------------
+
+
+def read_jsonl(path: Path, required: dict[str, type | tuple[type, ...]]) -> list[dict[str, Any]]:
+    """Rows of a JSONL(.gz) file, each checked for the required fields; errors name file and line."""
+    if not path.is_file():
+        raise PrunelensError(f"data file '{path}' does not exist")
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PrunelensError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise PrunelensError(f"{path}:{n}: expected a JSON object")
+            for key, typ in required.items():
+                if not isinstance(row.get(key), typ):
+                    raise PrunelensError(f"{path}:{n}: field '{key}' missing or not {_tname(typ)}")
+            rows.append(row)
+    if not rows:
+        raise PrunelensError(f"data file '{path}' has no rows")
+    return rows
+
+
+def _tname(t: type | tuple[type, ...]) -> str:
+    return " or ".join(x.__name__ for x in (t if isinstance(t, tuple) else (t,)))
+
+
+def _check_gold(path: Path, i: int, gold: int, n: int) -> None:
+    if not 0 <= gold < n:
+        raise PrunelensError(f"{path}: row {i + 1}: answer index {gold} outside 0..{n - 1}")
+
+
+def _same_context(ctx: str, choices: Sequence[str], gold: int) -> Item:
+    return Item(tuple(ctx for _ in choices), tuple(f" {c}" for c in choices), gold)
+
+
+# --- task formats ------------------------------------------------------------------------------
+
+
+def _arc(path: Path) -> list[Item]:
+    rows = read_jsonl(path, {"question": str, "choices": list, "answer": int})
+    out = []
+    for i, r in enumerate(rows):
+        _check_gold(path, i, r["answer"], len(r["choices"]))
+        out.append(_same_context(f"Question: {r['question']}\nAnswer:", r["choices"], r["answer"]))
+    return out
+
+
+def _piqa(path: Path) -> list[Item]:
+    rows = read_jsonl(path, {"question": str, "choices": list, "answer": int})
+    return [_same_context(f"Question: {r['question']}\nAnswer:", r["choices"], r["answer"]) for r in rows]
+
+
+def _boolq(path: Path) -> list[Item]:
+    rows = read_jsonl(path, {"question": str, "passage": str, "answer": int})
+    return [_same_context(f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", ["no", "yes"], r["answer"])
+            for r in rows]
+
+
+def _winogrande(path: Path) -> list[Item]:
+    """lm-eval's partial scoring: log P(rest of sentence | sentence up to the blank, option filled)."""
+    rows = read_jsonl(path, {"choices": list, "continuation": str, "answer": int})
+    return [Item(tuple(r["choices"]), tuple(f" {r['continuation'].strip()}" for _ in r["choices"]),
+                 r["answer"]) for r in rows]
+
+
+def _hs_clean(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _hellaswag(path: Path) -> list[Item]:
+    rows = read_jsonl(path, {"ctx_a": str, "ctx_b": str, "activity_label": str, "endings": list,
+                             "label": (int, str)})
+    out = []
+    for r in rows:
+        ctx = _hs_clean(r["activity_label"] + ": " + r["ctx_a"] + " " + r["ctx_b"].capitalize())
+        out.append(_same_context(ctx, [_hs_clean(e) for e in r["endings"]], int(r["label"])))
+    return out
+
+
+def _mmlu_question(r: dict[str, Any], letters: bool) -> str:
+    q = r["question"].strip()
+    if letters:
+        q += "".join(f"\n{LETTERS[k]}. {c}" for k, c in enumerate(r["choices"]))
+    return q + "\nAnswer:"
+
+
+def _mmlu(path: Path, shots: int, letters: bool) -> list[Item]:
+    rows = read_jsonl(path, {"subject": str, "question": str, "choices": list, "answer": int})
+    dev: dict[str, list[dict[str, Any]]] = {}
+    if shots:
+        dev_path = path.with_name("mmlu_dev.jsonl")
+        for r in read_jsonl(dev_path, {"subject": str, "question": str, "choices": list, "answer": int}):
+            dev.setdefault(r["subject"], []).append(r)
+    out = []
+    for r in rows:
+        subject = r["subject"].replace("_", " ")
+        head = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+        for ex in dev.get(r["subject"], [])[:shots]:
+            ans = LETTERS[ex["answer"]] if letters else ex["choices"][ex["answer"]]
+            head += f"{_mmlu_question(ex, letters)} {ans}\n\n"
+        ctx = head + _mmlu_question(r, letters)
+        options = [LETTERS[k] for k in range(len(r["choices"]))] if letters else r["choices"]
+        out.append(_same_context(ctx, options, r["answer"]))
+    return out
+
+
+@dataclass(frozen=True)
+class McqTask:
+    name: str
+    files: tuple[str, ...]  # file names tried in the data directory, first found wins
+    build: Callable[[Path], list[Item]]
+    description: str = ""
+
+
+MCQ_TASKS: dict[str, McqTask] = {t.name: t for t in (
+    McqTask("arc_easy", ("arc_easy_test.jsonl",), _arc, "ARC-Easy, 'Question: ..\\nAnswer:' + option"),
+    McqTask("arc_challenge", ("arc_challenge_test.jsonl",), _arc, "ARC-Challenge, same format"),
+    McqTask("piqa", ("piqa_validation.jsonl",), _piqa, "PIQA, goal as question, two solutions"),
+    McqTask("boolq", ("boolq_validation.jsonl",), _boolq, "BoolQ, passage + question, no/yes"),
+    McqTask("winogrande", ("winogrande_dev.jsonl",), _winogrande, "WinoGrande, partial scoring"),
+    McqTask("hellaswag", ("hellaswag_validation.jsonl", "hellaswag_val.jsonl"), _hellaswag,
+            "HellaSwag, lm-eval preprocessing (HF schema: ctx_a, ctx_b, activity_label, endings, label)"),
+    McqTask("mmlu", ("mmlu_test.jsonl.gz", "mmlu_test.jsonl"), lambda p: _mmlu(p, 0, True),
+            "MMLU 0-shot, option letters scored"),
+    McqTask("mmlu_5shot", ("mmlu_test.jsonl.gz", "mmlu_test.jsonl"), lambda p: _mmlu(p, 5, True),
+            "MMLU 5-shot (dev examples of the subject), option letters scored"),
+    McqTask("mmlu_full", ("mmlu_test.jsonl.gz", "mmlu_test.jsonl"), lambda p: _mmlu(p, 0, False),
+            "MMLU 0-shot, full answer text scored"),
+    McqTask("mmlu_full_5shot", ("mmlu_test.jsonl.gz", "mmlu_test.jsonl"), lambda p: _mmlu(p, 5, False),
+            "MMLU 5-shot, full answer text scored"),
+)}
+
+
+def task_file(task: McqTask, data_dir: Path) -> Path:
+    for name in task.files:
+        if (data_dir / name).is_file():
+            return data_dir / name
+    raise PrunelensError(f"task '{task.name}' needs {' or '.join(task.files)} in {data_dir}, which is absent")
+
+
+def sample_indices(n: int, limit: int | None, seed: int) -> list[int]:
+    """All indices, or a seeded sample of ``limit`` of them in their original order."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    if limit < 1:
+        raise PrunelensError(f"--limit must be at least 1, got {limit}")
+    return sorted(random.Random(seed).sample(range(n), limit))
+
+
+# --- scoring -----------------------------------------------------------------------------------
+
+
+@dataclass
+class McqResult:
+    task: str
+    n: int
+    acc: float
+    acc_stderr: float
+    acc_norm: float
+    acc_norm_stderr: float
+    predictions: list[int] = field(default_factory=list, repr=False)
+    predictions_norm: list[int] = field(default_factory=list, repr=False)
+    golds: list[int] = field(default_factory=list, repr=False)
+    indices: list[int] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("task", "n", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr",
+                                              "indices", "predictions", "predictions_norm", "golds")}
+
+
+def _stderr(x: Sequence[float]) -> float:
+    n = len(x)
+    if n < 2:
+        return float("nan")
+    m = sum(x) / n
+    return math.sqrt(sum((v - m) ** 2 for v in x) / (n - 1) / n)
+
+
+def score_items(lm: LoadedModel, items: Sequence[Item], modification: Any = None, batch_size: int = 8,
+                progress: bool = True, desc: str = "mcq") -> tuple[list[int], list[int]]:
+    """Predicted option per item by acc and by acc_norm."""
+    requests, where = [], []  # where[i][k] = (request index, continuation index)
+    for it in items:
+        groups: dict[str, list[int]] = {}
+        for k, ctx in enumerate(it.contexts):
+            groups.setdefault(ctx, []).append(k)
+        loc: dict[int, tuple[int, int]] = {}
+        for ctx, ks in groups.items():
+            for j, k in enumerate(ks):
+                loc[k] = (len(requests), j)
+            requests.append(Request(ctx, tuple(it.continuations[k] for k in ks)))
+        where.append([loc[k] for k in range(len(it.contexts))])
+    scored = score_requests(lm, requests, modification, batch_size, progress, desc)
+    pred, pred_norm = [], []
+    for it, locs in zip(items, where, strict=True):
+        lps = [scored[r].logprobs[j] for r, j in locs]
+        norm = [lp / max(len(c), 1) for lp, c in zip(lps, it.continuations, strict=True)]
+        pred.append(max(range(len(lps)), key=lps.__getitem__))
+        pred_norm.append(max(range(len(norm)), key=norm.__getitem__))
+    return pred, pred_norm
+
+
+def evaluate_mcq(lm: LoadedModel, task: str, data_dir: str | Path, limit: int | None = None, seed: int = 0,
+                 modification: Any = None, batch_size: int = 8, progress: bool = True) -> McqResult:
+    """Accuracy (and length-normalised accuracy) with standard errors on a seeded sample."""
+    if task not in MCQ_TASKS:
+        raise PrunelensError(f"unknown task '{task}'; multiple-choice tasks: {', '.join(MCQ_TASKS)}")
+    t = MCQ_TASKS[task]
+    items = t.build(task_file(t, Path(data_dir)))
+    idx = sample_indices(len(items), limit, seed)
+    chosen = [items[i] for i in idx]
+    pred, pred_norm = score_items(lm, chosen, modification, batch_size, progress, desc=task)
+    golds = [it.gold for it in chosen]
+    hits = [float(p == g) for p, g in zip(pred, golds, strict=True)]
+    hits_n = [float(p == g) for p, g in zip(pred_norm, golds, strict=True)]
+    return McqResult(task, len(chosen), sum(hits) / len(hits), _stderr(hits), sum(hits_n) / len(hits_n),
+                     _stderr(hits_n), pred, pred_norm, golds, idx)

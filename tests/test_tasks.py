@@ -1,0 +1,150 @@
+"""Multiple-choice evaluation: formats, scoring rules, shared-prefix log-likelihoods, bad data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import prunelens.tasks.mcq as mcq
+from prunelens import load_model
+from prunelens.errors import PrunelensError
+from prunelens.tasks.loglik import Request, Scored, score_requests, split_tokens
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_model("smollm2-135m")
+
+
+def _jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_shared_prefix_scores_equal_a_full_forward(lm) -> None:
+    reqs = [
+        Request("Question: Which animal barks?\nAnswer:", (" A dog", " A cat that sleeps all day")),
+        Request("The sky is ", ("blue", "green and full of stars")),
+    ]  # trailing space moves over
+    got = score_requests(lm, reqs, batch_size=2, progress=False)
+    for r, g in zip(reqs, got, strict=True):
+        for cont, lp, n in zip(r.continuations, g.logprobs, g.n_tokens, strict=True):
+            ctx, toks = split_tokens(lm.tokenizer, r.context, cont)
+            with torch.inference_mode():
+                logp = torch.log_softmax(lm.model(torch.tensor([ctx + toks])).logits.float(), -1)[0]
+            want = sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(toks))
+            assert lp == pytest.approx(want, abs=2e-4) and n == len(toks)
+
+
+def test_split_moves_trailing_space_to_the_continuation(lm) -> None:
+    a = split_tokens(lm.tokenizer, "Answer: ", "yes")
+    b = split_tokens(lm.tokenizer, "Answer:", " yes")
+    assert a == b
+
+
+def test_acc_and_acc_norm_pick_by_sum_and_by_per_character(monkeypatch) -> None:
+    items = [mcq.Item(("q",) * 2, (" ab", " abcdefgh"), gold=1)]  # lengths 3 and 9 characters
+
+    def fake(lm, requests, *a, **k):  # sum logprob -3 vs -6: acc picks 0, per char -1 vs -0.667 picks 1
+        return [Scored((-3.0, -6.0), (1, 3), (False, False))]
+
+    monkeypatch.setattr(mcq, "score_requests", fake)
+    assert mcq.score_items(None, items, progress=False) == ([0], [1])
+
+
+def test_formats_match_lm_eval(tmp_path: Path) -> None:
+    arc = mcq._arc(_jsonl(tmp_path / "a.jsonl", [{"question": "Q?", "choices": ["x", "y"], "answer": 1}]))
+    assert arc[0] == mcq.Item(("Question: Q?\nAnswer:",) * 2, (" x", " y"), 1)
+    bq = mcq._boolq(_jsonl(tmp_path / "b.jsonl", [{"question": "is it", "passage": "P.", "answer": 0}]))
+    assert bq[0].contexts[0] == "P.\nQuestion: is it?\nAnswer:" and bq[0].continuations == (" no", " yes")
+    wg = mcq._winogrande(
+        _jsonl(
+            tmp_path / "w.jsonl", [{"choices": ["Tom ran", "Ann ran"], "continuation": "home.", "answer": 1}]
+        )
+    )
+    assert wg[0] == mcq.Item(("Tom ran", "Ann ran"), (" home.", " home."), 1)
+    hs = mcq._hellaswag(
+        _jsonl(
+            tmp_path / "h.jsonl",
+            [
+                {
+                    "ctx_a": "A man sits.",
+                    "ctx_b": "he",
+                    "activity_label": "Fishing",
+                    "endings": ["x [title] y", "z"],
+                    "label": "1",
+                }
+            ],
+        )
+    )
+    assert (
+        hs[0].contexts[0] == "Fishing: A man sits. He"
+        and hs[0].continuations[0] == " x. y"
+        and hs[0].gold == 1
+    )
+
+
+def test_mmlu_letters_and_five_shot(tmp_path: Path) -> None:
+    row = {
+        "subject": "high_school_physics",
+        "question": " What? ",
+        "choices": ["a", "b", "c", "d"],
+        "answer": 2,
+    }
+    _jsonl(tmp_path / "mmlu_dev.jsonl", [{**row, "question": f"Dev {i}", "answer": i % 4} for i in range(6)])
+    test = _jsonl(tmp_path / "mmlu_test.jsonl", [row])
+    zero = mcq._mmlu(test, 0, True)[0]
+    assert zero.contexts[0] == (
+        "The following are multiple choice questions (with answers) about high school "
+        "physics.\n\nWhat?\nA. a\nB. b\nC. c\nD. d\nAnswer:"
+    )
+    assert zero.continuations == (" A", " B", " C", " D") and zero.gold == 2
+    five = mcq._mmlu(test, 5, True)[0].contexts[0]
+    assert five.count("\nAnswer:") == 6 and "Dev 4" in five and "Dev 5" not in five and "Dev 1\nA. a" in five
+    assert "Dev 1\nA. a\nB. b\nC. c\nD. d\nAnswer: B\n\n" in five
+    full = mcq._mmlu(test, 0, False)[0]
+    assert full.continuations == (" a", " b", " c", " d") and "\nA. a" not in full.contexts[0]
+
+
+def test_bad_data_names_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "arc_easy_test.jsonl"
+    bad.write_text('{"question": "q", "choices": ["a"], "answer": 0}\n{"question": \n')
+    with pytest.raises(PrunelensError, match=r"arc_easy_test.jsonl:2: not valid JSON"):
+        mcq.evaluate_mcq(None, "arc_easy", tmp_path)
+    _jsonl(bad, [{"question": "q", "choices": ["a"]}])
+    with pytest.raises(PrunelensError, match=r":1: field 'answer' missing"):
+        mcq.evaluate_mcq(None, "arc_easy", tmp_path)
+    _jsonl(bad, [{"question": "q", "choices": ["a", "b"], "answer": 5}])
+    with pytest.raises(PrunelensError, match="answer index 5 outside 0..1"):
+        mcq.evaluate_mcq(None, "arc_easy", tmp_path)
+    with pytest.raises(PrunelensError, match="needs piqa_validation.jsonl"):
+        mcq.evaluate_mcq(None, "piqa", tmp_path)
+    with pytest.raises(PrunelensError, match="unknown task 'gsm8k_mcq'"):
+        mcq.evaluate_mcq(None, "gsm8k_mcq", tmp_path)
+    with pytest.raises(PrunelensError, match="--limit must be at least 1"):
+        mcq.sample_indices(10, 0, 0)
+
+
+def test_seeded_sample_is_stable_and_ordered() -> None:
+    a = mcq.sample_indices(1000, 20, seed=7)
+    assert a == mcq.sample_indices(1000, 20, seed=7) and a == sorted(a) and len(set(a)) == 20
+    assert a != mcq.sample_indices(1000, 20, seed=8)
+    assert mcq.sample_indices(5, 20, 0) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is absent")
+def test_real_arc_easy_above_chance_and_pruning_changes_scores(lm) -> None:
+    from prunelens import select_drop
+
+    dense = mcq.evaluate_mcq(lm, "arc_easy", DATA, limit=40, seed=0, progress=False)
+    assert dense.n == 40 and dense.acc_norm > 0.4  # 4 options: chance is 0.25
+    assert dense.acc_stderr == pytest.approx((dense.acc * (1 - dense.acc) / 39) ** 0.5, rel=1e-9)
+    pruned = mcq.evaluate_mcq(
+        lm, "arc_easy", DATA, limit=40, seed=0, modification=select_drop(lm, "block@3,9,15"), progress=False
+    )
+    assert pruned.indices == dense.indices and pruned.predictions != dense.predictions

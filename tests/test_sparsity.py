@@ -572,7 +572,7 @@ def test_save_modified_roundtrip(lm: LoadedModel, sgpt: tuple[WeightPatch, dict[
     ("wanda:x", "malformed pruning spec 'wanda:x'"),
     ("wanda:0.5:4", "malformed pruning spec"),
     ("gptq:4bit", "malformed quantisation spec 'gptq:4bit'"),
-    ("obs:0.5", "unknown pruning method 'obs'"),
+    ("obs:0.5", "unknown method 'obs'"),
     ("awq:w4", "'awq'"),
     ("rtn:w1", "bits must be in 2..8, got 1"),
     ("gptq:w9", "bits must be in 2..8, got 9"),

@@ -141,10 +141,11 @@ def test_seeded_sample_is_stable_and_ordered() -> None:
 def test_real_arc_easy_above_chance_and_pruning_changes_scores(lm) -> None:
     from prunelens import select_drop
 
-    dense = mcq.evaluate_mcq(lm, "arc_easy", DATA, limit=40, seed=0, progress=False)
-    assert dense.n == 40 and dense.acc_norm > 0.4  # 4 options: chance is 0.25
-    assert dense.acc_stderr == pytest.approx((dense.acc * (1 - dense.acc) / 39) ** 0.5, rel=1e-9)
+    # measured: acc 0.49 +- 0.03 on 300 questions; ~4 options, so chance is about 0.25
+    dense = mcq.evaluate_mcq(lm, "arc_easy", DATA, limit=100, seed=0, progress=False)
+    assert dense.n == 100 and dense.acc > 0.35
+    assert dense.acc_stderr == pytest.approx((dense.acc * (1 - dense.acc) / 99) ** 0.5, rel=1e-9)
     pruned = mcq.evaluate_mcq(
-        lm, "arc_easy", DATA, limit=40, seed=0, modification=select_drop(lm, "block@3,9,15"), progress=False
+        lm, "arc_easy", DATA, limit=100, seed=0, modification=select_drop(lm, "block@3,9,15"), progress=False
     )
     assert pruned.indices == dense.indices and pruned.predictions != dense.predictions

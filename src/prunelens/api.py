@@ -46,6 +46,7 @@ def weight_method(spec: str):
     """Parse a ``--prune`` (magnitude/wanda/sparsegpt) or ``--quant`` (rtn/gptq) spec."""
     from .prune.weights import PRUNE_METHODS, QUANT_METHODS, parse_prune, parse_quant
 
+    spec = spec.strip()
     name = spec.split(":")[0]
     if name not in PRUNE_METHODS + QUANT_METHODS:
         raise PrunelensError(f"unknown method '{name}'; pruning: {', '.join(PRUNE_METHODS)}; "

@@ -217,6 +217,7 @@ def sparsify(
         raise PrunelensError(f"{method.name} needs calibration text")
     t0 = time.perf_counter()
     new: dict[str, torch.Tensor] = {}
+    rows: list[dict[str, Any]] = []
     timings: list[float] = []
     if calibrated:
         hs, kwargs = _block_inputs(adapter, calib, batch_size)  # type: ignore[arg-type]
@@ -257,54 +258,57 @@ def sparsify(
                     hd.remove()
         for p in paths:
             mod = adapter.model.get_submodule(p)
-            new[p] = _modify(method, mod.weight.data, stats.get(p)).to(mod.weight.dtype)
-            stats.pop(p, None)
+            new[p] = _modify(method, mod.weight.data, stats.pop(p, None)).to(mod.weight.dtype)
+            rows.append(_report_row(p, mod.weight.data, new[p], method))
         if calibrated:  # the next block sees this block's modified outputs
             patch = WeightPatch(method, {p: new[p] for p in paths})
             with patch.view(adapter):
                 hs = [_first(layer(h, **kwargs[i][b])) for b, h in enumerate(hs)]
+        if inplace:  # write into the existing storage: memory stays at one model
+            for p in paths:
+                w = adapter.model.get_submodule(p).weight.data
+                w.copy_(new[p])
+                new[p] = w
         timings.append(time.perf_counter() - tb)
         bar.update(1)
     bar.close()
     patch = WeightPatch(method, new)
-    patch.report = weight_report(adapter, patch, method)
+    patch.report = weight_report(adapter, rows, method)
     patch.report.update(seconds=time.perf_counter() - t0, seconds_per_block=timings,
-                        skip=list(skip), calibration_batches=len(hs) if calibrated else 0)
-    if inplace:
-        patch.apply(adapter)
+                        skip=list(skip), calibration_batches=len(hs) if calibrated else 0,
+                        inplace=inplace)
     return patch
 
 
-def weight_report(adapter: Adapter, patch: WeightPatch, method: WeightMethod) -> dict[str, Any]:
+def _report_row(path: str, dense: torch.Tensor, new: torch.Tensor, method: WeightMethod) -> dict[str, Any]:
+    numel, z_dense, z_new = new.numel(), int((dense == 0).sum()), int((new == 0).sum())
+    row: dict[str, Any] = {"module": path, "numel": numel, "in_features": int(new.shape[1]),
+                           "dense_zeros": z_dense, "zeros": z_new,
+                           "dense_zero_frac": z_dense / numel, "zero_frac": z_new / numel,
+                           "added_frac_of_dense_nonzeros": (z_new - z_dense) / max(numel - z_dense, 1)}
+    if method.pattern is not None and method.pattern.structured:
+        row["nm_violations"] = nm_violations(new, method.pattern.n, method.pattern.m)  # type: ignore[arg-type]
+    return row
+
+
+def weight_report(adapter: Adapter, rows: list[dict[str, Any]], method: WeightMethod) -> dict[str, Any]:
     """Achieved sparsity per layer and overall, relative to the dense baseline; N:M check; bits."""
-    rows, tot, tot_dense0, tot_new0, viol = [], 0, 0, 0, 0
-    for path, w in patch.weights.items():
-        dense = adapter.model.get_submodule(path).weight.data
-        numel, z_dense, z_new = w.numel(), int((dense == 0).sum()), int((w == 0).sum())
-        row: dict[str, Any] = {"module": path, "numel": numel, "dense_zero_frac": z_dense / numel,
-                               "zero_frac": z_new / numel,
-                               "added_frac_of_dense_nonzeros": (z_new - z_dense) / max(numel - z_dense, 1)}
-        if method.pattern is not None and method.pattern.structured:
-            row["nm_violations"] = nm_violations(w, method.pattern.n, method.pattern.m)  # type: ignore[arg-type]
-            viol += row["nm_violations"]
-        rows.append(row)
-        tot, tot_dense0, tot_new0 = tot + numel, tot_dense0 + z_dense, tot_new0 + z_new
+    tot = sum(r["numel"] for r in rows)
+    z_dense = sum(r["dense_zeros"] for r in rows)
+    z_new = sum(r["zeros"] for r in rows)
     out: dict[str, Any] = {"layers": rows, "n_modules": len(rows), "n_weights": tot}
     if method.pattern is not None:
         out.update(pattern=method.pattern.label(), target_sparsity=1 - method.pattern.density,
-                   dense_zero_frac=tot_dense0 / max(tot, 1), zero_frac=tot_new0 / max(tot, 1),
-                   added_frac_of_dense_nonzeros=(tot_new0 - tot_dense0) / max(tot - tot_dense0, 1))
+                   dense_zero_frac=z_dense / max(tot, 1), zero_frac=z_new / max(tot, 1),
+                   added_frac_of_dense_nonzeros=(z_new - z_dense) / max(tot - z_dense, 1))
         if method.pattern.structured:
-            out["nm_violations"] = viol
+            out["nm_violations"] = sum(r["nm_violations"] for r in rows)
     else:
         q = method.quant
-        bpw = [q.bits_per_weight(adapter.model.get_submodule(p).weight.shape[1])  # type: ignore[union-attr]
-               for p in patch.weights]
-        nums = [r["numel"] for r in rows]
-        mean_bpw = sum(b * n for b, n in zip(bpw, nums, strict=True)) / max(tot, 1)
-        out.update(quant=q.label(), bits=q.bits, group_size=q.group_size,  # type: ignore[union-attr]
-                   bits_per_weight=mean_bpw, effective_mb=tot * mean_bpw / 8 / 2**20,
-                   fp16_mb=tot * 16 / 8 / 2**20)
+        assert q is not None
+        mean_bpw = sum(q.bits_per_weight(r["in_features"]) * r["numel"] for r in rows) / max(tot, 1)
+        out.update(quant=q.label(), bits=q.bits, group_size=q.group_size, bits_per_weight=mean_bpw,
+                   effective_mb=tot * mean_bpw / 8 / 2**20, fp16_mb=tot * 16 / 8 / 2**20)
     return out
 
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .capture import capture, resid_names
 from .errors import PrunelensError
+from .memory import release_freed_memory
 from .metrics import hidden_metrics, logit_metrics
 from .models import LoadedModel
 from .prune import Modification
@@ -135,25 +136,6 @@ def forward_cached(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1].float()
-
-
-def _malloc_trim():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-_TRIM = _malloc_trim()
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them, and the KV cache grows by
-    reallocation every step, so without this the resident size creeps up during decoding)."""
-    if _TRIM is not None:
-        _TRIM(0)
 
 
 def view(lm: LoadedModel, plan: Modification | None):

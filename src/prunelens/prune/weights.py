@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..arch import Adapter
 from ..errors import PrunelensError
+from ..memory import release_freed_memory
 from .quant import QuantSpec, gptq_quantize, rtn_quantize
 from .sparse import Pattern, magnitude_mask, nm_violations, sparsegpt_prune, wanda_mask
 
@@ -269,6 +270,7 @@ def sparsify(
                 w = adapter.model.get_submodule(p).weight.data
                 w.copy_(new[p])
                 new[p] = w
+        release_freed_memory()
         timings.append(time.perf_counter() - tb)
         bar.update(1)
     bar.close()

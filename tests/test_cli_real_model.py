@@ -24,8 +24,22 @@ def lm():
 
 def test_analyze_attn4_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
-    rc = main(["analyze", "--drop", "attn:4", "--steps", "8", "--limit", "3", "--temps", "1,0.5",
-               "--out", str(out), "--quiet"])
+    rc = main(
+        [
+            "analyze",
+            "--drop",
+            "attn:4",
+            "--steps",
+            "8",
+            "--limit",
+            "3",
+            "--temps",
+            "1,0.5",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "free-running" in printed and str(out / "report.html") in printed
@@ -51,8 +65,13 @@ def test_analyze_attn4_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_empty_plan_on_real_model_is_exactly_dense(lm) -> None:
     from prunelens import AnalysisSettings, DropPlan, analyze
 
-    res = analyze(lm, DropPlan(), ["Name three colours.", "What is 7 times 8?"],
-                  AnalysisSettings(max_new_tokens=5), progress=False)
+    res = analyze(
+        lm,
+        DropPlan(),
+        ["Name three colours.", "What is 7 times 8?"],
+        AnalysisSettings(max_new_tokens=5),
+        progress=False,
+    )
     assert all(c == 1.0 for c in res["layerwise"]["cos_h"])
     for mode in ("teacher_forced", "free_running"):
         s = res["stepwise"][mode]
@@ -96,8 +115,9 @@ def test_saved_checkpoint_reloads_in_plain_transformers(lm, tmp_path: Path) -> N
         (["report", "/no/such/run"], "does not exist"),
     ],
 )
-def test_bad_input_is_one_line_and_leaves_no_run(argv: list[str], message: str, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_is_one_line_and_leaves_no_run(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "EMPTY.txt").write_text("\n\n")
     (tmp_path / "BADJSON.jsonl").write_text('{"prompt": "ok"}\n{"prompt": \n')
     files = {"EMPTY": tmp_path / "EMPTY.txt", "BADJSON": tmp_path / "BADJSON.jsonl"}
@@ -115,9 +135,73 @@ def test_same_seed_gives_identical_results(lm) -> None:
 
     def run() -> dict:
         plan = select_drop(lm, "mlp:2", calib_samples=4, calib_len=64, seed=3)
-        res = analyze(lm, plan, ["Say hello.", "Count to five."], AnalysisSettings(max_new_tokens=4, seed=3),
-                      progress=False)
+        res = analyze(
+            lm,
+            plan,
+            ["Say hello.", "Count to five."],
+            AnalysisSettings(max_new_tokens=4, seed=3),
+            progress=False,
+        )
         res.pop("timing"), res.pop("created")
         return res
 
     assert run() == run()
+
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def test_analyze_with_a_weight_method_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "analyze",
+            "--prune",
+            "wanda:2:4",
+            "--calib-samples",
+            "4",
+            "--calib-len",
+            "64",
+            "--steps",
+            "4",
+            "--limit",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    pr = res["pruning"]
+    assert pr["kind"] == "weights" and pr["label"] == "wanda:2:4" and pr["nm_violations"] == 0
+    assert pr["n_modules"] == 30 * 7 and 0.5 <= pr["zero_frac"] < 0.501
+    assert res["layerwise"]["cos_h"][0] == 1.0 and res["layerwise"]["cos_h"][1] < 1.0  # block 0 changed
+    assert "Weights: sparsity and quantisation" in (out / "report.html").read_text()
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is absent")
+def test_ppl_command_reports_dense_and_modified(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "ppl.json"
+    rc = main(
+        [
+            "ppl",
+            "--quant",
+            "rtn:w3g64",
+            "--text",
+            str(DATA / "wikitext2_raw_test.jsonl"),
+            "--seq-len",
+            "128",
+            "--max-windows",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["dense"]["tokens"] == res["modified"]["tokens"] == 2 * 127
+    assert 1.0 < res["dense"]["perplexity"] < res["modified"]["perplexity"]
+    assert res["modification"]["bits_per_weight"] == pytest.approx(3 + 19 / 64)
+    assert "perplexity" in capsys.readouterr().out

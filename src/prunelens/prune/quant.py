@@ -83,8 +83,8 @@ def gptq_quantize(w: Tensor, h: Tensor, spec: QuantSpec, blocksize: int = 128,
     spec.check_columns(w.shape[1])
     W = w.detach().float().clone()
     cols = W.shape[1]
-    hinv_full, dead = damped_inverse_cholesky(h, percdamp)
-    Hinv = hinv_full.float()
+    Hinv, dead = damped_inverse_cholesky(h, percdamp)
+    Hinv = Hinv.float()
     W[:, dead] = 0
     g = cols if spec.group_size == -1 else spec.group_size
     Q = torch.zeros_like(W)

@@ -106,18 +106,19 @@ def damped_inverse_cholesky(h: Tensor, percdamp: float = 0.01) -> tuple[Tensor, 
 
     Columns never activated (H_jj = 0) get H_jj = 1 so the factorisation exists; their weights are
     irrelevant to the output and are set to zero by the callers, as in the reference algorithms.
+    Computed in float64, keeping at most two d×d matrices alive (d = 8960 for a 1.5B model's
+    down_proj: 640 MB each).
     """
-    h = h.detach().double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    damp = percdamp * torch.mean(torch.diag(h))
-    h.diagonal().add_(damp)
+    a = h.detach().to(torch.float64, copy=True)
+    dead = torch.diag(a) == 0
+    a[dead, dead] = 1.0
+    a.diagonal().add_(percdamp * torch.mean(torch.diag(a)))
     try:
-        chol = torch.linalg.cholesky(h)
+        a = torch.linalg.cholesky(a)
     except torch.linalg.LinAlgError as e:
         raise PrunelensError(f"Hessian is not positive definite even after damping ({e})") from None
-    hinv = torch.cholesky_inverse(chol)
-    return torch.linalg.cholesky(hinv, upper=True), dead
+    a = torch.cholesky_inverse(a)
+    return torch.linalg.cholesky(a, upper=True), dead
 
 
 def sparsegpt_prune(w: Tensor, h: Tensor, pattern: Pattern, blocksize: int = 128,
@@ -127,8 +128,8 @@ def sparsegpt_prune(w: Tensor, h: Tensor, pattern: Pattern, blocksize: int = 128
     out_dtype = w.dtype
     W = w.detach().float().clone()
     rows, cols = W.shape
-    hinv_full, dead = damped_inverse_cholesky(h, percdamp)
-    Hinv = hinv_full.float()
+    Hinv, dead = damped_inverse_cholesky(h, percdamp)
+    Hinv = Hinv.float()
     W[:, dead] = 0
     if pattern.structured and pattern.m > 0:  # type: ignore[operator]
         blocksize = max(pattern.m, blocksize - blocksize % pattern.m)  # type: ignore[operator]

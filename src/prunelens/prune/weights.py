@@ -173,7 +173,8 @@ class _Stats:
         self.n += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
-        return self.acc * (2.0 / max(self.n, 1))  # type: ignore[operator]
+        """H = 2XᵀX/n, scaled in place (the accumulator is not used afterwards)."""
+        return self.acc.mul_(2.0 / max(self.n, 1))  # type: ignore[union-attr]
 
 
 def _modify(method: WeightMethod, w: torch.Tensor, stats: _Stats | None) -> torch.Tensor:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -83,28 +85,37 @@ def _open(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 
 
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a .jsonl(.gz) file; malformed lines raise a
+    one-line error naming the file and line."""
+    with _open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PrunelensError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise PrunelensError(f"{path}:{n}: expected a JSON object")
+            yield n, obj
+
+
 def read_texts(path: str | Path, what: str = "prompt") -> list[str]:
     """Texts from a .txt (one per non-empty line) or .jsonl(.gz) file; errors name file and line."""
     p = Path(path)
     if not p.is_file():
         raise PrunelensError(f"{what} file '{p}' does not exist")
     out: list[str] = []
-    with _open(p) as f:
-        if ".jsonl" in p.name:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PrunelensError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-                key = next((k for k in _TEXT_KEYS
-                            if isinstance(obj, dict) and isinstance(obj.get(k), str)), None)
-                if key is None:
-                    raise PrunelensError(f"{p}:{n}: no string field among {', '.join(_TEXT_KEYS)}")
-                if obj[key].strip():
-                    out.append(obj[key])
-        else:
+    if ".jsonl" in p.name:
+        for n, obj in iter_jsonl(p):
+            key = next((k for k in _TEXT_KEYS if isinstance(obj.get(k), str)), None)
+            if key is None:
+                raise PrunelensError(f"{p}:{n}: no string field among {', '.join(_TEXT_KEYS)}")
+            if obj[key].strip():
+                out.append(obj[key])
+    else:
+        with _open(p) as f:
             out = [line.rstrip("\n") for line in f if line.strip()]
     if not out:
         raise PrunelensError(f"{what} file '{p}' is empty")

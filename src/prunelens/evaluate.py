@@ -9,7 +9,6 @@ Token-level perplexity (not word-level).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import _open
+from .data import _open, iter_jsonl
 from .errors import PrunelensError
 from .models import LoadedModel
 
@@ -28,17 +27,16 @@ def read_corpus(path: str | Path) -> str:
     p = Path(path)
     if not p.is_file():
         raise PrunelensError(f"text file '{p}' does not exist")
-    with _open(p) as f:
-        if ".jsonl" not in p.name:
+    if ".jsonl" not in p.name:
+        with _open(p) as f:
             text = f.read()
-        else:
-            rows = []
-            for n, line in enumerate(f, 1):
-                try:
-                    rows.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise PrunelensError(f"{p}:{n}: expected a JSON object with a 'text' field") from None
-            text = "\n\n".join(rows)
+    else:
+        rows = []
+        for n, obj in iter_jsonl(p):
+            if not isinstance(obj.get("text"), str):
+                raise PrunelensError(f"{p}:{n}: expected a JSON object with a 'text' field")
+            rows.append(obj["text"])
+        text = "\n\n".join(rows)
     if not text.strip():
         raise PrunelensError(f"text file '{p}' is empty")
     return text

@@ -8,8 +8,6 @@ step of the model, as the harness does by default.
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import random
 import re
@@ -18,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data import iter_jsonl
 from ..errors import PrunelensError
 from ..models import LoadedModel
 from .loglik import Request, score_requests
@@ -41,22 +40,12 @@ def read_jsonl(path: Path, required: dict[str, type | tuple[type, ...]]) -> list
     """Rows of a JSONL(.gz) file, each checked for the required fields; errors name file and line."""
     if not path.is_file():
         raise PrunelensError(f"data file '{path}' does not exist")
-    opener = gzip.open if path.suffix == ".gz" else open
     rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PrunelensError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise PrunelensError(f"{path}:{n}: expected a JSON object")
-            for key, typ in required.items():
-                if not isinstance(row.get(key), typ):
-                    raise PrunelensError(f"{path}:{n}: field '{key}' missing or not {_tname(typ)}")
-            rows.append(row)
+    for n, row in iter_jsonl(path):
+        for key, typ in required.items():
+            if not isinstance(row.get(key), typ):
+                raise PrunelensError(f"{path}:{n}: field '{key}' missing or not {_tname(typ)}")
+        rows.append(row)
     if not rows:
         raise PrunelensError(f"data file '{path}' has no rows")
     return rows

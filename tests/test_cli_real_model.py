@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from prunelens import load_model, pruned_view, save_pruned, select_drop
+from prunelens import DropPlan, PrunelensError, load_model, pruned_view, save_pruned, select_drop
 from prunelens.cli import main
 
 
@@ -96,6 +96,8 @@ def test_saved_checkpoint_reloads_in_plain_transformers(lm, tmp_path: Path) -> N
     assert again.info["skipped_from_checkpoint"]["attn"] == [3, 16]  # 17 -> 16 after block 11 left
     with torch.inference_mode():
         torch.testing.assert_close(again.model(ids).logits, want, rtol=0, atol=1e-4)
+    with pytest.raises(PrunelensError, match="prune and save from the dense model"):
+        save_pruned(again.adapter, DropPlan(), tmp_path / "again", again.tokenizer)
 
 
 @pytest.mark.parametrize(
@@ -205,3 +207,17 @@ def test_ppl_command_reports_dense_and_modified(tmp_path: Path, capsys: pytest.C
     assert 1.0 < res["dense"]["perplexity"] < res["modified"]["perplexity"]
     assert res["modification"]["bits_per_weight"] == pytest.approx(3 + 19 / 64)
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_drop_and_weight_method_combine(tmp_path: Path) -> None:
+    out, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    common = ["--drop", "attn@3", "--drop", "block@20", "--prune", "magnitude:0.5"]
+    assert main(["analyze", *common, "--steps", "2", "--limit", "1", "--out", str(out), "--quiet"]) == 0
+    parts = json.loads((out / "results.json").read_text())["pruning"]["parts"]
+    weights = next(p for p in parts if p.get("kind") == "weights")
+    assert weights["n_modules"] == 30 * 7 - 4 - 7  # dropped attention 3 and block 20 are not touched
+    assert main(["prune", *common, "--out", str(ckpt)]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    assert plain.config.num_hidden_layers == 29
+    w = plain.model.layers[5].mlp.up_proj.weight
+    assert 0.49 < float((w == 0).float().mean()) < 0.51

@@ -48,10 +48,12 @@ def test_split_moves_trailing_space_to_the_continuation(lm) -> None:
 
 
 def test_acc_and_acc_norm_pick_by_sum_and_by_per_character(monkeypatch) -> None:
-    items = [mcq.Item(("q",) * 2, (" ab", " abcdefgh"), gold=1)]  # lengths 3 and 9 characters
+    # option texts "a" (1 char) and "abc" (3 chars); the delimiter space is not counted (lm-eval):
+    # per char -1.2/1 = -1.2 vs -3.3/3 = -1.1 picks option 1 (counting the space would pick 0)
+    items = [mcq.Item(("q",) * 2, (" a", " abc"), gold=1)]
 
-    def fake(lm, requests, *a, **k):  # sum logprob -3 vs -6: acc picks 0, per char -1 vs -0.667 picks 1
-        return [Scored((-3.0, -6.0), (1, 3), (False, False))]
+    def fake(lm, requests, *a, **k):  # summed log-probabilities: acc picks option 0
+        return [Scored((-1.2, -3.3), (1, 2), (False, False))]
 
     monkeypatch.setattr(mcq, "score_requests", fake)
     assert mcq.score_items(None, items, progress=False) == ([0], [1])
@@ -124,6 +126,15 @@ def test_bad_data_names_file_and_line(tmp_path: Path) -> None:
         mcq.evaluate_mcq(None, "arc_easy", tmp_path)
     with pytest.raises(PrunelensError, match="needs piqa_validation.jsonl"):
         mcq.evaluate_mcq(None, "piqa", tmp_path)
+    _jsonl(tmp_path / "piqa_validation.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 2}])
+    with pytest.raises(PrunelensError, match="answer index 2 outside 0..1"):
+        mcq.evaluate_mcq(None, "piqa", tmp_path)
+    _jsonl(
+        tmp_path / "hellaswag_validation.jsonl",
+        [{"ctx_a": "a", "ctx_b": "b", "activity_label": "c", "endings": ["x", "y"], "label": ""}],
+    )
+    with pytest.raises(PrunelensError, match="label '' is not an index"):
+        mcq.evaluate_mcq(None, "hellaswag", tmp_path)
     with pytest.raises(PrunelensError, match="unknown task 'gsm8k_mcq'"):
         mcq.evaluate_mcq(None, "gsm8k_mcq", tmp_path)
     with pytest.raises(PrunelensError, match="--limit must be at least 1"):

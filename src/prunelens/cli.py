@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -116,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_drop_args(ev)
     ev.add_argument("--tasks", required=True,
                     help="comma-separated: arc_easy, arc_challenge, piqa, boolq, winogrande, hellaswag, "
-                         "mmlu, mmlu_5shot, mmlu_full, mmlu_full_5shot")
+                         "mmlu, mmlu_5shot, mmlu_full, mmlu_full_5shot (multiple choice); gsm8k (generative)")
+    ev.add_argument("--shots", type=int, default=5, help="GSM8K exemplars (default 5)")
+    ev.add_argument("--max-new-tokens", type=int, default=256, help="GSM8K generation limit (default 256)")
+    ev.add_argument("--no-chat-template", action="store_true", help="GSM8K prompts without the chat template")
     ev.add_argument("--data-dir", required=True, help="directory with the tasks' JSONL files")
     ev.add_argument("--limit", type=int, help="a seeded sample of N questions per task")
     ev.add_argument("--batch-size", type=int, default=8)
@@ -153,6 +157,13 @@ def _check_modification_args(args: argparse.Namespace) -> list:
     return api.parse_drops(args.drop)
 
 
+def _check_checkpoint_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise PrunelensError(f"'{out}' exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise PrunelensError(f"output directory '{out}' is not empty (use --overwrite)")
+
+
 def _build_modification(lm, args: argparse.Namespace, requests: list, progress: bool = True,
                         inplace: bool = False):
     """Layer drops (ranked on calibration text) and/or one weight patch, as one modification.
@@ -169,9 +180,11 @@ def _build_modification(lm, args: argparse.Namespace, requests: list, progress: 
                                      calib_len=args.calib_len or 128, seed=args.seed))
     spec = args.prune or args.quant
     if spec:
-        parts.append(api.prune_weights(lm, spec, calib=args.calib, calib_samples=args.calib_samples or 32,
-                                       calib_len=args.calib_len or 256, seed=args.seed,
-                                       skip=args.prune_skip, progress=progress, inplace=inplace))
+        # calibrated on the model with its layers already dropped; dropped units are not touched
+        with (parts[0].view(lm.adapter) if parts else contextlib.nullcontext()):
+            parts.append(api.prune_weights(lm, spec, calib=args.calib, calib_samples=args.calib_samples or 32,
+                                           calib_len=args.calib_len or 256, seed=args.seed,
+                                           skip=args.prune_skip, progress=progress, inplace=inplace))
     return combine(parts)
 
 
@@ -194,6 +207,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None:
         check_out_dir(out, args.overwrite)
+    if args.save_pruned:
+        _check_checkpoint_dir(Path(args.save_pruned), args.overwrite)
 
     lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     plan = _build_modification(lm, args, requests, progress=not args.quiet)
@@ -234,8 +249,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not (requests or args.prune or args.quant):
         raise PrunelensError("nothing to do: give --drop, --prune or --quant")
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise PrunelensError(f"output directory '{out}' is not empty (use --overwrite)")
+    _check_checkpoint_dir(out, args.overwrite)
     lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     plan = _build_modification(lm, args, requests, inplace=True)
     api.save_modified(lm, plan, out)
@@ -289,24 +303,42 @@ def cmd_rank(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .models import load_model
     from .runs import write_json
+    from .tasks.gsm8k import evaluate_gsm8k
     from .tasks.mcq import MCQ_TASKS, McqTask, evaluate_mcq, task_file
 
     requests = _check_modification_args(args)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for t in tasks:
+        if t == "gsm8k":
+            if not (Path(args.data_dir) / "gsm8k_test.jsonl").is_file():
+                raise PrunelensError(f"task 'gsm8k' needs gsm8k_test.jsonl in {args.data_dir}, "
+                                     "which is absent")
+            continue
         if t not in MCQ_TASKS:
-            raise PrunelensError(f"unknown task '{t}'; multiple-choice tasks: {', '.join(MCQ_TASKS)}")
+            raise PrunelensError(f"unknown task '{t}'; tasks: {', '.join([*MCQ_TASKS, 'gsm8k'])}")
         task: McqTask = MCQ_TASKS[t]
         task_file(task, Path(args.data_dir))
     if args.limit is not None:
         _positive("--limit", args.limit)
     _positive("--batch-size", args.batch_size)
+    _positive("--max-new-tokens", args.max_new_tokens)
     lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     plan = _build_modification(lm, args, requests, progress=not args.quiet)
     modified = plan.label() != "dense"
     rows = []
     for t in tasks:
         kw = dict(limit=args.limit, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
+        if t == "gsm8k":
+            gkw = dict(shots=args.shots, max_new_tokens=args.max_new_tokens,
+                       chat_template=not args.no_chat_template, **kw)
+            g_dense = evaluate_gsm8k(lm, args.data_dir, **gkw)
+            g_mod = evaluate_gsm8k(lm, args.data_dir, modification=plan, **gkw) if modified else g_dense
+            rows.append({"task": t, "dense": g_dense.to_dict(), "modified": g_mod.to_dict()})
+            print(f"{t:16s} n={g_dense.n:5d}  dense exact match {g_dense.exact_match_flexible:.3f}"
+                  f"±{g_dense.stderr_flexible:.3f} (strict {g_dense.exact_match_strict:.3f}, formatted "
+                  f"{g_dense.format_rate:.0%})  {plan.label()} {g_mod.exact_match_flexible:.3f} (strict "
+                  f"{g_mod.exact_match_strict:.3f}, formatted {g_mod.format_rate:.0%})", flush=True)
+            continue
         dense = evaluate_mcq(lm, t, args.data_dir, **kw)
         mod = evaluate_mcq(lm, t, args.data_dir, modification=plan, **kw) if modified else dense
         rows.append({"task": t, "dense": dense.to_dict(), "modified": mod.to_dict()})

@@ -45,8 +45,10 @@ class Composite:
 
     @contextlib.contextmanager
     def view(self, adapter: Adapter) -> Iterator[None]:
+        # Weight patches first: they resolve their layers while every module is still in place;
+        # the drop views then swap modules out, and exiting restores modules before weights.
         with contextlib.ExitStack() as stack:
-            for p in self.parts:
+            for p in sorted(self.parts, key=lambda q: isinstance(q, DropPlan)):
                 stack.enter_context(p.view(adapter))
             yield
 

@@ -225,6 +225,10 @@ def pruned_state_and_config(adapter: Adapter, plan: DropPlan,
     the live model except for the zero tensors created here.
     """
     plan.validate(adapter.n_layers)
+    installed = plan_from_config(adapter.config)
+    if installed is not None and not installed.empty:
+        raise PrunelensError("this model is a pruned prunelens checkpoint with skipped sublayers; "
+                             "prune and save from the dense model instead")
     spec, prefix = adapter.spec, adapter.spec.layers + "."
     keep = [i for i in range(adapter.n_layers) if i not in plan.block]
     new_index = {old: new for new, old in enumerate(keep)}

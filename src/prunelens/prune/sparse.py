@@ -110,6 +110,8 @@ def damped_inverse_cholesky(h: Tensor, percdamp: float = 0.01) -> tuple[Tensor, 
     down_proj: 640 MB each).
     """
     a = h.detach().to(torch.float64, copy=True)
+    if not bool(torch.isfinite(a).all()):
+        raise PrunelensError("calibration statistics are not finite (activation overflow? use float32)")
     dead = torch.diag(a) == 0
     a[dead, dead] = 1.0
     a.diagonal().add_(percdamp * torch.mean(torch.diag(a)))
@@ -144,7 +146,7 @@ def sparsegpt_prune(w: Tensor, h: Tensor, pattern: Pattern, blocksize: int = 128
         else:  # adaptive mask: the block's lowest w²/[H⁻¹]²_jj
             score = W1 ** 2 / d.unsqueeze(0) ** 2
             k = n_removed(score.numel(), pattern.ratio)  # type: ignore[arg-type]
-            mask1 = torch.zeros(score.numel(), dtype=torch.bool)
+            mask1 = torch.zeros(score.numel(), dtype=torch.bool, device=W1.device)
             if k:
                 mask1[score.flatten().topk(k, largest=False).indices] = True
             mask1 = mask1.reshape(score.shape)

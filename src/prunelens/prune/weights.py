@@ -117,8 +117,17 @@ def target_linears(adapter: Adapter, skip: Sequence[str] = ()) -> list[list[str]
     out = []
     for i in range(adapter.n_layers):
         paths = [f"{adapter.layer_path(i)}.{rel}" for rel in adapter.spec.linears]
-        out.append([p for p in paths if not any(fnmatch.fnmatch(p, pat) or pat == str(i) for pat in skip)])
+        out.append([p for p in paths if _is_linear(adapter, p)
+                    and not any(fnmatch.fnmatch(p, pat) or pat == str(i) for pat in skip)])
     return out
+
+
+def _is_linear(adapter: Adapter, path: str) -> bool:
+    """False for layers inside a dropped (swapped-out) sublayer or block."""
+    try:
+        return isinstance(adapter.model.get_submodule(path), nn.Linear)
+    except AttributeError:
+        return False
 
 
 # --- calibration plumbing ----------------------------------------------------------------------

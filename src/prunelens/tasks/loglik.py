@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import PrunelensError
 from ..models import LoadedModel
 
 
@@ -51,7 +52,7 @@ def split_tokens(tokenizer: Any, context: str, continuation: str) -> tuple[list[
         whole = [bos, *whole]
     cont = whole[len(ctx):]
     if not cont:
-        raise ValueError(f"continuation {continuation!r} encodes to no tokens")
+        raise PrunelensError(f"answer option {continuation!r} encodes to no tokens")
     if not ctx:  # score the first token from a BOS/EOS-only context, as lm-eval does
         ctx = [bos if bos is not None else tokenizer.eos_token_id]
     return ctx, cont

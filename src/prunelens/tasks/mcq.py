@@ -64,6 +64,12 @@ def _same_context(ctx: str, choices: Sequence[str], gold: int) -> Item:
     return Item(tuple(ctx for _ in choices), tuple(f" {c}" for c in choices), gold)
 
 
+def _checked(path: Path, items: list[Item]) -> list[Item]:
+    for i, it in enumerate(items):
+        _check_gold(path, i, it.gold, len(it.continuations))
+    return items
+
+
 # --- task formats ------------------------------------------------------------------------------
 
 
@@ -78,20 +84,34 @@ def _arc(path: Path) -> list[Item]:
 
 def _piqa(path: Path) -> list[Item]:
     rows = read_jsonl(path, {"question": str, "choices": list, "answer": int})
-    return [_same_context(f"Question: {r['question']}\nAnswer:", r["choices"], r["answer"]) for r in rows]
+    return _checked(
+        path, [_same_context(f"Question: {r['question']}\nAnswer:", r["choices"], r["answer"]) for r in rows]
+    )
 
 
 def _boolq(path: Path) -> list[Item]:
     rows = read_jsonl(path, {"question": str, "passage": str, "answer": int})
-    return [_same_context(f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", ["no", "yes"], r["answer"])
-            for r in rows]
+    return _checked(
+        path,
+        [
+            _same_context(f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", ["no", "yes"], r["answer"])
+            for r in rows
+        ],
+    )
 
 
 def _winogrande(path: Path) -> list[Item]:
     """lm-eval's partial scoring: log P(rest of sentence | sentence up to the blank, option filled)."""
     rows = read_jsonl(path, {"choices": list, "continuation": str, "answer": int})
-    return [Item(tuple(r["choices"]), tuple(f" {r['continuation'].strip()}" for _ in r["choices"]),
-                 r["answer"]) for r in rows]
+    return _checked(
+        path,
+        [
+            Item(
+                tuple(r["choices"]), tuple(f" {r['continuation'].strip()}" for _ in r["choices"]), r["answer"]
+            )
+            for r in rows
+        ],
+    )
 
 
 def _hs_clean(text: str) -> str:
@@ -101,13 +121,18 @@ def _hs_clean(text: str) -> str:
 
 
 def _hellaswag(path: Path) -> list[Item]:
-    rows = read_jsonl(path, {"ctx_a": str, "ctx_b": str, "activity_label": str, "endings": list,
-                             "label": (int, str)})
+    rows = read_jsonl(
+        path, {"ctx_a": str, "ctx_b": str, "activity_label": str, "endings": list, "label": (int, str)}
+    )
     out = []
-    for r in rows:
+    for i, r in enumerate(rows):
+        try:
+            label = int(r["label"])
+        except ValueError:
+            raise PrunelensError(f"{path}: row {i + 1}: label {r['label']!r} is not an index") from None
         ctx = _hs_clean(r["activity_label"] + ": " + r["ctx_a"] + " " + r["ctx_b"].capitalize())
-        out.append(_same_context(ctx, [_hs_clean(e) for e in r["endings"]], int(r["label"])))
-    return out
+        out.append(_same_context(ctx, [_hs_clean(e) for e in r["endings"]], label))
+    return _checked(path, out)
 
 
 def _mmlu_question(r: dict[str, Any], letters: bool) -> str:
@@ -122,7 +147,9 @@ def _mmlu(path: Path, shots: int, letters: bool) -> list[Item]:
     dev: dict[str, list[dict[str, Any]]] = {}
     if shots:
         dev_path = path.with_name("mmlu_dev.jsonl")
-        for r in read_jsonl(dev_path, {"subject": str, "question": str, "choices": list, "answer": int}):
+        dev_rows = read_jsonl(dev_path, {"subject": str, "question": str, "choices": list, "answer": int})
+        for i, r in enumerate(dev_rows):
+            _check_gold(dev_path, i, r["answer"], min(len(r["choices"]), len(LETTERS)))
             dev.setdefault(r["subject"], []).append(r)
     out = []
     for r in rows:
@@ -134,7 +161,7 @@ def _mmlu(path: Path, shots: int, letters: bool) -> list[Item]:
         ctx = head + _mmlu_question(r, letters)
         options = [LETTERS[k] for k in range(len(r["choices"]))] if letters else r["choices"]
         out.append(_same_context(ctx, options, r["answer"]))
-    return out
+    return _checked(path, out)
 
 
 @dataclass(frozen=True)
@@ -145,23 +172,46 @@ class McqTask:
     description: str = ""
 
 
-MCQ_TASKS: dict[str, McqTask] = {t.name: t for t in (
-    McqTask("arc_easy", ("arc_easy_test.jsonl",), _arc, "ARC-Easy, 'Question: ..\\nAnswer:' + option"),
-    McqTask("arc_challenge", ("arc_challenge_test.jsonl",), _arc, "ARC-Challenge, same format"),
-    McqTask("piqa", ("piqa_validation.jsonl",), _piqa, "PIQA, goal as question, two solutions"),
-    McqTask("boolq", ("boolq_validation.jsonl",), _boolq, "BoolQ, passage + question, no/yes"),
-    McqTask("winogrande", ("winogrande_dev.jsonl",), _winogrande, "WinoGrande, partial scoring"),
-    McqTask("hellaswag", ("hellaswag_validation.jsonl", "hellaswag_val.jsonl"), _hellaswag,
-            "HellaSwag, lm-eval preprocessing (HF schema: ctx_a, ctx_b, activity_label, endings, label)"),
-    McqTask("mmlu", ("mmlu_test.jsonl.gz", "mmlu_test.jsonl"), lambda p: _mmlu(p, 0, True),
-            "MMLU 0-shot, option letters scored"),
-    McqTask("mmlu_5shot", ("mmlu_test.jsonl.gz", "mmlu_test.jsonl"), lambda p: _mmlu(p, 5, True),
-            "MMLU 5-shot (dev examples of the subject), option letters scored"),
-    McqTask("mmlu_full", ("mmlu_test.jsonl.gz", "mmlu_test.jsonl"), lambda p: _mmlu(p, 0, False),
-            "MMLU 0-shot, full answer text scored"),
-    McqTask("mmlu_full_5shot", ("mmlu_test.jsonl.gz", "mmlu_test.jsonl"), lambda p: _mmlu(p, 5, False),
-            "MMLU 5-shot, full answer text scored"),
-)}
+MCQ_TASKS: dict[str, McqTask] = {
+    t.name: t
+    for t in (
+        McqTask("arc_easy", ("arc_easy_test.jsonl",), _arc, "ARC-Easy, 'Question: ..\\nAnswer:' + option"),
+        McqTask("arc_challenge", ("arc_challenge_test.jsonl",), _arc, "ARC-Challenge, same format"),
+        McqTask("piqa", ("piqa_validation.jsonl",), _piqa, "PIQA, goal as question, two solutions"),
+        McqTask("boolq", ("boolq_validation.jsonl",), _boolq, "BoolQ, passage + question, no/yes"),
+        McqTask("winogrande", ("winogrande_dev.jsonl",), _winogrande, "WinoGrande, partial scoring"),
+        McqTask(
+            "hellaswag",
+            ("hellaswag_validation.jsonl", "hellaswag_val.jsonl"),
+            _hellaswag,
+            "HellaSwag, lm-eval preprocessing (HF schema: ctx_a, ctx_b, activity_label, endings, label)",
+        ),
+        McqTask(
+            "mmlu",
+            ("mmlu_test.jsonl.gz", "mmlu_test.jsonl"),
+            lambda p: _mmlu(p, 0, True),
+            "MMLU 0-shot, option letters scored",
+        ),
+        McqTask(
+            "mmlu_5shot",
+            ("mmlu_test.jsonl.gz", "mmlu_test.jsonl"),
+            lambda p: _mmlu(p, 5, True),
+            "MMLU 5-shot (dev examples of the subject), option letters scored",
+        ),
+        McqTask(
+            "mmlu_full",
+            ("mmlu_test.jsonl.gz", "mmlu_test.jsonl"),
+            lambda p: _mmlu(p, 0, False),
+            "MMLU 0-shot, full answer text scored",
+        ),
+        McqTask(
+            "mmlu_full_5shot",
+            ("mmlu_test.jsonl.gz", "mmlu_test.jsonl"),
+            lambda p: _mmlu(p, 5, False),
+            "MMLU 5-shot, full answer text scored",
+        ),
+    )
+}
 
 
 def task_file(task: McqTask, data_dir: Path) -> Path:
@@ -197,8 +247,21 @@ class McqResult:
     indices: list[int] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("task", "n", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr",
-                                              "indices", "predictions", "predictions_norm", "golds")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "task",
+                "n",
+                "acc",
+                "acc_stderr",
+                "acc_norm",
+                "acc_norm_stderr",
+                "indices",
+                "predictions",
+                "predictions_norm",
+                "golds",
+            )
+        }
 
 
 def _stderr(x: Sequence[float]) -> float:
@@ -209,8 +272,14 @@ def _stderr(x: Sequence[float]) -> float:
     return math.sqrt(sum((v - m) ** 2 for v in x) / (n - 1) / n)
 
 
-def score_items(lm: LoadedModel, items: Sequence[Item], modification: Any = None, batch_size: int = 8,
-                progress: bool = True, desc: str = "mcq") -> tuple[list[int], list[int]]:
+def score_items(
+    lm: LoadedModel,
+    items: Sequence[Item],
+    modification: Any = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "mcq",
+) -> tuple[list[int], list[int]]:
     """Predicted option per item by acc and by acc_norm."""
     requests, where = [], []  # where[i][k] = (request index, continuation index)
     for it in items:
@@ -227,14 +296,26 @@ def score_items(lm: LoadedModel, items: Sequence[Item], modification: Any = None
     pred, pred_norm = [], []
     for it, locs in zip(items, where, strict=True):
         lps = [scored[r].logprobs[j] for r, j in locs]
-        norm = [lp / max(len(c), 1) for lp, c in zip(lps, it.continuations, strict=True)]
+        # per character of the option text, without the delimiter space (as lm-eval's acc_norm)
+        norm = [
+            lp / max(len(c[1:] if c.startswith(" ") else c), 1)
+            for lp, c in zip(lps, it.continuations, strict=True)
+        ]
         pred.append(max(range(len(lps)), key=lps.__getitem__))
         pred_norm.append(max(range(len(norm)), key=norm.__getitem__))
     return pred, pred_norm
 
 
-def evaluate_mcq(lm: LoadedModel, task: str, data_dir: str | Path, limit: int | None = None, seed: int = 0,
-                 modification: Any = None, batch_size: int = 8, progress: bool = True) -> McqResult:
+def evaluate_mcq(
+    lm: LoadedModel,
+    task: str,
+    data_dir: str | Path,
+    limit: int | None = None,
+    seed: int = 0,
+    modification: Any = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> McqResult:
     """Accuracy (and length-normalised accuracy) with standard errors on a seeded sample."""
     if task not in MCQ_TASKS:
         raise PrunelensError(f"unknown task '{task}'; multiple-choice tasks: {', '.join(MCQ_TASKS)}")
@@ -246,5 +327,15 @@ def evaluate_mcq(lm: LoadedModel, task: str, data_dir: str | Path, limit: int | 
     golds = [it.gold for it in chosen]
     hits = [float(p == g) for p, g in zip(pred, golds, strict=True)]
     hits_n = [float(p == g) for p, g in zip(pred_norm, golds, strict=True)]
-    return McqResult(task, len(chosen), sum(hits) / len(hits), _stderr(hits), sum(hits_n) / len(hits_n),
-                     _stderr(hits_n), pred, pred_norm, golds, idx)
+    return McqResult(
+        task,
+        len(chosen),
+        sum(hits) / len(hits),
+        _stderr(hits),
+        sum(hits_n) / len(hits_n),
+        _stderr(hits_n),
+        pred,
+        pred_norm,
+        golds,
+        idx,
+    )

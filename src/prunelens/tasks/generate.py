@@ -1,0 +1,96 @@
+"""Batched greedy generation with the KV cache and early stop on stop sequences.
+
+Rows of a batch are left-padded; a row stops when its decoded continuation contains a stop string
+(the text is cut before it) or it emits EOS; the batch stops when every row has. Instruct models
+get their chat template (a single user turn, or the few-shot turns given) unless disabled: without
+it, answers of chat-tuned models are mostly formatting failures, not the model's knowledge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..analysis import eos_ids, forward_cached, left_pad
+from ..errors import PrunelensError
+from ..memory import release_freed_memory
+from ..models import LoadedModel
+
+Message = dict[str, str]
+
+
+def render(tokenizer: Any, turns: Sequence[Message], chat_template: bool = True) -> list[int]:
+    """Token ids of a conversation ending in a user turn, ready for the assistant's reply.
+
+    Without a chat template (or with it disabled) the turns are joined as plain text: user turns as
+    they are, assistant turns after a space, separated by blank lines.
+    """
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(list(turns), add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    parts = [t["content"] if t["role"] != "assistant" else " " + t["content"] for t in turns]
+    text = "".join(p if i == 0 or parts[i].startswith(" ") else "\n\n" + p for i, p in enumerate(parts))
+    return tokenizer(text)["input_ids"]
+
+
+@torch.inference_mode()
+def generate(
+    lm: LoadedModel,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 256,
+    stop: Sequence[str] = (),
+    modification: Any = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[str]:
+    """Greedy continuation of each token-id prompt, cut at the first stop string."""
+    from transformers import DynamicCache
+
+    if max_new_tokens < 1:
+        raise PrunelensError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    tok, model, dev = lm.tokenizer, lm.model, lm.device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos_ids(lm)), 0)
+    eos = torch.tensor(sorted(eos_ids(lm)) or [-1], device=dev)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths together
+    out: list[str] = [""] * len(prompts)
+    ctx = modification.view(lm.adapter) if modification is not None else contextlib.nullcontext()
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
+    with ctx:
+        for b0 in range(0, len(order), batch_size):
+            idx = order[b0:b0 + batch_size]
+            ids, mask = left_pad([prompts[i] for i in idx], pad, dev)
+            cache = DynamicCache(config=model.config)
+            z = forward_cached(model, ids, mask, cache)
+            gen: list[list[int]] = [[] for _ in idx]
+            done = torch.zeros(len(idx), dtype=torch.bool, device=dev)
+            texts = [""] * len(idx)
+            for step in range(max_new_tokens):
+                nxt = z.argmax(-1)
+                for r, t in enumerate(nxt.tolist()):
+                    if done[r]:
+                        continue
+                    if bool(torch.isin(nxt[r], eos)):
+                        done[r] = True
+                        continue
+                    gen[r].append(t)
+                    if stop:
+                        texts[r] = tok.decode(gen[r], skip_special_tokens=True)
+                        if any(s in texts[r] for s in stop):
+                            done[r] = True
+                if bool(done.all()) or step == max_new_tokens - 1:
+                    break
+                mask = torch.cat([mask, mask.new_ones(len(idx), 1)], 1)
+                z = forward_cached(model, nxt.unsqueeze(1), mask, cache)
+            for r, i in enumerate(idx):
+                text = tok.decode(gen[r], skip_special_tokens=True)
+                cut = min((text.find(s) for s in stop if s in text), default=len(text))
+                out[i] = text[:cut]
+            bar.update(len(idx))
+            release_freed_memory()
+    bar.close()
+    return out

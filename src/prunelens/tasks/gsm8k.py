@@ -1,0 +1,102 @@
+"""GSM8K: few-shot chain of thought, greedy, answer extraction, exact match.
+
+Exemplars are the first ``shots`` rows of the file (never evaluated); their reference solutions,
+calculator annotations ``<<...>>`` removed, end in ``#### N`` as the model is asked to. With a chat
+template the exemplars are given as earlier user/assistant turns. Two extractions, as in
+lm-evaluation-harness: *strict* reads the number after ``####``; *flexible* takes the last number
+in the output. ``format_rate`` is the share of outputs with a strict answer at all, which tells a
+formatting failure apart from a wrong answer.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import PrunelensError
+from ..models import LoadedModel
+from .generate import generate, render
+from .mcq import read_jsonl, sample_indices
+
+STOP = ("Question:", "</s>", "<|im_end|>")
+_STRICT = re.compile(r"#### *(-?[$0-9.,]+)")
+_NUMBER = re.compile(r"-?[$0-9][0-9.,]*")
+
+
+def normalise(num: str) -> float | None:
+    s = num.replace(",", "").replace("$", "").rstrip(".")
+    try:
+        return float(s)
+    except ValueError:
+        return None
+
+
+def extract_strict(text: str) -> float | None:
+    m = _STRICT.search(text)
+    return normalise(m.group(1)) if m else None
+
+
+def extract_flexible(text: str) -> float | None:
+    for m in reversed(_NUMBER.findall(text)):
+        v = normalise(m)
+        if v is not None:
+            return v
+    return None
+
+
+def exemplar_answer(answer: str) -> str:
+    return re.sub(r"<<[^>]*>>", "", answer).strip()
+
+
+def _question(q: str) -> str:
+    return f"Question: {q.strip()}\nAnswer:"
+
+
+@dataclass
+class GsmResult:
+    n: int
+    exact_match_flexible: float
+    exact_match_strict: float
+    format_rate: float
+    stderr_flexible: float
+    samples: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("n", "exact_match_flexible", "exact_match_strict",
+                                              "format_rate", "stderr_flexible", "samples")}
+
+
+def evaluate_gsm8k(lm: LoadedModel, data_dir: str | Path, limit: int | None = None, seed: int = 0,
+                   shots: int = 5, modification: Any = None, batch_size: int = 8, max_new_tokens: int = 256,
+                   chat_template: bool = True, progress: bool = True) -> GsmResult:
+    path = Path(data_dir) / "gsm8k_test.jsonl"
+    if not path.is_file():
+        raise PrunelensError(f"task 'gsm8k' needs gsm8k_test.jsonl in {data_dir}, which is absent")
+    rows = read_jsonl(path, {"question": str, "answer": str, "target": str})
+    if shots < 0 or shots >= len(rows):
+        raise PrunelensError(f"--shots must be in 0..{len(rows) - 1}, got {shots}")
+    turns: list[dict[str, str]] = []
+    for ex in rows[:shots]:
+        turns += [{"role": "user", "content": _question(ex["question"])},
+                  {"role": "assistant", "content": exemplar_answer(ex["answer"])}]
+    pool = list(range(shots, len(rows)))
+    chosen = [pool[i] for i in sample_indices(len(pool), limit, seed)]
+    prompts = [render(lm.tokenizer, [*turns, {"role": "user", "content": _question(rows[i]["question"])}],
+                      chat_template) for i in chosen]
+    outs = generate(lm, prompts, max_new_tokens, STOP, modification, batch_size, progress, desc="gsm8k")
+    samples, hits, hits_strict, formatted = [], [], [], []
+    for i, text in zip(chosen, outs, strict=True):
+        target = normalise(rows[i]["target"])
+        flex, strict = extract_flexible(text), extract_strict(text)
+        hits.append(float(flex is not None and target is not None and math.isclose(flex, target)))
+        hits_strict.append(float(strict is not None and target is not None and math.isclose(strict, target)))
+        formatted.append(float(strict is not None))
+        samples.append({"index": i, "target": rows[i]["target"], "output": text, "flexible": flex,
+                        "strict": strict})
+    n = len(hits)
+    mean = sum(hits) / n
+    se = math.sqrt(sum((h - mean) ** 2 for h in hits) / (n - 1) / n) if n > 1 else float("nan")
+    return GsmResult(n, mean, sum(hits_strict) / n, sum(formatted) / n, se, samples)

@@ -358,6 +358,8 @@ def test_logit_metrics_keys_and_shapes() -> None:
         "orth_frac_z",
         "var_uniform",
         "var_topk",
+        "topk_overlap",
+        "topk_spearman",
         "top1_agree",
     }
     expected |= {f"{k}@{t}" for k in per_t for t in ("1", "0.5", "2")}
@@ -563,3 +565,20 @@ def test_centred_logit_cosine_ignores_a_constant_shift_like_p() -> None:
     dz = 0.3 * randn(3, 500, seed=22)
     shifted = logit_metrics(z, z + dz + 5.0)
     torch.testing.assert_close(shifted["cos_zc"], logit_metrics(z, z + dz)["cos_zc"], rtol=1e-12, atol=0)
+
+
+def test_top_token_stability_hand_cases() -> None:
+    from prunelens.metrics import topk_overlap, topk_spearman
+
+    zd = t64(5, 4, 3, 2, 1, 0).unsqueeze(0)
+    assert topk_overlap(zd, zd, 3).item() == 1.0 and topk_spearman(zd, zd, 3).item() == pytest.approx(1.0)
+    reordered = t64(3, 4, 5, 2, 1, 0).unsqueeze(0)  # same top-3 set, order reversed
+    assert topk_overlap(zd, reordered, 3).item() == 1.0
+    assert topk_spearman(zd, reordered, 3).item() == pytest.approx(-1.0)
+    swapped = t64(5, 4, 0, 2, 1, 3).unsqueeze(0)  # candidate 2 falls out, candidate 5 comes in
+    assert topk_overlap(zd, swapped, 3).item() == pytest.approx(2 / 3)
+    # on the dense top-3 (tokens 0, 1, 2) the pruned logits 5, 4, 0 keep the order: rho = 1
+    assert topk_spearman(zd, swapped, 3).item() == pytest.approx(1.0)
+    m = logit_metrics(zd, swapped, topk=3)
+    assert m["topk_overlap"].item() == pytest.approx(2 / 3)
+    assert m["topk_spearman"].item() == pytest.approx(1.0)

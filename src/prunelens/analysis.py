@@ -349,7 +349,8 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "last_prompt_token": first,
         "min_layer_cos_h": min(result["layerwise"]["cos_h"]),
         "teacher_forced_mean": {k: _mean_valid(tf[k]) for k in
-                                ("cos_h", "cos_z", "cos_zc", f"cos_p@{t}", f"kl@{t}", "top1_agree")},
+                                ("cos_h", "cos_z", "cos_zc", f"cos_p@{t}", f"kl@{t}", "top1_agree",
+                                 "topk_overlap", "topk_spearman")},
         "free_running_mean": {k: _mean_valid(fr[k]) for k in
                               ("cos_h", "cos_z", "cos_zc", f"cos_p@{t}", f"kl@{t}", "token_agree")},
         "kl_growth_teacher_forced": _growth(tf[f"kl@{t}"]),

@@ -114,6 +114,28 @@ def topk_var(dz: Tensor, z_dense: Tensor, k: int) -> Tensor:
     return _f64(dz).gather(-1, idx).var(-1, unbiased=False)
 
 
+def topk_overlap(z_dense: Tensor, z_pruned: Tensor, k: int) -> Tensor:
+    """|top-k(dense) ∩ top-k(pruned)| / k: how many of the dense model's candidates survive."""
+    k = min(k, z_dense.shape[-1])
+    a, b = z_dense.topk(k, dim=-1).indices, z_pruned.topk(k, dim=-1).indices
+    return (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).to(torch.float64).mean(-1)
+
+
+def _ranks(x: Tensor) -> Tensor:
+    return x.argsort(-1).argsort(-1).to(torch.float64)
+
+
+def topk_spearman(z_dense: Tensor, z_pruned: Tensor, k: int) -> Tensor:
+    """Spearman correlation of dense and pruned logits over the dense model's top-k tokens
+    (1: same order of the leading candidates; ties broken by index)."""
+    k = min(k, z_dense.shape[-1])
+    idx = z_dense.topk(k, dim=-1).indices
+    rd, rp = _ranks(z_dense.gather(-1, idx)), _ranks(z_pruned.gather(-1, idx))
+    rd, rp = rd - rd.mean(-1, keepdim=True), rp - rp.mean(-1, keepdim=True)
+    den = (rd.norm(dim=-1) * rp.norm(dim=-1)).clamp_min(torch.finfo(torch.float64).tiny)
+    return (rd * rp).sum(-1) / den
+
+
 def parallel_orthogonal(delta: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
     """Split ‖Δ‖² into the part along the dense vector `ref` and the part orthogonal to it."""
     delta, ref = _f64(delta), _f64(ref)
@@ -150,7 +172,8 @@ def logit_metrics(
     Keys: cos_z, cos_zc (centred logits), top1_agree, and per temperature T (suffix ``@T``):
     cos_p, one_minus_cos_p, kl.
     Unless ``light``: l1_dz, l2_dz, orth_frac_z, var_uniform, var_topk (top-``topk`` dense
-    tokens), and per T: rkl, js, taylor_kl, taylor_cos.
+    tokens), topk_overlap and topk_spearman (top-token stability), and per T: rkl, js, taylor_kl,
+    taylor_cos.
 
     Rows are processed ``chunk_rows`` at a time: vocabulary-wide float64 temporaries of one row
     stay in cache (measured fastest on CPU) and do not fragment the heap in long decoding loops.
@@ -193,6 +216,8 @@ def _logit_metrics_rows(z_dense: Tensor, z_pruned: Tensor, temperatures: Sequenc
             "orth_frac_z": torch.where(tot > 0, orth / tot.clamp_min(1e-300), torch.zeros_like(tot)),
             "var_uniform": uniform_var(dz),
             "var_topk": topk_var(dz, zd, topk),
+            "topk_overlap": topk_overlap(zd, zp, topk),
+            "topk_spearman": topk_spearman(zd, zp, topk),
         })
     for t in temperatures:
         if t <= 0:

@@ -278,8 +278,13 @@ def _fig_stepwise(result: dict[str, Any], path: Path) -> bool:
     ax2.set_title("(b) similarity of h, z, p per step", loc="left", fontsize=10)
     _legend_outside(ax2, handles)
 
+    k = (result.get("settings") or {}).get("topk", "k")
     agreement = (("teacher_forced", "top1_agree", "tab:blue", "top-1 agreement, teacher-forced"),
-                 ("free_running", "token_agree", "tab:red", "token agreement, free-running"))
+                 ("free_running", "token_agree", "tab:red", "token agreement, free-running"),
+                 ("teacher_forced", "topk_overlap", "tab:cyan", f"top-{k} overlap, teacher-forced"),
+                 ("teacher_forced", "topk_spearman", "tab:olive",
+                  f"Spearman ρ on dense top-{k}, teacher-forced"))
+    lowest = 0.0
     for mode, key, color, name in agreement:
         d = modes.get(mode)
         if d is None:
@@ -289,10 +294,12 @@ def _fig_stepwise(result: dict[str, Any], path: Path) -> bool:
         y = _arr(d.get(key), len(x))
         if y is not None:
             ax3.plot(x, y, color=color, marker="o", ms=3, drawstyle="default", label=name)
-    ax3.set_ylim(-0.05, 1.05)
-    ax3.set_ylabel("fraction of prompts")
+            if np.isfinite(y).any():
+                lowest = min(lowest, float(np.nanmin(y)))
+    ax3.set_ylim(lowest - 0.05, 1.05)
+    ax3.set_ylabel("fraction / correlation")
     ax3.set_xlabel("decoding step t (1 = distribution at the last prompt position)")
-    ax3.set_title("(c) agreement of the greedy tokens", loc="left", fontsize=10)
+    ax3.set_title("(c) top-token stability", loc="left", fontsize=10)
     ax3.xaxis.set_major_locator(MaxNLocator(integer=True))
     _legend_outside(ax3)
     steps = np.concatenate([a for d in modes.values() if (a := _arr(d["step"])) is not None])
@@ -480,6 +487,8 @@ def _summary_rows(result: dict[str, Any]) -> dict[str, str]:
         "cos(p) ": fmt(_prefixed(tf, "cos_p@")),
         "KL ": fmt(_prefixed(tf, "kl@")),
         "top-1 agreement": _pct(_get(tf, "top1_agree")),
+        "top-k overlap": fmt(_get(tf, "topk_overlap")),
+        "top-k Spearman ρ": fmt(_get(tf, "topk_spearman")),
         "KL growth (2nd half ÷ 1st half)": fmt(s.get("kl_growth_teacher_forced")),
         "§free-running, mean over steps": "",
         "cos(h)  ": fmt(_get(fr, "cos_h")),

@@ -104,20 +104,22 @@ def uniform_var(dz: Tensor) -> Tensor:
     return (c * c).mean(-1)
 
 
-def topk_var(dz: Tensor, z_dense: Tensor, k: int) -> Tensor:
+def topk_var(dz: Tensor, z_dense: Tensor, k: int, idx: Tensor | None = None) -> Tensor:
     """Variance of Δz (equal weights) over the k tokens the dense model finds most likely.
 
-    Ranking by dense logits equals ranking by dense probabilities at any temperature.
+    Ranking by dense logits equals ranking by dense probabilities at any temperature. ``idx``:
+    the dense top-k indices, if already computed.
     """
     k = min(k, dz.shape[-1])
-    idx = z_dense.topk(k, dim=-1).indices
+    idx = z_dense.topk(k, dim=-1).indices if idx is None else idx
     return _f64(dz).gather(-1, idx).var(-1, unbiased=False)
 
 
-def topk_overlap(z_dense: Tensor, z_pruned: Tensor, k: int) -> Tensor:
+def topk_overlap(z_dense: Tensor, z_pruned: Tensor, k: int, idx: Tensor | None = None) -> Tensor:
     """|top-k(dense) ∩ top-k(pruned)| / k: how many of the dense model's candidates survive."""
     k = min(k, z_dense.shape[-1])
-    a, b = z_dense.topk(k, dim=-1).indices, z_pruned.topk(k, dim=-1).indices
+    a = z_dense.topk(k, dim=-1).indices if idx is None else idx
+    b = z_pruned.topk(k, dim=-1).indices
     return (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).to(torch.float64).mean(-1)
 
 
@@ -125,11 +127,11 @@ def _ranks(x: Tensor) -> Tensor:
     return x.argsort(-1).argsort(-1).to(torch.float64)
 
 
-def topk_spearman(z_dense: Tensor, z_pruned: Tensor, k: int) -> Tensor:
+def topk_spearman(z_dense: Tensor, z_pruned: Tensor, k: int, idx: Tensor | None = None) -> Tensor:
     """Spearman correlation of dense and pruned logits over the dense model's top-k tokens
     (1: same order of the leading candidates; ties broken by index)."""
     k = min(k, z_dense.shape[-1])
-    idx = z_dense.topk(k, dim=-1).indices
+    idx = z_dense.topk(k, dim=-1).indices if idx is None else idx
     rd, rp = _ranks(z_dense.gather(-1, idx)), _ranks(z_pruned.gather(-1, idx))
     rd, rp = rd - rd.mean(-1, keepdim=True), rp - rp.mean(-1, keepdim=True)
     den = (rd.norm(dim=-1) * rp.norm(dim=-1)).clamp_min(torch.finfo(torch.float64).tiny)
@@ -208,6 +210,7 @@ def _logit_metrics_rows(z_dense: Tensor, z_pruned: Tensor, temperatures: Sequenc
         "top1_agree": (zd.argmax(-1) == zp.argmax(-1)).to(torch.float64),
     }
     if not light:
+        top_d = zd.topk(min(topk, zd.shape[-1]), dim=-1).indices
         par, orth = parallel_orthogonal(dz, zd)
         tot = par + orth
         out.update({
@@ -215,9 +218,9 @@ def _logit_metrics_rows(z_dense: Tensor, z_pruned: Tensor, temperatures: Sequenc
             "l2_dz": dz.norm(dim=-1),
             "orth_frac_z": torch.where(tot > 0, orth / tot.clamp_min(1e-300), torch.zeros_like(tot)),
             "var_uniform": uniform_var(dz),
-            "var_topk": topk_var(dz, zd, topk),
-            "topk_overlap": topk_overlap(zd, zp, topk),
-            "topk_spearman": topk_spearman(zd, zp, topk),
+            "var_topk": topk_var(dz, zd, topk, top_d),
+            "topk_overlap": topk_overlap(zd, zp, topk, top_d),
+            "topk_spearman": topk_spearman(zd, zp, topk, top_d),
         })
     for t in temperatures:
         if t <= 0:

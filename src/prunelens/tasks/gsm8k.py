@@ -19,7 +19,7 @@ from typing import Any
 from ..errors import PrunelensError
 from ..models import LoadedModel
 from .generate import generate, render
-from .mcq import read_jsonl, sample_indices
+from .mcq import read_jsonl, sample_indices, stderr_of_mean
 
 STOP = ("Question:", "</s>", "<|im_end|>")
 _STRICT = re.compile(r"#### *(-?[$0-9.,]+)")
@@ -97,6 +97,5 @@ def evaluate_gsm8k(lm: LoadedModel, data_dir: str | Path, limit: int | None = No
         samples.append({"index": i, "target": rows[i]["target"], "output": text, "flexible": flex,
                         "strict": strict})
     n = len(hits)
-    mean = sum(hits) / n
-    se = math.sqrt(sum((h - mean) ** 2 for h in hits) / (n - 1) / n) if n > 1 else float("nan")
-    return GsmResult(n, mean, sum(hits_strict) / n, sum(formatted) / n, se, samples)
+    return GsmResult(n, sum(hits) / n, sum(hits_strict) / n, sum(formatted) / n, stderr_of_mean(hits),
+                     samples)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..analysis import left_pad
 from ..errors import PrunelensError
 from ..models import LoadedModel
 
@@ -58,16 +59,6 @@ def split_tokens(tokenizer: Any, context: str, continuation: str) -> tuple[list[
     return ctx, cont
 
 
-def _pad_left(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    w = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), w), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), w), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, w - len(s):] = torch.tensor(s)
-        mask[r, w - len(s):] = 1
-    return ids, mask
-
-
 @torch.inference_mode()
 def score_requests(
     lm: LoadedModel,
@@ -99,8 +90,7 @@ def score_requests(
     with ctx_mgr:
         for b0 in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
             batch = [rows[i] for i in order[b0:b0 + batch_size]]
-            ids, mask = _pad_left([b[1] for b in batch], pad)
-            ids, mask = ids.to(dev), mask.to(dev)
+            ids, mask = left_pad([b[1] for b in batch], pad, dev)
             cache = DynamicCache(config=model.config)
             pos = (mask.cumsum(-1) - 1).clamp_min(0)
             z0 = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,

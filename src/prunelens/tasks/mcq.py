@@ -264,7 +264,8 @@ class McqResult:
         }
 
 
-def _stderr(x: Sequence[float]) -> float:
+def stderr_of_mean(x: Sequence[float]) -> float:
+    """Sample standard deviation / √n (nan for fewer than 2 values)."""
     n = len(x)
     if n < 2:
         return float("nan")
@@ -331,9 +332,9 @@ def evaluate_mcq(
         task,
         len(chosen),
         sum(hits) / len(hits),
-        _stderr(hits),
+        stderr_of_mean(hits),
         sum(hits_n) / len(hits_n),
-        _stderr(hits_n),
+        stderr_of_mean(hits_n),
         pred,
         pred_norm,
         golds,

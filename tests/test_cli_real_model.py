@@ -56,9 +56,15 @@ def test_analyze_attn4_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     tf = res["stepwise"]["teacher_forced"]
     assert tf["step"] == list(range(1, 9)) and tf["kl@1"][0] > 0 and "kl@0.5" in tf
     assert len(res["per_prompt"]) == 3 and all(p["dense_text"] for p in res["per_prompt"])
+    tay = res["taylor"]["teacher_forced"]["1"]
+    assert tay["n"] == len(tay["points"]["kl"]) > 0 and tay["kl_spearman"] > 0.5  # the estimate tracks KL
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html
-    assert {p.name for p in (out / "figures").glob("*.png")} >= {"layerwise.png", "stepwise.png"}
+    assert {p.name for p in (out / "figures").glob("*.png")} >= {
+        "layerwise.png",
+        "stepwise.png",
+        "taylor.png",
+    }
     assert not list(tmp_path.glob(".run.tmp-*"))  # no leftovers from the atomic write
 
 

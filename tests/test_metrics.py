@@ -53,12 +53,8 @@ def dyadic_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
 
 
 def test_cosine_hand_values() -> None:
-    assert cosine(t64(1, 0), t64(1, 1)).item() == pytest.approx(
-        1 / math.sqrt(2), rel=1e-15
-    )
-    assert cosine(t64(1, 2, 3), t64(-1, -2, -3)).item() == pytest.approx(
-        -1.0, rel=1e-15
-    )
+    assert cosine(t64(1, 0), t64(1, 1)).item() == pytest.approx(1 / math.sqrt(2), rel=1e-15)
+    assert cosine(t64(1, 2, 3), t64(-1, -2, -3)).item() == pytest.approx(-1.0, rel=1e-15)
     assert cosine(t64(1, 2, 0), t64(-2, 1, 5)).item() == 0.0
     # [3, 4] . [4, 3] = 24, |a| |b| = 25
     assert cosine(t64(3, 4), t64(4, 3)).item() == pytest.approx(24 / 25, rel=1e-15)
@@ -100,9 +96,7 @@ def test_log_probs_hand_values_and_temperature() -> None:
     # at T = 2 the logits are halved: softmax([0, ln 3 / 2]) = [1, sqrt 3] / (1 + sqrt 3)
     lp2 = log_probs(t64(0.0, math.log(3.0)), temperature=2.0)
     s3 = math.sqrt(3.0)
-    torch.testing.assert_close(
-        lp2.exp(), t64(1 / (1 + s3), s3 / (1 + s3)), rtol=1e-14, atol=0
-    )
+    torch.testing.assert_close(lp2.exp(), t64(1 / (1 + s3), s3 / (1 + s3)), rtol=1e-14, atol=0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -128,9 +122,7 @@ def test_kl_div_three_elements() -> None:
 def test_kl_div_is_asymmetric() -> None:
     forward = kl_div(logt(0.5, 0.5), logt(0.9, 0.1)).item()
     backward = kl_div(logt(0.9, 0.1), logt(0.5, 0.5)).item()
-    assert backward == pytest.approx(
-        0.9 * math.log(1.8) + 0.1 * math.log(0.2), rel=1e-14
-    )
+    assert backward == pytest.approx(0.9 * math.log(1.8) + 0.1 * math.log(0.2), rel=1e-14)
     assert backward == pytest.approx(0.3680642071684971, rel=1e-12)
     assert abs(forward - backward) > 0.1
 
@@ -185,9 +177,7 @@ def test_js_div_symmetric_and_bounded() -> None:
 
 def test_js_div_zero_for_identical() -> None:
     lp = log_probs(randn(3, 50, seed=6))
-    torch.testing.assert_close(
-        js_div(lp, lp), torch.zeros(3, dtype=F64), rtol=0, atol=1e-15
-    )
+    torch.testing.assert_close(js_div(lp, lp), torch.zeros(3, dtype=F64), rtol=0, atol=1e-15)
 
 
 def test_js_div_disjoint_supports_is_ln2() -> None:
@@ -214,17 +204,13 @@ def test_weighted_var_hand_value() -> None:
     # a point mass has no variance
     assert weighted_var(x, t64(0, 1, 0)).item() == 0.0
     # equal weights give the population variance
-    assert weighted_var(t64(1, 2, 3, 4), t64(1, 1, 1, 1)).item() == pytest.approx(
-        1.25, rel=1e-15
-    )
+    assert weighted_var(t64(1, 2, 3, 4), t64(1, 1, 1, 1)).item() == pytest.approx(1.25, rel=1e-15)
 
 
 def test_uniform_var_hand_value() -> None:
     # population variance (divide by n, not n - 1)
     assert uniform_var(t64(1, 2, 3, 4)).item() == pytest.approx(1.25, rel=1e-15)
-    assert uniform_var(t64(2, 4, 4, 4, 5, 5, 7, 9)).item() == pytest.approx(
-        4.0, rel=1e-15
-    )
+    assert uniform_var(t64(2, 4, 4, 4, 5, 5, 7, 9)).item() == pytest.approx(4.0, rel=1e-15)
     rows = torch.stack([t64(1, 2, 3, 4), t64(5, 5, 5, 5)])
     torch.testing.assert_close(uniform_var(rows), t64(1.25, 0.0), rtol=1e-15, atol=0)
 
@@ -262,17 +248,13 @@ def test_topk_var_uses_dense_top_k() -> None:
 
 def test_topk_var_k_larger_than_vocab_uses_all() -> None:
     z_dense, dz = t64(0.0, 1.0, 2.0), t64(1.0, 2.0, 6.0)
-    assert topk_var(dz, z_dense, 100).item() == pytest.approx(
-        uniform_var(dz).item(), rel=1e-15
-    )
+    assert topk_var(dz, z_dense, 100).item() == pytest.approx(uniform_var(dz).item(), rel=1e-15)
 
 
 def test_topk_var_per_row() -> None:
     z_dense = torch.stack([t64(9, 8, 0, 0), t64(0, 0, 8, 9)])
     dz = torch.stack([t64(1, 3, 100, 100), t64(100, 100, 0, 10)])
-    torch.testing.assert_close(
-        topk_var(dz, z_dense, 2), t64(1.0, 25.0), rtol=1e-15, atol=0
-    )
+    torch.testing.assert_close(topk_var(dz, z_dense, 2), t64(1.0, 25.0), rtol=1e-15, atol=0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -309,9 +291,7 @@ def test_parallel_orthogonal_sums_to_total() -> None:
     assert bool((par >= 0).all()) and bool((orth >= 0).all())
     # par = (delta . ref_hat)^2 computed independently
     ref_hat = ref / ref.norm(dim=-1, keepdim=True)
-    torch.testing.assert_close(
-        par, (delta * ref_hat).sum(-1) ** 2, rtol=1e-12, atol=1e-12
-    )
+    torch.testing.assert_close(par, (delta * ref_hat).sum(-1) ** 2, rtol=1e-12, atol=1e-12)
 
 
 def test_hidden_metrics_hand_values() -> None:
@@ -346,9 +326,7 @@ def test_hidden_metrics_pure_scaling_and_identity() -> None:
 
 def test_logit_metrics_keys_and_shapes() -> None:
     z = randn(4, 20, seed=9)
-    m = logit_metrics(
-        z, z + 0.1 * randn(4, 20, seed=10), temperatures=(1.0, 0.5, 2.0), topk=5
-    )
+    m = logit_metrics(z, z + 0.1 * randn(4, 20, seed=10), temperatures=(1.0, 0.5, 2.0), topk=5)
     per_t = ("cos_p", "one_minus_cos_p", "kl", "rkl", "js", "taylor_kl", "taylor_cos")
     expected = {
         "cos_z",
@@ -374,9 +352,7 @@ def test_logit_metrics_direction_of_kl_hand_values() -> None:
     z_dense, z_pruned = t64(0.0, 0.0), t64(math.log(9.0), 0.0)
     m = logit_metrics(z_dense, z_pruned)
     # "kl" is KL(pruned || dense), "rkl" is KL(dense || pruned)
-    assert m["kl@1"].item() == pytest.approx(
-        0.9 * math.log(1.8) + 0.1 * math.log(0.2), rel=1e-13
-    )
+    assert m["kl@1"].item() == pytest.approx(0.9 * math.log(1.8) + 0.1 * math.log(0.2), rel=1e-13)
     assert m["rkl@1"].item() == pytest.approx(
         0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1), rel=1e-13
     )
@@ -386,9 +362,7 @@ def test_logit_metrics_direction_of_kl_hand_values() -> None:
     assert m["one_minus_cos_p@1"].item() == pytest.approx(1 - cos_p, rel=1e-12)
     # dz = [ln 9, 0]: uniform var = (ln 9 / 2)^2; Taylor KL = Var_p / 2 with p uniform
     assert m["var_uniform"].item() == pytest.approx((math.log(9.0) / 2) ** 2, rel=1e-14)
-    assert m["taylor_kl@1"].item() == pytest.approx(
-        (math.log(9.0) / 2) ** 2 / 2, rel=1e-14
-    )
+    assert m["taylor_kl@1"].item() == pytest.approx((math.log(9.0) / 2) ** 2 / 2, rel=1e-14)
     # the all-zero dense logits have no direction: the zero-norm guard gives cos_z = 0
     assert m["cos_z"].item() == 0.0
     assert m["l1_dz"].item() == pytest.approx(math.log(9.0), rel=1e-15)
@@ -416,9 +390,7 @@ def test_softmax_perturbation_cosine_identity(temperature: float) -> None:
     assert bool((closed_form < 0.999).all())  # a genuinely non-trivial perturbation
     torch.testing.assert_close(cosine(p, q), closed_form, rtol=1e-12, atol=0)
     m = logit_metrics(z, z + dz, temperatures=(temperature,))
-    torch.testing.assert_close(
-        m[f"cos_p@{temperature:g}"], closed_form, rtol=1e-12, atol=0
-    )
+    torch.testing.assert_close(m[f"cos_p@{temperature:g}"], closed_form, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
@@ -429,12 +401,8 @@ def test_exact_kl_matches_direct_formula(temperature: float) -> None:
     q = torch.softmax(zp / temperature, dim=-1)
     m = logit_metrics(z, zp, temperatures=(temperature,))
     t = f"{temperature:g}"
-    torch.testing.assert_close(
-        m[f"kl@{t}"], (q * (q / p).log()).sum(-1), rtol=1e-10, atol=0
-    )
-    torch.testing.assert_close(
-        m[f"rkl@{t}"], (p * (p / q).log()).sum(-1), rtol=1e-10, atol=0
-    )
+    torch.testing.assert_close(m[f"kl@{t}"], (q * (q / p).log()).sum(-1), rtol=1e-10, atol=0)
+    torch.testing.assert_close(m[f"rkl@{t}"], (p * (p / q).log()).sum(-1), rtol=1e-10, atol=0)
     mid = 0.5 * (p + q)
     js = 0.5 * ((p * (p / mid).log()).sum(-1) + (q * (q / mid).log()).sum(-1))
     torch.testing.assert_close(m[f"js@{t}"], js, rtol=1e-10, atol=0)
@@ -451,9 +419,7 @@ def test_taylor_estimates_converge(temperature: float) -> None:
     for eps in eps_values:
         m = logit_metrics(z, z + eps * direction, temperatures=(temperature,))
         errors["kl"].append((m[f"taylor_kl@{t}"] / m[f"kl@{t}"] - 1.0).abs())
-        errors["cos"].append(
-            (m[f"taylor_cos@{t}"] / m[f"one_minus_cos_p@{t}"] - 1.0).abs()
-        )
+        errors["cos"].append((m[f"taylor_cos@{t}"] / m[f"one_minus_cos_p@{t}"] - 1.0).abs())
     for name, errs in errors.items():
         # close to 1 at the smallest eps
         assert bool((errs[-1] < 1e-2).all()), (name, errs[-1])
@@ -477,12 +443,8 @@ def test_constant_shift_leaves_probabilities_unchanged() -> None:
     m = logit_metrics(z, z_pruned, temperatures=(1.0, 0.5), topk=10)
     for t in ("1", "0.5"):
         for key in ("kl", "rkl", "js"):
-            torch.testing.assert_close(
-                m[f"{key}@{t}"], torch.zeros(4, dtype=F64), rtol=0, atol=1e-12
-            )
-        torch.testing.assert_close(
-            m[f"cos_p@{t}"], torch.ones(4, dtype=F64), rtol=0, atol=1e-14
-        )
+            torch.testing.assert_close(m[f"{key}@{t}"], torch.zeros(4, dtype=F64), rtol=0, atol=1e-12)
+        torch.testing.assert_close(m[f"cos_p@{t}"], torch.ones(4, dtype=F64), rtol=0, atol=1e-14)
         # Var of a constant: zero up to the rounding of the normalised weights (~(c * 1e-16)^2)
         for key in ("taylor_kl", "taylor_cos"):
             assert bool((m[f"{key}@{t}"].abs() < 1e-30).all()), (key, m[f"{key}@{t}"])
@@ -497,9 +459,7 @@ def test_constant_shift_leaves_probabilities_unchanged() -> None:
         rtol=1e-14,
         atol=0,
     )
-    torch.testing.assert_close(
-        m["l1_dz"], torch.full((4,), c * vocab, dtype=F64), rtol=1e-14, atol=0
-    )
+    torch.testing.assert_close(m["l1_dz"], torch.full((4,), c * vocab, dtype=F64), rtol=1e-14, atol=0)
 
 
 def test_identical_logits_give_exact_zeros() -> None:
@@ -582,3 +542,17 @@ def test_top_token_stability_hand_cases() -> None:
     m = logit_metrics(zd, swapped, topk=3)
     assert m["topk_overlap"].item() == pytest.approx(2 / 3)
     assert m["topk_spearman"].item() == pytest.approx(1.0)
+
+
+def test_pearson_and_spearman_hand_values() -> None:
+    from prunelens.metrics import pearson, spearman
+
+    x = t64(1, 2, 3, 4)
+    assert pearson(x, 2 * x + 1) == pytest.approx(1.0) and pearson(x, -x) == pytest.approx(-1.0)
+    assert spearman(x, x**3) == pytest.approx(1.0)  # monotone, not linear
+    assert pearson(x, x**3) < 1.0
+    # ties get the average rank: (1, 2, 2, 3) ranks as (0, 1.5, 1.5, 3)
+    a, b = t64(1, 2, 2, 3), t64(0, 1, 2, 3)
+    ra, rb = t64(0, 1.5, 1.5, 3) - 1.5, t64(0, 1, 2, 3) - 1.5
+    assert spearman(a, b) == pytest.approx(float((ra * rb).sum() / (ra.norm() * rb.norm())))
+    assert math.isnan(pearson(t64(1, 1, 1), t64(1, 2, 3)))

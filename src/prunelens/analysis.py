@@ -30,7 +30,7 @@ from . import __version__
 from .capture import capture, resid_names
 from .errors import PrunelensError
 from .memory import release_freed_memory
-from .metrics import hidden_metrics, logit_metrics
+from .metrics import hidden_metrics, logit_metrics, pearson, spearman
 from .models import LoadedModel
 from .prune import Modification
 from .prune.drop import LAYER_INDEXING
@@ -289,6 +289,12 @@ def analyze(
         layerwise[k] = [float(torch.cat(v).double().mean()) for v in per_layer]
 
     stepwise: dict[str, Any] = {}
+    taylor: dict[str, Any] = {}
+    for mode, d in step_acc.items():
+        valid = np.concatenate(d["valid"], 0).astype(bool)
+        taylor[mode] = {
+            f"{t:g}": taylor_check({k: np.concatenate(d[f"{k}@{t:g}"], 0)[valid] for k in TAYLOR_KEYS})
+            for t in settings.temperatures}
     for mode, d in step_acc.items():
         valid = np.concatenate(d["valid"], 0).astype(bool)
         out: dict[str, Any] = {"step": list(range(1, N + 1))}
@@ -310,11 +316,37 @@ def analyze(
                      "n_prompts": len(prompts)},
         "layerwise": layerwise,
         "stepwise": stepwise,
+        "taylor": taylor,
         "per_prompt": per_prompt,
         "timing": {"analysis_s": elapsed},
     }
     result["summary"] = summarize(result)
     return result
+
+
+TAYLOR_KEYS = ("kl", "taylor_kl", "one_minus_cos_p", "taylor_cos")
+
+
+def taylor_check(cells: dict[str, np.ndarray]) -> dict[str, Any]:
+    """How well Var_p(Δz)/2T² predicts KL and Var_r(Δz)/2T² predicts 1 − cos(p), over every
+    (prompt, step) cell: Spearman correlation, Pearson correlation of the log10 values (positive
+    pairs), median estimate/measured ratio, and the points themselves."""
+    kl, tk, omc, tc = (torch.from_numpy(cells[k]) for k in TAYLOR_KEYS)
+    ratio_kl = (tk / kl)[kl > 0]
+    ratio_cos = (tc / omc)[omc > 0]
+
+    def log_pearson(x: torch.Tensor, y: torch.Tensor) -> float:  # the values span many decades
+        keep = (x > 0) & (y > 0)
+        return pearson(x[keep].log10(), y[keep].log10())
+
+    return {
+        "n": int(kl.numel()),
+        "kl_spearman": spearman(tk, kl), "kl_pearson": log_pearson(tk, kl),
+        "cos_spearman": spearman(tc, omc), "cos_pearson": log_pearson(tc, omc),
+        "kl_ratio_median": float(ratio_kl.median()) if ratio_kl.numel() else None,
+        "cos_ratio_median": float(ratio_cos.median()) if ratio_cos.numel() else None,
+        "points": {k: [float(v) for v in cells[k]] for k in TAYLOR_KEYS},
+    }
 
 
 def _cache_class():

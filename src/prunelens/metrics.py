@@ -246,6 +246,31 @@ def _logit_metrics_rows(z_dense: Tensor, z_pruned: Tensor, temperatures: Sequenc
     return out
 
 
+def pearson(x: Tensor, y: Tensor) -> float:
+    """Pearson correlation of two 1-D samples (nan if either is constant or too short)."""
+    x, y = _f64(x).flatten(), _f64(y).flatten()
+    if x.numel() < 2:
+        return float("nan")
+    x, y = x - x.mean(), y - y.mean()
+    den = float(x.norm() * y.norm())
+    return float((x * y).sum()) / den if den > 0 else float("nan")
+
+
+def spearman(x: Tensor, y: Tensor) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    def ranks(v: Tensor) -> Tensor:
+        v = _f64(v).flatten()
+        order = v.argsort()
+        r = torch.empty_like(v)
+        r[order] = torch.arange(v.numel(), dtype=torch.float64)
+        for val in v.unique()[torch.unique(v, return_counts=True)[1] > 1]:  # average tied ranks
+            tie = v == val
+            r[tie] = r[tie].mean()
+        return r
+
+    return pearson(ranks(x), ranks(y))
+
+
 def masked_mean(x: Tensor, mask: Tensor | None = None) -> float:
     """Mean over rows where mask is true (all rows if mask is None); nan if no row counts."""
     x = _f64(x)

@@ -30,7 +30,7 @@ from matplotlib.ticker import MaxNLocator
 from .errors import PrunelensError
 
 DPI = 110
-FIGURE_ORDER = ("layerwise", "stepwise", "spaces")
+FIGURE_ORDER = ("layerwise", "stepwise", "spaces", "taylor")
 SPACE_COLORS = {"h": "tab:green", "z": "tab:orange", "zc": "tab:brown", "p": "tab:purple"}
 DROP_COLORS = {"attn": "tab:red", "mlp": "tab:blue", "block": "0.45"}
 MODES = {"teacher_forced": "teacher-forced", "free_running": "free-running"}
@@ -312,6 +312,47 @@ def _fig_stepwise(result: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def _fig_taylor(result: dict[str, Any], path: Path) -> bool:
+    """Measured KL and 1 − cos(p) against their second-order estimates, every (prompt, step)."""
+    tay = result.get("taylor") or {}
+    if not tay:
+        return False
+    fig = Figure(figsize=(11, 4.8), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, 2)
+    specs = (("taylor_kl", "kl", "kl", "Var_p(Δz)/2T²", "KL(p_pruned‖p_dense)"),
+             ("taylor_cos", "one_minus_cos_p", "cos", "Var_r(Δz)/2T², r ∝ p²", "1 − cos(p)"))
+    colors = {"teacher_forced": "tab:blue", "free_running": "tab:red"}
+    drawn = False
+    for ax, (px, py, tag, xl, yl) in zip(axes, specs, strict=True):
+        lo, hi = np.inf, -np.inf
+        for mode, per_t in tay.items():
+            for t, info in per_t.items():
+                pts = info.get("points") or {}
+                x, y = np.asarray(pts.get(px, []), float), np.asarray(pts.get(py, []), float)
+                keep = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
+                if not keep.any():
+                    continue
+                rho, r = _num(info.get(f"{tag}_spearman")), _num(info.get(f"{tag}_pearson"))
+                ax.scatter(x[keep], y[keep], s=9, alpha=0.5, color=colors.get(mode, "0.4"),
+                           label=f"{mode.replace('_', '-')}, T={t}: ρ={fmt(rho)}, r(log)={fmt(r)}")
+                lo, hi = min(lo, x[keep].min(), y[keep].min()), max(hi, x[keep].max(), y[keep].max())
+                drawn = True
+        if np.isfinite(lo):
+            ax.plot([lo, hi], [lo, hi], color="0.3", ls="--", lw=1, label="estimate = measured")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        ax.set_xlabel(f"second-order estimate {xl}")
+        ax.set_ylabel(f"measured {yl}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    if not drawn:
+        return False
+    fig.suptitle(_mpl_text(f"Softmax amplification, estimate vs measured: {_model_name(result)} — "
+                           f"{_label(result)}"), fontsize=12)
+    fig.savefig(path, dpi=DPI)
+    return True
+
+
 def _first(values: Any) -> float | None:
     return _num(values[0]) if isinstance(values, (list, tuple)) and values else None
 
@@ -354,7 +395,8 @@ def make_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
     fig_dir = Path(fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
     out = []
-    for name, fn in (("layerwise", _fig_layerwise), ("stepwise", _fig_stepwise), ("spaces", _fig_spaces)):
+    for name, fn in (("layerwise", _fig_layerwise), ("stepwise", _fig_stepwise), ("spaces", _fig_spaces),
+                     ("taylor", _fig_taylor)):
         path = fig_dir / f"{name}.png"
         if fn(result, path):
             out.append(path)

@@ -14,7 +14,6 @@ One model, two views (``pruned_view`` swaps modules, no weight is copied). Per b
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections import defaultdict
@@ -32,7 +31,7 @@ from .errors import PrunelensError
 from .memory import release_freed_memory
 from .metrics import hidden_metrics, logit_metrics, pearson, spearman
 from .models import LoadedModel
-from .prune import Modification
+from .prune import Modification, view_of
 from .prune.drop import LAYER_INDEXING
 
 SCHEMA = "prunelens.analysis/1"
@@ -127,6 +126,12 @@ def eos_ids(lm: LoadedModel) -> set[int]:
 # --- forward passes ----------------------------------------------------------------------------
 
 
+def pad_id(lm: LoadedModel) -> int:
+    """Token used to fill padded positions (never attended): the pad token, else an EOS token."""
+    pad = lm.tokenizer.pad_token_id
+    return pad if pad is not None else min(eos_ids(lm), default=0)
+
+
 def forward_cached(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
     """One cached forward over ``ids`` (left-padded rows); returns the last position's logits.
 
@@ -136,10 +141,6 @@ def forward_cached(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1].float()
-
-
-def view(lm: LoadedModel, plan: Modification | None):
-    return plan.view(lm.adapter) if plan is not None else contextlib.nullcontext()
 
 
 def step_metrics(hd: torch.Tensor, hp: torch.Tensor, zd: torch.Tensor, zp: torch.Tensor,
@@ -169,6 +170,8 @@ def analyze(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Compare the dense model with ``plan`` (any modification) applied; returns a JSON-ready dict."""
+    from transformers import DynamicCache
+
     settings = settings or AnalysisSettings()
     settings.validate()
     if not prompts:
@@ -178,9 +181,7 @@ def analyze(
     t0 = time.perf_counter()
     model, adapter, dev = lm.model, lm.adapter, lm.device
     n_layers, N = adapter.n_layers, settings.max_new_tokens
-    pad_id = lm.tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = next(iter(eos_ids(lm)), 0)
+    pad = pad_id(lm)
     eos = torch.tensor(sorted(eos_ids(lm)) or [-1], device=dev)
     encoded = encode_prompts(lm.tokenizer, prompts, settings.chat_template)
 
@@ -189,22 +190,21 @@ def analyze(
     step_acc: dict[str, dict[str, list[np.ndarray]]] = {
         "teacher_forced": defaultdict(list), "free_running": defaultdict(list)}
     per_prompt: list[dict[str, Any]] = []
-    cache_cls = _cache_class()
     n_batches = math.ceil(len(encoded) / settings.batch_size)
     bar = tqdm(total=n_batches * N, desc=f"analyze {plan.label()}", unit="step", disable=not progress)
 
     for b0 in range(0, len(encoded), settings.batch_size):
         batch = encoded[b0:b0 + settings.batch_size]
         B = len(batch)
-        ids, mask = left_pad(batch, pad_id, dev)
+        ids, mask = left_pad(batch, pad, dev)
         valid_tok = mask.bool()
         names = resid_names(n_layers) + ["final"]
 
         # 1. prefill, recording the residual stream of both views
-        cache_d, cache_p = cache_cls(config=model.config), cache_cls(config=model.config)
+        cache_d, cache_p = DynamicCache(config=model.config), DynamicCache(config=model.config)
         with capture(adapter, names) as dense_states:
             zd = forward_cached(model, ids, mask, cache_d)
-        with view(lm, plan), capture(adapter, names) as pr_states:
+        with view_of(adapter, plan), capture(adapter, names) as pr_states:
             zp = forward_cached(model, ids, mask, cache_p)
         for li in range(n_layers + 1):
             a, b = dense_states[f"resid.{li}"], pr_states[f"resid.{li}"]
@@ -260,7 +260,7 @@ def analyze(
             with capture(adapter, ["final"]) as s:
                 zd2 = forward_cached(model, feed_d, mask2, cache_d)
             hd2 = s["final"][:, -1]
-            with view(lm, plan), capture(adapter, ["final"]) as s:
+            with view_of(adapter, plan), capture(adapter, ["final"]) as s:
                 zp2 = forward_cached(model, feed_p, mask2, cache_p)
             hp2 = s["final"][:, -1]
             release_freed_memory()
@@ -347,12 +347,6 @@ def taylor_check(cells: dict[str, np.ndarray]) -> dict[str, Any]:
         "cos_ratio_median": float(ratio_cos.median()) if ratio_cos.numel() else None,
         "points": {k: [float(v) for v in cells[k]] for k in TAYLOR_KEYS},
     }
-
-
-def _cache_class():
-    from transformers import DynamicCache
-
-    return DynamicCache
 
 
 def _decode_until_eos(tokenizer: Any, toks: torch.Tensor, eos: torch.Tensor) -> str:

@@ -20,7 +20,8 @@ import torch
 from .arch import Adapter
 
 
-def _first(x):
+def first_output(x):
+    """A decoder layer's hidden states, whether it returns a tensor or a tuple (older transformers)."""
     return x[0] if isinstance(x, tuple) else x
 
 
@@ -43,7 +44,7 @@ def capture(adapter: Adapter, names: Iterable[str]) -> Iterator[dict[str, torch.
     for i in range(n):
         if f"resid.{i + 1}" in wanted:
             handles.append(layers[i].register_forward_hook(
-                lambda m, a, out, i=i: keep(f"resid.{i + 1}", _first(out))))
+                lambda m, a, out, i=i: keep(f"resid.{i + 1}", first_output(out))))
         if f"mid.{i}" in wanted:
             try:
                 norm = adapter.pre_mlp_norm(i)
@@ -53,7 +54,7 @@ def capture(adapter: Adapter, names: Iterable[str]) -> Iterator[dict[str, torch.
                 lambda m, args, i=i: keep(f"mid.{i}", args[0])))
     if "final" in wanted:
         handles.append(adapter.final_norm.register_forward_hook(
-            lambda m, a, out: keep("final", _first(out))))
+            lambda m, a, out: keep("final", first_output(out))))
     try:
         yield store
     finally:

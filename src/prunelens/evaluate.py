@@ -8,7 +8,6 @@ Token-level perplexity (not word-level).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 from .data import _open, iter_jsonl
 from .errors import PrunelensError
 from .models import LoadedModel
+from .prune import view_of
 
 
 def read_corpus(path: str | Path) -> str:
@@ -65,8 +65,7 @@ def perplexity(
         raise PrunelensError(f"text has {len(ids)} tokens, fewer than one window of {seq_len}")
     windows = ids[: n_windows * seq_len].reshape(n_windows, seq_len)
     nll, count = 0.0, 0
-    ctx = modification.view(lm.adapter) if modification is not None else contextlib.nullcontext()
-    with ctx:
+    with view_of(lm.adapter, modification):
         batches = range(0, n_windows, batch_size)
         for b0 in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
             x = windows[b0:b0 + batch_size].to(lm.device)

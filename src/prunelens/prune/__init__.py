@@ -53,6 +53,11 @@ class Composite:
             yield
 
 
+def view_of(adapter: Adapter, modification: Modification | None) -> contextlib.AbstractContextManager[None]:
+    """The modification's view, or the dense model unchanged when there is none."""
+    return modification.view(adapter) if modification is not None else contextlib.nullcontext()
+
+
 def combine(parts: Sequence[Modification]) -> Modification:
     """One modification from several; empty drop plans are left out."""
     kept = [p for p in parts if not (isinstance(p, DropPlan) and p.empty)]

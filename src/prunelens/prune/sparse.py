@@ -168,10 +168,6 @@ def sparsegpt_prune(w: Tensor, h: Tensor, pattern: Pattern, blocksize: int = 128
     return W.to(out_dtype)
 
 
-def achieved_mask(w: Tensor) -> Tensor:
-    return w == 0
-
-
 def nm_violations(w: Tensor, n: int, m: int) -> int:
     """Number of groups of m consecutive input weights holding more than n non-zeros."""
     rows, cols = w.shape

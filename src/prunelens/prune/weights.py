@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import Adapter
+from ..capture import first_output
 from ..errors import PrunelensError
 from ..memory import release_freed_memory
 from .quant import QuantSpec, gptq_quantize, rtn_quantize
@@ -106,11 +107,6 @@ class WeightPatch:
             for (p, _), o in zip(params, old, strict=True):
                 p.data = o
 
-    def apply(self, adapter: Adapter) -> None:
-        """Make the patch permanent (the dense weights are released)."""
-        for path, w in self.weights.items():
-            adapter.model.get_submodule(path).weight.data = w
-
 
 def target_linears(adapter: Adapter, skip: Sequence[str] = ()) -> list[list[str]]:
     """Module paths of the linear layers to modify, per block (LM head and embeddings never)."""
@@ -163,10 +159,6 @@ def _block_inputs(adapter: Adapter, calib: torch.Tensor, batch_size: int):
         for h in handles:
             h.remove()
     return inputs, kwargs
-
-
-def _first(x):
-    return x[0] if isinstance(x, tuple) else x
 
 
 class _Stats:
@@ -274,7 +266,7 @@ def sparsify(
         if calibrated:  # the next block sees this block's modified outputs
             patch = WeightPatch(method, {p: new[p] for p in paths})
             with patch.view(adapter):
-                hs = [_first(layer(h, **kwargs[i][b])) for b, h in enumerate(hs)]
+                hs = [first_output(layer(h, **kwargs[i][b])) for b, h in enumerate(hs)]
         if inplace:  # write into the existing storage: memory stays at one model
             for p in paths:
                 w = adapter.model.get_submodule(p).weight.data
@@ -323,6 +315,3 @@ def weight_report(adapter: Adapter, rows: list[dict[str, Any]], method: WeightMe
                    effective_mb=tot * mean_bpw / 8 / 2**20, fp16_mb=tot * 16 / 8 / 2**20)
     return out
 
-
-def linear_modules(adapter: Adapter) -> dict[str, nn.Module]:
-    return {p: adapter.model.get_submodule(p) for ps in target_linears(adapter) for p in ps}

@@ -8,17 +8,17 @@ it, answers of chat-tuned models are mostly formatting failures, not the model's
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ..analysis import eos_ids, forward_cached, left_pad
+from ..analysis import eos_ids, forward_cached, left_pad, pad_id
 from ..errors import PrunelensError
 from ..memory import release_freed_memory
 from ..models import LoadedModel
+from ..prune import view_of
 
 Message = dict[str, str]
 
@@ -54,13 +54,12 @@ def generate(
     if max_new_tokens < 1:
         raise PrunelensError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     tok, model, dev = lm.tokenizer, lm.model, lm.device
-    pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos_ids(lm)), 0)
+    pad = pad_id(lm)
     eos = torch.tensor(sorted(eos_ids(lm)) or [-1], device=dev)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths together
     out: list[str] = [""] * len(prompts)
-    ctx = modification.view(lm.adapter) if modification is not None else contextlib.nullcontext()
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
-    with ctx:
+    with view_of(lm.adapter, modification):
         for b0 in range(0, len(order), batch_size):
             idx = order[b0:b0 + batch_size]
             ids, mask = left_pad([prompts[i] for i in idx], pad, dev)

@@ -11,7 +11,6 @@ last-position logits.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,9 +18,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..analysis import left_pad
+from ..analysis import forward_cached, left_pad, pad_id
 from ..errors import PrunelensError
 from ..models import LoadedModel
+from ..prune import view_of
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def score_requests(
     from transformers import DynamicCache
 
     tok, model, dev = lm.tokenizer, lm.model, lm.device
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(lm)
     split = [[split_tokens(tok, r.context, c) for c in r.continuations] for r in requests]
     # Options whose context tokens differ (tokenisation across the boundary) get their own row.
     rows: list[tuple[int, list[int], list[list[int]], list[int]]] = []  # (req, ctx, conts, option idx)
@@ -86,15 +86,12 @@ def score_requests(
     out_lp: list[list[float]] = [[0.0] * len(r.continuations) for r in requests]
     out_n: list[list[int]] = [[0] * len(r.continuations) for r in requests]
     out_g: list[list[bool]] = [[False] * len(r.continuations) for r in requests]
-    ctx_mgr = modification.view(lm.adapter) if modification is not None else contextlib.nullcontext()
-    with ctx_mgr:
+    with view_of(lm.adapter, modification):
         for b0 in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
             batch = [rows[i] for i in order[b0:b0 + batch_size]]
             ids, mask = left_pad([b[1] for b in batch], pad, dev)
             cache = DynamicCache(config=model.config)
-            pos = (mask.cumsum(-1) - 1).clamp_min(0)
-            z0 = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1].float()
+            z0 = forward_cached(model, ids, mask, cache)
             reps = [len(b[2]) for b in batch]
             rep_t = torch.tensor(reps, device=dev)
             _repeat_cache(cache, rep_t)

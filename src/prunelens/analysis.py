@@ -292,8 +292,10 @@ def analyze(
     taylor: dict[str, Any] = {}
     for mode, d in step_acc.items():
         valid = np.concatenate(d["valid"], 0).astype(bool)
+        plain = {k: np.concatenate(d[k], 0)[valid] for k in BASELINE_KEYS if k in d}
         taylor[mode] = {
-            f"{t:g}": taylor_check({k: np.concatenate(d[f"{k}@{t:g}"], 0)[valid] for k in TAYLOR_KEYS})
+            f"{t:g}": taylor_check({**{k: np.concatenate(d[f"{k}@{t:g}"], 0)[valid] for k in TAYLOR_KEYS},
+                                    **plain})
             for t in settings.temperatures}
     for mode, d in step_acc.items():
         valid = np.concatenate(d["valid"], 0).astype(bool)
@@ -325,6 +327,9 @@ def analyze(
 
 
 TAYLOR_KEYS = ("kl", "taylor_kl", "one_minus_cos_p", "taylor_cos")
+# cruder predictors the paper compares against: plain variance of Δz over the whole vocabulary, and
+# over the dense top-k tokens (no probability weighting)
+BASELINE_KEYS = ("var_uniform", "var_topk")
 
 
 def taylor_check(cells: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -339,10 +344,16 @@ def taylor_check(cells: dict[str, np.ndarray]) -> dict[str, Any]:
         keep = (x > 0) & (y > 0)
         return pearson(x[keep].log10(), y[keep].log10())
 
+    baselines = {}
+    for k in BASELINE_KEYS:
+        if k in cells:
+            v = torch.from_numpy(cells[k])
+            baselines[f"{k}_kl_spearman"] = spearman(v, kl)
+            baselines[f"{k}_kl_pearson"] = log_pearson(v, kl)
     return {
         "n": int(kl.numel()),
         "kl_spearman": spearman(tk, kl), "kl_pearson": log_pearson(tk, kl),
-        "cos_spearman": spearman(tc, omc), "cos_pearson": log_pearson(tc, omc),
+        "cos_spearman": spearman(tc, omc), "cos_pearson": log_pearson(tc, omc), **baselines,
         "kl_ratio_median": float(ratio_kl.median()) if ratio_kl.numel() else None,
         "cos_ratio_median": float(ratio_cos.median()) if ratio_cos.numel() else None,
         "points": {k: [float(v) for v in cells[k]] for k in TAYLOR_KEYS},

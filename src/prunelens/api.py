@@ -101,3 +101,64 @@ def save_modified(lm: LoadedModel, modification, out_dir: str | Path) -> Path:
         for p in patches:
             stack.enter_context(p.view(lm.adapter))
         return save_pruned(lm.adapter, plan, out_dir, lm.tokenizer, extra_meta=extra)
+
+
+DROP_KINDS = ("attn", "mlp", "block")
+
+
+def spec_kind(spec: str) -> str:
+    """'drop', 'prune' or 'quant' for one modification spec (one-line error if it is neither)."""
+    name = spec.strip().split(":")[0].split("@")[0]
+    if name in DROP_KINDS:
+        parse_drop(spec)
+        return "drop"
+    method = weight_method(spec)
+    return "quant" if method.quant is not None else "prune"
+
+
+def build_modification(lm: LoadedModel, spec: str, calib: str | Path | None = None,
+                       calib_samples: int | None = None, calib_len: int | None = None, seed: int = 0,
+                       importance: str = "cosine", progress: bool = True):
+    """One modification from one spec: a layer drop (``attn:4``, ``mlp@3,7``, ``block:2``), a
+    sparsification (``wanda:0.5``, ``sparsegpt:2:4``) or a quantisation (``gptq:w4g128``)."""
+    if spec_kind(spec) == "drop":
+        return select_drop(lm, spec, metric=importance, calib=calib, calib_samples=calib_samples or 8,
+                           calib_len=calib_len or 128, seed=seed)
+    return prune_weights(lm, spec, calib=calib, calib_samples=calib_samples or 32, calib_len=calib_len or 256,
+                         seed=seed, progress=progress)
+
+
+def footprint(lm: LoadedModel, modification) -> dict[str, float]:
+    """What a modification saves, comparable across methods: the share of the decoder's linear
+    weights removed (dropped or zeroed beyond the dense model's own zeros) and their bits per weight
+    (16 for unquantised weights, as they would be stored in bf16). Idealised: unstructured zeros
+    only save memory in a sparse format, N:M ones with hardware support."""
+    from torch import nn
+
+    from .prune import Composite
+    from .prune.weights import WeightPatch
+
+    parts = modification.parts if isinstance(modification, Composite) else [modification]
+    total = removed = 0
+    dropped: set[str] = set()
+    for p in parts:
+        if isinstance(p, DropPlan):
+            for kind in DROP_KINDS:
+                for i in getattr(p, kind):
+                    a = lm.adapter
+                    dropped.add((a.layer_path(i) if kind == "block" else a.sublayer_path(kind, i)) + ".")
+    for name, m in lm.model.named_modules():
+        if isinstance(m, nn.Linear) and ".layers." in name:
+            total += m.weight.numel()
+            if any(name.startswith(d) for d in dropped):
+                removed += m.weight.numel()
+    bits = 16.0
+    for p in parts:
+        if isinstance(p, WeightPatch):
+            r = p.report
+            if "added_frac_of_dense_nonzeros" in r:
+                removed += r["added_frac_of_dense_nonzeros"] * (total - removed)
+            if "bits_per_weight" in r:
+                bits = float(r["bits_per_weight"])
+    share = removed / max(total, 1)
+    return {"removed_share": share, "bits_per_weight": bits, "memory_vs_bf16": (1 - share) * bits / 16}

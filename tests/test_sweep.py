@@ -1,0 +1,166 @@
+"""Sweeps: per-cell caching and resume after a crash, refusal to mix settings, the tables and
+relative drops against hand-computed values, and one-line errors for bad input.
+
+The caching logic is exercised with a stand-in scorer (no model); tests/test_eval_real.py runs a
+real sweep on the bundled model.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+import prunelens.sweep as sweep_mod
+from prunelens.cli import main
+from prunelens.errors import PrunelensError
+from prunelens.sweep import SweepSpec, parse_amounts, relative_drop, run_sweep
+from prunelens.sweep_report import table1
+from prunelens.tasks.registry import TaskOptions, TaskScore, task_kind
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# dense scores and per-layer losses of a made-up model: the generative task collapses
+DENSE = {"gsm8k": 0.5, "arc_easy": 0.8}
+LOSS = {"gsm8k": 0.2, "arc_easy": 0.05}
+
+
+class FakeMod:
+    def __init__(self, amount: str) -> None:
+        self.amount = amount
+
+    def label(self) -> str:
+        return f"attn:{self.amount}"
+
+    def to_dict(self) -> dict:
+        return {"label": self.label()}
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> list:
+    calls: list = []
+
+    def build(lm, spec, amount, progress):
+        return None if amount == "0" else FakeMod(amount)
+
+    def run_task(lm, task, data_dir, options, mod=None):
+        calls.append((mod.amount if mod else "0", task))
+        amount = int(mod.amount) if mod else 0
+        score = max(DENSE[task] - LOSS[task] * amount, 0.0)
+        return TaskScore(task, task_kind(task), "acc", score, 0.01, 10, {"amount": amount})
+
+    monkeypatch.setattr(sweep_mod, "_build", build)
+    monkeypatch.setattr(sweep_mod, "run_task", run_task)
+    monkeypatch.setattr(sweep_mod, "check_task", lambda t, d: task_kind(t))
+    monkeypatch.setattr("prunelens.api.footprint", lambda lm, mod: {"removed_share": int(mod.amount) / 10})
+    return calls
+
+
+def _spec(**kw) -> SweepSpec:
+    base = dict(model="m", method="attn-drop", amounts=("0", "1", "2"), tasks=("gsm8k", "arc_easy"),
+                data_dir=None, options=TaskOptions(limit=10, progress=False))
+    base.update(kw)
+    return SweepSpec(**base)
+
+
+def test_tables_and_relative_drops(tmp_path: Path, fake: list) -> None:
+    res = run_sweep(_spec(), tmp_path / "s", lm=object(), progress=False)
+    assert len(fake) == 6
+    rows = list(csv.DictReader(open(tmp_path / "s" / "table.csv")))
+    by = {(r["task"], r["amount"]): r for r in rows}
+    # gsm8k: 0.5 -> 0.3 at amount 1: a 40% drop; arc_easy: 0.8 -> 0.75: 6.25%
+    assert float(by[("gsm8k", "1")]["relative_drop"]) == pytest.approx(0.4)
+    assert float(by[("arc_easy", "1")]["relative_drop"]) == pytest.approx(0.0625)
+    assert float(by[("gsm8k", "0")]["relative_drop"]) == 0.0
+    t1 = {r["amount"]: r for r in table1(res)}
+    assert t1["2"]["generative_drop"] == pytest.approx(0.8)
+    assert t1["2"]["non_generative_drop"] == pytest.approx(0.125)
+    assert t1["2"]["generative_worse"] is True
+    for name in ("table.md", "table1.md", "figure1.png", "report.html", "results.json", "sweep.json"):
+        assert (tmp_path / "s" / name).stat().st_size > 0
+    assert "0.300 ±0.010 (-40%)" in (tmp_path / "s" / "table.md").read_text()
+    assert relative_drop(0.0, 0.0) is None
+    # perplexity: lower is better, 1/perplexity is the score -> 10 -> 20 is a 50% drop, 10 -> 5 a gain
+    assert relative_drop(10.0, 20.0, lower_is_better=True) == pytest.approx(0.5)
+    assert relative_drop(10.0, 5.0, lower_is_better=True) == pytest.approx(-1.0)
+
+
+def test_resume_redoes_only_missing_cells_and_never_records_a_failure(
+    tmp_path: Path, fake: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = sweep_mod.run_task
+
+    def crash_on_third(*a, **k):
+        if len(fake) == 2:
+            fake.append("crash")
+            raise RuntimeError("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(sweep_mod, "run_task", crash_on_third)
+    with pytest.raises(RuntimeError):
+        run_sweep(_spec(), tmp_path / "s", lm=object(), progress=False)
+    assert len(list((tmp_path / "s" / "cells").glob("*.json"))) == 2
+    assert not list((tmp_path / "s" / "cells").glob(".*"))  # no half-written cell
+    monkeypatch.setattr(sweep_mod, "run_task", real)
+    fake.clear()
+    run_sweep(_spec(), tmp_path / "s", lm=object(), progress=False)
+    assert fake == [("1", "gsm8k"), ("1", "arc_easy"), ("2", "gsm8k"), ("2", "arc_easy")]
+    fake.clear()
+    # more amounts later: only the new cells run; nothing at all when everything is cached
+    run_sweep(_spec(amounts=("0", "1", "2", "3")), tmp_path / "s", lm=object(), progress=False)
+    assert fake == [("3", "gsm8k"), ("3", "arc_easy")]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path: Path, fake: list) -> None:
+    run_sweep(_spec(), tmp_path / "s", lm=object(), progress=False)
+    with pytest.raises(PrunelensError, match="different settings"):
+        run_sweep(_spec(options=TaskOptions(limit=20, progress=False)), tmp_path / "s", lm=object(),
+                  progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("mine")
+    with pytest.raises(PrunelensError, match="not a prunelens sweep"):
+        run_sweep(_spec(), tmp_path / "other", lm=object(), progress=False)
+
+
+def test_amounts_are_checked_per_method() -> None:
+    assert parse_amounts("attn-drop", "0,2,4") == ["0", "2", "4"]
+    assert parse_amounts("wanda", "0,0.5,2:4") == ["0", "0.5", "2:4"]
+    assert parse_amounts("gptq", "0,4,w3g64") == ["0", "4", "w3g64"]
+    for method, text in [("attn-drop", "0,x"), ("attn-drop", "0,0"), ("wanda", "0,1.5"), ("foo", "1"),
+                         ("gptq", "0,w99")]:
+        with pytest.raises(PrunelensError):
+            parse_amounts(method, text)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["sweep", "--prune", "foo", "--amounts", "0,1", "--tasks", "fidelity"], "unknown sweep method"),
+        (["sweep", "--prune", "attn-drop", "--amounts", "0,two", "--tasks", "fidelity"], "whole number"),
+        (["sweep", "--prune", "attn-drop", "--amounts", "0,2", "--tasks", "nope"], "unknown task 'nope'"),
+        (["eval", "--tasks", "gsm8k"], "needs --data-dir"),
+        (["eval", "--tasks", "gsm8k", "--data-dir", "/no/such/dir"], "does not exist"),
+        (["eval", "--tasks", "fidelity", "--limit", "0"], "--limit must be at least 1"),
+        (["eval", "--tasks", "humaneval", "--generative-limit", "-1"], "--generative-limit must be"),
+        (["eval", "--tasks", "EMPTYDIR_TASK", "--data-dir", "EMPTYDIR"], "which is absent"),
+        (["eval", "--tasks", "retrieval:nope", "--data-dir", "EMPTYDIR"], "which is absent"),
+    ],
+)
+def test_bad_input_is_one_line(argv: list[str], message: str, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    subst = {"EMPTYDIR": str(tmp_path / "empty"), "EMPTYDIR_TASK": "mbpp"}
+    argv = [subst.get(a, a) for a in argv]
+    rc = main([*argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sweep_json_records_identity(tmp_path: Path, fake: list) -> None:
+    run_sweep(_spec(), tmp_path / "s", lm=object(), progress=False)
+    m = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert m["identity"]["method"] == "attn-drop" and m["identity"]["options"]["limit"] == 10
+    assert m["amounts"] == ["0", "1", "2"]

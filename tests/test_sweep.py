@@ -164,3 +164,14 @@ def test_sweep_json_records_identity(tmp_path: Path, fake: list) -> None:
     m = json.loads((tmp_path / "s" / "sweep.json").read_text())
     assert m["identity"]["method"] == "attn-drop" and m["identity"]["options"]["limit"] == 10
     assert m["amounts"] == ["0", "1", "2"]
+
+
+def test_report_rebuilds_a_sweep_from_its_cells(tmp_path: Path, fake: list) -> None:
+    run_sweep(_spec(), tmp_path / "s", lm=object(), progress=False)
+    (tmp_path / "s" / "report.html").unlink()
+    (tmp_path / "s" / "table.md").unlink()
+    n = len(fake)
+    assert main(["report", str(tmp_path / "s")]) == 0
+    assert len(fake) == n  # nothing recomputed
+    assert "0.300" in (tmp_path / "s" / "table.md").read_text()
+    assert "Sweep" in (tmp_path / "s" / "report.html").read_text()

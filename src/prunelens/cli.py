@@ -600,6 +600,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     for d in dirs:
         if not d.is_dir():
             raise PrunelensError(f"run directory '{d}' does not exist")
+    if len(dirs) == 1 and not args.out:
+        from .mech_report import rebuild_other_report
+
+        other = rebuild_other_report(dirs[0])
+        if other is not None:
+            print(other)
+            return 0
     out = Path(args.out) if args.out else (dirs[0] / "report.html" if len(dirs) == 1 else Path("report.html"))
     print(report_from_run_dirs(dirs, out))
     return 0

@@ -16,6 +16,14 @@ import torch
 
 from .errors import PrunelensError
 
+
+def is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
 BUILTIN_PROMPTS: tuple[str, ...] = (
     "Write a Python function that returns the n-th Fibonacci number.",
     "A shop sells pencils at 3 for 45 cents. How much do 12 pencils cost? Explain step by step.",

@@ -29,46 +29,50 @@ def _pos(v: list[Any]) -> np.ndarray:
     return np.where(a > 0, a, np.nan)
 
 
+def _per_kind_figure(result: dict[str, Any], path: Path, draw: Any, xlabel: str, ylabel: str,
+                     title: str) -> Path:
+    """One panel per replaced kind; ``draw(ax, columns)`` plots that kind's per-layer curves."""
+    plt = _plt()
+    kinds = list(result["kinds"])
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.8), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        draw(ax, result["kinds"][kind])
+        ax.set_title(KIND_TITLES.get(kind, kind), fontsize=10)
+        ax.set_xlabel(xlabel)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _draw_spaces(ax: Any, c: dict[str, Any]) -> None:
+    for s, label, color in SPACES:
+        ax.plot(c["layer"], _pos([1 - x for x in c[f"cos_{s}"]]), marker=".", color=color, label=label)
+    ax.plot(c["layer"], _pos(c["kl"]), ls="--", color="black", lw=1, label="KL(p' || p)")
+    ax.set_yscale("log")
+
+
+def _draw_orthogonal(ax: Any, c: dict[str, Any]) -> None:
+    ax.plot(c["layer"], c["orth_frac_local"], marker=".", label="Δh right after the layer")
+    ax.plot(c["layer"], c["orth_frac_h"], marker=".", label="Δh at the final norm")
+    ax.plot(c["layer"], c["orth_frac_z"], marker=".", label="Δz (after the LM head)")
+    ax.set_ylim(0, 1.02)
+
+
 def counterfactual_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
     """counterfactual.png (1 − cos in h, z, p per replaced layer) and deviation.png (orthogonal share)."""
-    plt = _plt()
     fig_dir.mkdir(parents=True, exist_ok=True)
-    kinds = list(result["kinds"])
-    paths = []
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.8), squeeze=False)
-    for ax, kind in zip(axes[0], kinds, strict=True):
-        c = result["kinds"][kind]
-        for s, label, color in SPACES:
-            ax.plot(c["layer"], _pos([1 - x for x in c[f"cos_{s}"]]), marker=".", color=color, label=label)
-        ax.plot(c["layer"], _pos(c["kl"]), ls="--", color="black", lw=1, label="KL(p' || p)")
-        ax.set_yscale("log")
-        ax.set_title(KIND_TITLES.get(kind, kind), fontsize=10)
-        ax.set_xlabel("layer replaced (all others dense)")
-    axes[0][0].set_ylabel("1 − cos(dense, counterfactual)")
-    axes[0][-1].legend(fontsize=8)
-    fig.suptitle("Counterfactual layerwise transition: one layer replaced at a time", fontsize=11)
-    fig.tight_layout()
-    paths.append(fig_dir / "counterfactual.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.8), squeeze=False)
-    for ax, kind in zip(axes[0], kinds, strict=True):
-        c = result["kinds"][kind]
-        ax.plot(c["layer"], c["orth_frac_local"], marker=".", label="Δh right after the layer")
-        ax.plot(c["layer"], c["orth_frac_h"], marker=".", label="Δh at the final norm")
-        ax.plot(c["layer"], c["orth_frac_z"], marker=".", label="Δz (after the LM head)")
-        ax.set_ylim(0, 1.02)
-        ax.set_title(KIND_TITLES.get(kind, kind), fontsize=10)
-        ax.set_xlabel("layer replaced")
-    axes[0][0].set_ylabel("orthogonal share of ‖Δ‖²")
-    axes[0][-1].legend(fontsize=8)
-    fig.suptitle("Where the deviation lives: orthogonal vs parallel to the dense vector", fontsize=11)
-    fig.tight_layout()
-    paths.append(fig_dir / "deviation.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    return paths
+    return [
+        _per_kind_figure(result, fig_dir / "counterfactual.png", _draw_spaces,
+                         "layer replaced (all others dense)", "1 − cos(dense, counterfactual)",
+                         "Counterfactual layerwise transition: one layer replaced at a time"),
+        _per_kind_figure(result, fig_dir / "deviation.png", _draw_orthogonal, "layer replaced",
+                         "orthogonal share of ‖Δ‖²",
+                         "Where the deviation lives: orthogonal vs parallel to the dense vector"),
+    ]
 
 
 def _g(x: Any) -> str:
@@ -114,3 +118,49 @@ def counterfactual_html(result: dict[str, Any], figs: list[Path]) -> str:
         f"counterfactual time {t['counterfactual_s']:.1f} s = {_g(t['ratio_to_dense_forward_per_layer'])} × "
         "one dense forward per (kind, layer).</p>",
         "</body></html>"])
+
+
+def rebuild_other_report(run_dir: Path) -> Path | None:
+    """Re-render report.html of a sweep, comparison, counterfactual or subspace run from its saved
+    results (no recomputation); None for an analysis run (the caller handles those)."""
+    import json
+
+    from .report import _atomic_write
+
+    d = Path(run_dir)
+    if (d / "sweep.json").is_file():
+        from .sweep import SweepResult, SweepSpec, cell_path, load_cell
+        from .sweep_report import write_outputs
+        from .tasks.registry import TaskOptions
+
+        m = json.loads((d / "sweep.json").read_text())
+        ident = m["identity"]
+        opts = {**ident["options"], "prompts": tuple(ident["options"]["prompts"] or ()) or None}
+        spec = SweepSpec(m["model"], m["method"], tuple(m["amounts"]), tuple(m["tasks"]), m["data_dir"],
+                         TaskOptions(**opts), ident["importance"], ident["calib"], ident["calib_samples"],
+                         ident["calib_len"])
+        cells = [load_cell(cell_path(d, a, t)) for a in spec.amounts for t in spec.tasks
+                 if cell_path(d, a, t).is_file()]
+        write_outputs(SweepResult(spec, cells, d))
+        return d / "report.html"
+    if (d / "compare.json").is_file() and (d / "results.json").is_file():
+        from .compare import compare_figure, compare_html
+
+        combined = json.loads((d / "results.json").read_text())
+        _atomic_write(d / "report.html", compare_html(combined, compare_figure(combined, d / "figures")))
+        return d / "report.html"
+    path = d / "results.json"
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    schema = result.get("schema", "") if isinstance(result, dict) else ""
+    if schema.startswith("prunelens.counterfactual"):
+        figs, html = counterfactual_figures, counterfactual_html
+    elif schema.startswith("prunelens.subspace"):
+        from .subspace import subspace_figures, subspace_html
+
+        figs, html = subspace_figures, subspace_html
+    else:
+        return None
+    _atomic_write(d / "report.html", html(result, figs(result, d / "figures")))
+    return d / "report.html"

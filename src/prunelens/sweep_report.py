@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .data import is_number
 from .report import CSS, _atomic_write, _e, _img
 from .runs import write_json
 from .sweep import SCHEMA, SweepResult, relative_drop
@@ -69,6 +70,8 @@ def table1(result: SweepResult) -> list[dict[str, Any]]:
 def _f(x: Any, pct: bool = False) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "—"
+    if pct and abs(x) < 0.005:
+        return "0%"
     return f"{x:+.0%}" if pct else f"{x:.3f}"
 
 
@@ -137,7 +140,7 @@ def figure1(result: SweepResult, path: Path) -> Path:
 
     amounts = list(result.spec.amounts)
     rs = rows(result)
-    numeric = all(_is_float(a) or a == "dense" for a in amounts)
+    numeric = all(is_number(a) or a == "dense" for a in amounts)
     xs = {a: (0.0 if a == "dense" else _x(a, i)) if numeric else float(i) for i, a in enumerate(amounts)}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     panels = (("generative (free-running decoding)", lambda k: k in GEN_KINDS),
@@ -163,14 +166,6 @@ def figure1(result: SweepResult, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def _is_float(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
 
 
 def _md_to_html_table(md: str) -> str:

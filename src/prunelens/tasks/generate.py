@@ -46,20 +46,10 @@ class Generation:
     ids: tuple[int, ...]
 
 
-def generate(
-    lm: LoadedModel,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int = 256,
-    stop: Sequence[str] = (),
-    modification: Any = None,
-    batch_size: int = 8,
-    progress: bool = True,
-    desc: str = "generate",
-    until: Callable[[str], bool] | None = None,
-) -> list[str]:
-    """Greedy continuation of each token-id prompt, cut at the first stop string."""
-    return [g.text for g in generate_full(lm, prompts, max_new_tokens, stop, modification, batch_size,
-                                          progress, desc, until)]
+def generate(*args: Any, **kwargs: Any) -> list[str]:
+    """Greedy continuation of each token-id prompt, cut at the first stop string (texts only);
+    the arguments are those of ``generate_full``."""
+    return [g.text for g in generate_full(*args, **kwargs)]
 
 
 @torch.inference_mode()

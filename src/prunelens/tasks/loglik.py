@@ -76,18 +76,34 @@ def score_requests(
     split = [[split_tokens(tok, r.context, c) for c in r.continuations] for r in requests]
     # Options whose context tokens differ (tokenisation across the boundary) get their own row.
     rows: list[tuple[int, list[int], list[list[int]], list[int]]] = []  # (req, ctx, conts, option idx)
+    flat: list[tuple[int, list[int], list[int], int]] = []  # (req, ctx, cont, option idx)
     for ri, opts in enumerate(split):
         groups: dict[tuple[int, ...], list[int]] = {}
         for oi, (ctx, _) in enumerate(opts):
             groups.setdefault(tuple(ctx), []).append(oi)
         for ctx, ois in groups.items():
-            rows.append((ri, list(ctx), [opts[oi][1] for oi in ois], ois))
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][1]))  # similar lengths together
+            conts = [opts[oi][1] for oi in ois]
+            if len(ois) > 1 and len(ctx) >= sum(map(len, conts)) / len(conts):
+                rows.append((ri, list(ctx), conts, ois))
+            else:  # nothing worth sharing: each option is one sequence, scored in a single pass
+                flat.extend((ri, list(ctx), c, oi) for c, oi in zip(conts, ois, strict=True))
+    # similar total lengths together, so neither the contexts nor the options pad much
+    order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][1]) + max(len(c) for c in rows[i][2])))
+    flat.sort(key=lambda f: -(len(f[1]) + len(f[2])))
     out_lp: list[list[float]] = [[0.0] * len(r.continuations) for r in requests]
     out_n: list[list[int]] = [[0] * len(r.continuations) for r in requests]
     out_g: list[list[bool]] = [[False] * len(r.continuations) for r in requests]
+    n_batches = (len(order) + batch_size - 1) // batch_size + (len(flat) + batch_size - 1) // batch_size
+    bar = tqdm(total=n_batches, desc=desc, unit="batch", disable=not progress)
     with view_of(lm.adapter, modification):
-        for b0 in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
+        for b0 in range(0, len(flat), batch_size):
+            part = flat[b0:b0 + batch_size]
+            lps, greedy = _score_whole(model, [(f[1], f[2]) for f in part], pad, dev)
+            for (ri, _, c, oi), lp, g in zip(part, lps, greedy, strict=True):
+                out_lp[ri][oi], out_n[ri][oi], out_g[ri][oi] = lp, len(c), g
+            bar.update(1)
+        for b0 in range(0, len(order), batch_size):
+            bar.update(1)
             batch = [rows[i] for i in order[b0:b0 + batch_size]]
             ids, mask = left_pad([b[1] for b in batch], pad, dev)
             cache = DynamicCache(config=model.config)
@@ -108,8 +124,8 @@ def score_requests(
                            past_key_values=cache, use_cache=True).logits.float()
             # logits predicting cont token j: z0 for j = 0, logits[:, j-1] after
             pred = torch.cat([z0.repeat_interleave(rep_t, 0).unsqueeze(1), logits[:, :-1]], 1)
-            logp = torch.log_softmax(pred, -1)
-            tok_lp = logp.gather(-1, cont_ids.unsqueeze(-1)).squeeze(-1) * cont_mask
+            # log p(token) = z[token] - logsumexp(z): no vocabulary-wide log-softmax tensor
+            tok_lp = (pred.gather(-1, cont_ids.unsqueeze(-1)).squeeze(-1) - pred.logsumexp(-1)) * cont_mask
             greedy = ((pred.argmax(-1) == cont_ids) | (cont_mask == 0)).all(-1)
             r = 0
             for ri, _, cs, ois in batch:
@@ -118,7 +134,29 @@ def score_requests(
                     out_n[ri][oi] = len(c)
                     out_g[ri][oi] = bool(greedy[r])
                     r += 1
+    bar.close()
     return [Scored(tuple(a), tuple(n), tuple(g)) for a, n, g in zip(out_lp, out_n, out_g, strict=True)]
+
+
+def _score_whole(model: Any, pairs: Sequence[tuple[list[int], list[int]]], pad: int,
+                 dev: torch.device) -> tuple[list[float], list[bool]]:
+    """log P(cont | ctx) and greedy-ness for (context, continuation) pairs, one forward each row.
+
+    Rows are left-padded, so every continuation ends at the last position; only the logits of the
+    last (longest continuation + 1) positions are computed.
+    """
+    ids, mask = left_pad([c + o for c, o in pairs], pad, dev)
+    width = max(len(o) for _, o in pairs)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                   logits_to_keep=width + 1).logits[:, :-1].float()  # predicts the last `width` tokens
+    target = ids[:, -width:]
+    cmask = torch.zeros_like(target)
+    for r, (_, o) in enumerate(pairs):
+        cmask[r, width - len(o):] = 1
+    tok_lp = (logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)) * cmask
+    greedy = ((logits.argmax(-1) == target) | (cmask == 0)).all(-1)
+    return [float(x) for x in tok_lp.sum(-1)], [bool(g) for g in greedy]
 
 
 def _repeat_cache(cache: Any, reps: torch.Tensor) -> None:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..analysis import left_pad, pad_id
 from ..capture import capture
+from ..data import is_number
 from ..errors import PrunelensError
 from ..models import LoadedModel, packaged_file
 from ..prune import view_of
@@ -57,23 +58,15 @@ def read_beir(root: Path) -> BeirData:
     with open(root / "qrels.tsv", encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             parts = line.rstrip("\n").split("\t")
-            if n == 1 and not _is_number(parts[-1]):
+            if n == 1 and not is_number(parts[-1]):
                 continue  # header
             if not line.strip():
                 continue
-            if len(parts) != 3 or not _is_number(parts[2]):
+            if len(parts) != 3 or not is_number(parts[2]):
                 raise PrunelensError(f"{root / 'qrels.tsv'}:{n}: expected 'query-id<TAB>corpus-id<TAB>score'")
             if parts[1] in known:
                 qrels.setdefault(parts[0], {})[parts[1]] = float(parts[2])
     return BeirData(doc_ids, doc_texts, queries, qrels)
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
 
 
 def retrieval_dir(data_dir: str | Path, name: str) -> Path:

@@ -57,8 +57,11 @@ def test_eval_gsm8k_runs_with_chat_template(tmp_path: Path) -> None:
     )
     assert rc == 0
     res = json.loads(out.read_text())["tasks"][0]["dense"]
-    assert res["n"] == 2 and all(s["index"] >= 1 for s in res["samples"])  # exemplar row 0 never evaluated
-    assert all(s["output"] for s in res["samples"]) and 0.0 <= res["format_rate"] <= 1.0
+    assert res["kind"] == "generative" and res["metric"] == "exact_match"
+    d = res["details"]
+    assert res["n"] == 2 and all(s["index"] >= 1 for s in d["samples"])  # exemplar row 0 never evaluated
+    assert all(s["output"] for s in d["samples"]) and 0.0 <= d["format_rate"] <= 1.0
+    assert res["score"] == d["exact_match_flexible"]
 
 
 def test_eval_rejects_unknown_task_and_missing_data(

@@ -421,7 +421,8 @@ def _score_line(task: str, dense: Any, mod: Any, label: str) -> str:
     extra = ""
     if task == "gsm8k":
         fd, fm = dense.details["format_rate"], mod.details["format_rate"]
-        extra = f"  (formatted: dense {fd:.0%}, {label} {fm:.0%})"
+        extra = (f"  (formatted {fd:.0%})" if mod is dense
+                 else f"  (formatted: dense {fd:.0%}, {label} {fm:.0%})")
     ref = dense.details.get("reference") if isinstance(dense.details, dict) else None
     if ref:
         extra = f"  (all-MiniLM-L6-v2 reference {ref['ndcg_at_10']:.3f})"

@@ -46,7 +46,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import argparse
 import json
 import logging
-import math
 import platform
 import shutil
 import sys
@@ -111,21 +110,11 @@ def lmeval_config(task: str, subset: Path) -> dict[str, Any]:
 
 
 def prunelens_option_logprobs(items: list[Any], calls: list[Any]) -> list[list[float]]:
-    """Per-option log-probabilities from the captured score_requests call (as score_items groups)."""
+    """Per-option log-probabilities from the captured score_requests call (one request per item)."""
     (args, _, scored), = calls
-    out, r = [], 0
-    for it in items:
-        groups: dict[str, list[int]] = {}
-        for k, ctx in enumerate(it.contexts):
-            groups.setdefault(ctx, []).append(k)
-        lps = [math.nan] * len(it.contexts)
-        for ks in groups.values():
-            for j, k in enumerate(ks):
-                lps[k] = scored[r].logprobs[j]
-            r += 1
-        out.append(lps)
-    if r != len(args[1]):
+    if len(args[1]) != len(items):
         raise SystemExit("could not map prunelens's requests back to options")
+    out = [list(s.logprobs) for s in scored]
     return out
 
 

@@ -100,3 +100,34 @@ def test_drop_spec_forms() -> None:
     assert parse_drop("attn:4").count == 4
     assert parse_drop("mlp@7,3").layers == (3, 7)
     assert str(parse_drop("block@2,1")) == "block@1,2"
+
+
+def test_kl_scores_are_the_output_kl_and_zero_for_a_silent_unit() -> None:
+    from prunelens.metrics import logit_metrics
+    from prunelens.prune.drop import pruned_view
+    from prunelens.prune.importance import kl_scores
+
+    lm = _tiny(silent_attn=(3,))
+    sc = kl_scores(lm, DropPlan(), CALIB, "attn", range(N_LAYERS), batch_size=3)  # uneven batches
+    assert sc[3] == pytest.approx(0.0, abs=1e-9)
+    assert min(v for i, v in sc.items() if i != 3) > 1e-5
+    with torch.no_grad():  # the definition, by the metrics module: mean over every token of KL(p'‖p)
+        z_d = lm.model(CALIB).logits
+        with pruned_view(lm.adapter, DropPlan(attn=(5,))):
+            z_p = lm.model(CALIB).logits
+    want = float(logit_metrics(z_d, z_p, (1.0,), light=True)["kl@1"].mean())
+    assert sc[5] == pytest.approx(want, rel=1e-4)
+
+
+def test_kl_greedy_drops_silent_units_first_and_logs_the_order() -> None:
+    lm = _tiny(silent_mlp=(6, 2))
+    plan = select_drop(lm, [parse_drop("mlp:2")], metric="kl", calib=CALIB)
+    assert set(plan.mlp) == {2, 6} and plan.attn == ()
+    log = plan.info["scores"]["mlp:2"]
+    assert sorted(log["order"]) == [2, 6] and len(log["scores"]) == N_LAYERS
+    # a third drop must then take a live unit: the one whose removal costs the least KL on top
+    plan3 = select_drop(lm, [parse_drop("mlp:3")], metric="kl", calib=CALIB)
+    from prunelens.prune.importance import kl_scores
+
+    rest = kl_scores(lm, DropPlan(mlp=(2, 6)), CALIB, "mlp", [i for i in range(N_LAYERS) if i not in (2, 6)])
+    assert plan3.info["scores"]["mlp:3"]["order"][2] == min(rest, key=rest.__getitem__)

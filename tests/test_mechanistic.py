@@ -97,7 +97,41 @@ def test_subspace_on_the_real_model(tmp_path: Path, capsys: pytest.CaptureFixtur
         # the paper's point: the option subspace moves far less than the full distribution
         assert r["sub_kl"] < r["full_kl"]
         assert 0 <= r["sub_agree"] <= 1 and 0 < r["mass_dense"] <= 1
+        assert sum(r["choices_pruned"]) == pytest.approx(1.0)
+        # Σ q_d·q_p: between the smallest and the largest of the dense shares
+        assert min(res["choices_dense"]) - 1e-9 <= r["chance_agree"] <= max(res["choices_dense"]) + 1e-9
     assert (out / "figures" / "subspace.png").is_file()
     assert "KL options" in capsys.readouterr().out
     assert main(["subspace", "--task", "arc_easy", "--data-dir", str(DATA), "--method", "attn:2",
                  "--out", str(tmp_path / "x"), "--quiet"]) == 2  # multi-token options: one-line error
+
+
+def test_counterfactual_and_report_rebuild_on_the_real_model(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """CLI end to end on the bundled model: attention replaced layer by layer and each block's
+    weights magnitude-pruned in turn; then the report is rebuilt from the saved JSON alone."""
+    out = tmp_path / "cf"
+    rc = main(["counterfactual", "--kinds", "attn", "--prune", "magnitude:0.5", "--limit", "2",
+               "--out", str(out), "--quiet"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    L = res["model"]["n_layers"]
+    assert set(res["kinds"]) == {"attn", "weights"}
+    for kind, cols in res["kinds"].items():
+        assert cols["layer"] == list(range(L)), kind
+        for s in ("h", "z", "p"):
+            assert all(-1.0 <= c <= 1.0 for c in cols[f"cos_{s}"])
+            assert min(cols[f"cos_{s}"]) < 1.0  # a real replacement moves something
+        assert all(k >= 0 for k in cols["kl"])
+        assert all(0.0 <= f <= 1.0 for f in cols["orth_frac_h"])
+    assert (out / "figures" / "counterfactual.png").is_file()
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0  # rebuilt without a model
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64") >= 2 and "weights" in html  # both figures, inline
+    both = tmp_path / "both.html"
+    assert main(["report", str(out), str(out), "--out", str(both)]) == 0  # side by side
+    page = both.read_text()
+    assert page.count("<h1>Counterfactual layerwise transition") == 2 and page.count("<html") == 1
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err

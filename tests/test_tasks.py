@@ -29,16 +29,26 @@ def _jsonl(path: Path, rows: list) -> Path:
 def test_shared_prefix_scores_equal_a_full_forward(lm) -> None:
     reqs = [
         Request("Question: Which animal barks?\nAnswer:", (" A dog", " A cat that sleeps all day")),
-        Request("The sky is ", ("blue", "green and full of stars")),
+        Request("The sky is ", ("blue", "green and full of stars")),  # each option its own sequence
+        Request("Is water wet? Answer yes or no.\nAnswer:", (" yes", " no")),  # one token each
+        Request("Which letter comes first in the alphabet?\nA. Z\nB. A\nAnswer:", (" A", " B")),
+        Request("Name a colour:", (" red", " light blue")),
+        # WinoGrande: each option its own context; long shared prefix (shared), short one (not)
+        Request("", (" is too big.", " is too big."), (
+            "The trophy doesn't fit into the brown suitcase because the trophy",
+            "The trophy doesn't fit into the brown suitcase because the suitcase")),
+        Request("", (" was hungry.", " was hungry."), ("Ann fed Bea because Ann", "Bea fed Ann because Ann")),
     ]  # trailing space moves over
     got = score_requests(lm, reqs, batch_size=2, progress=False)
     for r, g in zip(reqs, got, strict=True):
-        for cont, lp, n in zip(r.continuations, g.logprobs, g.n_tokens, strict=True):
-            ctx, toks = split_tokens(lm.tokenizer, r.context, cont)
+        for k, (cont, lp, n, greedy) in enumerate(zip(r.continuations, g.logprobs, g.n_tokens, g.is_greedy,
+                                                      strict=True)):
+            ctx, toks = split_tokens(lm.tokenizer, r.context_of(k), cont)
             with torch.inference_mode():
                 logp = torch.log_softmax(lm.model(torch.tensor([ctx + toks])).logits.float(), -1)[0]
             want = sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(toks))
             assert lp == pytest.approx(want, abs=2e-4) and n == len(toks)
+            assert greedy == all(int(logp[len(ctx) - 1 + j].argmax()) == t for j, t in enumerate(toks))
 
 
 def test_split_moves_trailing_space_to_the_continuation(lm) -> None:

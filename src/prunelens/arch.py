@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .errors import PrunelensError
@@ -137,3 +138,14 @@ class Adapter:
     def logits_from_hidden(self, h):
         """z = lm_head(final_norm(h)): the logit lens applied to a residual-stream state."""
         return self.lm_head(self.final_norm(h))
+
+    def head_logits(self, h_normed):
+        """The model's own logits from final-norm outputs: lm_head, then the final logit
+        soft-capping of architectures that have one (Gemma 2), exactly as the model computes z."""
+        z = self.lm_head(h_normed)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return torch.tanh(z / cap) * cap if cap else z
+
+    def final_logits(self, h):
+        """The model's logits from the last block's output (residual stream, before the final norm)."""
+        return self.head_logits(self.final_norm(h))

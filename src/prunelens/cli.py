@@ -47,9 +47,10 @@ def _add_drop_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop", action="append", default=[], metavar="SPEC",
                    help="KIND:N drops the N least important units, KIND@i,j drops those layers; "
                         "KIND is attn, mlp or block; repeatable (e.g. --drop attn:4 --drop mlp@2)")
-    p.add_argument("--importance", default="cosine", choices=["cosine", "angular"],
+    p.add_argument("--importance", default="cosine", choices=["cosine", "angular", "kl"],
                    help="ranking for KIND:N: cosine = 1-cos(in,out) (LLM-Drop / ShortGPT BI), "
-                        "angular = best window of N consecutive blocks (Gromov et al.)")
+                        "angular = best window of N consecutive blocks (Gromov et al.), "
+                        "kl = greedy on the final next-token KL (slower: one forward per unit and drop)")
     p.add_argument("--iterative", action="store_true", help="re-score after every drop")
     p.add_argument("--calib", help="calibration text (.txt or .jsonl with a 'text' field); "
                                    "default: a built-in sample")
@@ -176,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="attn-drop, mlp-drop, block-drop (amounts = layer counts), magnitude, wanda, "
                          "sparsegpt (ratios or N:M), rtn, gptq (bits, e.g. 4 or w4g128)")
     sw.add_argument("--amounts", required=True, help="comma-separated, 0 = dense (e.g. 0,2,4,6,8)")
-    sw.add_argument("--importance", default="cosine", choices=["cosine", "angular"])
+    sw.add_argument("--importance", default="cosine", choices=["cosine", "angular", "kl"])
     sw.add_argument("--calib", help="calibration text for layer ranking / weight methods")
     sw.add_argument("--calib-samples", type=int)
     sw.add_argument("--calib-len", type=int)
@@ -208,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--method", action="append", default=[], metavar="SPEC", required=True,
                     help="repeatable: a drop (attn:4, mlp:4, block:2), prune (wanda:0.5, wanda:4:8) or "
                          "quant (rtn:w4g128, gptq:w4g128) spec")
-    co.add_argument("--importance", default="cosine", choices=["cosine", "angular"])
+    co.add_argument("--importance", default="cosine", choices=["cosine", "angular", "kl"])
     co.add_argument("--calib", help="calibration text (used by drop ranking and calibrated weight methods)")
     co.add_argument("--calib-samples", type=int)
     co.add_argument("--calib-len", type=int)
@@ -228,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--data-dir", required=True)
     ss.add_argument("--method", action="append", default=[], required=True, metavar="SPEC",
                     help="repeatable: attn:2, attn:4, wanda:0.5, gptq:w4g128, ...")
-    ss.add_argument("--importance", default="cosine", choices=["cosine", "angular"])
+    ss.add_argument("--importance", default="cosine", choices=["cosine", "angular", "kl"])
     ss.add_argument("--calib")
     ss.add_argument("--calib-samples", type=int)
     ss.add_argument("--calib-len", type=int)
@@ -595,21 +596,22 @@ def cmd_subspace(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import report_from_run_dirs
+    from .mech_report import combined_report, rebuild_other_report
 
     dirs = [Path(r) for r in args.runs]
     for d in dirs:
         if not d.is_dir():
             raise PrunelensError(f"run directory '{d}' does not exist")
-    if len(dirs) == 1 and not args.out:
-        from .mech_report import rebuild_other_report
-
+    if len(dirs) > 1:
+        print(combined_report(dirs, Path(args.out) if args.out else Path("report.html")))
+        return 0
+    out = Path(args.out) if args.out else dirs[0] / "report.html"
+    if out == dirs[0] / "report.html":
         other = rebuild_other_report(dirs[0])
         if other is not None:
             print(other)
             return 0
-    out = Path(args.out) if args.out else (dirs[0] / "report.html" if len(dirs) == 1 else Path("report.html"))
-    print(report_from_run_dirs(dirs, out))
+    print(combined_report(dirs, out))
     return 0
 
 

@@ -90,9 +90,7 @@ def record_block_calls(adapter: Adapter) -> Iterator[tuple[list[torch.Tensor], l
 
 def final_logits(adapter: Adapter, h: torch.Tensor) -> torch.Tensor:
     """z = lm_head(final_norm(h)) with the model's final logit soft-capping, if it has one."""
-    z = adapter.logits_from_hidden(h)
-    cap = getattr(adapter.config, "final_logit_softcapping", None)
-    return torch.tanh(z / cap) * cap if cap else z
+    return adapter.final_logits(h)
 
 
 def _run_from(adapter: Adapter, start: int, x: torch.Tensor,

@@ -33,6 +33,14 @@ class PrunelensLM(HFLM):
 
     def __init__(self, pretrained: str = "smollm2-135m", prune: str | None = None, calib: str | None = None,
                  device: str = "cpu", dtype: str = "float32", seed: int = 0, **kwargs: Any) -> None:
+        import logging
+
+        import torch
+
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval asks for cuda:0 unless told otherwise; its own HF model falls back the same way
+            logging.getLogger(__name__).warning("CUDA is not available; running prunelens on the CPU")
+            device = "cpu"
         lm = load_model(str(pretrained), device, dtype)
         self._views = contextlib.ExitStack()
         self.prunelens_label = "dense"

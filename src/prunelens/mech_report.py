@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import PrunelensError
 from .report import CSS, _e, _img
 
 SPACES = (("h", "hidden h (final norm)", "tab:blue"), ("z", "logits z", "tab:orange"),
@@ -120,12 +121,10 @@ def counterfactual_html(result: dict[str, Any], figs: list[Path]) -> str:
         "</body></html>"])
 
 
-def rebuild_other_report(run_dir: Path) -> Path | None:
-    """Re-render report.html of a sweep, comparison, counterfactual or subspace run from its saved
-    results (no recomputation); None for an analysis run (the caller handles those)."""
+def render_other_run(run_dir: Path) -> str | None:
+    """The HTML page of a sweep, comparison, counterfactual or subspace run, re-rendered from its
+    saved results (figures redrawn, nothing recomputed); None for an analysis run."""
     import json
-
-    from .report import _atomic_write
 
     d = Path(run_dir)
     if (d / "sweep.json").is_file():
@@ -142,17 +141,19 @@ def rebuild_other_report(run_dir: Path) -> Path | None:
         cells = [load_cell(cell_path(d, a, t)) for a in spec.amounts for t in spec.tasks
                  if cell_path(d, a, t).is_file()]
         write_outputs(SweepResult(spec, cells, d))
-        return d / "report.html"
+        return (d / "report.html").read_text(encoding="utf-8")
     if (d / "compare.json").is_file() and (d / "results.json").is_file():
         from .compare import compare_figure, compare_html
 
         combined = json.loads((d / "results.json").read_text())
-        _atomic_write(d / "report.html", compare_html(combined, compare_figure(combined, d / "figures")))
-        return d / "report.html"
+        return compare_html(combined, compare_figure(combined, d / "figures"))
     path = d / "results.json"
     if not path.is_file():
         return None
-    result = json.loads(path.read_text())
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PrunelensError(f"'{path}' is not valid JSON: {str(e).splitlines()[0]}") from None
     schema = result.get("schema", "") if isinstance(result, dict) else ""
     if schema.startswith("prunelens.counterfactual"):
         figs, html = counterfactual_figures, counterfactual_html
@@ -162,5 +163,46 @@ def rebuild_other_report(run_dir: Path) -> Path | None:
         figs, html = subspace_figures, subspace_html
     else:
         return None
-    _atomic_write(d / "report.html", html(result, figs(result, d / "figures")))
-    return d / "report.html"
+    return html(result, figs(result, d / "figures"))
+
+
+def rebuild_other_report(run_dir: Path) -> Path | None:
+    """Rewrite report.html of a sweep, comparison, counterfactual or subspace run; None for an
+    analysis run (the caller handles those)."""
+    from .report import _atomic_write
+
+    html = render_other_run(run_dir)
+    if html is None:
+        return None
+    out = Path(run_dir) / "report.html"
+    _atomic_write(out, html)
+    return out
+
+
+def _body(html: str) -> str:
+    """The inside of <body> of one of our own pages (they are built by this package)."""
+    a, b = html.find("<body>"), html.rfind("</body>")
+    return html[a + len("<body>"):b] if a >= 0 and b > a else html
+
+
+def combined_report(run_dirs: list[Path], out_html: Path) -> Path:
+    """One page for runs of any kind: analysis runs side by side as usual, then every other run
+    (sweep, comparison, counterfactual, subspace) in its own column, from saved results only."""
+    from .report import _atomic_write, analysis_page, report_from_run_dirs
+
+    others = [(d, render_other_run(d)) for d in run_dirs]
+    if all(h is None for _, h in others):
+        return report_from_run_dirs(run_dirs, out_html)
+    analysis = [d for d, h in others if h is None]
+    parts = []
+    if analysis:
+        parts.append(_body(analysis_page(analysis)))
+    cols = [f"<div><h2>{_e(str(d))}</h2>{_body(h)}</div>" for d, h in others if h is not None]
+    grid = f'style="grid-template-columns:repeat({min(len(cols), 3)},minmax(0,1fr))"'
+    parts.append(f'<div class="runs" {grid}>{"".join(cols)}</div>')
+    title = "prunelens report — " + ", ".join(Path(d).name for d in run_dirs)
+    page = "\n".join(["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+                       f"<title>{_e(title)}</title><style>{CSS}</style></head><body>",
+                       f"<h1>{_e(title)}</h1>", *parts, "</body></html>"])
+    _atomic_write(Path(out_html), page)
+    return Path(out_html)

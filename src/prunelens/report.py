@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -321,19 +322,23 @@ def _fig_taylor(result: dict[str, Any], path: Path) -> bool:
     axes = fig.subplots(1, 2)
     specs = (("taylor_kl", "kl", "kl", "Var_p(Δz)/2T²", "KL(p_pruned‖p_dense)"),
              ("taylor_cos", "one_minus_cos_p", "cos", "Var_r(Δz)/2T², r ∝ p²", "1 − cos(p)"))
-    colors = {"teacher_forced": "tab:blue", "free_running": "tab:red"}
+    # one colour family per mode, one shade and marker per temperature
+    cmaps = {"teacher_forced": "Blues", "free_running": "Reds"}
+    markers = ("o", "^", "s", "D", "v")
     drawn = False
     for ax, (px, py, tag, xl, yl) in zip(axes, specs, strict=True):
         lo, hi = np.inf, -np.inf
         for mode, per_t in tay.items():
-            for t, info in per_t.items():
+            n_t = len(per_t)
+            for k, (t, info) in enumerate(per_t.items()):
+                shade = matplotlib.colormaps[cmaps.get(mode, "Greys")](0.85 - 0.45 * k / max(n_t - 1, 1))
                 pts = info.get("points") or {}
                 x, y = np.asarray(pts.get(px, []), float), np.asarray(pts.get(py, []), float)
                 keep = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
                 if not keep.any():
                     continue
                 rho, r = _num(info.get(f"{tag}_spearman")), _num(info.get(f"{tag}_pearson"))
-                ax.scatter(x[keep], y[keep], s=9, alpha=0.5, color=colors.get(mode, "0.4"),
+                ax.scatter(x[keep], y[keep], s=9, alpha=0.5, color=shade, marker=markers[k % len(markers)],
                            label=f"{mode.replace('_', '-')}, T={t}: ρ={fmt(rho)}, r(log)={fmt(r)}")
                 lo, hi = min(lo, x[keep].min(), y[keep].min()), max(hi, x[keep].max(), y[keep].max())
                 drawn = True
@@ -866,6 +871,13 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def report_from_run_dirs(run_dirs: Iterable[Path], out_html: Path) -> Path:
     """Rebuild one HTML report from saved runs, reusing their figures where they exist."""
+    out = Path(out_html)
+    _atomic_write(out, analysis_page(run_dirs))
+    return out
+
+
+def analysis_page(run_dirs: Iterable[Path]) -> str:
+    """The HTML page of saved analysis runs side by side."""
     dirs = [Path(d) for d in run_dirs]
     if not dirs:
         raise PrunelensError("no run directories given")
@@ -875,6 +887,4 @@ def report_from_run_dirs(run_dirs: Iterable[Path], out_html: Path) -> Path:
         figs = _existing_figures(d / "figures") or make_figures(result, d / "figures")
         runs.append((result, figs))
     title = "prunelens report — " + ", ".join(_run_name(r) for r, _ in runs)
-    out = Path(out_html)
-    _atomic_write(out, render_html(runs, title=title))
-    return out
+    return render_html(runs, title=title)

@@ -77,6 +77,17 @@ def _mean(x: torch.Tensor) -> float:
     return float(x.mean())
 
 
+def _shares(choice: torch.Tensor, n_options: int) -> list[float]:
+    """Share of questions on which each option position is chosen: a model that always answers 'A'
+    agrees with any other such model without reading the question, so agreement needs this beside it."""
+    return (torch.bincount(choice, minlength=n_options).double() / max(len(choice), 1)).tolist()
+
+
+def _chance_agreement(choice_d: torch.Tensor, choice_p: torch.Tensor, n_options: int) -> float:
+    """Agreement two independent choosers with these marginals would reach: Σ_k q_dense(k)·q_pruned(k)."""
+    return sum(a * b for a, b in zip(_shares(choice_d, n_options), _shares(choice_p, n_options), strict=True))
+
+
 def option_subspace(lm: LoadedModel, task: str, data_dir: str | Path, modifications: dict[str, Any],
                     limit: int | None = 200, seed: int = 0, temperature: float = 1.0, batch_size: int = 8,
                     progress: bool = True) -> dict[str, Any]:
@@ -85,13 +96,15 @@ def option_subspace(lm: LoadedModel, task: str, data_dir: str | Path, modificati
     idx = torch.tensor(opts)  # (n, options); equal option counts per task
     gold = torch.tensor(golds)
     z_d = next_token_logits(lm, ctxs, None, batch_size, progress, f"{task} dense")
-    acc_dense = _mean((z_d.gather(-1, idx).argmax(-1) == gold).double())
+    choice_d = z_d.gather(-1, idx).argmax(-1)
+    acc_dense = _mean((choice_d == gold).double())
     rows = []
     for label, mod in modifications.items():
         z_p = next_token_logits(lm, ctxs, mod, batch_size, progress, f"{task} {label}")
         full = logit_metrics(z_d, z_p, (temperature,), 10, light=True, chunk_rows=64)
         sub = subspace_metrics(z_d, z_p, idx, temperature)
         t = f"{temperature:g}"
+        choice_p = z_p.gather(-1, idx).argmax(-1)
         rows.append({
             "method": label,
             "full_cos_p": _mean(full[f"cos_p@{t}"]), "full_kl": _mean(full[f"kl@{t}"]),
@@ -99,10 +112,13 @@ def option_subspace(lm: LoadedModel, task: str, data_dir: str | Path, modificati
             "sub_cos": _mean(sub["sub_cos"]), "sub_kl": _mean(sub["sub_kl"]),
             "sub_agree": _mean(sub["sub_agree"]),
             "mass_dense": _mean(sub["mass_dense"]), "mass_pruned": _mean(sub["mass_pruned"]),
-            "acc_dense": acc_dense, "acc_pruned": _mean((z_p.gather(-1, idx).argmax(-1) == gold).double()),
+            "acc_dense": acc_dense, "acc_pruned": _mean((choice_p == gold).double()),
+            "choices_pruned": _shares(choice_p, idx.shape[1]),
+            "chance_agree": _chance_agreement(choice_d, choice_p, idx.shape[1]),
         })
     return {"schema": SCHEMA, "model": lm.info, "task": task, "n": len(golds), "temperature": temperature,
             "limit": limit, "seed": seed, "option_tokens": sorted({int(i) for row in opts for i in row}),
+            "choices_dense": _shares(choice_d, idx.shape[1]),
             "methods": rows}
 
 
@@ -123,6 +139,9 @@ def subspace_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
     a1.set_ylabel("KL(pruned ‖ dense)")
     a2.plot(x, [r["full_top1_agree"] for r in rows], marker="o", label="top-1 token, full vocabulary")
     a2.plot(x, [r["sub_agree"] for r in rows], marker="o", label="chosen option")
+    if all("chance_agree" in r for r in rows):
+        a2.plot(x, [r["chance_agree"] for r in rows], ls="--", color="grey",
+                label="chosen option, chance (same marginals)")
     a2.set_ylim(0, 1.02)
     a2.set_ylabel("agreement with dense")
     for a in (a1, a2):
@@ -141,14 +160,22 @@ def subspace_html(result: dict[str, Any], figs: list[Path]) -> str:
     from .report import CSS, _e, _img
 
     keys = ("method", "full_kl", "sub_kl", "full_cos_p", "sub_cos", "full_top1_agree", "sub_agree",
-            "mass_dense", "mass_pruned", "acc_dense", "acc_pruned")
+            "chance_agree", "mass_dense", "mass_pruned", "acc_dense", "acc_pruned")
     head = "".join(f"<th>{k}</th>" for k in keys)
-    body = "".join("<tr>" + "".join(f"<td>{_e(r[k] if isinstance(r[k], str) else f'{r[k]:.4g}')}</td>"
-                                    for k in keys) + "</tr>" for r in result["methods"])
+    def cell(v: Any) -> str:
+        return "—" if v is None else v if isinstance(v, str) else f"{v:.4g}"
+
+    body = "".join("<tr>" + "".join(f"<td>{_e(cell(r.get(k)))}</td>" for k in keys) + "</tr>"
+                   for r in result["methods"])
+    shares = result.get("choices_dense")
+    prior = ("" if shares is None else "<p>Dense model's choices by option position: "
+             + ", ".join(f"{s:.0%}" for s in shares) + ". chance_agree is the agreement two models with "
+             "these choice shares would reach without reading the question.</p>")
     return "\n".join([
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>prunelens option subspace</title><style>{CSS}</style></head><body>",
         f"<h1>Option subspace — {_e(result['task'])}, {_e(str(result['model'].get('name', '')))}</h1>",
         '<p class="muted">Next-token distribution after each question, dense vs pruned: over the whole '
         "vocabulary and restricted to the answer-option tokens (renormalised). mass = share of p on the "
-        "options.</p>", f"<table><tr>{head}</tr>{body}</table>", *(_img(f) for f in figs), "</body></html>"])
+        "options.</p>", prior, f"<table><tr>{head}</tr>{body}</table>", *(_img(f) for f in figs),
+        "</body></html>"])

@@ -7,6 +7,11 @@
 - ``angular`` (Gromov et al.): for n consecutive blocks starting at l, arccos(cos(h_l, h_{l+n}))/π
   at the last token; the window with the smallest distance is dropped whole (blocks only).
 
+- ``kl`` (prunelens): greedy on the quantity that decides generation — the mean next-token
+  KL(p_pruned ‖ p_dense) over all calibration tokens at the output. Each step tries dropping every
+  remaining unit on top of the units already chosen and keeps the one with the smallest KL.
+  Costs (units × drops) forwards instead of one, and is always iterative.
+
 One-shot scores once and drops the n lowest; iterative re-scores after every drop.
 """
 
@@ -24,7 +29,7 @@ from ..metrics import cosine
 from ..models import LoadedModel
 from .drop import DropPlan, DropRequest, pruned_view
 
-METRICS = ("cosine", "angular")
+METRICS = ("cosine", "angular", "kl")
 
 
 def _stream_states(lm: LoadedModel, plan: DropPlan, calib: torch.Tensor, batch_size: int):
@@ -67,6 +72,25 @@ def angular_scores(lm: LoadedModel, plan: DropPlan, calib: torch.Tensor, width: 
             sums[s] += (torch.arccos(c) / math.pi).sum()
         count += st["resid.0"].shape[0]
     return {s: float(sums[s] / count) for s in starts}
+
+
+@torch.inference_mode()
+def kl_scores(lm: LoadedModel, plan: DropPlan, calib: torch.Tensor, kind: str, candidates: Sequence[int],
+              batch_size: int = 4) -> dict[int, float]:
+    """Mean next-token KL(p_pruned ‖ p_dense), T = 1, over every calibration token, when ``plan``
+    plus unit i of ``kind`` is dropped, for each candidate i. Dense log-probabilities are held one
+    batch at a time (batches outside, candidates inside), so memory does not grow with the text."""
+    sums = dict.fromkeys(candidates, 0.0)
+    count = 0
+    for b0 in range(0, len(calib), batch_size):
+        ids = calib[b0:b0 + batch_size].to(lm.device)
+        lp_d = torch.log_softmax(lm.model(input_ids=ids, use_cache=False).logits.float(), -1)
+        for i in candidates:
+            with pruned_view(lm.adapter, plan.with_unit(kind, i)):
+                lp_p = torch.log_softmax(lm.model(input_ids=ids, use_cache=False).logits.float(), -1)
+            sums[i] += float((lp_p.exp() * (lp_p - lp_d)).sum(-1).clamp_min(0).double().sum())
+        count += ids.shape[0] * ids.shape[1]
+    return {i: v / count for i, v in sums.items()}
 
 
 def _candidates(plan: DropPlan, kind: str, n: int) -> list[int]:
@@ -114,6 +138,18 @@ def select_drop(
             continue
         order: list[int] = []
         first: dict[int, float] | None = None
+        if metric == "kl":
+            for _ in range(req.count):
+                cand = _candidates(plan, req.kind, n)
+                if not cand:
+                    raise PrunelensError(f"not enough {req.kind} units left to drop {req.count}")
+                sc = kl_scores(lm, plan, calib, req.kind, cand, batch_size)
+                first = first or sc
+                pick = min(cand, key=sc.__getitem__)
+                plan = plan.with_unit(req.kind, pick)
+                order.append(pick)
+            scores_log[f"{req}"] = {"order": order, "scores": first}
+            continue
         steps = req.count if iterative else 1
         for _ in range(steps):
             sc = unit_scores(lm, plan, calib, req.kind, batch_size)

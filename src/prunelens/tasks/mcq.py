@@ -282,21 +282,13 @@ def score_items(
     desc: str = "mcq",
 ) -> tuple[list[int], list[int]]:
     """Predicted option per item by acc and by acc_norm."""
-    requests, where = [], []  # where[i][k] = (request index, continuation index)
-    for it in items:
-        groups: dict[str, list[int]] = {}
-        for k, ctx in enumerate(it.contexts):
-            groups.setdefault(ctx, []).append(k)
-        loc: dict[int, tuple[int, int]] = {}
-        for ctx, ks in groups.items():
-            for j, k in enumerate(ks):
-                loc[k] = (len(requests), j)
-            requests.append(Request(ctx, tuple(it.continuations[k] for k in ks)))
-        where.append([loc[k] for k in range(len(it.contexts))])
+    # one request per question; options with their own contexts share the common prefix
+    requests = [Request(it.contexts[0], tuple(it.continuations),
+                        () if len(set(it.contexts)) == 1 else tuple(it.contexts)) for it in items]
     scored = score_requests(lm, requests, modification, batch_size, progress, desc)
     pred, pred_norm = [], []
-    for it, locs in zip(items, where, strict=True):
-        lps = [scored[r].logprobs[j] for r, j in locs]
+    for it, sc in zip(items, scored, strict=True):
+        lps = list(sc.logprobs)
         # per character of the option text, without the delimiter space (as lm-eval's acc_norm)
         norm = [
             lp / max(len(c[1:] if c.startswith(" ") else c), 1)

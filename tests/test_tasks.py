@@ -170,3 +170,34 @@ def test_real_arc_easy_above_chance_and_pruning_changes_scores(lm) -> None:
         lm, "arc_easy", DATA, limit=100, seed=0, modification=select_drop(lm, "block@3,9,15"), progress=False
     )
     assert pruned.indices == dense.indices and pruned.predictions != dense.predictions
+
+
+@pytest.mark.parametrize("mt", ["llama", "gemma3_text", "qwen2", "gemma2"])  # gemma2 soft-caps its logits
+def test_every_scoring_path_equals_a_full_forward_on_tiny_models(mt: str) -> None:
+    """Shared prefix, one sequence per option, one-token options and per-option contexts, with
+    padding inside each batch: each option's log-probability equals that of a plain forward."""
+    from test_arch import _tiny_tokenizer, tiny_model
+
+    from prunelens.arch import Adapter
+    from prunelens.models import LoadedModel
+
+    model = tiny_model(mt)
+    lm = LoadedModel(model, _tiny_tokenizer(), Adapter(model), {"name": f"tiny-{mt}"})
+    reqs = [
+        Request("w3 w4 w5 w6 w7 w8 w9", (" w10 w11", " w12", " w13 w14 w15")),  # shared prefix
+        Request("w20 w21 w22 w23 w24", (" w25 w26", " w27")),
+        Request("w3", (" w30 w31 w32 w33", " w34 w35")),  # short context: one sequence per option
+        Request("w40 w41 w42 w43", (" w44", " w45", " w46")),  # one token each
+        Request("w5 w6", (" w7", " w8")),
+        Request("", (" w60 w61", " w60 w61"), ("w50 w51 w52 w53 w54 w55 w56", "w50 w51 w52 w53 w54 w55 w57")),
+        Request("", (" w62", " w62"), ("w58 w59", "w59 w58")),  # nothing shared
+    ]
+    got = score_requests(lm, reqs, batch_size=2, progress=False)
+    for r, g in zip(reqs, got, strict=True):
+        for k, (cont, lp, greedy) in enumerate(zip(r.continuations, g.logprobs, g.is_greedy, strict=True)):
+            ctx, toks = split_tokens(lm.tokenizer, r.context_of(k), cont)
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([ctx + toks])).logits.float(), -1)[0]
+            want = sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(toks))
+            assert lp == pytest.approx(want, abs=1e-4), (mt, r, k)
+            assert greedy == all(int(logp[len(ctx) - 1 + j].argmax()) == t for j, t in enumerate(toks))

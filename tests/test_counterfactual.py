@@ -15,7 +15,6 @@ from prunelens.capture import capture
 from prunelens.counterfactual import (
     CounterfactualSettings,
     counterfactual,
-    final_logits,
     layer_patch,
     single_layer,
 )
@@ -86,7 +85,7 @@ def test_final_logits_match_the_model_including_softcapping(mt: str) -> None:
     ids = torch.tensor([[5, 6, 7]])
     with torch.no_grad(), capture(lm.adapter, [f"resid.{L}"]) as store:
         z = lm.model(ids).logits
-    torch.testing.assert_close(final_logits(lm.adapter, store[f"resid.{L}"]), z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lm.adapter.final_logits(store[f"resid.{L}"]), z, atol=1e-5, rtol=1e-5)
     if mt == "gemma2":
         assert lm.model.config.final_logit_softcapping
 

@@ -113,6 +113,19 @@ def left_pad(
     return ids.to(device), mask.to(device)
 
 
+def right_pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded at the end, and the mask of real tokens (the twin of ``left_pad``)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[r, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
 def eos_ids(lm: LoadedModel) -> set[int]:
     ids: set[int] = set()
     for src in (lm.tokenizer.eos_token_id, getattr(lm.model.generation_config, "eos_token_id", None)):

@@ -88,11 +88,6 @@ def record_block_calls(adapter: Adapter) -> Iterator[tuple[list[torch.Tensor], l
             h.remove()
 
 
-def final_logits(adapter: Adapter, h: torch.Tensor) -> torch.Tensor:
-    """z = lm_head(final_norm(h)) with the model's final logit soft-capping, if it has one."""
-    return adapter.final_logits(h)
-
-
 def _run_from(adapter: Adapter, start: int, x: torch.Tensor,
               kwargs: Sequence[dict[str, Any]]) -> torch.Tensor:
     for j in range(start, adapter.n_layers):
@@ -136,7 +131,7 @@ def counterfactual(lm: LoadedModel, prompts: Sequence[str], settings: Counterfac
         x_last = store[f"resid.{L}"]  # dense output of the last block
         dense_out = [*inputs[1:], x_last]  # dense output of block i = input of block i + 1
         h_d = adapter.final_norm(x_last)[valid]
-        z_d = final_logits(adapter, x_last)[valid].float()
+        z_d = adapter.final_logits(x_last)[valid].float()
         t_dense += time.perf_counter() - t0
         w = int(valid.sum())
         n_tok += w
@@ -149,7 +144,7 @@ def counterfactual(lm: LoadedModel, prompts: Sequence[str], settings: Counterfac
                 x = _run_from(adapter, i + 1, out_i, kwargs)
                 local = hidden_metrics(dense_out[i][valid], out_i[valid])
                 hm = hidden_metrics(h_d, adapter.final_norm(x)[valid])
-                z_p = final_logits(adapter, x)[valid].float()
+                z_p = adapter.final_logits(x)[valid].float()
                 zm = hidden_metrics(z_d, z_p)
                 pm = logit_metrics(z_d, z_p, (T,), 10, light=True, chunk_rows=64)
                 row = {"cos_local": local["cos"], "orth_frac_local": local["orth_frac"],

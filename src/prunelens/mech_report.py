@@ -7,8 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import PrunelensError
-from .report import CSS, _e, _img
+from .report import CSS, _atomic_write, _e, _img, analysis_page, read_json, report_from_run_dirs
 
 SPACES = (("h", "hidden h (final norm)", "tab:blue"), ("z", "logits z", "tab:orange"),
           ("p", "probabilities p", "tab:red"))
@@ -124,15 +123,13 @@ def counterfactual_html(result: dict[str, Any], figs: list[Path]) -> str:
 def render_other_run(run_dir: Path) -> str | None:
     """The HTML page of a sweep, comparison, counterfactual or subspace run, re-rendered from its
     saved results (figures redrawn, nothing recomputed); None for an analysis run."""
-    import json
-
     d = Path(run_dir)
     if (d / "sweep.json").is_file():
         from .sweep import SweepResult, SweepSpec, cell_path, load_cell
         from .sweep_report import write_outputs
         from .tasks.registry import TaskOptions
 
-        m = json.loads((d / "sweep.json").read_text())
+        m = read_json(d / "sweep.json")
         ident = m["identity"]
         opts = {**ident["options"], "prompts": tuple(ident["options"]["prompts"] or ()) or None}
         spec = SweepSpec(m["model"], m["method"], tuple(m["amounts"]), tuple(m["tasks"]), m["data_dir"],
@@ -145,15 +142,12 @@ def render_other_run(run_dir: Path) -> str | None:
     if (d / "compare.json").is_file() and (d / "results.json").is_file():
         from .compare import compare_figure, compare_html
 
-        combined = json.loads((d / "results.json").read_text())
+        combined = read_json(d / "results.json")
         return compare_html(combined, compare_figure(combined, d / "figures"))
     path = d / "results.json"
     if not path.is_file():
         return None
-    try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PrunelensError(f"'{path}' is not valid JSON: {str(e).splitlines()[0]}") from None
+    result = read_json(path)
     schema = result.get("schema", "") if isinstance(result, dict) else ""
     if schema.startswith("prunelens.counterfactual"):
         figs, html = counterfactual_figures, counterfactual_html
@@ -169,8 +163,6 @@ def render_other_run(run_dir: Path) -> str | None:
 def rebuild_other_report(run_dir: Path) -> Path | None:
     """Rewrite report.html of a sweep, comparison, counterfactual or subspace run; None for an
     analysis run (the caller handles those)."""
-    from .report import _atomic_write
-
     html = render_other_run(run_dir)
     if html is None:
         return None
@@ -188,8 +180,6 @@ def _body(html: str) -> str:
 def combined_report(run_dirs: list[Path], out_html: Path) -> Path:
     """One page for runs of any kind: analysis runs side by side as usual, then every other run
     (sweep, comparison, counterfactual, subspace) in its own column, from saved results only."""
-    from .report import _atomic_write, analysis_page, report_from_run_dirs
-
     others = [(d, render_other_run(d)) for d in run_dirs]
     if all(h is None for _, h in others):
         return report_from_run_dirs(run_dirs, out_html)

@@ -828,17 +828,22 @@ def render_html(runs: list[tuple[dict[str, Any], list[Path]]], title: str = "pru
 # --- run directories ---------------------------------------------------------------------------
 
 
+def read_json(path: Path) -> Any:
+    """A saved JSON file, with a one-line error naming it when it is unreadable or not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PrunelensError(f"'{path}' is not valid JSON: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise PrunelensError(f"cannot read '{path}': {e.strerror or e}") from None
+
+
 def load_result(run_dir: Path) -> dict[str, Any]:
     """results.json of a run directory, checked to be a prunelens analysis."""
     path = Path(run_dir) / "results.json"
     if not path.is_file():
         raise PrunelensError(f"'{run_dir}' has no results.json (not a prunelens run directory)")
-    try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PrunelensError(f"'{path}' is not valid JSON: {str(e).splitlines()[0]}") from None
-    except OSError as e:
-        raise PrunelensError(f"cannot read '{path}': {e.strerror or e}") from None
+    result = read_json(path)
     schema = result.get("schema", "") if isinstance(result, dict) else ""
     if not isinstance(schema, str) or not schema.startswith("prunelens.analysis"):
         raise PrunelensError(f"'{path}' is not a prunelens analysis result (schema {schema!r})")

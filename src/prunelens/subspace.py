@@ -83,9 +83,9 @@ def _shares(choice: torch.Tensor, n_options: int) -> list[float]:
     return (torch.bincount(choice, minlength=n_options).double() / max(len(choice), 1)).tolist()
 
 
-def _chance_agreement(choice_d: torch.Tensor, choice_p: torch.Tensor, n_options: int) -> float:
+def _chance_agreement(shares_d: list[float], shares_p: list[float]) -> float:
     """Agreement two independent choosers with these marginals would reach: Σ_k q_dense(k)·q_pruned(k)."""
-    return sum(a * b for a, b in zip(_shares(choice_d, n_options), _shares(choice_p, n_options), strict=True))
+    return sum(a * b for a, b in zip(shares_d, shares_p, strict=True))
 
 
 def option_subspace(lm: LoadedModel, task: str, data_dir: str | Path, modifications: dict[str, Any],
@@ -98,6 +98,7 @@ def option_subspace(lm: LoadedModel, task: str, data_dir: str | Path, modificati
     z_d = next_token_logits(lm, ctxs, None, batch_size, progress, f"{task} dense")
     choice_d = z_d.gather(-1, idx).argmax(-1)
     acc_dense = _mean((choice_d == gold).double())
+    shares_d = _shares(choice_d, idx.shape[1])
     rows = []
     for label, mod in modifications.items():
         z_p = next_token_logits(lm, ctxs, mod, batch_size, progress, f"{task} {label}")
@@ -105,6 +106,7 @@ def option_subspace(lm: LoadedModel, task: str, data_dir: str | Path, modificati
         sub = subspace_metrics(z_d, z_p, idx, temperature)
         t = f"{temperature:g}"
         choice_p = z_p.gather(-1, idx).argmax(-1)
+        shares_p = _shares(choice_p, idx.shape[1])
         rows.append({
             "method": label,
             "full_cos_p": _mean(full[f"cos_p@{t}"]), "full_kl": _mean(full[f"kl@{t}"]),
@@ -113,12 +115,11 @@ def option_subspace(lm: LoadedModel, task: str, data_dir: str | Path, modificati
             "sub_agree": _mean(sub["sub_agree"]),
             "mass_dense": _mean(sub["mass_dense"]), "mass_pruned": _mean(sub["mass_pruned"]),
             "acc_dense": acc_dense, "acc_pruned": _mean((choice_p == gold).double()),
-            "choices_pruned": _shares(choice_p, idx.shape[1]),
-            "chance_agree": _chance_agreement(choice_d, choice_p, idx.shape[1]),
+            "choices_pruned": shares_p, "chance_agree": _chance_agreement(shares_d, shares_p),
         })
     return {"schema": SCHEMA, "model": lm.info, "task": task, "n": len(golds), "temperature": temperature,
             "limit": limit, "seed": seed, "option_tokens": sorted({int(i) for row in opts for i in row}),
-            "choices_dense": _shares(choice_d, idx.shape[1]),
+            "choices_dense": shares_d,
             "methods": rows}
 
 

@@ -25,7 +25,7 @@ import torch
 
 from ..capture import capture, resid_names
 from ..errors import PrunelensError
-from ..metrics import cosine
+from ..metrics import cosine, kl_div
 from ..models import LoadedModel
 from .drop import DropPlan, DropRequest, pruned_view
 
@@ -88,7 +88,7 @@ def kl_scores(lm: LoadedModel, plan: DropPlan, calib: torch.Tensor, kind: str, c
         for i in candidates:
             with pruned_view(lm.adapter, plan.with_unit(kind, i)):
                 lp_p = torch.log_softmax(lm.model(input_ids=ids, use_cache=False).logits.float(), -1)
-            sums[i] += float((lp_p.exp() * (lp_p - lp_d)).sum(-1).clamp_min(0).double().sum())
+            sums[i] += float(kl_div(lp_p, lp_d).double().sum())
         count += ids.shape[0] * ids.shape[1]
     return {i: v / count for i, v in sums.items()}
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..analysis import forward_cached, left_pad, pad_id
+from ..analysis import forward_cached, left_pad, pad_id, right_pad
 from ..errors import PrunelensError
 from ..models import LoadedModel
 from ..prune import view_of
@@ -136,7 +136,6 @@ def score_requests(
                     out_lp[ri][oi], out_n[ri][oi], out_g[ri][oi] = x, 1, h
             bar.update(1)
         for b0 in range(0, len(order), batch_size):
-            bar.update(1)
             batch = [rows[i] for i in order[b0:b0 + batch_size]]
             ids, mask = left_pad([b[1] for b in batch], pad, dev)
             cache = DynamicCache(config=model.config)
@@ -146,13 +145,10 @@ def score_requests(
             _repeat_cache(cache, rep_t)
             conts = [c for b in batch for c in b[2]]
             n_scored = [k for b in batch for k in b[3]]
-            width = max(len(c) for c in conts)
-            cont_ids = torch.full((len(conts), width), pad, dtype=torch.long, device=dev)
-            cont_mask = torch.zeros((len(conts), width), dtype=torch.long, device=dev)
-            score_mask = torch.zeros((len(conts), width), dtype=torch.long, device=dev)
+            cont_ids, cont_mask = right_pad(conts, pad, dev)
+            width = cont_ids.shape[1]
+            score_mask = torch.zeros_like(cont_mask)
             for r, (c, k) in enumerate(zip(conts, n_scored, strict=True)):
-                cont_ids[r, :len(c)] = torch.tensor(c, device=dev)
-                cont_mask[r, :len(c)] = 1
                 score_mask[r, len(c) - k:len(c)] = 1  # the option's own tokens end the remainder
             full_mask = torch.cat([mask.repeat_interleave(rep_t, 0), cont_mask], 1)
             cpos = (full_mask.cumsum(-1) - 1).clamp_min(0)[:, -width:]
@@ -160,9 +156,9 @@ def score_requests(
                            past_key_values=cache, use_cache=True).logits.float()
             # logits predicting cont token j: z0 for j = 0, logits[:, j-1] after
             pred = torch.cat([z0.repeat_interleave(rep_t, 0).unsqueeze(1), logits[:, :-1]], 1)
-            # log p(token) = z[token] - logsumexp(z): no vocabulary-wide log-softmax tensor
-            tok_lp = (pred.gather(-1, cont_ids.unsqueeze(-1)).squeeze(-1) - pred.logsumexp(-1)) * score_mask
-            greedy = ((pred.argmax(-1) == cont_ids) | (score_mask == 0)).all(-1)
+            lp, hit = _token_logprobs(pred, cont_ids)
+            tok_lp = lp * score_mask
+            greedy = (hit | (score_mask == 0)).all(-1)
             r = 0
             for ri, _, _, ks, ois in batch:
                 for oi, k in zip(ois, ks, strict=True):
@@ -170,6 +166,7 @@ def score_requests(
                     out_n[ri][oi] = k
                     out_g[ri][oi] = bool(greedy[r])
                     r += 1
+            bar.update(1)
     bar.close()
     return [Scored(tuple(a), tuple(n), tuple(g)) for a, n, g in zip(out_lp, out_n, out_g, strict=True)]
 
@@ -192,9 +189,7 @@ def _logits_at(lm: LoadedModel, seqs: Sequence[list[int]], at: Sequence[Sequence
     """
     from ..capture import capture
 
-    ids = torch.full((len(seqs), max(map(len, seqs))), pad, dtype=torch.long, device=dev)
-    for r, s in enumerate(seqs):
-        ids[r, :len(s)] = torch.tensor(s, device=dev)
+    ids, _ = right_pad(seqs, pad, dev)
     with capture(lm.adapter, ["final"]) as store:
         lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
     rows = torch.tensor([r for r, a in enumerate(at) for _ in a], device=dev)
@@ -203,9 +198,11 @@ def _logits_at(lm: LoadedModel, seqs: Sequence[list[int]], at: Sequence[Sequence
     return list(z.split([len(a) for a in at]))
 
 
-def _token_logprobs(z: torch.Tensor, tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(token) = z[token] − logsumexp(z) (no vocabulary-wide log-softmax), and greedy hits."""
-    t = torch.tensor(tokens, device=z.device)
+def _token_logprobs(z: torch.Tensor,
+                    tokens: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(token) = z[token] − logsumexp(z) (no vocabulary-wide log-softmax tensor), and whether
+    each token is the argmax; ``z`` has one vocabulary row per token (any leading shape)."""
+    t = torch.as_tensor(tokens, device=z.device)
     return z.gather(-1, t.unsqueeze(-1)).squeeze(-1) - z.logsumexp(-1), z.argmax(-1) == t
 
 
@@ -227,8 +224,11 @@ def _score_single(lm: LoadedModel, groups: Sequence[tuple[list[int], list[int]]]
     """Options that are one token each (MMLU letters, BoolQ's no/yes): all read from the one
     next-token distribution after the context, so a single forward of the context suffices."""
     zs = _logits_at(lm, [c for c, _ in groups], [[len(c) - 1] for c, _ in groups], pad, dev)
-    return [_token_logprobs(z[0].expand(len(toks), -1), toks)
-            for z, (_, toks) in zip(zs, groups, strict=True)]
+    out = []
+    for z, (_, toks) in zip(zs, groups, strict=True):  # z: the one next-token row, (1, vocab)
+        t = torch.as_tensor(toks, device=z.device)
+        out.append((z[0, t] - z[0].logsumexp(-1), z[0].argmax() == t))
+    return out
 
 
 def _repeat_cache(cache: Any, reps: torch.Tensor) -> None:

@@ -101,29 +101,30 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat_template: bool =
     return out
 
 
-def left_pad(
-    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device,
+              left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded to one width, and the mask of real tokens. Left padding lines up the last
+    tokens (for decoding from a cache); right padding keeps positions 0.. (for scoring whole rows)."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for r, s in enumerate(seqs):
-        ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[r, width - len(s):] = 1
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[r, cols] = torch.tensor(s, dtype=torch.long)
+        mask[r, cols] = 1
     return ids.to(device), mask.to(device)
+
+
+def left_pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return pad_batch(seqs, pad_id, device, left=True)
 
 
 def right_pad(
     seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids padded at the end, and the mask of real tokens (the twin of ``left_pad``)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[r, :len(s)] = 1
-    return ids.to(device), mask.to(device)
+    return pad_batch(seqs, pad_id, device, left=False)
 
 
 def eos_ids(lm: LoadedModel) -> set[int]:

@@ -132,7 +132,8 @@ class _CacheKeeper(nn.Module):
         self.layer_idx, self.n_kv, self.head_dim = layer_idx, n_kv, head_dim
 
     def _keep_cache(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
-        cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+        # the keyword is `cache` from transformers 5.24, `past_key_values`/`past_key_value` before
+        cache = next((kwargs[k] for k in ("cache", "past_key_values", "past_key_value") if k in kwargs), None)
         if cache is not None:
             b, t = hidden.shape[:2]
             kv = hidden.new_zeros(b, self.n_kv, t, self.head_dim)

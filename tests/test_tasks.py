@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import prunelens.tasks.loglik as loglik
 import prunelens.tasks.mcq as mcq
 from prunelens import load_model
 from prunelens.errors import PrunelensError
@@ -172,11 +173,17 @@ def test_real_arc_easy_above_chance_and_pruning_changes_scores(lm) -> None:
     assert pruned.indices == dense.indices and pruned.predictions != dense.predictions
 
 
-@pytest.mark.parametrize("mt", ["llama", "gemma3_text", "qwen2", "gemma2"])  # gemma2 soft-caps its logits
-def test_every_scoring_path_equals_a_full_forward_on_tiny_models(mt: str) -> None:
-    """Shared prefix, one sequence per option, one-token options and per-option contexts, with
-    padding inside each batch: each option's log-probability equals that of a plain forward."""
+@pytest.mark.parametrize("row_tokens", [256, 5])  # 5: one request a row, rows of unequal width
+@pytest.mark.parametrize("mt", ["llama", "gemma3_text", "qwen2", "gemma2", "mistral", "phi3"])
+def test_every_scoring_path_equals_a_full_forward_on_tiny_models(mt: str, row_tokens: int,
+                                                                monkeypatch) -> None:
+    """Packed trees (shared prefix, per-option branches, several requests a row, padded rows),
+    one-token options and per-option contexts: each option's log-probability equals that of a
+    plain forward. The tiny sliding-window models (window 4; Gemma 2 also soft-caps its logits)
+    send requests longer than the window down the unpacked path and pack the shorter ones."""
     from test_arch import _tiny_tokenizer, tiny_model
+
+    monkeypatch.setattr(loglik, "ROW_TOKENS", row_tokens)
 
     from prunelens.arch import Adapter
     from prunelens.models import LoadedModel
@@ -201,3 +208,34 @@ def test_every_scoring_path_equals_a_full_forward_on_tiny_models(mt: str) -> Non
             want = sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(toks))
             assert lp == pytest.approx(want, abs=1e-4), (mt, r, k)
             assert greedy == all(int(logp[len(ctx) - 1 + j].argmax()) == t for j, t in enumerate(toks))
+
+
+def test_a_request_packs_as_a_prefix_and_one_branch_per_option() -> None:
+    # context [1, 2, 3]; options [4, 5] and [6]: the inputs (less each last token) are [1, 2, 3, 4]
+    # and [1, 2, 3]; they share [1, 2, 3]; option 0's branch is [4], option 1 needs none
+    t = loglik._tree(7, [([1, 2, 3], [4, 5]), ([1, 2, 3], [6])], [0, 1])
+    assert (t.req, t.tokens, t.positions, t.branch) == (7, [1, 2, 3, 4], [0, 1, 2, 3], [0, 0, 0, 1])
+    assert t.where == [[(4, 2), (5, 3)], [(6, 2)]]  # (token, packed index predicting it)
+    # per-option contexts (WinoGrande): prefix [1, 2], branches [3, 9] and [4, 9] at positions 2, 3
+    u = loglik._tree(0, [([1, 2, 3], [9, 8]), ([1, 2, 4], [9, 8])], [0, 1])
+    assert (u.tokens, u.positions, u.branch) == ([1, 2, 3, 9, 4, 9], [0, 1, 2, 3, 2, 3], [0, 0, 1, 1, 2, 2])
+    assert u.where == [[(9, 2), (8, 3)], [(9, 4), (8, 5)]]
+
+
+def test_packed_rows_mask_siblings_other_requests_and_padding() -> None:
+    a = loglik._tree(0, [([1, 2], [3, 4]), ([1, 2], [5, 6])], [0, 1])  # tokens [1, 2, 3, 5]
+    b = loglik._tree(1, [([7], [8])], [0])  # tokens [7]
+    c = loglik._tree(2, [([9], [10, 11])], [0])  # tokens [9, 10]
+    rows = loglik._pack([a, b, c], row_tokens=5)
+    assert [[t.req for t in r] for r in rows] == [[0, 1], [2]]  # first fit, fullest row first
+    ids, pos, mask = loglik._row_tensors(rows, pad=0, dtype=torch.float32, dev=torch.device("cpu"))
+    assert ids.tolist() == [[1, 2, 3, 5, 7], [9, 10, 0, 0, 0]]
+    assert pos.tolist() == [[0, 1, 2, 2, 0], [0, 1, 0, 0, 0]]
+    seen = (mask[:, 0] == 0).int().tolist()
+    assert seen[0] == [[1, 0, 0, 0, 0],
+                       [1, 1, 0, 0, 0],
+                       [1, 1, 1, 0, 0],   # branch of option 0
+                       [1, 1, 0, 1, 0],   # option 1's branch sees the prefix, not its sibling
+                       [0, 0, 0, 0, 1]]   # the next request sees only itself
+    assert seen[1] == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 1]]
+    assert float(mask.min()) == torch.finfo(torch.float32).min

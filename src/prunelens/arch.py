@@ -135,6 +135,19 @@ class Adapter:
         c = self.config
         return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
 
+    @property
+    def attention_window(self) -> int | None:
+        """Sliding-window length if any layer attends through one (Gemma 2/3, Mistral), else None:
+        code that hands the model its own attention mask must keep sequences within it."""
+        c = self.config
+        window = getattr(c, "sliding_window", None)
+        if not window:
+            return None
+        types = getattr(c, "layer_types", None)
+        if types:
+            return int(window) if "sliding_attention" in types else None
+        return int(window) if getattr(c, "use_sliding_window", True) else None
+
     def logits_from_hidden(self, h):
         """z = lm_head(final_norm(h)): the logit lens applied to a residual-stream state."""
         return self.lm_head(self.final_norm(h))

@@ -240,6 +240,46 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--overwrite", action="store_true")
     ss.add_argument("--quiet", action="store_true")
 
+    pa = sub.add_parser("paired", help="the same questions as multiple choice and as free generation, dense "
+                                       "vs each pruning: both accuracies and the paired gap")
+    _add_model_args(pa)
+    pa.add_argument("--task", required=True, help="arc_easy, arc_challenge, mmlu or gsm8k")
+    pa.add_argument("--data-dir", required=True)
+    pa.add_argument("--method", action="append", default=[], required=True, metavar="SPEC",
+                    help="repeatable: attn:4, mlp:2, wanda:0.5, sparsegpt:2:4, gptq:w4g128, ...")
+    pa.add_argument("--style", default="cloze", choices=["cloze", "letters"],
+                    help="cloze (default): option log-likelihood vs free answer to the bare question; "
+                         "letters: lettered options for both, next-token letter vs free reply")
+    pa.add_argument("--select", default="all", choices=["all", "dense-correct"],
+                    help="dense-correct: keep only the questions the dense model gets right in both formats "
+                         "(--limit then sizes the pool); for models near chance")
+    pa.add_argument("--limit", type=int, default=100, help="seeded sample of questions (default 100)")
+    pa.add_argument("--shots", type=int, default=5, help="GSM8K exemplars (default 5)")
+    pa.add_argument("--importance", default="cosine", choices=["cosine", "angular", "kl"])
+    pa.add_argument("--calib")
+    pa.add_argument("--calib-samples", type=int)
+    pa.add_argument("--calib-len", type=int)
+    pa.add_argument("--batch-size", type=int, default=8)
+    pa.add_argument("--no-chat-template", action="store_true")
+    pa.add_argument("--out", help="run directory (default runs/<time>-<model>-paired-<task>)")
+    pa.add_argument("--overwrite", action="store_true")
+    pa.add_argument("--quiet", action="store_true")
+
+    ad = sub.add_parser("advise", help="rank candidate prunings that meet a memory budget by predicted risk "
+                                       "for your use (cheap signals, no benchmark)")
+    _add_model_args(ad)
+    ad.add_argument("--budget", required=True, help="share of the decoder's weight memory to save, e.g. 25%%")
+    ad.add_argument("--use", required=True, choices=["generative", "multiple-choice", "retrieval"])
+    ad.add_argument("--candidates", help="comma-separated specs to score instead of the automatic set "
+                                         "(e.g. attn:8,wanda:0.3,gptq:w4g128)")
+    ad.add_argument("--prompts", help="prompt file (.txt, one a line, or .jsonl); default: built-in prompts")
+    ad.add_argument("--steps", type=int, default=32, help="decoding steps per prompt (default 32)")
+    ad.add_argument("--calib", help="calibration text for drop ranking and weight methods")
+    ad.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default 16)")
+    ad.add_argument("--out", help="run directory (default runs/<time>-<model>-advise)")
+    ad.add_argument("--overwrite", action="store_true")
+    ad.add_argument("--quiet", action="store_true")
+
     rep = sub.add_parser("report", help="rebuild the HTML report from saved run directories")
     rep.add_argument("runs", nargs="+", help="run directories (several are shown side by side)")
     rep.add_argument("--out", help="HTML file (default RUN/report.html for one run, else report.html)")
@@ -595,6 +635,71 @@ def cmd_subspace(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_paired(args: argparse.Namespace) -> int:
+    from .api import build_modification, spec_kind
+    from .models import load_model
+    from .paired_eval import check_paired_task, paired_eval, paired_figures, paired_html
+    from .runs import check_out_dir, default_run_dir, write_run
+
+    for s in args.method:
+        spec_kind(s)
+    check_paired_task(args.task, args.data_dir)
+    _positive("--limit", args.limit)
+    _positive("--batch-size", args.batch_size)
+    if args.shots < 0:
+        raise PrunelensError(f"--shots must be at least 0, got {args.shots}")
+    out = Path(args.out) if args.out else default_run_dir(args.model, f"paired-{args.task}")
+    check_out_dir(out, args.overwrite)
+    lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    mods = {s: build_modification(lm, s, args.calib, args.calib_samples, args.calib_len, args.seed,
+                                  args.importance, progress=not args.quiet) for s in args.method}
+    res = paired_eval(lm, args.task, args.data_dir, mods, args.limit, args.seed, args.style, args.select,
+                      args.shots, args.batch_size, not args.no_chat_template, progress=not args.quiet)
+    write_run(res, out, overwrite=args.overwrite, figures=paired_figures, html=paired_html)
+    d = res["dense"]
+    print(f"{args.task} ({args.style}, {args.select}): {res['n']} of {res['pool']} questions; dense MCQ "
+          f"{d['mcq_acc']:.3f}, generative {d['gen_acc']:.3f} (chance {res['chance']:.3f})")
+    print(f"{'method':16s} {'MCQ':>6s} {'gen':>6s} {'MCQ drop':>8s} {'gen drop':>8s} {'gap [95% CI]':>22s}")
+    for r in res["methods"]:
+        print(f"{r['method']:16s} {r['mcq_pruned']:6.3f} {r['gen_pruned']:6.3f} {r['mcq_drop']:8.3f} "
+              f"{r['gen_drop']:8.3f} {r['gap']:+7.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]")
+    print(f"report: {out / 'report.html'}")
+    return 0
+
+
+def cmd_advise(args: argparse.Namespace) -> int:
+    from .advise import advise, advise_html, parse_budget
+    from .api import spec_kind
+    from .data import builtin_prompts, read_texts
+    from .models import load_model
+    from .runs import check_out_dir, default_run_dir, write_run
+
+    budget = parse_budget(args.budget)
+    specs = [s.strip() for s in args.candidates.split(",") if s.strip()] if args.candidates else None
+    for s in specs or ():
+        spec_kind(s)
+    _positive("--steps", args.steps)
+    _positive("--calib-samples", args.calib_samples)
+    prompts = read_texts(args.prompts, "prompt") if args.prompts else builtin_prompts()
+    if args.calib:
+        read_texts(args.calib, "calibration")
+    out = Path(args.out) if args.out else default_run_dir(args.model, f"advise-{args.use}")
+    check_out_dir(out, args.overwrite)
+    lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    res = advise(lm, budget, args.use, prompts, specs, args.calib, args.calib_samples, args.steps, args.seed,
+                 progress=not args.quiet)
+    write_run(res, out, overwrite=args.overwrite, figures=lambda r, d: [], html=advise_html)
+    print(f"{'candidate':16s} {'risk':>6s} {'saved':>6s} {'decode':>7s}  risk gen / MCQ / retrieval")
+    for r in res["rows"]:
+        flag = "" if r["meets_budget"] else "  (below budget)"
+        print(f"{r['spec']:16s} {r['risk']:6.3f} {r['saved']:6.1%} {r['decode_speedup']:6.2f}x  "
+              f"{r['risk_generative']:.3f} / {r['risk_multiple_choice']:.3f} / "
+              f"{r['risk_retrieval']:.4f}{flag}")
+    print(f"recommendation: {res['recommendation']}")
+    print(f"report: {out / 'report.html'}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .mech_report import combined_report, rebuild_other_report
 
@@ -625,7 +730,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 COMMANDS = {"analyze": cmd_analyze, "prune": cmd_prune, "ppl": cmd_ppl, "eval": cmd_eval, "sweep": cmd_sweep,
             "counterfactual": cmd_counterfactual, "compare": cmd_compare,
-            "subspace": cmd_subspace, "rank": cmd_rank,
+            "subspace": cmd_subspace, "paired": cmd_paired, "advise": cmd_advise, "rank": cmd_rank,
             "report": cmd_report, "models": cmd_models}
 
 

@@ -155,6 +155,14 @@ def render_other_run(run_dir: Path) -> str | None:
         from .subspace import subspace_figures, subspace_html
 
         figs, html = subspace_figures, subspace_html
+    elif schema.startswith("prunelens.paired"):
+        from .paired_eval import paired_figures, paired_html
+
+        figs, html = paired_figures, paired_html
+    elif schema.startswith("prunelens.advise"):
+        from .advise import advise_html
+
+        return advise_html(result, [])
     else:
         return None
     return html(result, figs(result, d / "figures"))

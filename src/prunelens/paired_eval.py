@@ -1,0 +1,322 @@
+"""Format-paired evaluation: the same questions asked as multiple choice and as free generation.
+
+Knowledge loss and format are told apart by reading one set of questions twice, dense and pruned,
+each format run the way it is conventionally run:
+
+- style ``cloze`` (ARC, MMLU; the default): multiple choice is lm-eval's log-likelihood of each
+  option text after ``Question: ..\nAnswer:`` (one teacher-forced pass, no decoding); generation
+  is the question alone as a chat turn, greedy, the answer matched to the option it names.
+- style ``letters``: the question with lettered options as a chat turn for both; multiple choice
+  is the argmax of the next-token logits over the letters (one step, the option subspace), and
+  generation is the free reply, matched to an option's text or a bare letter. Needs a model that
+  reads lettered options (the 135M default answers "A" to most questions).
+- GSM8K: multiple choice offers the gold number among three distractors derived from it (letters);
+  generation is few-shot chain of thought scored on the number.
+
+``select="dense-correct"`` keeps only the questions the dense model gets right in *both* formats,
+so that a model near chance still yields a measurable retention signal. The paired gap (MCQ drop −
+generative drop, bootstrap CI over questions) comes from ``tasks.paired``; this is the plumbing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import PrunelensError
+from .models import LoadedModel
+from .subspace import _chance_agreement, _shares, next_token_logits
+from .tasks.generate import generate, render
+from .tasks.loglik import Request, score_requests
+from .tasks.mcq import read_jsonl, sample_indices
+from .tasks.paired import LETTERS, gsm8k_options, match_choice, paired_gap
+
+SCHEMA = "prunelens.paired/1"
+FILES = {"arc_easy": "arc_easy_test.jsonl", "arc_challenge": "arc_challenge_test.jsonl",
+         "mmlu": "mmlu_test.jsonl.gz", "gsm8k": "gsm8k_test.jsonl"}
+PAIRED_TASKS = tuple(FILES)
+STYLES = ("cloze", "letters")
+SELECTS = ("all", "dense-correct")
+GEN_TOKENS = 40
+"""Free answers are read from their start: a longer budget only lets a drifting (pruned) model name
+more options, which counts as no answer."""
+
+
+@dataclass(frozen=True)
+class PairedQuestion:
+    """One question in both formats; ``target`` is GSM8K's gold number (None elsewhere)."""
+
+    index: int
+    question: str
+    choices: tuple[str, ...]
+    gold: int
+    target: float | None = None
+
+
+def check_paired_task(task: str, data_dir: str | Path | None) -> Path:
+    """The task's data file, or a one-line error naming what is wrong."""
+    if task not in FILES:
+        raise PrunelensError(f"unknown paired task '{task}'; paired tasks: {', '.join(PAIRED_TASKS)}")
+    if data_dir is None:
+        raise PrunelensError(f"paired task '{task}' needs --data-dir")
+    path = Path(data_dir) / FILES[task]
+    if not path.is_file():
+        raise PrunelensError(f"paired task '{task}' needs {FILES[task]} in {data_dir}, which is absent")
+    return path
+
+
+def paired_questions(task: str, data_dir: str | Path, limit: int | None, seed: int,
+                     shots: int = 0) -> list[PairedQuestion]:
+    """A seeded sample of the task's questions; GSM8K's first ``shots`` rows are exemplars, never
+    asked (the same pool and sample ``evaluate_gsm8k`` uses, so the two sides stay paired)."""
+    path = check_paired_task(task, data_dir)
+    if task == "gsm8k":
+        from .tasks.gsm8k import normalise
+
+        rows = read_jsonl(path, {"question": str, "answer": str, "target": str})
+        if shots < 0 or shots >= len(rows):
+            raise PrunelensError(f"--shots must be in 0..{len(rows) - 1}, got {shots}")
+        pool = list(range(shots, len(rows)))
+        out = []
+        for i in (pool[j] for j in sample_indices(len(pool), limit, seed)):
+            target = normalise(rows[i]["target"])
+            if target is None:
+                raise PrunelensError(f"{path}: row {i + 1}: target {rows[i]['target']!r} is not a number")
+            choices, gold = gsm8k_options(target, i)
+            out.append(PairedQuestion(i, rows[i]["question"].strip(), tuple(choices), gold, target))
+        return out
+    rows = read_jsonl(path, {"question": str, "choices": list, "answer": int})
+    out = []
+    for i in sample_indices(len(rows), limit, seed):
+        r = rows[i]
+        if not 2 <= len(r["choices"]) <= len(LETTERS):
+            raise PrunelensError(f"{path}: row {i + 1}: needs 2..{len(LETTERS)} choices")
+        if not 0 <= r["answer"] < len(r["choices"]):
+            raise PrunelensError(f"{path}: row {i + 1}: answer index {r['answer']} outside the choices")
+        out.append(PairedQuestion(i, r["question"].strip(), tuple(map(str, r["choices"])), r["answer"]))
+    return out
+
+
+def _listing(q: PairedQuestion) -> str:
+    return q.question + "".join(f"\n{LETTERS[k]}. {c}" for k, c in enumerate(q.choices))
+
+
+def mcq_prompt(q: PairedQuestion) -> str:
+    return f"{_listing(q)}\nAnswer with the letter of the correct option."
+
+
+def gen_prompt(q: PairedQuestion) -> str:
+    return f"{_listing(q)}\nAnswer with the text of the correct option."
+
+
+def letter_ids(tokenizer: Any, n: int) -> list[int]:
+    """Token id of each option letter as the reply's first token (one token each, all distinct)."""
+    ids = []
+    for letter in LETTERS[:n]:
+        toks = tokenizer(letter, add_special_tokens=False)["input_ids"]
+        if len(toks) != 1:
+            raise PrunelensError(f"option letter {letter!r} is {len(toks)} tokens for this tokenizer")
+        ids.append(toks[0])
+    if len(set(ids)) != n:
+        raise PrunelensError("two option letters share a token")
+    return ids
+
+
+def free_answer(text: str, choices: Sequence[str]) -> int | None:
+    """The option a generated answer gives: the whole text names exactly one, else its first line does."""
+    k = match_choice(text, choices)
+    if k is None:
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        k = match_choice(first, choices) if first != text else None
+    return k
+
+
+@dataclass(frozen=True)
+class _Setup:
+    task: str
+    style: str
+    data_dir: str | Path
+    limit: int | None
+    seed: int
+    shots: int
+    batch_size: int
+    chat_template: bool
+    progress: bool
+
+
+def _gsm8k_generative(lm: LoadedModel, s: _Setup, qs: Sequence[PairedQuestion],
+                      modification: Any) -> list[float]:
+    from .tasks.gsm8k import evaluate_gsm8k
+
+    res = evaluate_gsm8k(lm, s.data_dir, s.limit, s.seed, s.shots, modification, s.batch_size, 256,
+                         s.chat_template, s.progress)
+    by_index = {s["index"]: s for s in res.samples}
+    if sorted(by_index) != sorted(q.index for q in qs):
+        raise PrunelensError("internal: GSM8K generative and multiple-choice samples differ")
+    return [float(by_index[q.index]["flexible"] is not None and q.target is not None
+                  and math.isclose(by_index[q.index]["flexible"], q.target)) for q in qs]
+
+
+def _mcq_choices(lm: LoadedModel, s: _Setup, qs: Sequence[PairedQuestion], modification: Any,
+                 label: str) -> list[int]:
+    if s.style == "letters" or s.task == "gsm8k":
+        ctx = [render(lm.tokenizer, [{"role": "user", "content": mcq_prompt(q)}], s.chat_template)
+               for q in qs]
+        z = next_token_logits(lm, ctx, modification, s.batch_size, s.progress, f"{s.task} mcq {label}")
+        return [int(zq[torch.tensor(letter_ids(lm.tokenizer, len(q.choices)))].argmax())
+                for q, zq in zip(qs, z, strict=True)]
+    reqs = [Request(f"Question: {q.question}\nAnswer:", tuple(f" {c}" for c in q.choices)) for q in qs]
+    scored = score_requests(lm, reqs, modification, s.batch_size, s.progress, f"{s.task} mcq {label}")
+    return [max(range(len(sc.logprobs)), key=sc.logprobs.__getitem__) for sc in scored]
+
+
+def _side(lm: LoadedModel, s: _Setup, qs: Sequence[PairedQuestion], modification: Any,
+          label: str) -> dict[str, Any]:
+    """Both formats for one model (dense or modified): per-question outcomes and readouts."""
+    choice = _mcq_choices(lm, s, qs, modification, label)
+    mcq_hits = [float(c == q.gold) for c, q in zip(choice, qs, strict=True)]
+    if s.task == "gsm8k":
+        gen_hits = _gsm8k_generative(lm, s, qs, modification)
+        answers: list[int | None] = [q.gold if h else None for q, h in zip(qs, gen_hits, strict=True)]
+        texts = [""] * len(qs)
+    else:
+        letters = s.style == "letters"
+        turns = [[{"role": "user", "content": gen_prompt(q) if letters else q.question}] for q in qs]
+        prompts = [render(lm.tokenizer, t, s.chat_template) for t in turns]
+        texts = generate(lm, prompts, GEN_TOKENS, () if letters else ("\n\n",), modification, s.batch_size,
+                         s.progress, desc=f"{s.task} generate {label}")
+        answers = [free_answer(t, q.choices) for t, q in zip(texts, qs, strict=True)]
+        gen_hits = [float(a == q.gold) for a, q in zip(answers, qs, strict=True)]
+    n_opt = {len(q.choices) for q in qs}
+    shares = _shares(torch.tensor(choice), n_opt.pop()) if len(n_opt) == 1 else None
+    return {"mcq_choice": choice, "mcq_hits": mcq_hits, "gen_answer": answers, "gen_hits": gen_hits,
+            "gen_text": texts, "mcq_shares": shares}
+
+
+def _subset(side: dict[str, Any], keep: Sequence[int]) -> dict[str, Any]:
+    return {k: (v if k == "mcq_shares" else [v[i] for i in keep]) for k, v in side.items()}
+
+
+def paired_eval(lm: LoadedModel, task: str, data_dir: str | Path, modifications: dict[str, Any],
+                limit: int | None = 100, seed: int = 0, style: str = "cloze", select: str = "all",
+                shots: int = 5, batch_size: int = 8, chat_template: bool = True, n_boot: int = 2000,
+                progress: bool = True) -> dict[str, Any]:
+    """Dense and each modification on the same questions in both formats, with the paired gap.
+    With ``select="dense-correct"``, ``limit`` sizes the pool the subset is drawn from."""
+    if style not in STYLES:
+        raise PrunelensError(f"unknown paired style '{style}'; styles: {', '.join(STYLES)}")
+    if select not in SELECTS:
+        raise PrunelensError(f"unknown selection '{select}'; choose {' or '.join(SELECTS)}")
+    pool = paired_questions(task, data_dir, limit, seed, shots if task == "gsm8k" else 0)
+    setup = _Setup(task, style, data_dir, limit, seed, shots, batch_size, chat_template, progress)
+    dense_pool = _side(lm, setup, pool, None, "dense")
+    keep = list(range(len(pool)))
+    if select == "dense-correct":
+        keep = [i for i in keep if dense_pool["mcq_hits"][i] and dense_pool["gen_hits"][i]]
+        if not keep:
+            raise PrunelensError(f"the dense model answers none of the {len(pool)} questions right in both "
+                                 "formats; use a larger --limit or --select all")
+    qs = [pool[i] for i in keep]
+    dense = _subset(dense_pool, keep)
+    rows = []
+    for label, mod in modifications.items():
+        # GSM8K's generative side draws its own sample (the pool): run the pool, keep the subset
+        side = _subset(_side(lm, setup, pool, mod, label), keep) if task == "gsm8k" else \
+            _side(lm, setup, qs, mod, label)
+        gap = paired_gap(dense["mcq_hits"], side["mcq_hits"], dense["gen_hits"], side["gen_hits"],
+                         n_boot=n_boot, seed=seed)
+        agree = sum(a == b for a, b in zip(dense["mcq_choice"], side["mcq_choice"], strict=True)) / len(qs)
+        rows.append({"method": label, **gap.__dict__,
+                     "mcq_agree": agree,
+                     "mcq_chance_agree": (None if dense["mcq_shares"] is None or side["mcq_shares"] is None
+                                          else _chance_agreement(dense["mcq_shares"], side["mcq_shares"])),
+                     "gen_answered": _answered(side), "mcq_shares": side["mcq_shares"],
+                     "per_question": _per_question(side)})
+    return {"schema": SCHEMA, "model": lm.info, "task": task, "style": style, "select": select,
+            "pool": len(pool), "n": len(qs), "limit": limit, "seed": seed,
+            "shots": shots if task == "gsm8k" else None, "chat_template": chat_template,
+            "chance": sum(1 / len(q.choices) for q in qs) / len(qs), "gen_tokens": GEN_TOKENS,
+            "dense_pool": {"mcq_acc": _mean(dense_pool["mcq_hits"]), "gen_acc": _mean(dense_pool["gen_hits"]),
+                           "gen_answered": _answered(dense_pool), "mcq_shares": dense_pool["mcq_shares"]},
+            "dense": {"mcq_acc": _mean(dense["mcq_hits"]), "gen_acc": _mean(dense["gen_hits"]),
+                      "gen_answered": _answered(dense), "per_question": _per_question(dense)},
+            "questions": [{"index": q.index, "gold": q.gold, "choices": list(q.choices)} for q in qs],
+            "methods": rows}
+
+
+def _mean(x: Sequence[float]) -> float:
+    return sum(x) / len(x)
+
+
+def _answered(side: dict[str, Any]) -> float:
+    """Share of free answers that name exactly one option (right or wrong): a low share is a
+    format failure, not a wrong answer."""
+    return _mean([float(a is not None) for a in side["gen_answer"]])
+
+
+def _per_question(side: dict[str, Any]) -> dict[str, list[Any]]:
+    return {"mcq_choice": side["mcq_choice"], "gen_answer": side["gen_answer"], "gen_text": side["gen_text"]}
+
+
+def paired_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
+    """Accuracy in each format, dense and per method, on the same questions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    labels = ["dense", *(r["method"] for r in result["methods"])]
+    mcq = [result["dense"]["mcq_acc"], *(r["mcq_pruned"] for r in result["methods"])]
+    gen = [result["dense"]["gen_acc"], *(r["gen_pruned"] for r in result["methods"])]
+    x = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(labels)), 3.8))
+    ax.bar(x - 0.2, mcq, 0.4, label="multiple choice (one pass)")
+    ax.bar(x + 0.2, gen, 0.4, label="free generation")
+    if result["select"] == "all":
+        ax.axhline(result["chance"], ls="--", color="grey", lw=1, label="chance")
+    ax.set_xticks(x, labels, rotation=15, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy" if result["select"] == "all" else "retained (dense = 1)")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{result['task']} ({result['style']}): n={result['n']} of {result['pool']}", fontsize=10)
+    fig.tight_layout()
+    path = fig_dir / "paired.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def paired_html(result: dict[str, Any], figs: list[Path]) -> str:
+    from .report import CSS, _e, _img
+
+    keys = ("method", "mcq_pruned", "gen_pruned", "mcq_drop", "gen_drop", "gap", "ci_low", "ci_high",
+            "mcq_agree", "mcq_chance_agree", "gen_answered")
+    head = "".join(f"<th>{k}</th>" for k in keys)
+
+    def cell(v: Any) -> str:
+        return "—" if v is None else v if isinstance(v, str) else f"{v:.3f}"
+
+    body = "".join("<tr>" + "".join(f"<td>{_e(cell(r.get(k)))}</td>" for k in keys) + "</tr>"
+                   for r in result["methods"])
+    d, pool = result["dense"], result["dense_pool"]
+    sel = ("" if result["select"] == "all" else
+           f"<p>Only the {result['n']} questions (of a seeded pool of {result['pool']}) that the dense model "
+           f"answers right in both formats are kept; on the pool it scored {pool['mcq_acc']:.3f} in multiple "
+           f"choice and {pool['gen_acc']:.3f} in generation. Accuracies below are the share retained.</p>")
+    return "\n".join([
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>prunelens paired formats</title><style>{CSS}</style></head><body>",
+        f"<h1>Format-paired evaluation — {_e(result['task'])}, "
+        f"{_e(str(result['model'].get('name', '')))}</h1>",
+        f'<p class="muted">Style {_e(result["style"])}; dense: multiple choice {d["mcq_acc"]:.3f}, '
+        f"generation {d['gen_acc']:.3f} (chance {result['chance']:.3f}). gap = MCQ drop − generative drop "
+        "(negative: generation lost more), 95% bootstrap CI over questions. gen_answered = share of free "
+        "answers naming exactly one option.</p>", sel, f"<table><tr>{head}</tr>{body}</table>",
+        *(_img(f) for f in figs), "</body></html>"])

@@ -1,0 +1,164 @@
+"""Collapse predictor validated against measured score drops over a grid of prunings.
+
+For one model: the questions of ARC-Easy that the dense model answers right in *both* formats
+(multiple choice by option log-likelihood, and free generation matched to an option: the
+``paired_eval`` cloze style, ``select="dense-correct"``) are fixed once. Then, for every pruning
+of the grid (layer drops, weight sparsification, quantisation, each at several amounts):
+
+- the predictor's signals on the 8 built-in chat prompts × 32 steps (``predictor.collapse_signals``);
+- measured: the share of those questions still answered right by free generation (``gen_drop`` =
+  1 − retained) and by multiple choice (``mcq_drop``);
+- the proxies people use today: the change of WikiText-2 perplexity (log ratio, a few 512-token
+  windows) and the change of ordinary ARC-Easy accuracy (log-likelihood, a seeded sample).
+
+Each pruning's numbers are saved as they finish (``OUT/cells/*.json``): a killed run resumes.
+The end writes ``OUT/validation.json`` with Spearman correlations against the measured generative
+drop — per signal, for the predicted risk, for each proxy and for a leave-one-method-out linear
+fit — and ``OUT/predictor.png``.
+
+    python benchmarks/predictor_validation.py --out docs/sweeps/predictor-smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+from prunelens import builtin_prompts, load_model
+from prunelens.api import build_modification, footprint
+from prunelens.evaluate import perplexity, read_corpus
+from prunelens.memory import release_freed_memory
+from prunelens.paired_eval import _Setup, _side, paired_questions
+from prunelens.predictor import collapse_signals, validate
+from prunelens.runs import write_json
+from prunelens.tasks.mcq import evaluate_mcq
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+GRID = ("attn:2", "attn:4", "attn:6", "attn:8", "mlp:1", "mlp:2", "mlp:3", "block:1", "block:2", "block:3",
+        "magnitude:0.2", "magnitude:0.3", "wanda:0.3", "wanda:0.5", "wanda:2:4", "sparsegpt:0.5",
+        "rtn:w4g128", "rtn:w3g128")
+
+
+def method_of(spec: str) -> str:
+    """The family a spec belongs to (its amounts vary within it): the unit left out in validation."""
+    head = spec.split(":")[0]
+    if head in ("rtn", "gptq"):
+        return head
+    return f"{head}-nm" if spec.count(":") == 2 else head
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data-dir", default=str(DATA))
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--grid", default=",".join(GRID))
+    ap.add_argument("--pool", type=int, default=500, help="ARC-Easy questions the subset is drawn from")
+    ap.add_argument("--mcq-limit", type=int, default=200)
+    ap.add_argument("--ppl-windows", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    out = Path(args.out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    data = Path(args.data_dir)
+    calib = str(data / "c4_calibration.jsonl")
+    t0 = time.perf_counter()
+    lm = load_model(args.model)
+    text = read_corpus(data / "wikitext2_raw_test.jsonl")
+    setup = _Setup("arc_easy", "cloze", data, args.pool, args.seed, 0, 8, True, False)
+
+    base_path = out / "dense.json"
+    if base_path.is_file():
+        base = json.loads(base_path.read_text())
+    else:
+        pool = paired_questions("arc_easy", data, args.pool, args.seed)
+        side = _side(lm, setup, pool, None, "dense")
+        keep = [i for i, (m, g) in enumerate(zip(side["mcq_hits"], side["gen_hits"], strict=True)) if m and g]
+        base = {"model": lm.info, "pool": len(pool), "keep": [pool[i].index for i in keep],
+                "pool_mcq_acc": sum(side["mcq_hits"]) / len(pool),
+                "pool_gen_acc": sum(side["gen_hits"]) / len(pool),
+                "ppl": perplexity(lm, text, None, 512, args.ppl_windows, progress=False)["perplexity"],
+                "mcq_acc": evaluate_mcq(lm, "arc_easy", data, args.mcq_limit, args.seed, progress=False).acc}
+        write_json(base_path, base)
+        print(f"dense: {len(keep)} of {len(pool)} questions right in both formats; ppl {base['ppl']:.2f}, "
+              f"ARC-Easy acc {base['mcq_acc']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    pool = {q.index: q for q in paired_questions("arc_easy", data, args.pool, args.seed)}
+    subset = [pool[i] for i in base["keep"]]
+    prompts = builtin_prompts()
+
+    rows = []
+    for spec in [s for s in args.grid.split(",") if s]:
+        path = out / "cells" / f"{''.join(c if c.isalnum() else '_' for c in spec)}.json"
+        if path.is_file():
+            rows.append(json.loads(path.read_text()))
+            continue
+        t = time.perf_counter()
+        mod = build_modification(lm, spec, calib, seed=args.seed, progress=False)
+        t_mod = time.perf_counter() - t
+        sig, rk = collapse_signals(lm, mod, prompts, steps=32)
+        t_sig = time.perf_counter() - t - t_mod
+        side = _side(lm, setup, subset, mod, spec)
+        ppl = perplexity(lm, text, mod, 512, args.ppl_windows, progress=False)["perplexity"]
+        acc = evaluate_mcq(lm, "arc_easy", data, args.mcq_limit, args.seed, mod, progress=False).acc
+        row = {"spec": spec, "method": method_of(spec), **sig, "risk": rk,
+               "gen_drop": 1 - sum(side["gen_hits"]) / len(subset),
+               "mcq_drop": 1 - sum(side["mcq_hits"]) / len(subset),
+               "ppl": ppl, "ppl_log_ratio": math.log(ppl / base["ppl"]),
+               "mcq_acc": acc, "mcq_acc_drop": base["mcq_acc"] - acc,
+               "footprint": footprint(lm, mod), "seconds": {"modify": t_mod, "signals": t_sig,
+                                                           "total": time.perf_counter() - t}}
+        write_json(path, row)
+        rows.append(row)
+        print(f"{spec:14s} gen drop {row['gen_drop']:.3f}  mcq drop {row['mcq_drop']:.3f}  risk(gen) "
+              f"{rk['generative']:.3f}  tf KL {sig['tf_kl']:.3f}  ppl x{ppl / base['ppl']:.2f}  "
+              f"ARC acc {acc:.3f}  signals {t_sig:.1f} s  total {row['seconds']['total']:.0f} s", flush=True)
+        del mod
+        release_freed_memory()
+
+    proxies = ("ppl_log_ratio", "mcq_acc_drop", "mcq_drop")
+    res = {"model": lm.info, "dense": base, "subset_size": len(subset), "rows": rows,
+           "generative": validate(rows, "gen_drop", proxies),
+           "multiple_choice": validate(rows, "mcq_drop", ("ppl_log_ratio", "mcq_acc_drop"))}
+    write_json(out / "validation.json", res)
+    _figure(res, out / "predictor.png")
+    g = res["generative"]
+    print(f"Spearman vs measured generative drop over {g['n']} prunings: risk {g['risk_generative']:.3f}; "
+          f"LOMO fit {g['lomo_fit']['spearman']:.3f}; proxies " +
+          ", ".join(f"{k} {v:.3f}" for k, v in g["proxies"].items()) + "; signals " +
+          ", ".join(f"{k} {v:.3f}" for k, v in g["signals"].items()))
+
+
+def _figure(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["rows"]
+    methods = sorted({r["method"] for r in rows})
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    panels = [("tf_top1_disagree", "predictor: teacher-forced top-1 disagreement (1 − a)"),
+              ("ppl_log_ratio", "proxy: log perplexity ratio"),
+              ("mcq_acc_drop", "proxy: ARC-Easy accuracy drop")]
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        for m in methods:
+            pts = [r for r in rows if r["method"] == m]
+            ax.scatter([r[key] for r in pts], [r["gen_drop"] for r in pts], label=m, s=22)
+        rho = (res["generative"]["signals"].get(key) if key in res["generative"]["signals"]
+               else res["generative"]["proxies"][key])
+        ax.set_title(f"{label}\nSpearman {rho:.2f}", fontsize=9)
+        ax.set_ylabel("measured generative drop (dense-correct ARC-Easy)")
+        ax.set_ylim(-0.05, 1.05)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{res['model'].get('name')}: {len(rows)} prunings, {res['subset_size']} questions",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""``prunelens advise``: which pruning to use for a given saving and a given use, before any benchmark.
+
+Candidates meeting the budget (share of the decoder's linear-weight memory saved, bf16 baseline) are
+built from every family — attention / MLP / block drops with the count that reaches the budget,
+Wanda and SparseGPT unstructured at the budget and 2:4, RTN and GPTQ at 4 bits — and each is scored
+with the collapse predictor's cheap signals on a few prompts (``predictor``). For the chosen use the
+candidates are ranked by predicted risk: one-step disagreement for multiple choice, compounded
+disagreement over an answer for generation, and 1 − cos of the final hidden state (what an embedder
+pools) for retrieval. Each row also carries the measured greedy-decoding speed-up of the modified
+model against the dense one on this machine and the memory it would take.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import PrunelensError
+from .models import LoadedModel
+from .predictor import collapse_signals
+
+SCHEMA = "prunelens.advise/1"
+USES = ("generative", "multiple-choice", "retrieval")
+
+
+def parse_budget(text: str) -> float:
+    """'25%' or '0.25' → 0.25; the share of weight memory to save, in (0, 1)."""
+    t = text.strip()
+    try:
+        b = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise PrunelensError(f"--budget must be a share such as 25% or 0.25, got '{text}'") from None
+    if not 0 < b < 1:
+        raise PrunelensError(f"--budget must lie strictly between 0% and 100%, got '{text}'")
+    return b
+
+
+def _linear_params(lm: LoadedModel) -> tuple[int, dict[str, list[int]]]:
+    """Decoder linear weights in all, and per layer for attention, MLP and the whole block."""
+    a = lm.adapter
+    per: dict[str, list[int]] = {"attn": [], "mlp": [], "block": []}
+    for i in range(a.n_layers):
+        for kind in ("attn", "mlp"):
+            mod = lm.model.get_submodule(a.sublayer_path(kind, i))
+            per[kind].append(sum(m.weight.numel() for m in mod.modules() if isinstance(m, nn.Linear)))
+        per["block"].append(per["attn"][-1] + per["mlp"][-1])
+    return sum(per["block"]), per
+
+
+def candidates(lm: LoadedModel, budget: float) -> list[str]:
+    """One spec per family that saves at least ``budget`` of the decoder's linear-weight memory."""
+    total, per = _linear_params(lm)
+    n = lm.adapter.n_layers
+    out = []
+    for kind in ("attn", "mlp", "block"):
+        size = sum(per[kind]) / n  # layers of one kind are alike in size in these families
+        k = math.ceil(budget * total / size - 1e-9)
+        if k <= n - (kind == "block"):  # at least one block stays
+            out.append(f"{kind}:{k}")
+    ratio = math.ceil(budget * 20 - 1e-9) / 20  # the budget rounded up to 5 %
+    for method in ("wanda", "sparsegpt"):
+        out.append(f"{method}:{ratio:g}")
+        if budget <= 0.5 and ratio != 0.5:
+            out.append(f"{method}:2:4")
+    if budget <= 0.72:  # 4-bit weights with a 16-bit scale and zero per 128: 4.25 of 16 bits
+        out += ["rtn:w4g128", "gptq:w4g128"]
+    return out
+
+
+def decode_seconds(lm: LoadedModel, modification: Any, prompt_ids: list[int], tokens: int = 32,
+                   repeats: int = 2) -> float:
+    """Best-of-``repeats`` time to decode ``tokens`` greedy tokens for one prompt (batch 1)."""
+    from .tasks.generate import generate_full
+
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        generate_full(lm, [prompt_ids], tokens, (), modification, 1, progress=False)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def risk_for(use: str, sig: dict[str, float], rk: dict[str, float]) -> float:
+    if use == "generative":
+        return rk["generative"]
+    if use == "multiple-choice":
+        return rk["non_generative"]
+    return sig["tf_hidden_distance"]
+
+
+def advise(lm: LoadedModel, budget: float, use: str, prompts: Sequence[str],
+           specs: Sequence[str] | None = None, calib: str | Path | None = None, calib_samples: int = 16,
+           steps: int = 32, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Every candidate built, scored and timed; rows ranked by predicted risk for ``use``."""
+    from tqdm.auto import tqdm
+
+    from .analysis import encode_prompts
+    from .api import build_modification, footprint
+    from .memory import release_freed_memory
+
+    if use not in USES:
+        raise PrunelensError(f"unknown use '{use}'; choose {', '.join(USES)}")
+    specs = list(specs) if specs else candidates(lm, budget)
+    prompt_ids = encode_prompts(lm.tokenizer, prompts[:1])[0]
+    t_dense = decode_seconds(lm, None, prompt_ids, steps)
+    rows = []
+    for spec in tqdm(specs, desc="candidates", unit="pruning", disable=not progress):
+        t0 = time.perf_counter()
+        mod = build_modification(lm, spec, calib, calib_samples, None, seed, progress=False)
+        t_build = time.perf_counter() - t0
+        sig, rk = collapse_signals(lm, mod, prompts, steps)
+        fp = footprint(lm, mod)
+        t_dec = decode_seconds(lm, mod, prompt_ids, steps)
+        row = {"spec": spec, "label": mod.label(), "signals": sig, "risk_generative": rk["generative"],
+               "risk_multiple_choice": rk["non_generative"], "risk_retrieval": sig["tf_hidden_distance"],
+               "agreeing_tokens": rk["agreeing_tokens"],
+               "saved": 1 - fp["memory_vs_bf16"], "meets_budget": 1 - fp["memory_vs_bf16"] >= budget - 1e-9,
+               "removed_share": fp["removed_share"], "memory_vs_bf16": fp["memory_vs_bf16"],
+               "decode_speedup": t_dense / t_dec, "seconds": time.perf_counter() - t0,
+               "build_seconds": t_build}
+        row["risk"] = risk_for(use, sig, rk)
+        rows.append(row)
+        del mod
+        release_freed_memory()
+    rows.sort(key=lambda r: (not r["meets_budget"], r["risk"], -r["saved"]))
+    return {"schema": SCHEMA, "model": lm.info, "budget": budget, "use": use, "steps": steps,
+            "n_prompts": len(prompts), "dense_decode_seconds": t_dense, "rows": rows,
+            "recommendation": recommendation(rows, use, budget)}
+
+
+def recommendation(rows: Sequence[dict[str, Any]], use: str, budget: float) -> str:
+    ok = [r for r in rows if r["meets_budget"]]
+    if not ok:
+        return f"no candidate saves {budget:.0%}: lower the budget"
+    best, worst = ok[0], ok[-1]
+    line = (f"for {use} use at a {budget:.0%} saving: {best['spec']} (predicted risk {best['risk']:.2f}, "
+            f"teacher-forced top-1 agreement {1 - best['signals']['tf_top1_disagree']:.2f} — about "
+            f"{best['agreeing_tokens']:.0f} greedy tokens before it leaves the dense text — saves "
+            f"{best['saved']:.0%}, decodes {best['decode_speedup']:.2f}x dense)")
+    if worst is not best:
+        line += f"; avoid {worst['spec']} (risk {worst['risk']:.2f})"
+    return line
+
+
+def advise_html(result: dict[str, Any], figs: list[Path]) -> str:
+    from .report import CSS, _e
+
+    keys = ("spec", "risk", "risk_generative", "risk_multiple_choice", "risk_retrieval", "agreeing_tokens",
+            "saved", "decode_speedup", "memory_vs_bf16")
+
+    def cell(v: Any) -> str:  # None: a value JSON cannot hold (an infinite agreeing run)
+        return "—" if v is None else v if isinstance(v, str) else f"{v:.3f}"
+
+    head = "".join(f"<th>{k}</th>" for k in (*keys, "tf KL", "tf top-1 agree", "first divergence⁻¹"))
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_e(cell(r[k]))}</td>" for k in keys)
+        + f"<td>{r['signals']['tf_kl']:.3f}</td><td>{1 - r['signals']['tf_top1_disagree']:.3f}</td>"
+        f"<td>{r['signals']['inv_first_divergence']:.3f}</td></tr>" for r in result["rows"])
+    return "\n".join([
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>prunelens advise</title><style>{CSS}</style></head><body>",
+        f"<h1>Advice — {_e(str(result['model'].get('name', '')))}, {result['budget']:.0%} saving, "
+        f"{_e(result['use'])} use</h1>", f"<p><b>{_e(result['recommendation'])}</b></p>",
+        '<p class="muted">Ranked by the predicted risk for this use, from the teacher-forced top-1 '
+        "agreement a on the prompts: 1 − a for one step (multiple choice), 1 − a^32 for a generated answer, "
+        "1 − cos of the final hidden state for retrieval. saved = share of decoder linear-weight memory "
+        "saved against bf16 (unstructured zeros only save it in a sparse format); decode_speedup = "
+        "measured greedy decoding, batch 1, dense time ÷ modified time, on this machine.</p>",
+        f"<table><tr>{head}</tr>{body}</table>", "</body></html>"])

@@ -1,0 +1,66 @@
+"""`prunelens advise`: budget parsing, candidates that meet the budget, ranking on the real model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from prunelens import advise as adv
+from prunelens.errors import PrunelensError
+
+
+def test_budget_parses_percent_and_share() -> None:
+    assert adv.parse_budget("25%") == pytest.approx(0.25)
+    assert adv.parse_budget("0.3") == pytest.approx(0.3)
+    for bad, msg in (("abc", "such as 25%"), ("0%", "strictly between"), ("1", "strictly between"),
+                     ("150%", "strictly between")):
+        with pytest.raises(PrunelensError, match=msg):
+            adv.parse_budget(bad)
+
+
+def test_candidates_meet_the_budget_on_a_tiny_model() -> None:
+    from test_arch import _tiny_tokenizer, tiny_model
+
+    from prunelens.api import footprint, parse_drop
+    from prunelens.arch import Adapter
+    from prunelens.models import LoadedModel
+    from prunelens.prune.drop import DropPlan
+
+    model = tiny_model("llama")  # per layer: attention 3072 weights, MLP 6144, so 36864 in all
+    lm = LoadedModel(model, _tiny_tokenizer(), Adapter(model), {"name": "tiny-llama"})
+    assert adv._linear_params(lm)[0] == 36864
+    got = adv.candidates(lm, 0.25)  # 9216 weights: 3 attentions, 2 MLPs, 1 block
+    assert got == ["attn:3", "mlp:2", "block:1", "wanda:0.25", "wanda:2:4", "sparsegpt:0.25",
+                   "sparsegpt:2:4", "rtn:w4g128", "gptq:w4g128"]
+    for spec in got[:3]:
+        req = parse_drop(spec)
+        plan = DropPlan(**{req.kind: tuple(range(req.count))})
+        assert footprint(lm, plan)["removed_share"] >= 0.25
+    assert "attn:4" in adv.candidates(lm, 0.26)  # every attention sublayer: allowed, if reckless
+    assert not any(s.startswith("attn:") for s in adv.candidates(lm, 0.34))  # would need 5 of 4
+    assert "block:3" in adv.candidates(lm, 0.6)
+    assert not any(s.startswith("block:") for s in adv.candidates(lm, 0.9))  # one block must stay
+    assert adv.candidates(lm, 0.8)[-1] == "sparsegpt:0.8"  # past 4-bit quantisation's saving
+
+
+def test_advise_ranks_real_candidates_by_risk(tmp_path: Path) -> None:
+    from prunelens.cli import main
+
+    out = tmp_path / "adv"
+    rc = main(["advise", "--budget", "3%", "--use", "multiple-choice", "--candidates", "attn:4,rtn:w4g128",
+               "--steps", "8", "--out", str(out), "--quiet"])
+    assert rc == 0 and (out / "report.html").is_file()
+    res = json.loads((out / "results.json").read_text())
+    rows = res["rows"]
+    assert [r["spec"] for r in rows] == sorted([r["spec"] for r in rows], key=lambda s: next(
+        r["risk"] for r in rows if r["spec"] == s))
+    for r in rows:
+        assert r["meets_budget"] and r["saved"] >= 0.03
+        assert r["risk"] == r["risk_multiple_choice"] == pytest.approx(r["signals"]["tf_top1_disagree"])
+        assert 0 <= r["risk_multiple_choice"] <= r["risk_generative"] <= 1  # one step vs compounded
+        assert r["decode_speedup"] > 0
+    by = {r["spec"]: r for r in rows}
+    assert by["rtn:w4g128"]["saved"] == pytest.approx(1 - 4.25 / 16, abs=0.01)  # 4 bits + scale/zero per 128
+    assert res["recommendation"].startswith(f"for multiple-choice use at a 3% saving: {rows[0]['spec']}")

@@ -1,0 +1,119 @@
+"""Collapse predictor: the risk's closed form, signals ordered by a constructed perturbation, and the
+validation statistics (Spearman, leave-one-method-out) on hand-made data."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from prunelens import predictor
+from prunelens.errors import PrunelensError
+
+
+def test_risk_is_one_step_and_compounded_disagreement() -> None:
+    r = predictor.risk({"tf_top1_disagree": 0.1}, answer_tokens=32)
+    assert r["non_generative"] == pytest.approx(0.1)
+    assert r["generative"] == pytest.approx(1 - 0.9 ** 32)  # 0.966: generation is far riskier
+    assert r["agreeing_tokens"] == pytest.approx(9.0)  # a / (1 − a)
+    assert predictor.risk({"tf_top1_disagree": 0.0}) == {"non_generative": 0.0, "generative": 0.0,
+                                                         "agreeing_tokens": float("inf")}
+    assert predictor.risk({"tf_top1_disagree": 1.0})["generative"] == 1.0
+    assert predictor.risk({"tf_top1_disagree": 0.1}, 1)["generative"] == pytest.approx(0.1)
+    with pytest.raises(PrunelensError, match="at least 1 token"):
+        predictor.risk({"tf_top1_disagree": 0.1}, 0)
+
+
+class HiddenNoise:
+    """A modification adding fixed Gaussian noise of a given scale to the final-norm output h:
+    a logit perturbation whose size is known in advance."""
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    def label(self) -> str:
+        return f"noise{self.scale:g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label()}
+
+    def validate(self, n_layers: int) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def view(self, adapter):
+        gen = torch.Generator().manual_seed(0)
+        noise = torch.randn(4096, adapter.config.hidden_size, generator=gen)
+
+        def hook(module, args, out):
+            flat = out.reshape(-1, out.shape[-1])
+            return out + self.scale * noise[:flat.shape[0]].reshape(out.shape).to(out.dtype)
+
+        h = adapter.final_norm.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            h.remove()
+
+
+def test_signals_and_risk_grow_with_the_perturbation_on_a_tiny_model() -> None:
+    from test_arch import _tiny_tokenizer, tiny_model
+
+    from prunelens.arch import Adapter
+    from prunelens.models import LoadedModel
+
+    model = tiny_model("llama")
+    lm = LoadedModel(model, _tiny_tokenizer(), Adapter(model), {"name": "tiny-llama"})
+    prompts = ["w3 w4 w5 w6", "w10 w11 w12", "w20 w21 w22 w23 w24", "w7 w8"]
+    rows = [predictor.collapse_signals(lm, HiddenNoise(s), prompts, steps=12, chat_template=False)
+            for s in (0.0, 0.05, 0.5, 3.0)]
+    sig = [r[0] for r in rows]
+    assert sig[0]["tf_kl"] == 0.0 and sig[0]["tf_top1_disagree"] == 0.0 and rows[0][1]["generative"] == 0.0
+    kls = [s["tf_kl"] for s in sig]
+    assert kls == sorted(kls) and kls[1] > 0 and kls[3] > 10 * kls[1]
+    risks = [r[1]["generative"] for r in rows]
+    assert risks == sorted(risks) and risks[3] > risks[0]
+    assert sig[3]["fr_token_disagree"] >= sig[1]["fr_token_disagree"]
+    assert all(set(s) == set(predictor.SIGNALS) for s in sig)
+
+
+def test_spearman_and_leave_one_method_out() -> None:
+    assert predictor.spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert predictor.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert predictor.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, abs=1e-6)  # tied ranks
+    assert np.isnan(predictor.spearman([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(PrunelensError):
+        predictor.spearman([1, 2], [1, 2])
+    # target = 0.5 + 0.1·log(tf_kl): a linear fit on log KL recovers it exactly, even leaving a method out
+    rows = []
+    for m, kls in (("a", (0.1, 0.2, 0.4)), ("b", (0.05, 1.0, 3.0)), ("c", (0.3, 0.6, 2.0))):
+        for k in kls:
+            rows.append({"method": m, "tf_kl": k, "target": 0.5 + 0.1 * np.log(k)})
+    pred = predictor.lomo_predictions(rows, "target", ["tf_kl"], ridge=0.0)
+    assert pred == pytest.approx([r["target"] for r in rows], abs=1e-9)
+    # a method's own points never enter its fit: shifting method a's targets leaves a's predictions alone
+    shifted = [{**r, "target": r["target"] + (5.0 if r["method"] == "a" else 0.0)} for r in rows]
+    pa = predictor.lomo_predictions(shifted, "target", ["tf_kl"], ridge=0.0)
+    assert pa[:3] == pytest.approx(pred[:3], abs=1e-9)
+    with pytest.raises(PrunelensError, match="at least two methods"):
+        predictor.lomo_predictions(rows[:3], "target", ["tf_kl"])
+
+
+def test_validate_ranks_signals_risk_proxies_and_the_fit() -> None:
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, m in enumerate(("attn", "mlp", "wanda", "rtn") * 3):
+        d = 0.05 * (i + 1)  # top-1 disagreement grows down the list, and with it the measured drop
+        rows.append({"method": m, "spec": f"{m}{i}", "tf_kl": 2 * d, "tf_kl_early": 2 * d, "tf_taylor_kl": d,
+                     "tf_top1_disagree": d, "kl_growth": 1.0 + rng.random(),
+                     "fr_token_disagree": min(1, 3 * d),
+                     "inv_first_divergence": d, "tf_hidden_distance": d / 10,
+                     "gen_drop": min(1.0, 1.5 * d), "ppl_log_ratio": -d})
+    v = predictor.validate(rows, "gen_drop", ("ppl_log_ratio",))
+    assert v["n"] == 12 and v["methods"] == ["attn", "mlp", "rtn", "wanda"]
+    assert v["signals"]["tf_top1_disagree"] == pytest.approx(v["risk_generative"])  # both monotone in a
+    assert v["signals"]["tf_kl"] > 0.9 and v["proxies"]["ppl_log_ratio"] < -0.9
+    assert v["lomo_fit"]["spearman"] > 0.9 and len(v["lomo_fit"]["predictions"]) == 12

@@ -60,7 +60,7 @@ def candidates(lm: LoadedModel, budget: float) -> list[str]:
     for kind in ("attn", "mlp", "block"):
         size = sum(per[kind]) / n  # layers of one kind are alike in size in these families
         k = math.ceil(budget * total / size - 1e-9)
-        if k <= n - (kind == "block"):  # at least one block stays
+        if k < n:  # dropping every unit of a kind is not a pruning (the drop planner refuses it)
             out.append(f"{kind}:{k}")
     ratio = math.ceil(budget * 20 - 1e-9) / 20  # the budget rounded up to 5 %
     for method in ("wanda", "sparsegpt"):
@@ -148,7 +148,7 @@ def recommendation(rows: Sequence[dict[str, Any]], use: str, budget: float) -> s
 
 
 def advise_html(result: dict[str, Any], figs: list[Path]) -> str:
-    from .report import CSS, _e
+    from .report import _e, html_page, html_table
 
     keys = ("spec", "risk", "risk_generative", "risk_multiple_choice", "risk_retrieval", "agreeing_tokens",
             "saved", "decode_speedup", "memory_vs_bf16")
@@ -156,14 +156,9 @@ def advise_html(result: dict[str, Any], figs: list[Path]) -> str:
     def cell(v: Any) -> str:  # None: a value JSON cannot hold (an infinite agreeing run)
         return "—" if v is None else v if isinstance(v, str) else f"{v:.3f}"
 
-    head = "".join(f"<th>{k}</th>" for k in (*keys, "tf KL", "tf top-1 agree", "first divergence⁻¹"))
-    body = "".join(
-        "<tr>" + "".join(f"<td>{_e(cell(r[k]))}</td>" for k in keys)
-        + f"<td>{r['signals']['tf_kl']:.3f}</td><td>{1 - r['signals']['tf_top1_disagree']:.3f}</td>"
-        f"<td>{r['signals']['inv_first_divergence']:.3f}</td></tr>" for r in result["rows"])
-    return "\n".join([
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>prunelens advise</title><style>{CSS}</style></head><body>",
+    rows = [{**r, "tf KL": r["signals"]["tf_kl"], "tf top-1 agree": 1 - r["signals"]["tf_top1_disagree"],
+             "first divergence⁻¹": r["signals"]["inv_first_divergence"]} for r in result["rows"]]
+    return html_page("prunelens advise",
         f"<h1>Advice — {_e(str(result['model'].get('name', '')))}, {result['budget']:.0%} saving, "
         f"{_e(result['use'])} use</h1>", f"<p><b>{_e(result['recommendation'])}</b></p>",
         '<p class="muted">Ranked by the predicted risk for this use, from the teacher-forced top-1 '
@@ -171,4 +166,4 @@ def advise_html(result: dict[str, Any], figs: list[Path]) -> str:
         "1 − cos of the final hidden state for retrieval. saved = share of decoder linear-weight memory "
         "saved against bf16 (unstructured zeros only save it in a sparse format); decode_speedup = "
         "measured greedy decoding, batch 1, dense time ÷ modified time, on this machine.</p>",
-        f"<table><tr>{head}</tr>{body}</table>", "</body></html>"])
+        html_table(rows, (*keys, "tf KL", "tf top-1 agree", "first divergence⁻¹"), cell))

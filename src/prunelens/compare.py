@@ -22,7 +22,7 @@ from .analysis import AnalysisSettings, analyze
 from .errors import PrunelensError
 from .memory import release_freed_memory
 from .models import LoadedModel
-from .report import CSS, _atomic_write, _e, _img, load_result
+from .report import _atomic_write, _e, _img, html_page, load_result
 from .runs import write_json, write_run
 
 SCHEMA = "prunelens.compare/1"
@@ -140,13 +140,10 @@ def compare_html(combined: dict[str, Any], figs: list[Path]) -> str:
                 _g(fp.get("memory_vs_bf16")), _g(tf.get(f"kl@{t}")), _g(tf.get("top1_agree")),
                 _g(fr.get(f"kl@{t}")), _g(fr.get("token_agree")), str(s.get("prompts_diverged")))
         body.append("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in vals) + "</tr>")
-    return "\n".join([
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>prunelens method comparison</title><style>{CSS}</style></head><body>",
+    return html_page("prunelens method comparison",
         f"<h1>Step-wise deviation by method — {_e(str(combined['identity']['model']))}</h1>",
         '<p class="muted">Every method analysed on the same prompts; teacher-forced and free-running '
         "decoding. Memory is idealised (zeros counted as saved).</p>",
         f"<table><tr>{head}</tr>{''.join(body)}</table>", *(_img(f) for f in figs),
         "<p>Each method's full analysis report: " + ", ".join(
-            f"<code>{_e(m['run'])}/report.html</code>" for m in combined["methods"]) + "</p>",
-        "</body></html>"])
+            f"<code>{_e(m['run'])}/report.html</code>" for m in combined["methods"]) + "</p>")

@@ -7,7 +7,16 @@ from typing import Any
 
 import numpy as np
 
-from .report import CSS, _atomic_write, _e, _img, analysis_page, read_json, report_from_run_dirs
+from .report import (
+    CSS,
+    _atomic_write,
+    _e,
+    _img,
+    analysis_page,
+    html_page,
+    read_json,
+    report_from_run_dirs,
+)
 
 SPACES = (("h", "hidden h (final norm)", "tab:blue"), ("z", "logits z", "tab:orange"),
           ("p", "probabilities p", "tab:red"))
@@ -104,9 +113,7 @@ def counterfactual_html(result: dict[str, Any], figs: list[Path]) -> str:
             for i in range(len(c["layer"])))
         rows.append(f"<h3>{_e(KIND_TITLES.get(kind, kind))}</h3><table><tr>{head}</tr>{body}</table>")
     t = result["timing"]
-    return "\n".join([
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>prunelens counterfactual</title><style>{CSS}</style></head><body>",
+    return html_page("prunelens counterfactual",
         f"<h1>Counterfactual layerwise transition — {_e(str(result['model'].get('name', '')))}</h1>",
         '<p class="muted">Each layer is replaced alone in the otherwise dense model; the output is compared '
         "with the dense output over every prompt token, in the three spaces.</p>",
@@ -116,8 +123,7 @@ def counterfactual_html(result: dict[str, Any], figs: list[Path]) -> str:
         f'<p class="muted">{result["settings"]["n_prompts"]} prompts, '
         f'{result["settings"]["n_tokens"]} tokens; '
         f"counterfactual time {t['counterfactual_s']:.1f} s = {_g(t['ratio_to_dense_forward_per_layer'])} × "
-        "one dense forward per (kind, layer).</p>",
-        "</body></html>"])
+        "one dense forward per (kind, layer).</p>")
 
 
 def render_other_run(run_dir: Path) -> str | None:

@@ -294,29 +294,24 @@ def paired_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
 
 
 def paired_html(result: dict[str, Any], figs: list[Path]) -> str:
-    from .report import CSS, _e, _img
+    from .report import _e, _img, html_page, html_table
 
     keys = ("method", "mcq_pruned", "gen_pruned", "mcq_drop", "gen_drop", "gap", "ci_low", "ci_high",
             "mcq_agree", "mcq_chance_agree", "gen_answered")
-    head = "".join(f"<th>{k}</th>" for k in keys)
 
     def cell(v: Any) -> str:
         return "—" if v is None else v if isinstance(v, str) else f"{v:.3f}"
 
-    body = "".join("<tr>" + "".join(f"<td>{_e(cell(r.get(k)))}</td>" for k in keys) + "</tr>"
-                   for r in result["methods"])
     d, pool = result["dense"], result["dense_pool"]
     sel = ("" if result["select"] == "all" else
            f"<p>Only the {result['n']} questions (of a seeded pool of {result['pool']}) that the dense model "
            f"answers right in both formats are kept; on the pool it scored {pool['mcq_acc']:.3f} in multiple "
            f"choice and {pool['gen_acc']:.3f} in generation. Accuracies below are the share retained.</p>")
-    return "\n".join([
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>prunelens paired formats</title><style>{CSS}</style></head><body>",
+    return html_page("prunelens paired formats",
         f"<h1>Format-paired evaluation — {_e(result['task'])}, "
         f"{_e(str(result['model'].get('name', '')))}</h1>",
         f'<p class="muted">Style {_e(result["style"])}; dense: multiple choice {d["mcq_acc"]:.3f}, '
         f"generation {d['gen_acc']:.3f} (chance {result['chance']:.3f}). gap = MCQ drop − generative drop "
         "(negative: generation lost more), 95% bootstrap CI over questions. gen_answered = share of free "
-        "answers naming exactly one option.</p>", sel, f"<table><tr>{head}</tr>{body}</table>",
-        *(_img(f) for f in figs), "</body></html>"])
+        "answers naming exactly one option.</p>", sel, html_table(result["methods"], keys, cell),
+        *(_img(f) for f in figs))

@@ -597,6 +597,19 @@ def reading(result: dict[str, Any]) -> str:
     return " ".join(out)
 
 
+def html_page(title: str, *parts: str) -> str:
+    """A self-contained report page (inline CSS; figures come inline through ``_img``)."""
+    return "\n".join(["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+                      f"<title>{title}</title><style>{CSS}</style></head><body>", *parts, "</body></html>"])
+
+
+def html_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], cell: Any) -> str:
+    """One row per dict, one column per key, each value through ``cell`` and escaped."""
+    head = "".join(f"<th>{_e(k)}</th>" for k in keys)
+    body = "".join("<tr>" + "".join(f"<td>{_e(cell(r.get(k)))}</td>" for k in keys) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
 def _img(path: Path) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     return f'<img alt="{_e(Path(path).stem)}" src="data:image/png;base64,{data}">'

@@ -158,25 +158,19 @@ def subspace_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
 
 
 def subspace_html(result: dict[str, Any], figs: list[Path]) -> str:
-    from .report import CSS, _e, _img
+    from .report import _e, _img, html_page, html_table
 
     keys = ("method", "full_kl", "sub_kl", "full_cos_p", "sub_cos", "full_top1_agree", "sub_agree",
             "chance_agree", "mass_dense", "mass_pruned", "acc_dense", "acc_pruned")
-    head = "".join(f"<th>{k}</th>" for k in keys)
     def cell(v: Any) -> str:
         return "—" if v is None else v if isinstance(v, str) else f"{v:.4g}"
 
-    body = "".join("<tr>" + "".join(f"<td>{_e(cell(r.get(k)))}</td>" for k in keys) + "</tr>"
-                   for r in result["methods"])
     shares = result.get("choices_dense")
     prior = ("" if shares is None else "<p>Dense model's choices by option position: "
              + ", ".join(f"{s:.0%}" for s in shares) + ". chance_agree is the agreement two models with "
              "these choice shares would reach without reading the question.</p>")
-    return "\n".join([
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>prunelens option subspace</title><style>{CSS}</style></head><body>",
+    return html_page("prunelens option subspace",
         f"<h1>Option subspace — {_e(result['task'])}, {_e(str(result['model'].get('name', '')))}</h1>",
         '<p class="muted">Next-token distribution after each question, dense vs pruned: over the whole '
         "vocabulary and restricted to the answer-option tokens (renormalised). mass = share of p on the "
-        "options.</p>", prior, f"<table><tr>{head}</tr>{body}</table>", *(_img(f) for f in figs),
-        "</body></html>"])
+        "options.</p>", prior, html_table(result["methods"], keys, cell), *(_img(f) for f in figs))

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import is_number
-from .report import CSS, _atomic_write, _e, _img
+from .report import _atomic_write, _e, _img, html_page
 from .runs import write_json
 from .sweep import SCHEMA, SweepResult, relative_drop
 from .tasks.registry import GENERATIVE, PERPLEXITY
@@ -191,9 +191,7 @@ def reading(result: SweepResult) -> list[str]:
 
 def render_sweep_html(result: SweepResult, fig: Path) -> str:
     s = result.spec
-    return "\n".join([
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>prunelens sweep — {_e(s.model)} {_e(s.method)}</title><style>{CSS}</style></head><body>",
+    return html_page(f"prunelens sweep — {_e(s.model)} {_e(s.method)}",
         f"<h1>Sweep: {_e(s.model)}, {_e(s.method)}</h1>",
         '<p class="muted">Scores of the dense and pruned model per task; drops are relative to the dense '
         "score. Generative tasks decode freely for many steps; multiple-choice and retrieval read one step "
@@ -202,8 +200,7 @@ def render_sweep_html(result: SweepResult, fig: Path) -> str:
         "<h2>Figure</h2>", _img(fig),
         "<h2>Scores</h2>", _md_to_html_table(markdown_table(result)),
         "<h2>Relative drops</h2>", _md_to_html_table(markdown_table1(result)),
-        "<h2>Settings</h2>", f"<pre>{_e(str(s.identity()))}</pre>",
-        "</body></html>"])
+        "<h2>Settings</h2>", f"<pre>{_e(str(s.identity()))}</pre>")
 
 
 def write_outputs(result: SweepResult) -> None:

@@ -69,6 +69,17 @@ def _add_drop_args(p: argparse.ArgumentParser) -> None:
                         "(e.g. 0, '*.mlp.down_proj'); repeatable")
 
 
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    """--method (repeatable: any drop, prune or quant spec) and how the methods are calibrated."""
+    p.add_argument("--method", action="append", default=[], metavar="SPEC", required=True,
+                   help="repeatable: a drop (attn:4, mlp:2, block:2), prune (wanda:0.5, sparsegpt:2:4) or "
+                        "quant (rtn:w4g128, gptq:w4g128) spec")
+    p.add_argument("--importance", default="cosine", choices=["cosine", "angular", "kl"])
+    p.add_argument("--calib", help="calibration text (drop ranking and calibrated weight methods)")
+    p.add_argument("--calib-samples", type=int)
+    p.add_argument("--calib-len", type=int)
+
+
 def _add_task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", required=True,
                    help="comma-separated: arc_easy, arc_challenge, piqa, boolq, winogrande, hellaswag, mmlu, "
@@ -206,13 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     co = sub.add_parser("compare", help="step-wise KL / cos(p) of several pruning and quantisation methods "
                                         "on the same prompts, in one figure (resumable)")
     _add_model_args(co)
-    co.add_argument("--method", action="append", default=[], metavar="SPEC", required=True,
-                    help="repeatable: a drop (attn:4, mlp:4, block:2), prune (wanda:0.5, wanda:4:8) or "
-                         "quant (rtn:w4g128, gptq:w4g128) spec")
-    co.add_argument("--importance", default="cosine", choices=["cosine", "angular", "kl"])
-    co.add_argument("--calib", help="calibration text (used by drop ranking and calibrated weight methods)")
-    co.add_argument("--calib-samples", type=int)
-    co.add_argument("--calib-len", type=int)
+    _add_method_args(co)
     co.add_argument("--prompts", help="prompt file; default: the 8 built-in prompts")
     co.add_argument("--limit", type=int)
     co.add_argument("--steps", type=int, default=32)
@@ -227,12 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ss)
     ss.add_argument("--task", default="mmlu", help="mmlu (default), mmlu_5shot or boolq")
     ss.add_argument("--data-dir", required=True)
-    ss.add_argument("--method", action="append", default=[], required=True, metavar="SPEC",
-                    help="repeatable: attn:2, attn:4, wanda:0.5, gptq:w4g128, ...")
-    ss.add_argument("--importance", default="cosine", choices=["cosine", "angular", "kl"])
-    ss.add_argument("--calib")
-    ss.add_argument("--calib-samples", type=int)
-    ss.add_argument("--calib-len", type=int)
+    _add_method_args(ss)
     ss.add_argument("--limit", type=int, default=200, help="seeded sample of questions (default 200)")
     ss.add_argument("--temperature", type=float, default=1.0)
     ss.add_argument("--batch-size", type=int, default=8)
@@ -245,8 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(pa)
     pa.add_argument("--task", required=True, help="arc_easy, arc_challenge, mmlu or gsm8k")
     pa.add_argument("--data-dir", required=True)
-    pa.add_argument("--method", action="append", default=[], required=True, metavar="SPEC",
-                    help="repeatable: attn:4, mlp:2, wanda:0.5, sparsegpt:2:4, gptq:w4g128, ...")
+    _add_method_args(pa)
     pa.add_argument("--style", default="cloze", choices=["cloze", "letters"],
                     help="cloze (default): option log-likelihood vs free answer to the bare question; "
                          "letters: lettered options for both, next-token letter vs free reply")
@@ -255,10 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
                          "(--limit then sizes the pool); for models near chance")
     pa.add_argument("--limit", type=int, default=100, help="seeded sample of questions (default 100)")
     pa.add_argument("--shots", type=int, default=5, help="GSM8K exemplars (default 5)")
-    pa.add_argument("--importance", default="cosine", choices=["cosine", "angular", "kl"])
-    pa.add_argument("--calib")
-    pa.add_argument("--calib-samples", type=int)
-    pa.add_argument("--calib-len", type=int)
     pa.add_argument("--batch-size", type=int, default=8)
     pa.add_argument("--no-chat-template", action="store_true")
     pa.add_argument("--out", help="run directory (default runs/<time>-<model>-paired-<task>)")

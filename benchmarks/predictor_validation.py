@@ -57,7 +57,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--grid", default=",".join(GRID))
     ap.add_argument("--pool", type=int, default=500, help="ARC-Easy questions the subset is drawn from")
-    ap.add_argument("--mcq-limit", type=int, default=200)
+    ap.add_argument("--mcq-limit", type=int, default=200,
+                    help="ARC-Easy questions for the accuracy proxy; 0 leaves that proxy out (large models)")
     ap.add_argument("--ppl-windows", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -81,10 +82,11 @@ def main() -> None:
                 "pool_mcq_acc": sum(side["mcq_hits"]) / len(pool),
                 "pool_gen_acc": sum(side["gen_hits"]) / len(pool),
                 "ppl": perplexity(lm, text, None, 512, args.ppl_windows, progress=False)["perplexity"],
-                "mcq_acc": evaluate_mcq(lm, "arc_easy", data, args.mcq_limit, args.seed, progress=False).acc}
+                "mcq_acc": (evaluate_mcq(lm, "arc_easy", data, args.mcq_limit, args.seed, progress=False).acc
+                            if args.mcq_limit else None)}
         write_json(base_path, base)
         print(f"dense: {len(keep)} of {len(pool)} questions right in both formats; ppl {base['ppl']:.2f}, "
-              f"ARC-Easy acc {base['mcq_acc']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+              f"ARC-Easy acc {base['mcq_acc']} ({time.perf_counter() - t0:.0f} s)", flush=True)
     pool = {q.index: q for q in paired_questions("arc_easy", data, args.pool, args.seed)}
     subset = [pool[i] for i in base["keep"]]
     prompts = builtin_prompts()
@@ -102,26 +104,27 @@ def main() -> None:
         t_sig = time.perf_counter() - t - t_mod
         side = _side(lm, setup, subset, mod, spec)
         ppl = perplexity(lm, text, mod, 512, args.ppl_windows, progress=False)["perplexity"]
-        acc = evaluate_mcq(lm, "arc_easy", data, args.mcq_limit, args.seed, mod, progress=False).acc
+        acc = (evaluate_mcq(lm, "arc_easy", data, args.mcq_limit, args.seed, mod, progress=False).acc
+               if args.mcq_limit else None)
         row = {"spec": spec, "method": method_of(spec), **sig, "risk": rk,
                "gen_drop": 1 - sum(side["gen_hits"]) / len(subset),
                "mcq_drop": 1 - sum(side["mcq_hits"]) / len(subset),
                "ppl": ppl, "ppl_log_ratio": math.log(ppl / base["ppl"]),
-               "mcq_acc": acc, "mcq_acc_drop": base["mcq_acc"] - acc,
+               "mcq_acc": acc, "mcq_acc_drop": None if acc is None else base["mcq_acc"] - acc,
                "footprint": footprint(lm, mod), "seconds": {"modify": t_mod, "signals": t_sig,
                                                            "total": time.perf_counter() - t}}
         write_json(path, row)
         rows.append(row)
         print(f"{spec:14s} gen drop {row['gen_drop']:.3f}  mcq drop {row['mcq_drop']:.3f}  risk(gen) "
               f"{rk['generative']:.3f}  tf KL {sig['tf_kl']:.3f}  ppl x{ppl / base['ppl']:.2f}  "
-              f"ARC acc {acc:.3f}  signals {t_sig:.1f} s  total {row['seconds']['total']:.0f} s", flush=True)
+              f"ARC acc {acc}  signals {t_sig:.1f} s  total {row['seconds']['total']:.0f} s", flush=True)
         del mod
         release_freed_memory()
 
-    proxies = ("ppl_log_ratio", "mcq_acc_drop", "mcq_drop")
+    acc_proxy = ("mcq_acc_drop",) if args.mcq_limit else ()
     res = {"model": lm.info, "dense": base, "subset_size": len(subset), "rows": rows,
-           "generative": validate(rows, "gen_drop", proxies),
-           "multiple_choice": validate(rows, "mcq_drop", ("ppl_log_ratio", "mcq_acc_drop"))}
+           "generative": validate(rows, "gen_drop", ("ppl_log_ratio", *acc_proxy, "mcq_drop")),
+           "multiple_choice": validate(rows, "mcq_drop", ("ppl_log_ratio", *acc_proxy))}
     write_json(out / "validation.json", res)
     _figure(res, out / "predictor.png")
     g = res["generative"]
@@ -140,9 +143,11 @@ def _figure(res: dict, path: Path) -> None:
     rows = res["rows"]
     methods = sorted({r["method"] for r in rows})
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    has_acc = "mcq_acc_drop" in res["generative"]["proxies"]
+    third = (("mcq_acc_drop", "proxy: ARC-Easy accuracy drop") if has_acc
+             else ("mcq_drop", "proxy: multiple-choice drop, same questions"))
     panels = [("tf_top1_disagree", "predictor: teacher-forced top-1 disagreement (1 − a)"),
-              ("ppl_log_ratio", "proxy: log perplexity ratio"),
-              ("mcq_acc_drop", "proxy: ARC-Easy accuracy drop")]
+              ("ppl_log_ratio", "proxy: log perplexity ratio"), third]
     for ax, (key, label) in zip(axes, panels, strict=True):
         for m in methods:
             pts = [r for r in rows if r["method"] == m]

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from prunelens import advise as adv
 from prunelens.errors import PrunelensError
@@ -63,3 +64,23 @@ def test_advise_ranks_real_candidates_by_risk(tmp_path: Path) -> None:
     by = {r["spec"]: r for r in rows}
     assert by["rtn:w4g128"]["saved"] == pytest.approx(1 - 4.25 / 16, abs=0.01)  # 4 bits + scale/zero per 128
     assert res["recommendation"].startswith(f"for multiple-choice use at a 3% saving: {rows[0]['spec']}")
+
+
+def test_decode_timing_runs_exactly_the_asked_tokens_even_past_eos() -> None:
+    from test_arch import EOS, _tiny_tokenizer, tiny_model
+
+    from prunelens.arch import Adapter
+    from prunelens.models import LoadedModel
+
+    model = tiny_model("llama")
+    with torch.no_grad():  # make EOS the argmax everywhere: generation would stop at once
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[EOS] = 1.0
+    lm = LoadedModel(model, _tiny_tokenizer(), Adapter(model), {"name": "tiny-llama"})
+    calls = []
+    h = model.register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        assert adv.decode_seconds(lm, None, [5, 6, 7], tokens=9, repeats=2) > 0
+    finally:
+        h.remove()
+    assert len(calls) == 2 * 9  # per repeat: one prefill and 8 cached steps, EOS or not

@@ -212,6 +212,8 @@ def paired_eval(lm: LoadedModel, task: str, data_dir: str | Path, modifications:
         raise PrunelensError(f"unknown paired style '{style}'; styles: {', '.join(STYLES)}")
     if select not in SELECTS:
         raise PrunelensError(f"unknown selection '{select}'; choose {' or '.join(SELECTS)}")
+    if task == "gsm8k":
+        style = "letters"  # GSM8K's options are numbers: multiple choice is always over letters
     pool = paired_questions(task, data_dir, limit, seed, shots if task == "gsm8k" else 0)
     setup = _Setup(task, style, data_dir, limit, seed, shots, batch_size, chat_template, progress)
     dense_pool = _side(lm, setup, pool, None, "dense")

@@ -155,7 +155,7 @@ def _gsm8k_generative(lm: LoadedModel, s: _Setup, qs: Sequence[PairedQuestion],
 
     res = evaluate_gsm8k(lm, s.data_dir, s.limit, s.seed, s.shots, modification, s.batch_size, 256,
                          s.chat_template, s.progress)
-    by_index = {s["index"]: s for s in res.samples}
+    by_index = {x["index"]: x for x in res.samples}
     if sorted(by_index) != sorted(q.index for q in qs):
         raise PrunelensError("internal: GSM8K generative and multiple-choice samples differ")
     return [float(by_index[q.index]["flexible"] is not None and q.target is not None
@@ -164,7 +164,7 @@ def _gsm8k_generative(lm: LoadedModel, s: _Setup, qs: Sequence[PairedQuestion],
 
 def _mcq_choices(lm: LoadedModel, s: _Setup, qs: Sequence[PairedQuestion], modification: Any,
                  label: str) -> list[int]:
-    if s.style == "letters" or s.task == "gsm8k":
+    if s.style == "letters":
         ctx = [render(lm.tokenizer, [{"role": "user", "content": mcq_prompt(q)}], s.chat_template)
                for q in qs]
         z = next_token_logits(lm, ctx, modification, s.batch_size, s.progress, f"{s.task} mcq {label}")
@@ -192,14 +192,20 @@ def _side(lm: LoadedModel, s: _Setup, qs: Sequence[PairedQuestion], modification
                          s.progress, desc=f"{s.task} generate {label}")
         answers = [free_answer(t, q.choices) for t, q in zip(texts, qs, strict=True)]
         gen_hits = [float(a == q.gold) for a, q in zip(answers, qs, strict=True)]
-    n_opt = {len(q.choices) for q in qs}
-    shares = _shares(torch.tensor(choice), n_opt.pop()) if len(n_opt) == 1 else None
     return {"mcq_choice": choice, "mcq_hits": mcq_hits, "gen_answer": answers, "gen_hits": gen_hits,
-            "gen_text": texts, "mcq_shares": shares}
+            "gen_text": texts, "mcq_shares": _choice_shares(choice, qs)}
 
 
-def _subset(side: dict[str, Any], keep: Sequence[int]) -> dict[str, Any]:
-    return {k: (v if k == "mcq_shares" else [v[i] for i in keep]) for k, v in side.items()}
+def _choice_shares(choice: Sequence[int], qs: Sequence[PairedQuestion]) -> list[float] | None:
+    """Share of questions answered with each option position (None when option counts differ)."""
+    n_opt = {len(q.choices) for q in qs}
+    return _shares(torch.tensor(list(choice)), n_opt.pop()) if len(n_opt) == 1 else None
+
+
+def _subset(side: dict[str, Any], keep: Sequence[int], qs: Sequence[PairedQuestion]) -> dict[str, Any]:
+    """The kept questions' entries of one side (``qs``: the kept questions, for the choice shares)."""
+    out = {k: [v[i] for i in keep] for k, v in side.items() if k != "mcq_shares"}
+    return {**out, "mcq_shares": _choice_shares(out["mcq_choice"], qs)}
 
 
 def paired_eval(lm: LoadedModel, task: str, data_dir: str | Path, modifications: dict[str, Any],
@@ -224,11 +230,11 @@ def paired_eval(lm: LoadedModel, task: str, data_dir: str | Path, modifications:
             raise PrunelensError(f"the dense model answers none of the {len(pool)} questions right in both "
                                  "formats; use a larger --limit or --select all")
     qs = [pool[i] for i in keep]
-    dense = _subset(dense_pool, keep)
+    dense = _subset(dense_pool, keep, qs)
     rows = []
     for label, mod in modifications.items():
         # GSM8K's generative side draws its own sample (the pool): run the pool, keep the subset
-        side = _subset(_side(lm, setup, pool, mod, label), keep) if task == "gsm8k" else \
+        side = _subset(_side(lm, setup, pool, mod, label), keep, qs) if task == "gsm8k" else \
             _side(lm, setup, qs, mod, label)
         gap = paired_gap(dense["mcq_hits"], side["mcq_hits"], dense["gen_hits"], side["gen_hits"],
                          n_boot=n_boot, seed=seed)

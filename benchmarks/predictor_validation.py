@@ -31,7 +31,7 @@ from prunelens import builtin_prompts, load_model
 from prunelens.api import build_modification, footprint
 from prunelens.evaluate import perplexity, read_corpus
 from prunelens.memory import release_freed_memory
-from prunelens.paired_eval import _Setup, _side, paired_questions
+from prunelens.paired_eval import PairedSetup, both_formats, paired_questions
 from prunelens.predictor import collapse_signals, validate
 from prunelens.runs import write_json
 from prunelens.tasks.mcq import evaluate_mcq
@@ -69,14 +69,14 @@ def main() -> None:
     t0 = time.perf_counter()
     lm = load_model(args.model)
     text = read_corpus(data / "wikitext2_raw_test.jsonl")
-    setup = _Setup("arc_easy", "cloze", data, args.pool, args.seed, 0, 8, True, False)
+    setup = PairedSetup("arc_easy", "cloze", data, args.pool, args.seed, 0, 8, True, False)
 
     base_path = out / "dense.json"
     if base_path.is_file():
         base = json.loads(base_path.read_text())
     else:
         pool = paired_questions("arc_easy", data, args.pool, args.seed)
-        side = _side(lm, setup, pool, None, "dense")
+        side = both_formats(lm, setup, pool, None, "dense")
         keep = [i for i, (m, g) in enumerate(zip(side["mcq_hits"], side["gen_hits"], strict=True)) if m and g]
         base = {"model": lm.info, "pool": len(pool), "keep": [pool[i].index for i in keep],
                 "pool_mcq_acc": sum(side["mcq_hits"]) / len(pool),
@@ -102,7 +102,7 @@ def main() -> None:
         t_mod = time.perf_counter() - t
         sig, rk = collapse_signals(lm, mod, prompts, steps=32)
         t_sig = time.perf_counter() - t - t_mod
-        side = _side(lm, setup, subset, mod, spec)
+        side = both_formats(lm, setup, subset, mod, spec)
         ppl = perplexity(lm, text, mod, 512, args.ppl_windows, progress=False)["perplexity"]
         acc = (evaluate_mcq(lm, "arc_easy", data, args.mcq_limit, args.seed, mod, progress=False).acc
                if args.mcq_limit else None)

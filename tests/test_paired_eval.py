@@ -80,8 +80,8 @@ def test_dense_correct_keeps_questions_right_in_both_formats(monkeypatch, tmp_pa
                 "gen_answer": [0 if gen[i] else None for i in idx], "gen_hits": [float(gen[i]) for i in idx],
                 "gen_text": [""] * len(idx), "mcq_shares": [0.5, 0.5]}
 
-    monkeypatch.setattr(pe, "_side", fake_side)
-    lm = SimpleNamespace(info={"name": "stand-in"})  # _side is replaced: no model is run
+    monkeypatch.setattr(pe, "both_formats", fake_side)
+    lm = SimpleNamespace(info={"name": "stand-in"})  # both_formats is replaced: no model is run
     res = pe.paired_eval(lm, "arc_easy", tmp_path, {"m": object()}, limit=6, select="dense-correct",
                          progress=False)  # type: ignore[arg-type]
     assert seen == {"dense": [0, 1, 2, 3, 4, 5], "m": [1, 2, 3]}

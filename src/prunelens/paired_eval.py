@@ -137,7 +137,9 @@ def free_answer(text: str, choices: Sequence[str]) -> int | None:
 
 
 @dataclass(frozen=True)
-class _Setup:
+class PairedSetup:
+    """How one paired run reads its questions (shared by the dense and every modified side)."""
+
     task: str
     style: str
     data_dir: str | Path
@@ -149,7 +151,7 @@ class _Setup:
     progress: bool
 
 
-def _gsm8k_generative(lm: LoadedModel, s: _Setup, qs: Sequence[PairedQuestion],
+def _gsm8k_generative(lm: LoadedModel, s: PairedSetup, qs: Sequence[PairedQuestion],
                       modification: Any) -> list[float]:
     from .tasks.gsm8k import evaluate_gsm8k
 
@@ -162,7 +164,7 @@ def _gsm8k_generative(lm: LoadedModel, s: _Setup, qs: Sequence[PairedQuestion],
                   and math.isclose(by_index[q.index]["flexible"], q.target)) for q in qs]
 
 
-def _mcq_choices(lm: LoadedModel, s: _Setup, qs: Sequence[PairedQuestion], modification: Any,
+def _mcq_choices(lm: LoadedModel, s: PairedSetup, qs: Sequence[PairedQuestion], modification: Any,
                  label: str) -> list[int]:
     if s.style == "letters":
         ctx = [render(lm.tokenizer, [{"role": "user", "content": mcq_prompt(q)}], s.chat_template)
@@ -175,7 +177,7 @@ def _mcq_choices(lm: LoadedModel, s: _Setup, qs: Sequence[PairedQuestion], modif
     return [max(range(len(sc.logprobs)), key=sc.logprobs.__getitem__) for sc in scored]
 
 
-def _side(lm: LoadedModel, s: _Setup, qs: Sequence[PairedQuestion], modification: Any,
+def both_formats(lm: LoadedModel, s: PairedSetup, qs: Sequence[PairedQuestion], modification: Any,
           label: str) -> dict[str, Any]:
     """Both formats for one model (dense or modified): per-question outcomes and readouts."""
     choice = _mcq_choices(lm, s, qs, modification, label)
@@ -221,8 +223,8 @@ def paired_eval(lm: LoadedModel, task: str, data_dir: str | Path, modifications:
     if task == "gsm8k":
         style = "letters"  # GSM8K's options are numbers: multiple choice is always over letters
     pool = paired_questions(task, data_dir, limit, seed, shots if task == "gsm8k" else 0)
-    setup = _Setup(task, style, data_dir, limit, seed, shots, batch_size, chat_template, progress)
-    dense_pool = _side(lm, setup, pool, None, "dense")
+    setup = PairedSetup(task, style, data_dir, limit, seed, shots, batch_size, chat_template, progress)
+    dense_pool = both_formats(lm, setup, pool, None, "dense")
     keep = list(range(len(pool)))
     if select == "dense-correct":
         keep = [i for i in keep if dense_pool["mcq_hits"][i] and dense_pool["gen_hits"][i]]
@@ -234,8 +236,8 @@ def paired_eval(lm: LoadedModel, task: str, data_dir: str | Path, modifications:
     rows = []
     for label, mod in modifications.items():
         # GSM8K's generative side draws its own sample (the pool): run the pool, keep the subset
-        side = _subset(_side(lm, setup, pool, mod, label), keep, qs) if task == "gsm8k" else \
-            _side(lm, setup, qs, mod, label)
+        side = _subset(both_formats(lm, setup, pool, mod, label), keep, qs) if task == "gsm8k" else \
+            both_formats(lm, setup, qs, mod, label)
         gap = paired_gap(dense["mcq_hits"], side["mcq_hits"], dense["gen_hits"], side["gen_hits"],
                          n_boot=n_boot, seed=seed)
         agree = sum(a == b for a, b in zip(dense["mcq_choice"], side["mcq_choice"], strict=True)) / len(qs)

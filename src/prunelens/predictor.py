@@ -35,7 +35,7 @@ SIGNALS = ("tf_kl", "tf_kl_early", "tf_taylor_kl", "tf_top1_disagree", "kl_growt
 
 def signals_from_result(result: Mapping[str, Any]) -> dict[str, float]:
     """The predictor's signals from an ``analyze`` result (teacher-forced and free-running steps)."""
-    s = summarize(dict(result))
+    s = result.get("summary") or summarize(dict(result))  # ``analyze`` already summarised it
     t = f"{s['temperature']:g}"
     tf = result["stepwise"]["teacher_forced"]
     early = [v for v in tf[f"kl@{t}"][:EARLY_STEPS] if v is not None]

@@ -11,10 +11,12 @@ of the grid (layer drops, weight sparsification, quantisation, each at several a
 - the proxies people use today: the change of WikiText-2 perplexity (log ratio, a few 512-token
   windows) and the change of ordinary ARC-Easy accuracy (log-likelihood, a seeded sample).
 
-Each pruning's numbers are saved as they finish (``OUT/cells/*.json``): a killed run resumes.
-The end writes ``OUT/validation.json`` with Spearman correlations against the measured generative
-drop — per signal, for the predicted risk, for each proxy and for a leave-one-method-out linear
-fit — and ``OUT/predictor.png``.
+Each pruning's numbers, per-question outcomes included, are saved as they finish
+(``OUT/cells/*.json``): a killed run resumes. The end writes ``OUT/validation.json`` with Spearman
+correlations against the measured generative drop — per signal, for the predicted risk, for each
+proxy and for a leave-one-method-out linear fit — their 95 % intervals over a bootstrap of the
+questions, the split-half reliability of the measured drops (which caps the reachable ρ), and
+``OUT/predictor.png``.
 
     python benchmarks/predictor_validation.py --out docs/sweeps/predictor-smollm2
 """
@@ -61,6 +63,8 @@ def main() -> None:
                     help="ARC-Easy questions for the accuracy proxy; 0 leaves that proxy out (large models)")
     ap.add_argument("--ppl-windows", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=8,
+                    help="generation batch; larger is faster for a 1B+ model (weights read once a step)")
     args = ap.parse_args()
     out = Path(args.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
@@ -69,7 +73,7 @@ def main() -> None:
     t0 = time.perf_counter()
     lm = load_model(args.model)
     text = read_corpus(data / "wikitext2_raw_test.jsonl")
-    setup = PairedSetup("arc_easy", "cloze", data, args.pool, args.seed, 0, 8, True, False)
+    setup = PairedSetup("arc_easy", "cloze", data, args.pool, args.seed, 0, args.batch_size, True, False)
 
     base_path = out / "dense.json"
     if base_path.is_file():
@@ -109,6 +113,7 @@ def main() -> None:
         row = {"spec": spec, "method": method_of(spec), **sig, "risk": rk,
                "gen_drop": 1 - sum(side["gen_hits"]) / len(subset),
                "mcq_drop": 1 - sum(side["mcq_hits"]) / len(subset),
+               "gen_hits": side["gen_hits"], "mcq_hits": side["mcq_hits"],
                "ppl": ppl, "ppl_log_ratio": math.log(ppl / base["ppl"]),
                "mcq_acc": acc, "mcq_acc_drop": None if acc is None else base["mcq_acc"] - acc,
                "footprint": footprint(lm, mod), "seconds": {"modify": t_mod, "signals": t_sig,
@@ -122,9 +127,12 @@ def main() -> None:
         release_freed_memory()
 
     acc_proxy = ("mcq_acc_drop",) if args.mcq_limit else ()
+    per_question = all("gen_hits" in r for r in rows)  # cells from before they were kept have none
     res = {"model": lm.info, "dense": base, "subset_size": len(subset), "rows": rows,
-           "generative": validate(rows, "gen_drop", ("ppl_log_ratio", *acc_proxy, "mcq_drop")),
-           "multiple_choice": validate(rows, "mcq_drop", ("ppl_log_ratio", *acc_proxy))}
+           "generative": validate(rows, "gen_drop", ("ppl_log_ratio", *acc_proxy, "mcq_drop"),
+                                  hits="gen_hits" if per_question else None),
+           "multiple_choice": validate(rows, "mcq_drop", ("ppl_log_ratio", *acc_proxy),
+                                       hits="mcq_hits" if per_question else None)}
     write_json(out / "validation.json", res)
     _figure(res, out / "predictor.png")
     g = res["generative"]
@@ -132,6 +140,11 @@ def main() -> None:
           f"LOMO fit {g['lomo_fit']['spearman']:.3f}; proxies " +
           ", ".join(f"{k} {v:.3f}" for k, v in g["proxies"].items()) + "; signals " +
           ", ".join(f"{k} {v:.3f}" for k, v in g["signals"].items()))
+    if "questions" in g:
+        q = g["questions"]
+        print(f"over the {q['n']} questions: 95 % intervals " + ", ".join(
+            f"{k} [{lo:.2f}, {hi:.2f}]" for k, (lo, hi) in q["rho_interval_95"].items()) +
+            f"; target reliability {q['target_reliability']:.2f}, ρ ceiling {q['rho_ceiling']:.2f}")
 
 
 def _figure(res: dict, path: Path) -> None:

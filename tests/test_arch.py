@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
-from prunelens.analysis import AnalysisSettings, analyze, forward_cached, left_pad
+from prunelens.analysis import AnalysisSettings, analyze, cache_keyword, forward_cached, left_pad
 from prunelens.arch import ARCHS, Adapter, get_module, spec_for
 from prunelens.capture import capture
 from prunelens.errors import PrunelensError
@@ -326,10 +327,11 @@ def test_cached_decoding_in_view_matches_full_forward(model: nn.Module, plan: Dr
     with pruned_view(ad, plan), torch.no_grad():
         full = model(input_ids=ids, use_cache=False).logits
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=ids[:, :6], past_key_values=cache, use_cache=True)
+        kw = {cache_keyword(type(model)): cache}
+        out = model(input_ids=ids[:, :6], use_cache=True, **kw)
         steps = [out.logits[:, -1]]
         for t in range(6, 9):
-            out = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids[:, t:t + 1], use_cache=True, **kw)
             steps.append(out.logits[:, -1])
         assert cache.get_seq_length() == 9
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 5:], rtol=0, atol=1e-4)
@@ -340,7 +342,9 @@ def test_left_padded_cached_decoding_in_view_matches_unpadded(model: nn.Module, 
     ad = Adapter(model)
     seqs = [ids_of(5, 9)[0].tolist(), ids_of(6, 5)[0].tolist()]  # the second row is left-padded
     cont = ids_of(7, 3, batch=2)
-    with pruned_view(ad, plan), torch.no_grad():
+    with pruned_view(ad, plan), torch.no_grad(), warnings.catch_warnings():
+        # the cache goes by the keyword this transformers version reads, not a deprecated one
+        warnings.simplefilter("error", FutureWarning)
         ids, mask = left_pad(seqs, PAD, torch.device("cpu"))
         cache = DynamicCache(config=model.config)
         steps = [forward_cached(model, ids, mask, cache)]

@@ -117,3 +117,48 @@ def test_validate_ranks_signals_risk_proxies_and_the_fit() -> None:
     assert v["signals"]["tf_top1_disagree"] == pytest.approx(v["risk_generative"])  # both monotone in a
     assert v["signals"]["tf_kl"] > 0.9 and v["proxies"]["ppl_log_ratio"] < -0.9
     assert v["lomo_fit"]["spearman"] > 0.9 and len(v["lomo_fit"]["predictions"]) == 12
+
+
+def _nested_hits(n_prunings: int, n_questions: int) -> list[list[float]]:
+    """Pruning k loses the first 10·k questions: every resample and split keeps the drops ordered."""
+    return [[0.0 if q < 10 * k else 1.0 for q in range(n_questions)] for k in range(n_prunings)]
+
+
+def test_question_noise_of_a_cleanly_ordered_target_is_small() -> None:
+    hits = _nested_hits(6, 100)
+    scores = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    lo, hi = predictor.rho_interval(scores, hits, n_boot=300)
+    assert lo > 0.9 and hi == pytest.approx(1.0)
+    assert predictor.target_reliability(hits, n_splits=100) > 0.9
+    lo, hi = predictor.rho_interval(scores[::-1], hits, n_boot=300)  # a reversed predictor stays reversed
+    assert hi < -0.9
+
+
+def test_question_noise_of_a_coin_flip_target_is_large() -> None:
+    rng = np.random.default_rng(1)
+    hits = (rng.random((8, 20)) < 0.5).astype(float).tolist()  # every pruning the same true drop
+    lo, hi = predictor.rho_interval(list(range(8)), hits, n_boot=300)
+    assert lo < 0 < hi  # no ranking to find: the interval spans zero
+    assert predictor.target_reliability(hits, n_splits=200) < 0.4
+    with pytest.raises(PrunelensError, match="3 or more prunings"):
+        predictor.rho_interval([1, 2], hits[:2])
+    with pytest.raises(PrunelensError, match="one score per pruning"):
+        predictor.rho_interval([1, 2, 3], hits)
+
+
+def test_validate_with_hits_checks_the_target_and_adds_the_intervals() -> None:
+    hits = _nested_hits(6, 60)
+    rows = []
+    for k, h in enumerate(hits):
+        d = 0.05 * (k + 1)
+        rows.append({"method": "ab"[k % 2], **dict.fromkeys(predictor.SIGNALS, d), "kl_growth": 1.0,
+                     "gen_hits": h, "gen_drop": 1 - float(np.mean(h)), "ppl_log_ratio": float(k % 3)})
+    v = predictor.validate(rows, "gen_drop", ("ppl_log_ratio",), hits="gen_hits")
+    q = v["questions"]
+    assert q["n"] == 60 and q["rho_interval_95"]["risk_generative"][0] > 0.9
+    assert q["rho_ceiling"] == pytest.approx(np.sqrt(q["target_reliability"]))
+    lo, hi = q["rho_interval_95"]["ppl_log_ratio"]
+    assert lo <= v["proxies"]["ppl_log_ratio"] <= hi
+    rows[0] = {**rows[0], "gen_drop": 0.5}
+    with pytest.raises(PrunelensError, match="not 1 − the mean"):
+        predictor.validate(rows, "gen_drop", hits="gen_hits")

@@ -14,6 +14,8 @@ One model, two views (``pruned_view`` swaps modules, no weight is copied). Per b
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import time
 from collections import defaultdict
@@ -153,8 +155,15 @@ def forward_cached(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any
     """
     positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+                use_cache=True, logits_to_keep=1, **{cache_keyword(type(model)): cache})
     return out.logits[:, -1].float()
+
+
+@functools.cache
+def cache_keyword(model_class: type) -> str:
+    """The forward's KV-cache argument: ``cache`` from transformers 5.24 (where the old name is
+    deprecated, to be removed in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def step_metrics(hd: torch.Tensor, hp: torch.Tensor, zd: torch.Tensor, zp: torch.Tensor,

@@ -16,6 +16,7 @@ each signal, the risk and a fitted combination (leave-one-method-out) rank measu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -120,10 +121,63 @@ def lomo_predictions(rows: Sequence[Mapping[str, Any]], target: str, names: Sequ
     return pred.tolist()
 
 
+def _hits_matrix(hits: Sequence[Sequence[float]]) -> np.ndarray:
+    h = np.asarray(hits, dtype=float)
+    if h.ndim != 2 or h.shape[0] < 3 or h.shape[1] < 2:
+        raise PrunelensError("per-question hits need 3 or more prunings × 2 or more questions")
+    return h
+
+
+def rho_interval(scores: Sequence[float], hits: Sequence[Sequence[float]], n_boot: int = 2000,
+                 confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of Spearman(scores, drop), resampling the *questions*.
+
+    ``hits[k][q]`` is 1 where pruning k still answers question q. The measured drop of a pruning is
+    1 − its mean hit, so a small question set makes it coarse; the interval says how far ρ moves
+    with the questions alone (resamples whose drops are all equal are skipped)."""
+    h = _hits_matrix(hits)
+    if len(scores) != h.shape[0]:
+        raise PrunelensError("one score per pruning is needed")
+    rng = np.random.default_rng(seed)
+    rhos = []
+    for _ in range(n_boot):
+        drop = 1.0 - h[:, rng.integers(0, h.shape[1], h.shape[1])].mean(1)
+        if np.ptp(drop) > 0:
+            rhos.append(spearman(scores, drop.tolist()))
+    if not rhos:
+        raise PrunelensError("every resample gives the same drop for all prunings")
+    a = (1 - confidence) / 2
+    lo, hi = np.quantile(rhos, [a, 1 - a])
+    return float(lo), float(hi)
+
+
+def target_reliability(hits: Sequence[Sequence[float]], n_splits: int = 500, seed: int = 0) -> float:
+    """Split-half reliability of the measured drops' ranking, Spearman–Brown corrected to the full
+    question set: the mean Spearman between the drops on two random halves of the questions, r,
+    becomes 2r / (1 + r). Its square root bounds the ρ that even a perfect predictor of the true
+    drops can reach against these measured ones (attenuation by the target's own noise)."""
+    h = _hits_matrix(hits)
+    rng = np.random.default_rng(seed)
+    half = h.shape[1] // 2
+    rs = []
+    for _ in range(n_splits):
+        perm = rng.permutation(h.shape[1])
+        a, b = h[:, perm[:half]].mean(1), h[:, perm[half:2 * half]].mean(1)
+        if np.ptp(a) > 0 and np.ptp(b) > 0:
+            rs.append(spearman(a.tolist(), b.tolist()))
+    if not rs:
+        raise PrunelensError("no split gives unequal drops on both halves")
+    r = float(np.mean(rs))
+    return 2 * r / (1 + r) if r > -1 else float("nan")
+
+
 def validate(rows: Sequence[Mapping[str, Any]], target: str, proxies: Sequence[str] = (),
-             fitted: Sequence[str] = ("tf_kl", "tf_top1_disagree", "inv_first_divergence")) -> dict[str, Any]:
+             fitted: Sequence[str] = ("tf_kl", "tf_top1_disagree", "inv_first_divergence"),
+             hits: str | None = None) -> dict[str, Any]:
     """Spearman of each signal, the predicted risk, each proxy (e.g. perplexity or MCQ change) and the
-    leave-one-method-out fit against the measured ``target`` over all rows (prunings)."""
+    leave-one-method-out fit against the measured ``target`` over all rows (prunings). With
+    ``hits`` (the rows' per-question outcome key, ``target`` = 1 − their mean): question-bootstrap
+    intervals of the risk's and each proxy's ρ, and the target's reliability and ρ ceiling."""
     y = [float(r[target]) for r in rows]
     out: dict[str, Any] = {"target": target, "n": len(rows),
                            "methods": sorted({r["method"] for r in rows})}
@@ -132,4 +186,14 @@ def validate(rows: Sequence[Mapping[str, Any]], target: str, proxies: Sequence[s
     out["proxies"] = {p: spearman([r[p] for r in rows], y) for p in proxies}
     lomo = lomo_predictions(rows, target, fitted)
     out["lomo_fit"] = {"features": list(fitted), "spearman": spearman(lomo, y), "predictions": lomo}
+    if hits is not None:
+        h = [r[hits] for r in rows]
+        if any(abs(1 - float(np.mean(x)) - t) > 1e-9 for x, t in zip(h, y, strict=True)):
+            raise PrunelensError(f"{target} is not 1 − the mean of {hits}")
+        scored = {"risk_generative": [risk(r)["generative"] for r in rows],
+                  **{p: [r[p] for r in rows] for p in proxies}}
+        rel = target_reliability(h)
+        out["questions"] = {"n": len(h[0]),
+                            "rho_interval_95": {k: rho_interval(v, h) for k, v in scored.items()},
+                            "target_reliability": rel, "rho_ceiling": math.sqrt(rel) if rel > 0 else 0.0}
     return out

@@ -182,7 +182,8 @@ def validate(rows: Sequence[Mapping[str, Any]], target: str, proxies: Sequence[s
     out: dict[str, Any] = {"target": target, "n": len(rows),
                            "methods": sorted({r["method"] for r in rows})}
     out["signals"] = {n: spearman([r[n] for r in rows], y) for n in SIGNALS}
-    out["risk_generative"] = spearman([risk(r)["generative"] for r in rows], y)
+    gen_risk = [risk(r)["generative"] for r in rows]
+    out["risk_generative"] = spearman(gen_risk, y)
     out["proxies"] = {p: spearman([r[p] for r in rows], y) for p in proxies}
     lomo = lomo_predictions(rows, target, fitted)
     out["lomo_fit"] = {"features": list(fitted), "spearman": spearman(lomo, y), "predictions": lomo}
@@ -190,7 +191,7 @@ def validate(rows: Sequence[Mapping[str, Any]], target: str, proxies: Sequence[s
         h = [r[hits] for r in rows]
         if any(abs(1 - float(np.mean(x)) - t) > 1e-9 for x, t in zip(h, y, strict=True)):
             raise PrunelensError(f"{target} is not 1 − the mean of {hits}")
-        scored = {"risk_generative": [risk(r)["generative"] for r in rows],
+        scored = {"risk_generative": gen_risk,
                   **{p: [r[p] for r in rows] for p in proxies}}
         rel = target_reliability(h)
         out["questions"] = {"n": len(h[0]),

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -500,3 +501,23 @@ def test_analyze_nonempty_plan_shows_divergence(model: nn.Module, tokenizer: Any
     kls = _valid(tf["kl@1"], tf["n"])
     assert kls and any(v > 0 for v in kls)
     assert res["pruning"]["block"] == [1]
+
+
+def test_analyze_spans_several_batches(model: nn.Module, tokenizer: Any) -> None:
+    """More prompts than one batch (the main job once crashed on the second batch): every prompt is
+    analysed, and per-prompt texts and step counts match a run with all prompts in one batch."""
+    lm = LoadedModel(model, tokenizer, Adapter(model), {})
+    prompts = PROMPTS * 3  # 9 prompts, batches of 2 → 5 batches, the last one short
+    kw = dict(max_new_tokens=4, chat_template=False)
+    small = analyze(lm, PLAN_B, prompts, AnalysisSettings(batch_size=2, **kw), progress=False)
+    whole = analyze(lm, PLAN_B, prompts, AnalysisSettings(batch_size=16, **kw), progress=False)
+    assert small["settings"]["n_prompts"] == len(prompts) == len(small["per_prompt"])
+    assert [p["prompt"] for p in small["per_prompt"]] == prompts
+    for a, b in zip(small["per_prompt"], whole["per_prompt"], strict=True):
+        assert a["dense_text"] == b["dense_text"]
+        assert a["valid_steps_free_running"] == b["valid_steps_free_running"]
+    for mode in ("teacher_forced", "free_running"):
+        assert small["stepwise"][mode]["n"] == whole["stepwise"][mode]["n"]
+        np.testing.assert_allclose(
+            np.array(small["stepwise"][mode]["kl@1"], dtype=float),
+            np.array(whole["stepwise"][mode]["kl@1"], dtype=float), rtol=1e-3, atol=1e-5)

@@ -291,8 +291,8 @@ def analyze(
         for mode, d in rows.items():
             for k, seq in d.items():
                 arr = np.stack(seq, 1).astype(np.float64)  # (B, steps_done)
-                pad = np.full((B, N - arr.shape[1]), np.nan if k != "valid" else 0.0)
-                step_acc[mode][k].append(np.concatenate([arr, pad], 1))
+                filler = np.full((B, N - arr.shape[1]), np.nan if k != "valid" else 0.0)
+                step_acc[mode][k].append(np.concatenate([arr, filler], 1))
         td, tp = torch.stack(toks_d, 1).cpu(), torch.stack(toks_p, 1).cpu()
         fr_valid = np.stack(rows["free_running"]["valid"], 1)
         for r in range(B):

@@ -17,9 +17,9 @@ import time
 import torch
 
 from prunelens import builtin_prompts, load_model
-from prunelens.analysis import encode_prompts, left_pad, pad_id
-from prunelens.counterfactual import CounterfactualSettings, counterfactual, single_layer
+from prunelens.analyses.counterfactual import CounterfactualSettings, counterfactual, single_layer
 from prunelens.metrics import hidden_metrics, logit_metrics
+from prunelens.model.runtime import encode_prompts, left_pad, pad_id
 from prunelens.prune import view_of
 
 

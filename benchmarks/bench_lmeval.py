@@ -79,7 +79,8 @@ def write_subset(
 ) -> tuple[Path, list[int]]:
     """Write the rows prunelens would sample into dest/<task file name>; return it and the indices."""
     from prunelens.data import iter_jsonl
-    from prunelens.tasks.mcq import MCQ_TASKS, sample_indices, task_file
+    from prunelens.tasks.data import sample_indices
+    from prunelens.tasks.mcq import MCQ_TASKS, task_file
 
     t = MCQ_TASKS[task]
     src = task_file(t, data_dir)
@@ -224,7 +225,7 @@ def _main(a: argparse.Namespace, tmp: Path) -> None:
     from lm_eval.tasks import TaskManager
 
     import prunelens.tasks.mcq as mcq
-    from prunelens.models import load_model
+    from prunelens.model.loading import load_model
 
     logging.getLogger("lm-eval").setLevel(logging.WARNING)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)

@@ -43,7 +43,7 @@ def _rss_mb() -> float:
 
 def child(a: argparse.Namespace) -> None:
     import prunelens as pl
-    from prunelens.api import prune_weights
+    from prunelens.prune.recipe import prune_weights
 
     lm = pl.load_model(a.model)
     for p in lm.model.parameters():  # page the mmapped weights in: "one model loaded"

@@ -16,8 +16,8 @@ import json
 import time
 
 import prunelens as pl
-from prunelens.api import prune_weights
-from prunelens.evaluate import perplexity, read_corpus
+from prunelens.prune.recipe import prune_weights
+from prunelens.tasks.perplexity import perplexity, read_corpus
 
 METHODS = ["magnitude:0.5", "wanda:0.5", "sparsegpt:0.5", "magnitude:2:4", "wanda:2:4", "sparsegpt:2:4",
            "wanda:4:8", "sparsegpt:4:8", "rtn:w4g64", "gptq:w4g64", "rtn:w3g64", "gptq:w3g64"]

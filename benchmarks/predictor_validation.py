@@ -11,12 +11,13 @@ of the grid (layer drops, weight sparsification, quantisation, each at several a
 - the proxies people use today: the change of WikiText-2 perplexity (log ratio, a few 512-token
   windows) and the change of ordinary ARC-Easy accuracy (log-likelihood, a seeded sample).
 
-Each pruning's numbers, per-question outcomes included, are saved as they finish
-(``OUT/cells/*.json``): a killed run resumes. The end writes ``OUT/validation.json`` with Spearman
-correlations against the measured generative drop — per signal, for the predicted risk, for each
-proxy and for a leave-one-method-out linear fit — their 95 % intervals over a bootstrap of the
-questions, the split-half reliability of the measured drops (which caps the reachable ρ), and
-``OUT/predictor.png``.
+Each pruning's numbers, per-question outcomes included, are saved as they finish in the cell cache
+(``OUT/cells/*.json`` under ``OUT/manifest.json``, which records the settings, data hashes and
+package versions): a killed run resumes, a run with other settings or data is refused. The end
+writes ``OUT/validation.json`` with Spearman correlations against the measured generative drop — per
+signal, for the predicted risk, for each proxy and for a leave-one-method-out linear fit — their 95
+% intervals over a bootstrap of the questions, the split-half reliability of the measured drops
+(which caps the reachable ρ), and ``OUT/predictor.png``.
 
     python benchmarks/predictor_validation.py --out docs/sweeps/predictor-smollm2
 """
@@ -30,13 +31,14 @@ import time
 from pathlib import Path
 
 from prunelens import builtin_prompts, load_model
-from prunelens.api import build_modification, footprint
-from prunelens.evaluate import perplexity, read_corpus
-from prunelens.memory import release_freed_memory
-from prunelens.paired_eval import PairedSetup, both_formats, paired_questions
-from prunelens.predictor import collapse_signals, validate
+from prunelens.analyses.cells import CellCache, data_hashes, environment
+from prunelens.analyses.paired import PairedSetup, both_formats, paired_questions
+from prunelens.analyses.predictor import collapse_signals, validate
+from prunelens.model.memory import release_freed_memory
+from prunelens.prune.recipe import Calibration, build, footprint
 from prunelens.runs import write_json
 from prunelens.tasks.mcq import evaluate_mcq
+from prunelens.tasks.perplexity import perplexity, read_corpus
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GRID = ("attn:2", "attn:4", "attn:6", "attn:8", "mlp:1", "mlp:2", "mlp:3", "block:1", "block:2", "block:3",
@@ -67,9 +69,16 @@ def main() -> None:
                     help="generation batch; larger is faster for a 1B+ model (weights read once a step)")
     args = ap.parse_args()
     out = Path(args.out)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
     data = Path(args.data_dir)
     calib = str(data / "c4_calibration.jsonl")
+    files = [data / "arc_easy_test.jsonl", Path(calib), data / "wikitext2_raw_test.jsonl"]
+    identity = {"model": args.model, "pool": args.pool, "mcq_limit": args.mcq_limit,
+                "ppl_windows": args.ppl_windows, "seed": args.seed,
+                "data": {p.name: h for p, h in zip(files, data_hashes(files).values(), strict=True)},
+                "environment": environment("cpu", "float32")}
+    # runs from before the manifest existed hold dense.json + cells/: adopted, their cells kept
+    cache = CellCache(out, "manifest.json", "predictor validation", identity, adopt=(out / "dense.json").is_file())
+    cache.open(schema="prunelens.predictor-validation/1")
     t0 = time.perf_counter()
     lm = load_model(args.model)
     text = read_corpus(data / "wikitext2_raw_test.jsonl")
@@ -97,12 +106,12 @@ def main() -> None:
 
     rows = []
     for spec in [s for s in args.grid.split(",") if s]:
-        path = out / "cells" / f"{''.join(c if c.isalnum() else '_' for c in spec)}.json"
-        if path.is_file():
-            rows.append(json.loads(path.read_text()))
+        key = "".join(c if c.isalnum() else "_" for c in spec)
+        if cache.has(key):
+            rows.append(cache.load(key))
             continue
         t = time.perf_counter()
-        mod = build_modification(lm, spec, calib, seed=args.seed, progress=False)
+        mod = build(lm, spec, Calibration(calib, seed=args.seed), progress=False)
         t_mod = time.perf_counter() - t
         sig, rk = collapse_signals(lm, mod, prompts, steps=32)
         t_sig = time.perf_counter() - t - t_mod
@@ -118,7 +127,7 @@ def main() -> None:
                "mcq_acc": acc, "mcq_acc_drop": None if acc is None else base["mcq_acc"] - acc,
                "footprint": footprint(lm, mod), "seconds": {"modify": t_mod, "signals": t_sig,
                                                            "total": time.perf_counter() - t}}
-        write_json(path, row)
+        cache.save(key, row)
         rows.append(row)
         print(f"{spec:14s} gen drop {row['gen_drop']:.3f}  mcq drop {row['mcq_drop']:.3f}  risk(gen) "
               f"{rk['generative']:.3f}  tf KL {sig['tf_kl']:.3f}  ppl x{ppl / base['ppl']:.2f}  "

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunelens import advise as adv
+from prunelens.analyses import advise as adv
 from prunelens.errors import PrunelensError
 
 
@@ -22,12 +22,12 @@ def test_budget_parses_percent_and_share() -> None:
 
 
 def test_candidates_meet_the_budget_on_a_tiny_model() -> None:
-    from test_arch import _tiny_tokenizer, tiny_model
+    from conftest import _tiny_tokenizer, tiny_model
 
-    from prunelens.api import footprint, parse_drop
-    from prunelens.arch import Adapter
-    from prunelens.models import LoadedModel
+    from prunelens.model.arch import Adapter
+    from prunelens.model.loading import LoadedModel
     from prunelens.prune.drop import DropPlan
+    from prunelens.prune.recipe import footprint, parse_drop
 
     model = tiny_model("llama")  # per layer: attention 3072 weights, MLP 6144, so 36864 in all
     lm = LoadedModel(model, _tiny_tokenizer(), Adapter(model), {"name": "tiny-llama"})
@@ -45,6 +45,7 @@ def test_candidates_meet_the_budget_on_a_tiny_model() -> None:
     assert adv.candidates(lm, 0.8)[-1] == "sparsegpt:0.8"  # past 4-bit quantisation's saving
 
 
+@pytest.mark.slow
 def test_advise_ranks_real_candidates_by_risk(tmp_path: Path) -> None:
     from prunelens.cli import main
 
@@ -67,10 +68,10 @@ def test_advise_ranks_real_candidates_by_risk(tmp_path: Path) -> None:
 
 
 def test_decode_timing_runs_exactly_the_asked_tokens_even_past_eos() -> None:
-    from test_arch import EOS, _tiny_tokenizer, tiny_model
+    from conftest import EOS, _tiny_tokenizer, tiny_model
 
-    from prunelens.arch import Adapter
-    from prunelens.models import LoadedModel
+    from prunelens.model.arch import Adapter
+    from prunelens.model.loading import LoadedModel
 
     model = tiny_model("llama")
     with torch.no_grad():  # make EOS the argmax everywhere: generation would stop at once

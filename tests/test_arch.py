@@ -12,7 +12,6 @@ import copy
 import gc
 import json
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +19,16 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers
+from conftest import ARCH_KW, ARCH_NAMES, EOS, N_LAYERS, PAD, SLIDING, VOCAB, tiny_model
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
-from prunelens.analysis import AnalysisSettings, analyze, cache_keyword, forward_cached, left_pad
-from prunelens.arch import ARCHS, Adapter, get_module, spec_for
-from prunelens.capture import capture
+from prunelens.analyses.trace import AnalysisSettings, analyze
 from prunelens.errors import PrunelensError
-from prunelens.models import LoadedModel, load_model
+from prunelens.model.arch import Adapter, get_module, spec_for
+from prunelens.model.capture import capture
+from prunelens.model.loading import LoadedModel, load_model
+from prunelens.model.runtime import cache_keyword, forward_cached, left_pad
 from prunelens.prune.drop import (
     METADATA_KEY,
     DropPlan,
@@ -42,11 +42,6 @@ from prunelens.prune.drop import (
     save_pruned,
 )
 
-ARCH_NAMES = sorted(ARCHS)
-VOCAB, N_LAYERS = 128, 4
-PAD, BOS, EOS = 0, 1, 2
-SLIDING = 4  # shorter than the test sequences, so sliding-window layers really differ from full ones
-
 # The plan of the brief (block 3 is the last one) and one dropping a middle block, so that saving
 # has to renumber the later blocks and the recorded skip indices.
 PLAN_A = DropPlan(attn=(0, 2), mlp=(1,), block=(3,))
@@ -54,75 +49,6 @@ PLAN_B = DropPlan(attn=(0, 3), mlp=(2,), block=(1,))
 # sublayers of a dropped block listed as well: the block wins, nothing is skipped twice
 PLAN_C = DropPlan(attn=(1, 2), mlp=(0, 2), block=(2,))
 PLANS = {"A": PLAN_A, "B": PLAN_B, "C": PLAN_C}
-
-# per-architecture config overrides on top of the common tiny shape
-_ARCH_KW: dict[str, dict[str, Any]] = {
-    "llama": {},
-    "mistral": {"sliding_window": SLIDING},
-    "qwen2": {"use_sliding_window": True, "sliding_window": SLIDING,
-              "layer_types": ["full_attention", "sliding_attention"] * 2},
-    "qwen3": {"use_sliding_window": True, "sliding_window": SLIDING,
-              "layer_types": ["sliding_attention", "full_attention"] * 2},
-    "gemma": {},
-    "gemma2": {"sliding_window": SLIDING, "query_pre_attn_scalar": 8,
-               "layer_types": ["sliding_attention", "full_attention"] * 2},
-    "gemma3_text": {"sliding_window": SLIDING, "query_pre_attn_scalar": 8,
-                    "layer_types": ["sliding_attention", "full_attention"] * 2},
-    "phi3": {"sliding_window": None},
-}
-
-
-def tiny_config(model_type: str) -> Any:
-    cfg = AutoConfig.for_model(
-        model_type, vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=N_LAYERS, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        max_position_embeddings=128, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
-        **_ARCH_KW[model_type])
-    cfg._attn_implementation = "eager"
-    return cfg
-
-
-def tiny_model(model_type: str, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type), attn_implementation="eager")
-    # Default init (std 0.02) gives near-uniform logits; larger random weights (norms included)
-    # make every sublayer matter, so a wrong skip cannot hide below the tolerances.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.3)
-    return model.eval().requires_grad_(False)
-
-
-def _tiny_tokenizer() -> Any:
-    vocab = {"<pad>": PAD, "<bos>": BOS, "<eos>": EOS, **{f"w{i}": i for i in range(3, VOCAB)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<pad>")
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    return _tiny_tokenizer()
-
-
-_MODELS: dict[str, nn.Module] = {}
-
-
-@pytest.fixture(params=ARCH_NAMES)
-def model(request: pytest.FixtureRequest) -> Iterator[nn.Module]:
-    """One tiny model per architecture, built once per module; tests must leave it unchanged."""
-    mt = request.param
-    if mt not in _MODELS:
-        _MODELS[mt] = tiny_model(mt)
-    m = _MODELS[mt]
-    before = {n: p.data_ptr() for n, p in m.named_parameters()}
-    yield m
-    assert {n: p.data_ptr() for n, p in m.named_parameters()} == before, "test left the model modified"
-    assert not any(isinstance(x, (SkippedAttention, SkippedBlock, SkippedMLP)) for x in m.modules())
 
 
 def ids_of(seed: int, n: int, batch: int = 1) -> torch.Tensor:
@@ -196,19 +122,19 @@ def test_adapter_resolves_every_part(model: nn.Module) -> None:
         assert get_module(layer, spec.mlp_out).out_features == model.config.hidden_size
 
 
-@pytest.mark.parametrize("mt", [m for m in ARCH_NAMES if _ARCH_KW[m].get("sliding_window")])
+@pytest.mark.parametrize("mt", [m for m in ARCH_NAMES if ARCH_KW[m].get("sliding_window")])
 def test_tiny_sliding_window_is_active(mt: str) -> None:
     """Sanity check of the fixtures: with 9 tokens, the 4-token window changes the logits."""
     ids = ids_of(0, 9)
-    wide = copy.deepcopy(_ARCH_KW[mt])
+    wide = copy.deepcopy(ARCH_KW[mt])
     wide["sliding_window"] = 64
     m = tiny_model(mt)
-    saved = _ARCH_KW[mt]
+    saved = ARCH_KW[mt]
     try:
-        _ARCH_KW[mt] = wide
+        ARCH_KW[mt] = wide
         m_wide = tiny_model(mt)
     finally:
-        _ARCH_KW[mt] = saved
+        ARCH_KW[mt] = saved
     z, z_wide = logits(m, ids), logits(m_wide, ids)
     assert torch.equal(z[:, :SLIDING], z_wide[:, :SLIDING])
     assert not torch.allclose(z[:, -1], z_wide[:, -1], atol=1e-2)

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import prunelens.prune.weights as W
-from prunelens.arch import Adapter
+from prunelens.model.arch import Adapter
 
 
 def _tiny() -> Adapter:

@@ -16,10 +16,12 @@ from transformers import AutoModelForCausalLM
 from prunelens import DropPlan, PrunelensError, load_model, pruned_view, save_pruned, select_drop
 from prunelens.cli import main
 
+pytestmark = pytest.mark.slow  # the real bundled model
+
 
 @pytest.fixture(scope="module")
-def lm():
-    return load_model("smollm2-135m")
+def lm(real_lm):
+    return real_lm
 
 
 def test_analyze_attn4_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_arch import _tiny_tokenizer, tiny_model
+from conftest import _tiny_tokenizer, tiny_model
 
-from prunelens.analysis import encode_prompts
-from prunelens.arch import Adapter
-from prunelens.capture import capture
-from prunelens.counterfactual import (
+from prunelens.analyses.counterfactual import (
     CounterfactualSettings,
     counterfactual,
     layer_patch,
@@ -20,7 +17,10 @@ from prunelens.counterfactual import (
 )
 from prunelens.errors import PrunelensError
 from prunelens.metrics import cosine, logit_metrics
-from prunelens.models import LoadedModel
+from prunelens.model.arch import Adapter
+from prunelens.model.capture import capture
+from prunelens.model.loading import LoadedModel
+from prunelens.model.runtime import encode_prompts
 from prunelens.prune import view_of
 from prunelens.prune.weights import WeightPatch, parse_quant
 

@@ -11,6 +11,9 @@ import pytest
 
 from prunelens.cli import main
 
+pytestmark = pytest.mark.slow  # the real bundled model
+
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is absent")
 

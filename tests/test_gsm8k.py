@@ -34,6 +34,7 @@ def test_normalise_and_exemplars() -> None:
     assert exemplar_answer("She has 2*3=<<2*3=6>>6 apples.\n#### 6") == "She has 2*3=6 apples.\n#### 6"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is absent")
 def test_eval_gsm8k_runs_with_chat_template(tmp_path: Path) -> None:
     out = tmp_path / "gsm.json"

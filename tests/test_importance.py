@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from prunelens.arch import Adapter
 from prunelens.errors import PrunelensError
-from prunelens.models import LoadedModel
+from prunelens.model.arch import Adapter
+from prunelens.model.loading import LoadedModel
 from prunelens.prune.drop import DropPlan, parse_drop
 from prunelens.prune.importance import angular_scores, select_drop, unit_scores
 

@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_arch import _tiny_tokenizer, tiny_model
+from conftest import _tiny_tokenizer, tiny_model
 
-import prunelens.compare as compare_mod
-from prunelens.analysis import AnalysisSettings
-from prunelens.api import build_modification, footprint
-from prunelens.arch import Adapter
+import prunelens.analyses.compare as compare_mod
+from prunelens.analyses.compare import compare_methods
+from prunelens.analyses.trace import AnalysisSettings
 from prunelens.cli import main
-from prunelens.compare import compare_methods
 from prunelens.errors import PrunelensError
 from prunelens.metrics import subspace_metrics
-from prunelens.models import LoadedModel
+from prunelens.model.arch import Adapter
+from prunelens.model.loading import LoadedModel
+from prunelens.prune.recipe import build, footprint
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -53,13 +53,13 @@ def tiny() -> LoadedModel:
 def test_footprint_by_hand(tiny: LoadedModel) -> None:
     # per block: q 32x32, k 16x32, v 16x32, o 32x32 = 3072; gate, up 64x32, down 32x64 = 6144
     per_block = 3072 + 6144
-    fp = footprint(tiny, build_modification(tiny, "attn@1"))
+    fp = footprint(tiny, build(tiny, "attn@1"))
     assert fp["removed_share"] == pytest.approx(3072 / (4 * per_block)) and fp["bits_per_weight"] == 16
-    fp = footprint(tiny, build_modification(tiny, "block@0,2"))
+    fp = footprint(tiny, build(tiny, "block@0,2"))
     assert fp["removed_share"] == pytest.approx(0.5) and fp["memory_vs_bf16"] == pytest.approx(0.5)
-    q = footprint(tiny, build_modification(tiny, "rtn:w4g16", progress=False))
+    q = footprint(tiny, build(tiny, "rtn:w4g16", progress=False))
     assert q["removed_share"] == 0.0 and 4 < q["bits_per_weight"] < 6
-    s = footprint(tiny, build_modification(tiny, "magnitude:0.5", progress=False))
+    s = footprint(tiny, build(tiny, "magnitude:0.5", progress=False))
     assert s["removed_share"] == pytest.approx(0.5, abs=0.01)
 
 
@@ -85,6 +85,7 @@ def test_compare_methods_resumes_and_draws(tiny: LoadedModel, tmp_path: Path,
         compare_methods(tiny, ["attn@1"], prompts[:1], settings, tmp_path / "c", progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is absent")
 def test_subspace_on_the_real_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "sub"
@@ -106,6 +107,7 @@ def test_subspace_on_the_real_model(tmp_path: Path, capsys: pytest.CaptureFixtur
                  "--out", str(tmp_path / "x"), "--quiet"]) == 2  # multi-token options: one-line error
 
 
+@pytest.mark.slow
 def test_counterfactual_and_report_rebuild_on_the_real_model(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     """CLI end to end on the bundled model: attention replaced layer by layer and each block's

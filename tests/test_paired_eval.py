@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-import prunelens.paired_eval as pe
+import prunelens.analyses.paired as pe
 from prunelens.errors import PrunelensError
 from prunelens.tasks.paired import gsm8k_distractors
 
@@ -96,6 +96,7 @@ def test_dense_correct_keeps_questions_right_in_both_formats(monkeypatch, tmp_pa
         pe.paired_eval(lm, "arc_easy", tmp_path, {}, limit=6, select="dense-correct", progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is absent")
 def test_paired_on_the_real_model_pairs_dense_with_itself_exactly() -> None:
     from prunelens import load_model, select_drop

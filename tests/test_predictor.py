@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from prunelens import predictor
+from prunelens.analyses import predictor
 from prunelens.errors import PrunelensError
 
 
@@ -60,10 +60,10 @@ class HiddenNoise:
 
 
 def test_signals_and_risk_grow_with_the_perturbation_on_a_tiny_model() -> None:
-    from test_arch import _tiny_tokenizer, tiny_model
+    from conftest import _tiny_tokenizer, tiny_model
 
-    from prunelens.arch import Adapter
-    from prunelens.models import LoadedModel
+    from prunelens.model.arch import Adapter
+    from prunelens.model.loading import LoadedModel
 
     model = tiny_model("llama")
     lm = LoadedModel(model, _tiny_tokenizer(), Adapter(model), {"name": "tiny-llama"})

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
+from prunelens.analyses.trace_view import make_figures, render_html, report_from_run_dirs
 from prunelens.errors import PrunelensError
-from prunelens.report import fmt, make_figures, render_html, report_from_run_dirs
+from prunelens.render import fmt
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EVIL = "<script>alert(1)</script>"

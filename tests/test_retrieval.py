@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_arch import EOS, _tiny_tokenizer, tiny_model
+from conftest import EOS, _tiny_tokenizer, tiny_model
 
-from prunelens.arch import Adapter
 from prunelens.errors import PrunelensError
-from prunelens.models import LoadedModel
+from prunelens.model.arch import Adapter
+from prunelens.model.loading import LoadedModel
 from prunelens.prune.drop import DropPlan
 from prunelens.tasks.fidelity import evaluate_fidelity
 from prunelens.tasks.retrieval import BeirData, embed_lm, read_beir, score_rankings

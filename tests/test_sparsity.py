@@ -27,13 +27,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-import prunelens
-from prunelens.api import prune_weights, save_modified, weight_method
-from prunelens.arch import Adapter
 from prunelens.data import calibration_ids
 from prunelens.errors import PrunelensError
-from prunelens.models import LoadedModel
+from prunelens.model.arch import Adapter
+from prunelens.model.loading import LoadedModel
 from prunelens.prune.quant import QuantSpec, gptq_quantize, rtn_quantize
+from prunelens.prune.recipe import prune_weights, save_modified
 from prunelens.prune.sparse import (
     Pattern,
     damped_inverse_cholesky,
@@ -43,6 +42,7 @@ from prunelens.prune.sparse import (
     wanda_mask,
 )
 from prunelens.prune.weights import WeightPatch, parse_prune, parse_quant, sparsify, target_linears
+from prunelens.prune.weights import parse_weight_method as weight_method
 
 Tensor = torch.Tensor
 C4 = Path(__file__).resolve().parents[2] / "shared" / "data" / "c4_calibration.jsonl"
@@ -322,8 +322,8 @@ def test_sparsify_at_zero_gives_the_dense_weights_on_a_tiny_llama(spec: str) -> 
 
 
 @pytest.fixture(scope="module")
-def lm() -> LoadedModel:
-    return prunelens.load_model("smollm2-135m")
+def lm(real_lm: LoadedModel) -> LoadedModel:
+    return real_lm
 
 
 @pytest.fixture(scope="module")
@@ -566,7 +566,8 @@ def test_save_modified_roundtrip(lm: LoadedModel, sgpt: tuple[WeightPatch, dict[
     ("wanda:1", "sparsity must be in [0, 1)"),
     ("wanda:-0.1", "sparsity must be in [0, 1)"),
     ("sparsegpt:nan", "sparsity must be in [0, 1)"),
-    ("wanda:5:4", "N:M pattern needs 0 <= N <= M"),
+    ("wanda:5:4", "N:M pattern needs 1 <= N <= M"),
+    ("magnitude:0:4", "N:M pattern needs 1 <= N <= M"),  # N = 0 would remove every weight
     ("magnitude:2:0", "M >= 1"),
     ("wanda", "malformed pruning spec 'wanda'"),
     ("wanda:x", "malformed pruning spec 'wanda:x'"),

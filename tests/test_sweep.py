@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-import prunelens.sweep as sweep_mod
+import prunelens.analyses.sweep as sweep_mod
+from prunelens.analyses.sweep import SweepSpec, parse_amounts, relative_drop, run_sweep
+from prunelens.analyses.sweep_view import table1
 from prunelens.cli import main
 from prunelens.errors import PrunelensError
-from prunelens.sweep import SweepSpec, parse_amounts, relative_drop, run_sweep
-from prunelens.sweep_report import table1
 from prunelens.tasks.registry import TaskOptions, TaskScore, task_kind
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -52,8 +52,8 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> list:
 
     monkeypatch.setattr(sweep_mod, "_build", build)
     monkeypatch.setattr(sweep_mod, "run_task", run_task)
-    monkeypatch.setattr(sweep_mod, "check_task", lambda t, d: task_kind(t))
-    monkeypatch.setattr("prunelens.api.footprint", lambda lm, mod: {"removed_share": int(mod.amount) / 10})
+    monkeypatch.setattr(sweep_mod, "check_task", lambda t, d: [])
+    monkeypatch.setattr("prunelens.prune.recipe.footprint", lambda lm, mod: {"removed_share": int(mod.amount) / 10})
     return calls
 
 
@@ -175,3 +175,22 @@ def test_report_rebuilds_a_sweep_from_its_cells(tmp_path: Path, fake: list) -> N
     assert len(fake) == n  # nothing recomputed
     assert "0.300" in (tmp_path / "s" / "table.md").read_text()
     assert "Sweep" in (tmp_path / "s" / "report.html").read_text()
+
+
+def test_resume_on_other_data_or_dtype_is_refused_naming_the_setting(tmp_path: Path, fake: list,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cell cache records the data files' content, dtype and device: a resume that changes any
+    of them is refused with the setting named (it once reused the old dense cell on other data)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "arc_easy_test.jsonl").write_text('{"q": 1}\n')
+    monkeypatch.setattr(sweep_mod, "check_task", lambda t, d: [Path(d) / "arc_easy_test.jsonl"])
+    run_sweep(_spec(data_dir=str(data)), tmp_path / "s", lm=object(), progress=False)
+    with pytest.raises(PrunelensError, match=r"dtype: 'float32' before, 'bfloat16' now"):
+        run_sweep(_spec(data_dir=str(data), dtype="bfloat16"), tmp_path / "s", lm=object(), progress=False)
+    (data / "arc_easy_test.jsonl").write_text('{"q": 2}\n')
+    with pytest.raises(PrunelensError, match="computed on other data"):
+        run_sweep(_spec(data_dir=str(data)), tmp_path / "s", lm=object(), progress=False)
+    fake.clear()
+    run_sweep(_spec(data_dir=str(data)), tmp_path / "s", lm=object(), progress=False, overwrite=True)
+    assert len(fake) == 6  # every cell, dense included, recomputed on the new data

@@ -10,7 +10,6 @@ import torch
 
 import prunelens.tasks.loglik as loglik
 import prunelens.tasks.mcq as mcq
-from prunelens import load_model
 from prunelens.errors import PrunelensError
 from prunelens.tasks.loglik import Request, Scored, score_requests, split_tokens
 
@@ -18,8 +17,8 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(scope="module")
-def lm():
-    return load_model("smollm2-135m")
+def lm(real_lm):
+    return real_lm
 
 
 def _jsonl(path: Path, rows: list) -> Path:
@@ -181,12 +180,12 @@ def test_every_scoring_path_equals_a_full_forward_on_tiny_models(mt: str, row_to
     one-token options and per-option contexts: each option's log-probability equals that of a
     plain forward. The tiny sliding-window models (window 4; Gemma 2 also soft-caps its logits)
     send requests longer than the window down the unpacked path and pack the shorter ones."""
-    from test_arch import _tiny_tokenizer, tiny_model
+    from conftest import _tiny_tokenizer, tiny_model
 
     monkeypatch.setattr(loglik, "ROW_TOKENS", row_tokens)
 
-    from prunelens.arch import Adapter
-    from prunelens.models import LoadedModel
+    from prunelens.model.arch import Adapter
+    from prunelens.model.loading import LoadedModel
 
     model = tiny_model(mt)
     lm = LoadedModel(model, _tiny_tokenizer(), Adapter(model), {"name": f"tiny-{mt}"})

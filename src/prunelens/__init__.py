@@ -4,26 +4,35 @@ Notebook use::
 
     import prunelens as pl
     lm = pl.load_model("smollm2-135m")                 # a preset, local dir, .gguf or hub id
-    plan = pl.select_drop(lm, "attn:4")                # 4 least important attention sublayers
+    plan = pl.build(lm, "attn:4")                      # 4 least important attention sublayers
+    both = pl.build(lm, "attn:2+wanda:0.5")            # a recipe: drops first, then weight methods
     result = pl.analyze(lm, plan, pl.builtin_prompts())
     pl.write_run(result, "runs/attn4")                 # results.json, figures/, report.html
     pl.run_task(lm, "humaneval", None, pl.TaskOptions(limit=20), plan)   # pass@1 of the pruned model
 """
 
-__version__ = "0.1.0"
-
-from .analysis import AnalysisSettings, analyze  # noqa: E402
-from .api import select_drop  # noqa: E402
-from .data import builtin_prompts, read_texts  # noqa: E402
-from .errors import PrunelensError  # noqa: E402
-from .models import PRESETS, LoadedModel, load_model  # noqa: E402
-from .prune.drop import DropPlan, parse_drop, pruned_view, save_pruned  # noqa: E402
-from .runs import write_run  # noqa: E402
-from .sweep import SweepSpec, run_sweep  # noqa: E402
-from .tasks.registry import TaskOptions, run_task  # noqa: E402
+from prunelens.analyses.sweep import SweepSpec, run_sweep  # noqa: E402
+from prunelens.analyses.trace import AnalysisSettings, analyze  # noqa: E402
+from prunelens.data import builtin_prompts, read_texts  # noqa: E402
+from prunelens.errors import PrunelensError  # noqa: E402
+from prunelens.model.loading import PRESETS, LoadedModel, load_model  # noqa: E402
+from prunelens.prune.drop import DropPlan, parse_drop, pruned_view, save_pruned  # noqa: E402
+from prunelens.prune.recipe import (  # noqa: E402
+    Calibration,
+    Recipe,
+    build,
+    footprint,
+    prune_weights,
+    save_modified,
+    select_drop,
+)
+from prunelens.runs import write_run  # noqa: E402
+from prunelens.tasks.registry import TaskOptions, run_task  # noqa: E402
+from prunelens.version import __version__  # noqa: E402,F401
 
 __all__ = [
     "AnalysisSettings", "DropPlan", "LoadedModel", "PRESETS", "PrunelensError", "analyze",
     "builtin_prompts", "load_model", "parse_drop", "pruned_view", "read_texts", "save_pruned",
-    "select_drop", "write_run", "SweepSpec", "run_sweep", "TaskOptions", "run_task",
+    "select_drop", "write_run", "SweepSpec", "run_sweep", "TaskOptions", "run_task", "Calibration", "Recipe",
+    "build", "footprint", "prune_weights", "save_modified",
 ]

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .errors import PrunelensError
+from prunelens.errors import PrunelensError
 
 
 def is_number(s: str) -> bool:
@@ -89,14 +89,14 @@ hopes of cheaper mortgages.
 _TEXT_KEYS = ("prompt", "text", "question")
 
 
-def _open(path: Path):
+def open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line of a .jsonl(.gz) file; malformed lines raise a
     one-line error naming the file and line."""
-    with _open(path) as f:
+    with open_text(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -123,7 +123,7 @@ def read_texts(path: str | Path, what: str = "prompt") -> list[str]:
             if obj[key].strip():
                 out.append(obj[key])
     else:
-        with _open(p) as f:
+        with open_text(p) as f:
             out = [line.rstrip("\n") for line in f if line.strip()]
     if not out:
         raise PrunelensError(f"{what} file '{p}' is empty")

@@ -4,8 +4,10 @@
         --model_args pretrained=smollm2-135m,prune=attn:4 --tasks arc_easy --limit 100
 
 ``pretrained`` is anything ``prunelens.load_model`` takes (a preset, local HF directory, .gguf
-file or hub id); ``prune`` is one or more modification specs joined by ``+`` (``attn:4``,
-``wanda:0.5``, ``gptq:w4g128``, ``attn:2+mlp:2``); ``calib`` a calibration file. The modified
+file or hub id); ``prune`` is a recipe, specs joined by ``+`` (``attn:4``, ``wanda:0.5``,
+``gptq:w4g128``, ``attn:2+wanda:0.5``) or a YAML/JSON recipe file, built by the same builder and
+composition rule as the CLI (drops first, then weight methods each calibrated on the model as
+modified so far); ``calib`` a calibration file. The modified
 model is the dense one seen through prunelens's zero-copy view, so lm-eval scores exactly what
 ``prunelens eval`` and ``analyze`` see. lm-eval has no plugin discovery, hence the module runner:
 it registers the model type and hands the command line to lm-eval's own ``cli_evaluate``.
@@ -22,9 +24,8 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without lm-eval
     raise ImportError("prunelens.lmeval needs lm-evaluation-harness: pip install lm-eval") from e
 
-from .api import build_modification
-from .models import load_model
-from .prune import combine
+from prunelens.model.loading import load_model
+from prunelens.prune.recipe import Calibration, Recipe, build
 
 
 @register_model("prunelens")
@@ -45,10 +46,10 @@ class PrunelensLM(HFLM):
         self._views = contextlib.ExitStack()
         self.prunelens_label = "dense"
         if prune:
-            specs = str(prune).split("+")
-            mod = combine([build_modification(lm, s, calib, seed=int(seed), progress=False) for s in specs])
+            mod = build(lm, Recipe.parse(str(prune)), Calibration(path=calib, seed=int(seed)), progress=False)
             self._views.enter_context(mod.view(lm.adapter))
             self.prunelens_label = mod.label()
+            self.prunelens_modification = mod
         self.prunelens_model = lm
         kwargs.pop("tokenizer", None)
         super().__init__(pretrained=lm.model, tokenizer=lm.tokenizer, **kwargs)

@@ -6,16 +6,18 @@ hidden temporary sibling and renamed into place at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import PrunelensError
+from prunelens.errors import PrunelensError
 
 
 def json_safe(x: Any) -> Any:
@@ -57,7 +59,7 @@ def write_run(result: dict[str, Any], out_dir: str | Path, overwrite: bool = Fal
 
     ``figures``/``html`` render other result types (default: the analysis report).
     """
-    from .report import make_figures, render_html
+    from prunelens.analyses.trace_view import make_figures, render_html
 
     figures = figures or make_figures
     html = html or (lambda r, f: render_html([(r, f)]))
@@ -79,3 +81,31 @@ def write_run(result: dict[str, Any], out_dir: str | Path, overwrite: bool = Fal
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def read_json(path: Path) -> Any:
+    """A saved JSON file, with a one-line error naming it when it is unreadable or not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PrunelensError(f"'{path}' is not valid JSON: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise PrunelensError(f"cannot read '{path}': {e.strerror or e}") from None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Temp file in the same directory + os.replace, so readers never see half a report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # os.open with 0o666 honours the umask (mkstemp would leave the report readable by its owner only)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

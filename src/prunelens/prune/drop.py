@@ -16,13 +16,14 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..arch import Adapter, get_module, set_module
-from ..errors import PrunelensError
+from prunelens.errors import PrunelensError
+from prunelens.model.arch import Adapter, get_module, set_module
+from prunelens.prune.base import Method, register
 
 KINDS = ("attn", "mlp", "block")
 # Layer indices are 0-based positions in the original (dense) model's layer list.
@@ -64,8 +65,29 @@ def parse_drop(spec: str) -> DropRequest:
 
 
 @dataclass(frozen=True)
+class DropKind(Method):
+    """A registered structural kind: its units are whole sublayers (``attn``, ``mlp``) or blocks,
+    chosen by count (ranked by importance on calibration text) or by index."""
+
+    def parse(self, spec: str) -> DropRequest:
+        return parse_drop(spec)
+
+    def amount_spec(self, amount: str) -> str:
+        """A sweep amount is a number of units."""
+        if not amount.isdigit():
+            raise PrunelensError(f"amount '{amount}' for {self.name} drops must be a whole number of layers")
+        return super().amount_spec(amount)
+
+
+for _k, _what in (("attn", "attention sublayers"), ("mlp", "MLP sublayers"), ("block", "whole blocks")):
+    register(DropKind(_k, "drop", f"drop {_what}: KIND:N least important or KIND@i,j", f"{_k}:2", True))
+
+
+@dataclass(frozen=True)
 class DropPlan:
     """Which sublayers and blocks are dropped, with how they were chosen."""
+
+    view_order: ClassVar[int] = 1
 
     attn: tuple[int, ...] = ()
     mlp: tuple[int, ...] = ()
@@ -92,6 +114,24 @@ class DropPlan:
 
     def view(self, adapter: Adapter) -> contextlib.AbstractContextManager[None]:
         return pruned_view(adapter, self)
+
+    def parts(self) -> list[DropPlan]:
+        return [self]
+
+    def layer_indices(self) -> dict[str, list[int]]:
+        return {k: list(v) for k, v in self._fields().items()}
+
+    def footprint(self, adapter: Adapter, share_removed: float) -> tuple[float, None]:
+        """(share of the decoder's linear weights removed, no change of bits), given the share
+        earlier parts removed: the linear weights inside the dropped units."""
+        dropped = {(adapter.layer_path(i) if k == "block" else adapter.sublayer_path(k, i)) + "."
+                   for k, i in self.units()}
+        total = removed = 0
+        for name, m in adapter.model.named_modules():
+            if isinstance(m, nn.Linear) and ".layers." in name:
+                total += m.weight.numel()
+                removed += m.weight.numel() if any(name.startswith(d) for d in dropped) else 0
+        return share_removed + removed / max(total, 1), None
 
     def validate(self, n_layers: int) -> None:
         for kind, i in self.units():

@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from ..capture import capture, resid_names
-from ..errors import PrunelensError
-from ..metrics import cosine, kl_div
-from ..models import LoadedModel
-from .drop import DropPlan, DropRequest, pruned_view
+from prunelens.errors import PrunelensError
+from prunelens.metrics import cosine, kl_div
+from prunelens.model.capture import capture, resid_names
+from prunelens.model.loading import LoadedModel
+from prunelens.prune.drop import DropPlan, DropRequest, pruned_view
 
 METRICS = ("cosine", "angular", "kl")
 

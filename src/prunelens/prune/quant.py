@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import PrunelensError
-from .sparse import damped_inverse_cholesky
+from prunelens.errors import PrunelensError
+from prunelens.prune.sparse import damped_inverse_cholesky
 
 Tensor = torch.Tensor
 

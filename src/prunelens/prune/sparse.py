@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import PrunelensError
+from prunelens.errors import PrunelensError
 
 Tensor = torch.Tensor
 
@@ -37,8 +37,8 @@ class Pattern:
                 raise PrunelensError(f"sparsity must be in [0, 1), got {self.ratio:g}")
         elif self.n is None or self.m is None:
             raise PrunelensError("a pattern needs a ratio or N:M")
-        elif not (self.m >= 1 and 0 <= self.n <= self.m):
-            raise PrunelensError(f"N:M pattern needs 0 <= N <= M and M >= 1, got {self.n}:{self.m}")
+        elif not (self.m >= 1 and 1 <= self.n <= self.m):  # N = 0 would remove every weight
+            raise PrunelensError(f"N:M pattern needs 1 <= N <= M and M >= 1, got {self.n}:{self.m}")
 
     @property
     def structured(self) -> bool:

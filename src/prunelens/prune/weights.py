@@ -14,29 +14,26 @@ import contextlib
 import fnmatch
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import Adapter
-from ..capture import first_output
-from ..errors import PrunelensError
-from ..memory import release_freed_memory
-from .quant import QuantSpec, gptq_quantize, rtn_quantize
-from .sparse import Pattern, magnitude_mask, nm_violations, sparsegpt_prune, wanda_mask
-
-PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
-QUANT_METHODS = ("rtn", "gptq")
-CALIBRATED = {"wanda", "sparsegpt", "gptq"}
+from prunelens.errors import PrunelensError
+from prunelens.model.arch import Adapter
+from prunelens.model.capture import first_output
+from prunelens.model.memory import release_freed_memory
+from prunelens.prune.base import REGISTRY, Method, method_for, register
+from prunelens.prune.quant import QuantSpec, gptq_quantize, rtn_quantize
+from prunelens.prune.sparse import Pattern, magnitude_mask, nm_violations, sparsegpt_prune, wanda_mask
 
 
 @dataclass(frozen=True)
 class WeightMethod:
-    """A parsed ``--prune`` / ``--quant`` spec."""
+    """A parsed weight-method spec: the method's name with its sparsity pattern or quantisation."""
 
     name: str
     pattern: Pattern | None = None
@@ -45,37 +42,95 @@ class WeightMethod:
     def label(self) -> str:
         return f"{self.name}:{self.pattern.label() if self.pattern else self.quant.label()}"  # type: ignore[union-attr]
 
+    @property
+    def method(self) -> WeightMethodDef:
+        return REGISTRY[self.name]  # type: ignore[return-value]
 
-def parse_prune(spec: str) -> WeightMethod:
-    """``wanda:0.5`` (unstructured ratio) or ``sparsegpt:2:4`` (N:M, N kept of every M)."""
-    parts = spec.strip().split(":")
-    if parts[0] not in PRUNE_METHODS:
-        raise PrunelensError(f"unknown pruning method '{parts[0]}'; choose from {', '.join(PRUNE_METHODS)}")
-    try:
-        if len(parts) == 2:
-            return WeightMethod(parts[0], Pattern(ratio=float(parts[1])))
-        if len(parts) == 3:
-            return WeightMethod(parts[0], Pattern(n=int(parts[1]), m=int(parts[2])))
-    except ValueError:
-        pass
-    raise PrunelensError(f"malformed pruning spec '{spec}': expected METHOD:RATIO or METHOD:N:M "
-                         "(e.g. wanda:0.5, sparsegpt:2:4)")
+
+@dataclass(frozen=True)
+class WeightMethodDef(Method):
+    """A registered weight method: which statistics of its layers' inputs it needs (none, the
+    per-column squared norm, or the Hessian XᵀX) and the pure function that makes the new weight."""
+
+    stats: str = "none"  # "none", "sq_norm" or "hessian"
+    transform: Callable[[torch.Tensor, WeightMethod, _Stats | None], torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class SparsityMethod(WeightMethodDef):
+    def parse(self, spec: str) -> WeightMethod:
+        """``wanda:0.5`` (unstructured ratio) or ``sparsegpt:2:4`` (N:M, N kept of every M)."""
+        parts = spec.strip().split(":")
+        try:
+            if len(parts) == 2:
+                return WeightMethod(self.name, Pattern(ratio=float(parts[1])))
+            if len(parts) == 3:
+                return WeightMethod(self.name, Pattern(n=int(parts[1]), m=int(parts[2])))
+        except ValueError:
+            pass
+        raise PrunelensError(f"malformed pruning spec '{spec}': expected METHOD:RATIO or METHOD:N:M "
+                             "(e.g. wanda:0.5, sparsegpt:2:4)")
 
 
 _QUANT = re.compile(r"^w(\d+)(?:g(-?\d+))?(s?)$")
 
 
+@dataclass(frozen=True)
+class QuantMethod(WeightMethodDef):
+    def parse(self, spec: str) -> WeightMethod:
+        """``gptq:w4g128`` (4 bits, groups of 128 inputs), ``rtn:w8`` (per row), suffix ``s`` symmetric."""
+        m = _QUANT.match(spec.strip().partition(":")[2])
+        if not m:
+            raise PrunelensError(f"malformed quantisation spec '{spec}': expected METHOD:wBITS[gGROUP][s] "
+                                 "(e.g. gptq:w4g128, rtn:w8)")
+        bits, group, sym = m.groups()
+        return WeightMethod(self.name, quant=QuantSpec(int(bits), int(group) if group else -1, bool(sym)))
+
+    def amount_spec(self, amount: str) -> str:
+        """A sweep amount is a bit width (``4`` means w4, per row) or a full ``w4g128``."""
+        return super().amount_spec(amount if amount.startswith("w") else "w" + amount)
+
+
+for _m in (
+    SparsityMethod("magnitude", "prune", "smallest |W| removed per layer", "magnitude:0.5", False,
+                   transform=lambda w, m, s: w.masked_fill(magnitude_mask(w, m.pattern), 0)),
+    SparsityMethod("wanda", "prune", "smallest |W|·‖X‖ removed per output row (Wanda)", "wanda:0.5", True,
+                   stats="sq_norm",
+                   transform=lambda w, m, s: w.masked_fill(wanda_mask(w, s.acc, m.pattern), 0)),
+    SparsityMethod("sparsegpt", "prune", "OBS pruning with weight updates (SparseGPT)", "sparsegpt:2:4", True,
+                   stats="hessian", transform=lambda w, m, s: sparsegpt_prune(w, s.hessian(), m.pattern)),
+    QuantMethod("rtn", "quant", "round-to-nearest fake quantisation", "rtn:w8", False,
+                transform=lambda w, m, s: rtn_quantize(w, m.quant)),
+    QuantMethod("gptq", "quant", "GPTQ fake quantisation with error feedback", "gptq:w4g128", True,
+                stats="hessian", transform=lambda w, m, s: gptq_quantize(w, s.hessian(), m.quant)),
+):
+    register(_m)
+
+
+def parse_weight_method(spec: str) -> WeightMethod:
+    """Parse any registered weight-method spec (one-line error for anything else)."""
+    method = method_for(spec)
+    if not isinstance(method, WeightMethodDef):
+        raise PrunelensError(f"'{spec}' is a layer drop, not a weight method")
+    return method.parse(spec)
+
+
+def _parse_family(spec: str, family: str, what: str) -> WeightMethod:
+    method = method_for(spec)
+    if method.family != family:
+        names = ", ".join(m.name for m in REGISTRY.values() if m.family == family)
+        raise PrunelensError(f"unknown {what} method '{method.name}'; choose from {names}")
+    return method.parse(spec)
+
+
+def parse_prune(spec: str) -> WeightMethod:
+    """A sparsification spec (``wanda:0.5``, ``sparsegpt:2:4``)."""
+    return _parse_family(spec, "prune", "pruning")
+
+
 def parse_quant(spec: str) -> WeightMethod:
-    """``gptq:w4g128`` (4 bits, groups of 128 inputs), ``rtn:w8`` (per row), suffix ``s`` symmetric."""
-    name, _, rest = spec.strip().partition(":")
-    if name not in QUANT_METHODS:
-        raise PrunelensError(f"unknown quantisation method '{name}'; choose from {', '.join(QUANT_METHODS)}")
-    m = _QUANT.match(rest)
-    if not m:
-        raise PrunelensError(f"malformed quantisation spec '{spec}': expected METHOD:wBITS[gGROUP][s] "
-                             "(e.g. gptq:w4g128, rtn:w8)")
-    bits, group, sym = m.groups()
-    return WeightMethod(name, quant=QuantSpec(int(bits), int(group) if group else -1, bool(sym)))
+    """A quantisation spec (``gptq:w4g128``, ``rtn:w8``)."""
+    return _parse_family(spec, "quant", "quantisation")
 
 
 @dataclass
@@ -86,11 +141,28 @@ class WeightPatch:
     weights: dict[str, torch.Tensor]
     report: dict[str, Any] = field(default_factory=dict)
 
+    view_order: ClassVar[int] = 0
+
     def label(self) -> str:
         return self.method.label()
 
+    def parts(self) -> list[WeightPatch]:
+        return [self]
+
     def validate(self, n_layers: int) -> None:  # weights were made for this model
         return None
+
+    def saved_meta(self) -> dict[str, Any]:
+        """What a saved checkpoint records of this patch (not the per-layer rows)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("layers", "seconds_per_block")}
+
+    def footprint(self, adapter: Adapter, share_removed: float) -> tuple[float, float | None]:
+        """(share of the decoder's linear weights removed, bits per weight or None), given the
+        share already removed by earlier parts."""
+        r = self.report
+        added = r.get("added_frac_of_dense_nonzeros", 0.0) * (1 - share_removed)
+        bits = float(r["bits_per_weight"]) if "bits_per_weight" in r else None
+        return share_removed + added, bits
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "weights", "label": self.label(), "method": self.method.name, **self.report}
@@ -179,17 +251,7 @@ class _Stats:
 
 
 def _modify(method: WeightMethod, w: torch.Tensor, stats: _Stats | None) -> torch.Tensor:
-    if method.name == "magnitude":
-        return w.masked_fill(magnitude_mask(w, method.pattern), 0)  # type: ignore[arg-type]
-    if method.name == "wanda":
-        return w.masked_fill(wanda_mask(w, stats.acc, method.pattern), 0)  # type: ignore[union-attr,arg-type]
-    if method.name == "sparsegpt":
-        return sparsegpt_prune(w, stats.hessian(), method.pattern)  # type: ignore[union-attr,arg-type]
-    if method.name == "rtn":
-        return rtn_quantize(w, method.quant)  # type: ignore[arg-type]
-    if method.name == "gptq":
-        return gptq_quantize(w, stats.hessian(), method.quant)  # type: ignore[union-attr,arg-type]
-    raise PrunelensError(f"unknown method '{method.name}'")
+    return method.method.transform(w, method, stats)  # type: ignore[misc]
 
 
 @torch.no_grad()  # not inference_mode: the new weights must stay usable for fine-tuning
@@ -215,7 +277,7 @@ def sparsify(
                 method.pattern.check_columns(cols, p)
             else:
                 method.quant.check_columns(cols, p)  # type: ignore[union-attr]
-    calibrated = method.name in CALIBRATED
+    calibrated = method.method.calibrated
     if calibrated and calib is None:
         raise PrunelensError(f"{method.name} needs calibration text")
     t0 = time.perf_counter()
@@ -230,7 +292,7 @@ def sparsify(
         layer = adapter.layers[i]
         stats: dict[str, _Stats] = {}
         if calibrated and paths:
-            need_h = method.name != "wanda"
+            need_h = method.method.stats == "hessian"
             # q/k/v (and gate/up) receive one and the same input tensor: its statistics are
             # computed once. The memo holds the tensor itself, so that no later activation can
             # be allocated at the same address during this forward pass and be mistaken for it.

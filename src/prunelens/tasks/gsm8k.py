@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import PrunelensError
-from ..models import LoadedModel
-from .generate import generate, render
-from .mcq import read_jsonl, sample_indices, stderr_of_mean
+from prunelens.errors import PrunelensError
+from prunelens.model.loading import LoadedModel
+from prunelens.model.runtime import generate, render
+from prunelens.tasks.data import data_file, read_jsonl, sample_indices, stderr_of_mean
 
 STOP = ("Question:", "</s>", "<|im_end|>")
 _STRICT = re.compile(r"#### *(-?[$0-9.,]+)")
@@ -72,9 +72,7 @@ class GsmResult:
 def evaluate_gsm8k(lm: LoadedModel, data_dir: str | Path, limit: int | None = None, seed: int = 0,
                    shots: int = 5, modification: Any = None, batch_size: int = 8, max_new_tokens: int = 256,
                    chat_template: bool = True, progress: bool = True) -> GsmResult:
-    path = Path(data_dir) / "gsm8k_test.jsonl"
-    if not path.is_file():
-        raise PrunelensError(f"task 'gsm8k' needs gsm8k_test.jsonl in {data_dir}, which is absent")
+    path = data_file("gsm8k", data_dir)
     rows = read_jsonl(path, {"question": str, "answer": str, "target": str})
     if shots < 0 or shots >= len(rows):
         raise PrunelensError(f"--shots must be in 0..{len(rows) - 1}, got {shots}")

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..analysis import pad_id, right_pad
-from ..errors import PrunelensError
-from ..models import LoadedModel
-from ..prune import view_of
+from prunelens.errors import PrunelensError
+from prunelens.model.loading import LoadedModel
+from prunelens.model.runtime import pad_id, right_pad
+from prunelens.prune import view_of
 
 ROW_TOKENS = 256
 """Packed row length (longer only for a longer request): attention over a row costs ~L² while the
@@ -235,7 +235,7 @@ def _logits_at(lm: LoadedModel, ids: torch.Tensor, at: Sequence[Sequence[int]],
     """Logits (float32) at positions ``at[r]`` of row r, one forward for the batch; the LM head
     runs only at those positions. Without a mask, right-padded rows are exact under causal
     attention (no real token sees the padding after it) and keep the unmasked attention path."""
-    from ..capture import capture
+    from prunelens.model.capture import capture
 
     with capture(lm.adapter, ["final"]) as store:
         lm.model(input_ids=ids, use_cache=False, logits_to_keep=1, **forward_kwargs)

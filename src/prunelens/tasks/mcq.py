@@ -8,18 +8,16 @@ step of the model, as the harness does by default.
 
 from __future__ import annotations
 
-import math
-import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data import iter_jsonl
-from ..errors import PrunelensError
-from ..models import LoadedModel
-from .loglik import Request, score_requests
+from prunelens.errors import PrunelensError
+from prunelens.model.loading import LoadedModel
+from prunelens.tasks.data import DATA_FILES, read_jsonl, sample_indices, stderr_of_mean
+from prunelens.tasks.loglik import Request, score_requests
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -34,25 +32,6 @@ class Item:
 
 
 # --- reading rows ------------------------------------------------------------------------------
-
-
-def read_jsonl(path: Path, required: dict[str, type | tuple[type, ...]]) -> list[dict[str, Any]]:
-    """Rows of a JSONL(.gz) file, each checked for the required fields; errors name file and line."""
-    if not path.is_file():
-        raise PrunelensError(f"data file '{path}' does not exist")
-    rows = []
-    for n, row in iter_jsonl(path):
-        for key, typ in required.items():
-            if not isinstance(row.get(key), typ):
-                raise PrunelensError(f"{path}:{n}: field '{key}' missing or not {_tname(typ)}")
-        rows.append(row)
-    if not rows:
-        raise PrunelensError(f"data file '{path}' has no rows")
-    return rows
-
-
-def _tname(t: type | tuple[type, ...]) -> str:
-    return " or ".join(x.__name__ for x in (t if isinstance(t, tuple) else (t,)))
 
 
 def _check_gold(path: Path, i: int, gold: int, n: int) -> None:
@@ -146,7 +125,7 @@ def _mmlu(path: Path, shots: int, letters: bool) -> list[Item]:
     rows = read_jsonl(path, {"subject": str, "question": str, "choices": list, "answer": int})
     dev: dict[str, list[dict[str, Any]]] = {}
     if shots:
-        dev_path = path.with_name("mmlu_dev.jsonl")
+        dev_path = path.with_name(DATA_FILES["mmlu_dev"][0])
         dev_rows = read_jsonl(dev_path, {"subject": str, "question": str, "choices": list, "answer": int})
         for i, r in enumerate(dev_rows):
             _check_gold(dev_path, i, r["answer"], min(len(r["choices"]), len(LETTERS)))
@@ -175,38 +154,38 @@ class McqTask:
 MCQ_TASKS: dict[str, McqTask] = {
     t.name: t
     for t in (
-        McqTask("arc_easy", ("arc_easy_test.jsonl",), _arc, "ARC-Easy, 'Question: ..\\nAnswer:' + option"),
-        McqTask("arc_challenge", ("arc_challenge_test.jsonl",), _arc, "ARC-Challenge, same format"),
-        McqTask("piqa", ("piqa_validation.jsonl",), _piqa, "PIQA, goal as question, two solutions"),
-        McqTask("boolq", ("boolq_validation.jsonl",), _boolq, "BoolQ, passage + question, no/yes"),
-        McqTask("winogrande", ("winogrande_dev.jsonl",), _winogrande, "WinoGrande, partial scoring"),
+        McqTask("arc_easy", DATA_FILES["arc_easy"], _arc, "ARC-Easy, 'Question: ..\\nAnswer:' + option"),
+        McqTask("arc_challenge", DATA_FILES["arc_challenge"], _arc, "ARC-Challenge, same format"),
+        McqTask("piqa", DATA_FILES["piqa"], _piqa, "PIQA, goal as question, two solutions"),
+        McqTask("boolq", DATA_FILES["boolq"], _boolq, "BoolQ, passage + question, no/yes"),
+        McqTask("winogrande", DATA_FILES["winogrande"], _winogrande, "WinoGrande, partial scoring"),
         McqTask(
             "hellaswag",
-            ("hellaswag_validation.jsonl", "hellaswag_val.jsonl"),
+            DATA_FILES["hellaswag"],
             _hellaswag,
             "HellaSwag, lm-eval preprocessing (HF schema: ctx_a, ctx_b, activity_label, endings, label)",
         ),
         McqTask(
             "mmlu",
-            ("mmlu_test.jsonl.gz", "mmlu_test.jsonl"),
+            DATA_FILES["mmlu"],
             lambda p: _mmlu(p, 0, True),
             "MMLU 0-shot, option letters scored",
         ),
         McqTask(
             "mmlu_5shot",
-            ("mmlu_test.jsonl.gz", "mmlu_test.jsonl"),
+            DATA_FILES["mmlu"],
             lambda p: _mmlu(p, 5, True),
             "MMLU 5-shot (dev examples of the subject), option letters scored",
         ),
         McqTask(
             "mmlu_full",
-            ("mmlu_test.jsonl.gz", "mmlu_test.jsonl"),
+            DATA_FILES["mmlu"],
             lambda p: _mmlu(p, 0, False),
             "MMLU 0-shot, full answer text scored",
         ),
         McqTask(
             "mmlu_full_5shot",
-            ("mmlu_test.jsonl.gz", "mmlu_test.jsonl"),
+            DATA_FILES["mmlu"],
             lambda p: _mmlu(p, 5, False),
             "MMLU 5-shot, full answer text scored",
         ),
@@ -219,15 +198,6 @@ def task_file(task: McqTask, data_dir: Path) -> Path:
         if (data_dir / name).is_file():
             return data_dir / name
     raise PrunelensError(f"task '{task.name}' needs {' or '.join(task.files)} in {data_dir}, which is absent")
-
-
-def sample_indices(n: int, limit: int | None, seed: int) -> list[int]:
-    """All indices, or a seeded sample of ``limit`` of them in their original order."""
-    if limit is None or limit >= n:
-        return list(range(n))
-    if limit < 1:
-        raise PrunelensError(f"--limit must be at least 1, got {limit}")
-    return sorted(random.Random(seed).sample(range(n), limit))
 
 
 # --- scoring -----------------------------------------------------------------------------------
@@ -262,15 +232,6 @@ class McqResult:
                 "golds",
             )
         }
-
-
-def stderr_of_mean(x: Sequence[float]) -> float:
-    """Sample standard deviation / √n (nan for fewer than 2 values)."""
-    n = len(x)
-    if n < 2:
-        return float("nan")
-    m = sum(x) / n
-    return math.sqrt(sum((v - m) ** 2 for v in x) / (n - 1) / n)
 
 
 def score_items(

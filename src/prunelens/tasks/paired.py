@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import PrunelensError
+from prunelens.errors import PrunelensError
 
 LETTERS = "ABCDEFGHIJ"
 

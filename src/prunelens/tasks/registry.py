@@ -10,19 +10,18 @@ before any model is loaded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import PrunelensError
-from ..models import LoadedModel
-from .mcq import MCQ_TASKS, task_file
+from prunelens.errors import PrunelensError
+from prunelens.model.loading import LoadedModel
+from prunelens.tasks.data import data_file, find_data_file
+from prunelens.tasks.mcq import MCQ_TASKS, task_file
 
 GENERATIVE, MULTIPLE_CHOICE, RETRIEVAL, FIDELITY = "generative", "multiple-choice", "retrieval", "fidelity"
 PERPLEXITY = "perplexity"
-PERPLEXITY_TASKS = {"wikitext": "wikitext2_raw_test.jsonl"}  # --limit = number of 1024-token windows
-GENERATIVE_TASKS = {"gsm8k": "exact_match", "humaneval": "pass@1", "mbpp": "pass@1"}
-RETRIEVAL_TASKS = {"cranfield": "ndcg@10"}
 DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 256, "humaneval": 512, "mbpp": 512, "fidelity": 64}
 
 
@@ -59,100 +58,178 @@ class TaskScore:
                 "stderr": self.stderr, "n": self.n, "details": self.details}
 
 
-def task_names() -> list[str]:
-    return [*MCQ_TASKS, *GENERATIVE_TASKS, *RETRIEVAL_TASKS, *PERPLEXITY_TASKS, "fidelity"]
+@dataclass(frozen=True)
+class Task:
+    """One registered task: its name, kind (generative, multiple-choice, retrieval, perplexity,
+    fidelity), metric, the data files it reads, and how it is scored. Sweep, paired, advise and the
+    CLI read the registry; a new task is one registered object plus its module."""
+
+    name: str
+    kind: str
+    metric: str
+    description: str
+    evaluate: Callable[[LoadedModel, Task, str | Path | None, TaskOptions, Any], TaskScore]
+    files: Callable[[str | Path | None], list[Path]] = lambda data_dir: []
+    needs_data_dir: bool = True
+
+    def check(self, data_dir: str | Path | None) -> list[Path]:
+        """The data files, or a one-line error naming what is missing (no model needed)."""
+        if self.needs_data_dir:
+            if data_dir is None:
+                raise PrunelensError(f"task '{self.name}' needs --data-dir")
+            if not Path(data_dir).is_dir():
+                raise PrunelensError(f"data directory '{data_dir}' does not exist")
+        return self.files(data_dir)
 
 
-def task_kind(name: str) -> str:
-    if name in GENERATIVE_TASKS:
-        return GENERATIVE
-    if name in MCQ_TASKS:
-        return MULTIPLE_CHOICE
-    if name in RETRIEVAL_TASKS or name.startswith("retrieval:"):
-        return RETRIEVAL
-    if name == "fidelity":
-        return FIDELITY
-    if name in PERPLEXITY_TASKS:
-        return PERPLEXITY
-    raise PrunelensError(f"unknown task '{name}'; tasks: {', '.join(task_names())} or retrieval:DIR")
+TASKS: dict[str, Task] = {}
 
 
-def _retrieval_dir_name(name: str) -> str:
-    return name.split(":", 1)[1] if name.startswith("retrieval:") else name
+def register(task: Task) -> Task:
+    if task.name in TASKS:
+        raise ValueError(f"task {task.name!r} is registered twice")
+    TASKS[task.name] = task
+    return task
 
 
-def check_task(name: str, data_dir: str | Path | None) -> None:
-    """One-line error for an unknown task or one whose data is missing (no model needed)."""
-    kind = task_kind(name)
-    if kind == FIDELITY or name == "humaneval":
-        return  # built-in prompts / the packaged HumanEval (a HumanEval file in data_dir wins)
-    if data_dir is None:
-        raise PrunelensError(f"task '{name}' needs --data-dir")
-    d = Path(data_dir)
-    if not d.is_dir():
-        raise PrunelensError(f"data directory '{d}' does not exist")
-    if kind == MULTIPLE_CHOICE:
-        task_file(MCQ_TASKS[name], d)
-    elif name in ("gsm8k", "mbpp", *PERPLEXITY_TASKS):
-        fname = {"gsm8k": "gsm8k_test.jsonl", "mbpp": "mbpp.jsonl", **PERPLEXITY_TASKS}[name]
-        if not (d / fname).is_file():
-            raise PrunelensError(f"task '{name}' needs {fname} in {d}, which is absent")
-    elif kind == RETRIEVAL:
-        from .retrieval import retrieval_dir
-
-        retrieval_dir(d, _retrieval_dir_name(name))
+def _limit(kind: str, o: TaskOptions) -> int | None:
+    return o.generative_limit if kind == GENERATIVE and o.generative_limit is not None else o.limit
 
 
-def run_task(lm: LoadedModel, name: str, data_dir: str | Path | None, options: TaskOptions = TaskOptions(),
-             modification: Any = None) -> TaskScore:
-    """Score one task on the dense model (``modification=None``) or a modified one."""
-    check_task(name, data_dir)
-    kind = task_kind(name)
-    o = options
-    limit = o.generative_limit if kind == GENERATIVE and o.generative_limit is not None else o.limit
-    common = dict(limit=limit, seed=o.seed, modification=modification, batch_size=o.batch_size,
-                  progress=o.progress)
-    gen = dict(max_new_tokens=o.new_tokens(name), chat_template=o.chat_template)
-    if kind == MULTIPLE_CHOICE:
-        from .mcq import evaluate_mcq
+def _common(task: Task, o: TaskOptions, modification: Any) -> dict[str, Any]:
+    return dict(limit=_limit(task.kind, o), seed=o.seed, modification=modification, batch_size=o.batch_size,
+                progress=o.progress)
 
-        r = evaluate_mcq(lm, name, data_dir, **common)
-        metric = "acc_norm" if name == "hellaswag" else "acc"
-        return TaskScore(name, kind, metric, getattr(r, metric), getattr(r, f"{metric}_stderr"), r.n,
-                         r.to_dict())
-    if name == "gsm8k":
-        from .gsm8k import evaluate_gsm8k
 
-        g = evaluate_gsm8k(lm, data_dir, shots=o.shots, **common, **gen)
-        return TaskScore(name, kind, "exact_match", g.exact_match_flexible, g.stderr_flexible, g.n,
-                         g.to_dict())
-    if name in ("humaneval", "mbpp"):
-        from .code import evaluate_humaneval, evaluate_mbpp
+def _gen(task: Task, o: TaskOptions) -> dict[str, Any]:
+    return dict(max_new_tokens=o.new_tokens(task.name), chat_template=o.chat_template)
 
-        c = (evaluate_humaneval if name == "humaneval" else evaluate_mbpp)(lm, data_dir, **common, **gen)
-        return TaskScore(name, kind, "pass@1", c.pass_at_1, c.stderr, c.n, c.to_dict())
-    if kind == RETRIEVAL:
-        from .retrieval import evaluate_retrieval, evaluate_retrieval_reference
 
-        sub = _retrieval_dir_name(name)
-        r = evaluate_retrieval(lm, data_dir, sub, pooling=o.pooling, **common)
-        details = r.to_dict()
-        if modification is None and o.retrieval_reference:
-            ref = evaluate_retrieval_reference(data_dir, sub, o.limit, o.seed, o.progress)
-            details["reference"] = ref.to_dict()
-        return TaskScore(name, kind, "ndcg@10", r.ndcg_at_10, r.ndcg_stderr, r.n, details)
-    if kind == PERPLEXITY:
-        from ..evaluate import perplexity, read_corpus
+def _mcq(lm, task, data_dir, o, modification) -> TaskScore:
+    from prunelens.tasks.mcq import evaluate_mcq
 
-        text = read_corpus(Path(data_dir) / PERPLEXITY_TASKS[name])
-        res = perplexity(lm, text, modification, 1024, o.limit, progress=o.progress)
-        return TaskScore(name, kind, "perplexity", res["perplexity"], float("nan"), res["windows"], res)
-    from ..data import builtin_prompts
-    from .fidelity import evaluate_fidelity
+    r = evaluate_mcq(lm, task.name, data_dir, **_common(task, o, modification))
+    return TaskScore(task.name, task.kind, task.metric, getattr(r, task.metric),
+                     getattr(r, f"{task.metric}_stderr"), r.n, r.to_dict())
+
+
+def _gsm8k(lm, task, data_dir, o, modification) -> TaskScore:
+    from prunelens.tasks.gsm8k import evaluate_gsm8k
+
+    g = evaluate_gsm8k(lm, data_dir, shots=o.shots, **_common(task, o, modification), **_gen(task, o))
+    return TaskScore(task.name, task.kind, task.metric, g.exact_match_flexible, g.stderr_flexible, g.n,
+                     g.to_dict())
+
+
+def _code(lm, task, data_dir, o, modification) -> TaskScore:
+    from prunelens.tasks.code import evaluate_humaneval, evaluate_mbpp
+
+    fn = evaluate_humaneval if task.name == "humaneval" else evaluate_mbpp
+    c = fn(lm, data_dir, **_common(task, o, modification), **_gen(task, o))
+    return TaskScore(task.name, task.kind, task.metric, c.pass_at_1, c.stderr, c.n, c.to_dict())
+
+
+def _retrieval(lm, task, data_dir, o, modification) -> TaskScore:
+    from prunelens.tasks.retrieval import evaluate_retrieval, evaluate_retrieval_reference
+
+    sub = _retrieval_dir_name(task.name)
+    r = evaluate_retrieval(lm, data_dir, sub, pooling=o.pooling, **_common(task, o, modification))
+    details = r.to_dict()
+    if modification is None and o.retrieval_reference:
+        ref = evaluate_retrieval_reference(data_dir, sub, o.limit, o.seed, o.progress)
+        details["reference"] = ref.to_dict()
+    return TaskScore(task.name, task.kind, task.metric, r.ndcg_at_10, r.ndcg_stderr, r.n, details)
+
+
+def _perplexity(lm, task, data_dir, o, modification) -> TaskScore:
+    from prunelens.tasks.perplexity import perplexity, read_corpus
+
+    text = read_corpus(data_file(task.name, data_dir))
+    res = perplexity(lm, text, modification, 1024, o.limit, progress=o.progress)  # --limit: 1024-token windows
+    return TaskScore(task.name, task.kind, task.metric, res["perplexity"], float("nan"), res["windows"], res)
+
+
+def _fidelity(lm, task, data_dir, o, modification) -> TaskScore:
+    from prunelens.data import builtin_prompts
+    from prunelens.tasks.fidelity import evaluate_fidelity
 
     prompts = list(o.prompts) if o.prompts else builtin_prompts()
     if o.limit is not None:
         prompts = prompts[:o.limit]
     f = evaluate_fidelity(lm, prompts, modification, o.new_tokens("fidelity"), o.batch_size, o.chat_template,
                           o.progress)
-    return TaskScore(name, kind, "rouge_l", f.rouge_l, f.rouge_l_stderr, f.n, f.to_dict())
+    return TaskScore(task.name, task.kind, task.metric, f.rouge_l, f.rouge_l_stderr, f.n, f.to_dict())
+
+
+def _files(key: str) -> Callable[[str | Path | None], list[Path]]:
+    return lambda data_dir: [data_file(key, data_dir)]
+
+
+def _retrieval_files(name: str) -> Callable[[str | Path | None], list[Path]]:
+    def files(data_dir: str | Path | None) -> list[Path]:
+        from prunelens.tasks.retrieval import retrieval_dir
+
+        return [retrieval_dir(data_dir, _retrieval_dir_name(name))]  # type: ignore[arg-type]
+    return files
+
+
+for _t in MCQ_TASKS.values():
+    register(Task(_t.name, MULTIPLE_CHOICE, "acc_norm" if _t.name == "hellaswag" else "acc", _t.description, _mcq,
+                  lambda data_dir, t=_t: [task_file(t, Path(data_dir))]))
+register(Task("gsm8k", GENERATIVE, "exact_match", "GSM8K, 5-shot chain of thought, flexible match", _gsm8k,
+              _files("gsm8k")))
+register(Task("humaneval", GENERATIVE, "pass@1", "HumanEval, sandboxed tests (packaged copy unless a file is in "
+              "--data-dir)", _code, lambda d: [p] if (p := find_data_file("humaneval", d)) else [],
+              needs_data_dir=False))
+register(Task("mbpp", GENERATIVE, "pass@1", "MBPP test split (ids 11-510), 3-shot, sandboxed tests", _code,
+              _files("mbpp")))
+register(Task("cranfield", RETRIEVAL, "ndcg@10", "Cranfield (BEIR layout), embeddings of the LM", _retrieval,
+              _retrieval_files("cranfield")))
+register(Task("wikitext", PERPLEXITY, "perplexity", "WikiText-2 raw test, 1024-token windows", _perplexity,
+              _files("wikitext")))
+register(Task("fidelity", FIDELITY, "rouge_l", "agreement with the dense model's own generations (no labels)",
+              _fidelity, needs_data_dir=False))
+
+GENERATIVE_TASKS = {t.name: t.metric for t in TASKS.values() if t.kind == GENERATIVE}
+
+
+def get_task(name: str) -> Task:
+    """A registered task, or ``retrieval:DIR`` (any BEIR-layout directory under --data-dir)."""
+    if name in TASKS:
+        return TASKS[name]
+    if name.startswith("retrieval:") and len(name) > len("retrieval:"):
+        return Task(name, RETRIEVAL, "ndcg@10", "BEIR-layout retrieval set", _retrieval, _retrieval_files(name))
+    raise PrunelensError(f"unknown task '{name}'; tasks: {', '.join(task_names())} or retrieval:DIR")
+
+
+def task_names() -> list[str]:
+    return list(TASKS)
+
+
+def tasks_help() -> str:
+    kinds: dict[str, list[str]] = {}
+    for t in TASKS.values():
+        kinds.setdefault(t.kind, []).append(t.name)
+    return "; ".join(f"{k}: {', '.join(v)}" for k, v in kinds.items()) + "; or retrieval:DIR"
+
+
+def task_kind(name: str) -> str:
+    return get_task(name).kind
+
+
+def _retrieval_dir_name(name: str) -> str:
+    return name.split(":", 1)[1] if name.startswith("retrieval:") else name
+
+
+def check_task(name: str, data_dir: str | Path | None) -> list[Path]:
+    """One-line error for an unknown task or one whose data is missing (no model needed); returns
+    the data files the task reads (for the cell cache's content hashes)."""
+    return get_task(name).check(data_dir)
+
+
+def run_task(lm: LoadedModel, name: str, data_dir: str | Path | None, options: TaskOptions = TaskOptions(),
+             modification: Any = None) -> TaskScore:
+    """Score one task on the dense model (``modification=None``) or a modified one."""
+    task = get_task(name)
+    task.check(data_dir)
+    return task.evaluate(lm, task, data_dir, options, modification)

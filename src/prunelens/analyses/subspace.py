@@ -8,20 +8,21 @@ distribution much more than the tiny option subspace, which is all a multiple-ch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from .analysis import left_pad, pad_id
-from .errors import PrunelensError
-from .metrics import logit_metrics, subspace_metrics
-from .models import LoadedModel
-from .prune import view_of
-from .tasks.loglik import split_tokens
-from .tasks.mcq import MCQ_TASKS, sample_indices, task_file
+from prunelens import options
+from prunelens.analyses.base import Analysis, register
+from prunelens.errors import PrunelensError
+from prunelens.metrics import logit_metrics, subspace_metrics
+from prunelens.model.loading import LoadedModel
+from prunelens.model.runtime import next_token_logits
+from prunelens.tasks.data import sample_indices
+from prunelens.tasks.loglik import split_tokens
+from prunelens.tasks.mcq import MCQ_TASKS, task_file
 
 SCHEMA = "prunelens.subspace/1"
 
@@ -55,35 +56,17 @@ def option_items(lm: LoadedModel, task: str, data_dir: str | Path, limit: int | 
     return ctxs, opts, golds
 
 
-@torch.inference_mode()
-def next_token_logits(lm: LoadedModel, ctxs: Sequence[Sequence[int]], modification: Any = None,
-                      batch_size: int = 8, progress: bool = True, desc: str = "next token") -> torch.Tensor:
-    """Logits of the token after each context (float32, on the CPU)."""
-    out = []
-    order = sorted(range(len(ctxs)), key=lambda i: -len(ctxs[i]))
-    with view_of(lm.adapter, modification):
-        for b0 in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
-            idx = order[b0:b0 + batch_size]
-            ids, mask = left_pad([ctxs[i] for i in idx], pad_id(lm), lm.device)
-            pos = (mask.cumsum(-1) - 1).clamp_min(0)
-            z = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                         logits_to_keep=1).logits[:, -1].float().cpu()
-            out.extend(zip(idx, z, strict=True))
-    out.sort(key=lambda t: t[0])
-    return torch.stack([z for _, z in out])
-
-
 def _mean(x: torch.Tensor) -> float:
     return float(x.mean())
 
 
-def _shares(choice: torch.Tensor, n_options: int) -> list[float]:
+def choice_shares(choice: torch.Tensor, n_options: int) -> list[float]:
     """Share of questions on which each option position is chosen: a model that always answers 'A'
     agrees with any other such model without reading the question, so agreement needs this beside it."""
     return (torch.bincount(choice, minlength=n_options).double() / max(len(choice), 1)).tolist()
 
 
-def _chance_agreement(shares_d: list[float], shares_p: list[float]) -> float:
+def chance_agreement(shares_d: list[float], shares_p: list[float]) -> float:
     """Agreement two independent choosers with these marginals would reach: Σ_k q_dense(k)·q_pruned(k)."""
     return sum(a * b for a, b in zip(shares_d, shares_p, strict=True))
 
@@ -98,7 +81,7 @@ def option_subspace(lm: LoadedModel, task: str, data_dir: str | Path, modificati
     z_d = next_token_logits(lm, ctxs, None, batch_size, progress, f"{task} dense")
     choice_d = z_d.gather(-1, idx).argmax(-1)
     acc_dense = _mean((choice_d == gold).double())
-    shares_d = _shares(choice_d, idx.shape[1])
+    shares_d = choice_shares(choice_d, idx.shape[1])
     rows = []
     for label, mod in modifications.items():
         z_p = next_token_logits(lm, ctxs, mod, batch_size, progress, f"{task} {label}")
@@ -106,7 +89,7 @@ def option_subspace(lm: LoadedModel, task: str, data_dir: str | Path, modificati
         sub = subspace_metrics(z_d, z_p, idx, temperature)
         t = f"{temperature:g}"
         choice_p = z_p.gather(-1, idx).argmax(-1)
-        shares_p = _shares(choice_p, idx.shape[1])
+        shares_p = choice_shares(choice_p, idx.shape[1])
         rows.append({
             "method": label,
             "full_cos_p": _mean(full[f"cos_p@{t}"]), "full_kl": _mean(full[f"kl@{t}"]),
@@ -115,7 +98,7 @@ def option_subspace(lm: LoadedModel, task: str, data_dir: str | Path, modificati
             "sub_agree": _mean(sub["sub_agree"]),
             "mass_dense": _mean(sub["mass_dense"]), "mass_pruned": _mean(sub["mass_pruned"]),
             "acc_dense": acc_dense, "acc_pruned": _mean((choice_p == gold).double()),
-            "choices_pruned": shares_p, "chance_agree": _chance_agreement(shares_d, shares_p),
+            "choices_pruned": shares_p, "chance_agree": chance_agreement(shares_d, shares_p),
         })
     return {"schema": SCHEMA, "model": lm.info, "task": task, "n": len(golds), "temperature": temperature,
             "limit": limit, "seed": seed, "option_tokens": sorted({int(i) for row in opts for i in row}),
@@ -158,7 +141,7 @@ def subspace_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
 
 
 def subspace_html(result: dict[str, Any], figs: list[Path]) -> str:
-    from .report import _e, _img, html_page, html_table
+    from prunelens.render import esc, html_page, html_table, img
 
     keys = ("method", "full_kl", "sub_kl", "full_cos_p", "sub_cos", "full_top1_agree", "sub_agree",
             "chance_agree", "mass_dense", "mass_pruned", "acc_dense", "acc_pruned")
@@ -170,7 +153,53 @@ def subspace_html(result: dict[str, Any], figs: list[Path]) -> str:
              + ", ".join(f"{s:.0%}" for s in shares) + ". chance_agree is the agreement two models with "
              "these choice shares would reach without reading the question.</p>")
     return html_page("prunelens option subspace",
-        f"<h1>Option subspace — {_e(result['task'])}, {_e(str(result['model'].get('name', '')))}</h1>",
+        f"<h1>Option subspace — {esc(result['task'])}, {esc(str(result['model'].get('name', '')))}</h1>",
         '<p class="muted">Next-token distribution after each question, dense vs pruned: over the whole '
         "vocabulary and restricted to the answer-option tokens (renormalised). mass = share of p on the "
-        "options.</p>", prior, html_table(result["methods"], keys, cell), *(_img(f) for f in figs))
+        "options.</p>", prior, html_table(result["methods"], keys, cell), *(img(f) for f in figs))
+
+
+# --- the subcommand ------------------------------------------------------------------------------
+
+
+def _arguments(ss: argparse.ArgumentParser) -> None:
+    options.add_model_args(ss)
+    ss.add_argument("--task", default="mmlu", help="mmlu (default), mmlu_5shot or boolq")
+    ss.add_argument("--data-dir", required=True)
+    options.add_method_args(ss)
+    ss.add_argument("--limit", type=int, default=200, help="seeded sample of questions (default 200)")
+    ss.add_argument("--temperature", type=float, default=1.0)
+    ss.add_argument("--batch-size", type=int, default=8)
+    options.add_output_args(ss, "runs/<time>-<model>-subspace")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from prunelens.runs import check_out_dir, default_run_dir, write_run
+    from prunelens.tasks.registry import check_task
+
+    recipes = options.method_recipes(args)
+    check_task(args.task, args.data_dir)
+    options.positive("--limit", args.limit)
+    options.temperatures(str(args.temperature))
+    cal = options.calibration(args)
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        check_out_dir(out, args.overwrite)
+    lm = options.load(args)
+    mods = options.build_methods(lm, recipes, cal, progress=not args.quiet)
+    res = option_subspace(lm, args.task, args.data_dir, mods, args.limit, args.seed, args.temperature,
+                          args.batch_size, progress=not args.quiet)
+    out = out or default_run_dir(args.model, "subspace")
+    write_run(res, out, overwrite=args.overwrite, figures=subspace_figures, html=subspace_html)
+    print(f"{'method':14s} {'KL full':>9s} {'KL options':>10s} {'top-1 agree':>11s} {'option agree':>12s} "
+          f"{'acc':>6s} (dense {res['methods'][0]['acc_dense']:.3f})")
+    for r in res["methods"]:
+        print(f"{r['method']:14s} {r['full_kl']:9.4g} {r['sub_kl']:10.4g} {r['full_top1_agree']:11.3f} "
+              f"{r['sub_agree']:12.3f} {r['acc_pruned']:6.3f}")
+    print(f"report: {out / 'report.html'}")
+    return 0
+
+
+register(Analysis("subspace", "full-vocabulary vs answer-option subspace agreement on a multiple-choice set, "
+                  "across prunings (paper Fig. 8)", _arguments, _run, schema=SCHEMA,
+                  figures=subspace_figures, html=subspace_html))

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from .analysis import AnalysisSettings, analyze, summarize
-from .errors import PrunelensError
-from .models import LoadedModel
+from prunelens.analyses.trace import AnalysisSettings, analyze, summarize
+from prunelens.errors import PrunelensError
+from prunelens.model.loading import LoadedModel
 
 ANSWER_TOKENS = 32
 """L in 1 − a^L: the length of a short generated answer (a GSM8K step, a code line or two)."""
@@ -85,7 +85,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's rank correlation of two equal-length series (nan when either is constant)."""
     import torch
 
-    from .metrics import spearman as _spearman
+    from prunelens.metrics import spearman as _spearman
 
     if len(x) != len(y) or len(x) < 3:
         raise PrunelensError("Spearman's correlation needs the same 3 or more points on both sides")

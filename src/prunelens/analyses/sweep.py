@@ -9,6 +9,7 @@ A failed cell is never written: the error stops the sweep and the finished cells
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -18,15 +19,28 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .errors import PrunelensError
-from .models import LoadedModel
-from .runs import write_json
-from .tasks.registry import TaskOptions, check_task, run_task, task_kind
+from prunelens import options
+from prunelens.analyses.base import Analysis, register
+from prunelens.analyses.cells import CellCache, data_hashes, environment, first_difference
+from prunelens.errors import PrunelensError
+from prunelens.model.loading import LoadedModel
+from prunelens.prune.base import REGISTRY, Method, methods
+from prunelens.runs import read_json, write_json
+from prunelens.tasks.registry import TaskOptions, check_task, run_task, task_kind
 
-DROP_METHODS = {"attn-drop": "attn", "mlp-drop": "mlp", "block-drop": "block"}
-SPARSE_METHODS = ("magnitude", "wanda", "sparsegpt")
-QUANT_METHODS = ("rtn", "gptq")
-METHODS = (*DROP_METHODS, *SPARSE_METHODS, *QUANT_METHODS)
+# the older sweep names of the drop kinds, still accepted
+ALIASES = {"attn-drop": "attn", "mlp-drop": "mlp", "block-drop": "block"}
+
+
+def sweep_method(name: str) -> Method:
+    """The registered method a sweep's ``--method`` names (``attn``, ``wanda``, ``gptq``, …)."""
+    found = REGISTRY.get(ALIASES.get(name, name)) if methods() else None
+    if found is None:
+        names = [*ALIASES, *(m.name for m in methods())]
+        raise PrunelensError(f"unknown sweep method '{name}'; methods: {', '.join(names)}")
+    return found
+
+
 SCHEMA = "prunelens.sweep/1"
 
 
@@ -36,38 +50,22 @@ def parse_amounts(method: str, text: str) -> list[str]:
     Layer drops: counts (``0,2,4``). Sparsity: ratios or N:M (``0,0.3,0.5,2:4``). Quantisation:
     bit widths with an optional group (``0,8,4,w4g128``).
     """
-    if method not in METHODS:
-        raise PrunelensError(f"unknown sweep method '{method}'; methods: {', '.join(METHODS)}")
+    sweep_method(method)
     amounts = [a.strip() for a in text.split(",") if a.strip()]
     if not amounts:
         raise PrunelensError("--amounts is empty")
     if len(set(amounts)) != len(amounts):
         raise PrunelensError(f"--amounts has duplicates: {text}")
     for a in amounts:
-        if a in ("0", "dense"):
-            continue
         spec_for(method, a)  # raises a one-line error for a malformed amount
     return amounts
 
 
 def spec_for(method: str, amount: str) -> str | None:
-    """The ``--drop``/``--prune``/``--quant`` spec of one amount (None for dense)."""
-    from . import api
-
+    """The recipe spec of one amount (None for dense), as the method itself maps amounts."""
     if amount in ("0", "dense"):
         return None
-    if method in DROP_METHODS:
-        if not amount.isdigit():
-            raise PrunelensError(f"amount '{amount}' for {method} must be a whole number of layers")
-        spec = f"{DROP_METHODS[method]}:{amount}"
-        api.parse_drops([spec])
-        return spec
-    if method in QUANT_METHODS:
-        spec = f"{method}:{amount if amount.startswith('w') else 'w' + amount}"
-    else:
-        spec = f"{method}:{amount}"
-    api.weight_method(spec)
-    return spec
+    return sweep_method(method).amount_spec(amount)
 
 
 @dataclass(frozen=True)
@@ -84,11 +82,17 @@ class SweepSpec:
     calib: str | None = None
     calib_samples: int | None = None
     calib_len: int | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
 
     def identity(self) -> dict[str, Any]:
+        """Everything but amounts, tasks and where the data lies; the data's content is checked per
+        task (``data`` in the manifest), so tasks can be added on resume."""
         d = asdict(self)
         for k in ("amounts", "tasks", "data_dir"):
             d.pop(k)
+        d["environment"] = environment(self.device, self.dtype)
+        d["calib_files"] = data_hashes([self.calib] if self.calib else [])
         d["options"].pop("progress")
         d["options"]["prompts"] = list(d["options"]["prompts"]) if d["options"]["prompts"] else None
         return d
@@ -106,30 +110,14 @@ def cell_path(out: Path, amount: str, task: str) -> Path:
     return out / "cells" / f"{safe}.json"
 
 
-def _check_resume(out: Path, spec: SweepSpec, overwrite: bool) -> None:
-    manifest = out / "sweep.json"
-    if out.exists() and not out.is_dir():
-        raise PrunelensError(f"'{out}' exists and is not a directory")
-    if manifest.is_file() and not overwrite:
-        try:
-            old = json.loads(manifest.read_text())
-        except json.JSONDecodeError:
-            raise PrunelensError(f"'{manifest}' is not valid JSON") from None
-        if old.get("identity") != json.loads(json.dumps(spec.identity())):
-            raise PrunelensError(f"'{out}' holds a sweep with different settings; use another --out or "
-                                 "--overwrite")
-    elif out.is_dir() and any(out.iterdir()) and not manifest.is_file():
-        raise PrunelensError(f"'{out}' is not empty and is not a prunelens sweep directory")
-
-
 def _build(lm: LoadedModel, spec: SweepSpec, amount: str, progress: bool):
-    from .api import build_modification
+    from prunelens.prune.recipe import Calibration, build
 
     s = spec_for(spec.method, amount)
     if s is None:
         return None
-    return build_modification(lm, s, spec.calib, spec.calib_samples, spec.calib_len, spec.options.seed,
-                              spec.importance, progress)
+    cal = Calibration(spec.calib, spec.calib_samples, spec.calib_len, spec.options.seed, spec.importance)
+    return build(lm, s, cal, progress=progress)
 
 
 def run_sweep(spec: SweepSpec, out_dir: str | Path, lm: LoadedModel | Callable[[], LoadedModel] | None = None,
@@ -138,25 +126,25 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, lm: LoadedModel | Callable[[
 
     ``lm`` is a loaded model or a function loading it (called only if some cell is missing).
     """
-    import shutil
-
-    from .api import footprint
-    from .models import load_model
-    from .sweep_report import write_outputs
+    from prunelens.analyses.sweep_view import write_outputs
+    from prunelens.model.loading import load_model
+    from prunelens.prune.recipe import footprint
 
     out = Path(out_dir)
-    for t in spec.tasks:
-        check_task(t, spec.data_dir)
+    files = {t: check_task(t, spec.data_dir) for t in spec.tasks}
     for a in spec.amounts:
-        if a not in ("0", "dense"):
-            spec_for(spec.method, a)
-    _check_resume(out, spec, overwrite)
-    if overwrite and out.is_dir():
-        shutil.rmtree(out)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
-    write_json(out / "sweep.json", {"schema": SCHEMA, "identity": spec.identity(), "model": spec.model,
-                                    "method": spec.method, "amounts": list(spec.amounts),
-                                    "tasks": list(spec.tasks), "data_dir": spec.data_dir})
+        spec_for(spec.method, a)
+    # data content per task, by file name: a resumed sweep may add tasks, never swap a task's data
+    data = {t: {Path(k).name: v for k, v in data_hashes(fs).items()} for t, fs in files.items()}
+    cache = CellCache(out, "sweep.json", "sweep", spec.identity(), overwrite)
+    old = read_json(cache.manifest).get("data", {}) if cache.manifest.is_file() and not overwrite else {}
+    for t, hashes in data.items():
+        if t in old and old[t] != hashes:
+            raise PrunelensError(f"'{out}' holds a sweep with different settings: its {t} cells were computed "
+                                 f"on other data ({first_difference(old[t], hashes)}); use another --out or "
+                                 "--overwrite")
+    cache.open(schema=SCHEMA, model=spec.model, method=spec.method, amounts=list(spec.amounts),
+               tasks=list(spec.tasks), data_dir=spec.data_dir, data={**old, **data})
     todo = [(a, t) for a in spec.amounts for t in spec.tasks if not cell_path(out, a, t).is_file()]
     total = len(spec.amounts) * len(spec.tasks)
     bar = tqdm(total=total, initial=total - len(todo), desc="sweep cells", unit="cell", disable=not progress,
@@ -212,3 +200,62 @@ def relative_drop(dense: float | None, score: float | None, lower_is_better: boo
 
 def kinds_of(tasks: Sequence[str]) -> dict[str, str]:
     return {t: task_kind(t) for t in tasks}
+
+
+# --- the subcommand ------------------------------------------------------------------------------
+
+
+def _arguments(sw: argparse.ArgumentParser) -> None:
+    options.add_model_args(sw)
+    sw.add_argument("--method", "--prune", required=True, dest="method", metavar="METHOD",
+                    help="a registered method: attn, mlp, block (amounts = layer counts; attn-drop etc. also "
+                         "accepted), magnitude, wanda, sparsegpt (ratios or N:M), rtn, gptq (bits, e.g. 4 or "
+                         "w4g128)")
+    sw.add_argument("--amounts", required=True, help="comma-separated, 0 = dense (e.g. 0,2,4,6,8)")
+    options.add_calibration_args(sw)
+    options.add_task_args(sw)
+    sw.add_argument("--out", help="sweep directory (default runs/sweep-<model>-<method>); rerun to resume")
+    sw.add_argument("--overwrite", action="store_true", help="discard cached cells and start again")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from prunelens.analyses.sweep_view import markdown_table, markdown_table1, reading
+
+    amounts = parse_amounts(args.method, args.amounts)
+    tasks, opts = options.task_setup(args)
+    options.calibration(args)
+    spec = SweepSpec(args.model, args.method, tuple(amounts), tuple(tasks), args.data_dir, opts,
+                     args.importance, args.calib, args.calib_samples, args.calib_len, args.device, args.dtype)
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in f"{Path(args.model).name}-{args.method}")
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{safe}"
+    res = run_sweep(spec, out, lambda: options.load(args), overwrite=args.overwrite, progress=not args.quiet)
+    print(markdown_table(res))
+    print(markdown_table1(res))
+    for line in reading(res):
+        print(line)
+    print(f"report: {out / 'report.html'}")
+    return 0
+
+
+def load_sweep(d: Path) -> SweepResult:
+    """A saved sweep from its manifest and finished cells (nothing recomputed)."""
+    m = read_json(d / "sweep.json")
+    ident = m["identity"]
+    opts = {**ident["options"], "prompts": tuple(ident["options"]["prompts"] or ()) or None}
+    spec = SweepSpec(m["model"], m["method"], tuple(m["amounts"]), tuple(m["tasks"]), m["data_dir"],
+                     TaskOptions(**opts), ident["importance"], ident["calib"], ident["calib_samples"],
+                     ident["calib_len"], ident.get("device", "cpu"), ident.get("dtype", "float32"))
+    cells = [load_cell(cell_path(d, a, t)) for a in spec.amounts for t in spec.tasks
+             if cell_path(d, a, t).is_file()]
+    return SweepResult(spec, cells, d)
+
+
+def _rebuild(d: Path) -> str:
+    from prunelens.analyses.sweep_view import write_outputs
+
+    write_outputs(load_sweep(d))
+    return (d / "report.html").read_text(encoding="utf-8")
+
+
+register(Analysis("sweep", "scores over pruning amounts: Figure-1 plot, tables and report (resumable)",
+                  _arguments, _run, schema=SCHEMA, marker="sweep.json", rebuild=_rebuild))

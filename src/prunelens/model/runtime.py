@@ -8,6 +8,8 @@ it, answers of chat-tuned models are mostly formatting failures, not the model's
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,11 +17,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..analysis import eos_ids, forward_cached, left_pad, pad_id
-from ..errors import PrunelensError
-from ..memory import release_freed_memory
-from ..models import LoadedModel
-from ..prune import view_of
+from prunelens.errors import PrunelensError
+from prunelens.model.loading import LoadedModel
+from prunelens.model.memory import release_freed_memory
+from prunelens.prune import view_of
 
 Message = dict[str, str]
 
@@ -109,3 +110,98 @@ def generate_full(
             release_freed_memory()
     bar.close()
     return out
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat_template: bool = True) -> list[list[int]]:
+    """Token ids per prompt; instruct models get their chat template (with generation prompt)."""
+    use_chat = chat_template and getattr(tokenizer, "chat_template", None)
+    out = []
+    for p in prompts:
+        if use_chat:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(p)["input_ids"]
+        if not ids:
+            raise PrunelensError("a prompt encodes to zero tokens")
+        out.append(list(ids))
+    return out
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device,
+              left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded to one width, and the mask of real tokens. Left padding lines up the last
+    tokens (for decoding from a cache); right padding keeps positions 0.. (for scoring whole rows)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[r, cols] = torch.tensor(s, dtype=torch.long)
+        mask[r, cols] = 1
+    return ids.to(device), mask.to(device)
+
+
+def left_pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return pad_batch(seqs, pad_id, device, left=True)
+
+
+def right_pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return pad_batch(seqs, pad_id, device, left=False)
+
+
+def eos_ids(lm: LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    for src in (lm.tokenizer.eos_token_id, getattr(lm.model.generation_config, "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(x) for x in src)
+    return ids
+
+
+def pad_id(lm: LoadedModel) -> int:
+    """Token used to fill padded positions (never attended): the pad token, else an EOS token."""
+    pad = lm.tokenizer.pad_token_id
+    return pad if pad is not None else min(eos_ids(lm), default=0)
+
+
+def forward_cached(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
+    """One cached forward over ``ids`` (left-padded rows); returns the last position's logits.
+
+    ``mask`` covers the cached tokens plus ``ids``; positions come from it, so padding is skipped.
+    """
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                use_cache=True, logits_to_keep=1, **{cache_keyword(type(model)): cache})
+    return out.logits[:, -1].float()
+
+
+@functools.cache
+def cache_keyword(model_class: type) -> str:
+    """The forward's KV-cache argument: ``cache`` from transformers 5.24 (where the old name is
+    deprecated, to be removed in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+@torch.inference_mode()
+def next_token_logits(lm: LoadedModel, ctxs: Sequence[Sequence[int]], modification: Any = None,
+                      batch_size: int = 8, progress: bool = True, desc: str = "next token") -> torch.Tensor:
+    """Logits of the token after each context (float32, on the CPU)."""
+    out = []
+    order = sorted(range(len(ctxs)), key=lambda i: -len(ctxs[i]))
+    with view_of(lm.adapter, modification):
+        for b0 in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
+            idx = order[b0:b0 + batch_size]
+            ids, mask = left_pad([ctxs[i] for i in idx], pad_id(lm), lm.device)
+            pos = (mask.cumsum(-1) - 1).clamp_min(0)
+            z = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                         logits_to_keep=1).logits[:, -1].float().cpu()
+            out.extend(zip(idx, z, strict=True))
+    out.sort(key=lambda t: t[0])
+    return torch.stack([z for _, z in out])

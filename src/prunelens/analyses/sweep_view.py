@@ -8,11 +8,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .data import is_number
-from .report import _atomic_write, _e, _img, html_page
-from .runs import write_json
-from .sweep import SCHEMA, SweepResult, relative_drop
-from .tasks.registry import GENERATIVE, PERPLEXITY
+from prunelens.analyses.sweep import SCHEMA, SweepResult, relative_drop
+from prunelens.data import is_number
+from prunelens.render import esc, html_page, img
+from prunelens.runs import atomic_write_text, write_json
+from prunelens.tasks.registry import GENERATIVE, PERPLEXITY
 
 # Non-generative kinds read one step or one representation; fidelity is generative by nature.
 GEN_KINDS = (GENERATIVE, "fidelity")
@@ -171,8 +171,8 @@ def figure1(result: SweepResult, path: Path) -> Path:
 def _md_to_html_table(md: str) -> str:
     lines = [ln for ln in md.strip().splitlines() if not set(ln) <= set("|-")]
     cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
-    head = "".join(f"<th>{_e(c)}</th>" for c in cells[0])
-    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in cells[1:])
+    head = "".join(f"<th>{esc(c)}</th>" for c in cells[0])
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in cells[1:])
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -191,16 +191,16 @@ def reading(result: SweepResult) -> list[str]:
 
 def render_sweep_html(result: SweepResult, fig: Path) -> str:
     s = result.spec
-    return html_page(f"prunelens sweep — {_e(s.model)} {_e(s.method)}",
-        f"<h1>Sweep: {_e(s.model)}, {_e(s.method)}</h1>",
+    return html_page(f"prunelens sweep — {esc(s.model)} {esc(s.method)}",
+        f"<h1>Sweep: {esc(s.model)}, {esc(s.method)}</h1>",
         '<p class="muted">Scores of the dense and pruned model per task; drops are relative to the dense '
         "score. Generative tasks decode freely for many steps; multiple-choice and retrieval read one step "
         "or one representation.</p>",
-        "<h2>Reading</h2>", *(f'<div class="reading">{_e(t)}</div>' for t in reading(result)),
-        "<h2>Figure</h2>", _img(fig),
+        "<h2>Reading</h2>", *(f'<div class="reading">{esc(t)}</div>' for t in reading(result)),
+        "<h2>Figure</h2>", img(fig),
         "<h2>Scores</h2>", _md_to_html_table(markdown_table(result)),
         "<h2>Relative drops</h2>", _md_to_html_table(markdown_table1(result)),
-        "<h2>Settings</h2>", f"<pre>{_e(str(s.identity()))}</pre>")
+        "<h2>Settings</h2>", f"<pre>{esc(str(s.identity()))}</pre>")
 
 
 def write_outputs(result: SweepResult) -> None:
@@ -210,10 +210,10 @@ def write_outputs(result: SweepResult) -> None:
     slim = [{k: v for k, v in c.items() if k != "details"} for c in result.cells]
     write_json(out / "results.json", {"schema": SCHEMA, "spec": result.spec.identity(), "cells": slim,
                                       "rows": rows(result), "table1": table1(result)})
-    _atomic_write(out / "table.csv", csv_text(result))
-    _atomic_write(out / "table.md", markdown_table(result))
-    _atomic_write(out / "table1.md", markdown_table1(result))
+    atomic_write_text(out / "table.csv", csv_text(result))
+    atomic_write_text(out / "table.md", markdown_table(result))
+    atomic_write_text(out / "table1.md", markdown_table1(result))
     tmp_fig = out / ".figure1.tmp.png"
     figure1(result, tmp_fig)
     tmp_fig.replace(out / "figure1.png")
-    _atomic_write(out / "report.html", render_sweep_html(result, out / "figure1.png"))
+    atomic_write_text(out / "report.html", render_sweep_html(result, out / "figure1.png"))

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from .arch import Adapter
-from .errors import PrunelensError
+from prunelens.errors import PrunelensError
+from prunelens.model.arch import Adapter
 
 
 def cache_dir() -> Path:
@@ -300,7 +300,7 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .prune.drop import install_permanently, plan_from_config
+    from prunelens.prune.drop import install_permanently, plan_from_config
 
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     src, info = resolve_source(name)

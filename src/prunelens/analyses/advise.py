@@ -12,6 +12,7 @@ model against the dense one on this machine and the memory it would take.
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from collections.abc import Sequence
@@ -21,9 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import PrunelensError
-from .models import LoadedModel
-from .predictor import collapse_signals
+from prunelens import options
+from prunelens.analyses.base import Analysis, register
+from prunelens.analyses.predictor import collapse_signals
+from prunelens.errors import PrunelensError
+from prunelens.model.loading import LoadedModel
+from prunelens.prune.base import methods
 
 SCHEMA = "prunelens.advise/1"
 USES = ("generative", "multiple-choice", "retrieval")
@@ -62,18 +66,19 @@ def candidates(lm: LoadedModel, budget: float) -> list[str]:
     total, per = _linear_params(lm)
     n = lm.adapter.n_layers
     out = []
-    for kind in ("attn", "mlp", "block"):
-        size = sum(per[kind]) / n  # layers of one kind are alike in size in these families
+    for m in methods("drop"):
+        size = sum(per[m.name]) / n  # layers of one kind are alike in size in these families
         k = math.ceil(budget * total / size - 1e-9)
         if k < n:  # dropping every unit of a kind is not a pruning (the drop planner refuses it)
-            out.append(f"{kind}:{k}")
+            out.append(m.amount_spec(str(k)))
     ratio = math.ceil(budget * 20 - 1e-9) / 20  # the budget rounded up to 5 %
-    for method in ("wanda", "sparsegpt"):
-        out.append(f"{method}:{ratio:g}")
-        if budget <= 0.5 and ratio != 0.5:
-            out.append(f"{method}:2:4")
+    for m in methods("prune"):
+        if m.calibrated:  # magnitude pruning is the baseline they beat, not a candidate
+            out.append(m.amount_spec(f"{ratio:g}"))
+            if budget <= 0.5 and ratio != 0.5:
+                out.append(m.amount_spec("2:4"))
     if budget <= 0.72:  # 4-bit weights with a 16-bit scale and zero per 128: 4.25 of 16 bits
-        out += ["rtn:w4g128", "gptq:w4g128"]
+        out += [m.amount_spec("w4g128") for m in methods("quant")]
     return out
 
 
@@ -85,8 +90,8 @@ def decode_seconds(lm: LoadedModel, modification: Any, prompt_ids: list[int], to
     look faster than the dense one."""
     from transformers import DynamicCache
 
-    from .analysis import forward_cached
-    from .prune import view_of
+    from prunelens.model.runtime import forward_cached
+    from prunelens.prune import view_of
 
     ids = torch.tensor([prompt_ids], device=lm.device)
     best = float("inf")
@@ -117,9 +122,9 @@ def advise(lm: LoadedModel, budget: float, use: str, prompts: Sequence[str],
     """Every candidate built, scored and timed; rows ranked by predicted risk for ``use``."""
     from tqdm.auto import tqdm
 
-    from .analysis import encode_prompts
-    from .api import build_modification, footprint
-    from .memory import release_freed_memory
+    from prunelens.model.memory import release_freed_memory
+    from prunelens.model.runtime import encode_prompts
+    from prunelens.prune.recipe import Calibration, build, footprint
 
     if use not in USES:
         raise PrunelensError(f"unknown use '{use}'; choose {', '.join(USES)}")
@@ -129,7 +134,7 @@ def advise(lm: LoadedModel, budget: float, use: str, prompts: Sequence[str],
     rows = []
     for spec in tqdm(specs, desc="candidates", unit="pruning", disable=not progress):
         t0 = time.perf_counter()
-        mod = build_modification(lm, spec, calib, calib_samples, None, seed, progress=False)
+        mod = build(lm, spec, Calibration(calib, calib_samples, None, seed), progress=False)
         t_build = time.perf_counter() - t0
         sig, rk = collapse_signals(lm, mod, prompts, steps)
         fp = footprint(lm, mod)
@@ -170,7 +175,7 @@ def recommendation(rows: Sequence[dict[str, Any]], use: str, budget: float) -> s
 
 
 def advise_html(result: dict[str, Any], figs: list[Path]) -> str:
-    from .report import _e, html_page, html_table
+    from prunelens.render import esc, html_page, html_table
 
     keys = ("spec", "risk", "risk_generative", "risk_multiple_choice", "risk_retrieval", "agreeing_tokens",
             "saved", "decode_speedup", "memory_vs_bf16")
@@ -181,11 +186,62 @@ def advise_html(result: dict[str, Any], figs: list[Path]) -> str:
     rows = [{**r, "tf KL": r["signals"]["tf_kl"], "tf top-1 agree": 1 - r["signals"]["tf_top1_disagree"],
              "first divergence⁻¹": r["signals"]["inv_first_divergence"]} for r in result["rows"]]
     return html_page("prunelens advise",
-        f"<h1>Advice — {_e(str(result['model'].get('name', '')))}, {result['budget']:.0%} saving, "
-        f"{_e(result['use'])} use</h1>", f"<p><b>{_e(result['recommendation'])}</b></p>",
+        f"<h1>Advice — {esc(str(result['model'].get('name', '')))}, {result['budget']:.0%} saving, "
+        f"{esc(result['use'])} use</h1>", f"<p><b>{esc(result['recommendation'])}</b></p>",
         '<p class="muted">Ranked by the predicted risk for this use, from the teacher-forced top-1 '
         "agreement a on the prompts: 1 − a for one step (multiple choice), 1 − a^32 for a generated answer, "
         "1 − cos of the final hidden state for retrieval. saved = share of decoder linear-weight memory "
         "saved against bf16 (unstructured zeros only save it in a sparse format); decode_speedup = "
         "measured greedy decoding, batch 1, dense time ÷ modified time, on this machine.</p>",
         html_table(rows, (*keys, "tf KL", "tf top-1 agree", "first divergence⁻¹"), cell))
+
+
+# --- the subcommand ------------------------------------------------------------------------------
+
+
+def _arguments(ad: argparse.ArgumentParser) -> None:
+    options.add_model_args(ad)
+    ad.add_argument("--budget", required=True, help="share of the decoder's weight memory to save, e.g. 25%%")
+    ad.add_argument("--use", required=True, choices=["generative", "multiple-choice", "retrieval"])
+    ad.add_argument("--candidates", help="comma-separated specs (or recipes joined by '+') to score instead of "
+                                         "the automatic set (e.g. attn:8,wanda:0.3,gptq:w4g128)")
+    ad.add_argument("--prompts", help="prompt file (.txt, one a line, or .jsonl); default: built-in prompts")
+    ad.add_argument("--steps", type=int, default=32, help="decoding steps per prompt (default 32)")
+    ad.add_argument("--calib", help="calibration text for drop ranking and weight methods")
+    ad.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default 16)")
+    options.add_output_args(ad, "runs/<time>-<model>-advise")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from prunelens.prune.recipe import Calibration, Recipe
+    from prunelens.runs import check_out_dir, default_run_dir, write_run
+
+    budget = parse_budget(args.budget)
+    specs = [s.strip() for s in args.candidates.split(",") if s.strip()] if args.candidates else None
+    for s in specs or ():
+        Recipe.parse(s)
+    options.positive("--steps", args.steps)
+    options.positive("--calib-samples", args.calib_samples)
+    prompts = options.prompts(args)
+    Calibration(args.calib).check()
+    out = Path(args.out) if args.out else default_run_dir(args.model, f"advise-{args.use}")
+    check_out_dir(out, args.overwrite)
+    lm = options.load(args)
+    res = advise(lm, budget, args.use, prompts, specs, args.calib, args.calib_samples, args.steps, args.seed,
+                 progress=not args.quiet)
+    write_run(res, out, overwrite=args.overwrite, figures=lambda r, d: [], html=advise_html)
+    print(f"{'candidate':16s} {'risk':>6s} {'saved':>6s} {'decode':>7s} {'agree run':>9s}  "
+          "risk gen / MCQ / retrieval")
+    for r in res["rows"]:
+        flag = "" if r["meets_budget"] else "  (below budget)"
+        print(f"{r['spec']:16s} {r['risk']:6.3f} {r['saved']:6.1%} {r['decode_speedup']:6.2f}x "
+              f"{r['agreeing_tokens']:9.1f}  "
+              f"{r['risk_generative']:.3f} / {r['risk_multiple_choice']:.3f} / "
+              f"{r['risk_retrieval']:.4f}{flag}")
+    print(f"recommendation: {res['recommendation']}")
+    print(f"report: {out / 'report.html'}")
+    return 0
+
+
+register(Analysis("advise", "rank candidate prunings that meet a memory budget by predicted risk for your use "
+                  "(cheap signals, no benchmark)", _arguments, _run, schema=SCHEMA, html=advise_html))

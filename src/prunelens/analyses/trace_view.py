@@ -8,13 +8,7 @@ a missing key drops that piece, it never fails the report.
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import html
 import json
-import math
-import os
-import secrets
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,26 +22,16 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from .errors import PrunelensError
+from prunelens.errors import PrunelensError
+from prunelens.render import CSS, DPI, esc, fmt, img, num, pct, short
+from prunelens.runs import atomic_write_text, read_json
 
-DPI = 110
 FIGURE_ORDER = ("layerwise", "stepwise", "spaces", "taylor")
 SPACE_COLORS = {"h": "tab:green", "z": "tab:orange", "zc": "tab:brown", "p": "tab:purple"}
 DROP_COLORS = {"attn": "tab:red", "mlp": "tab:blue", "block": "0.45"}
 MODES = {"teacher_forced": "teacher-forced", "free_running": "free-running"}
 
 # --- small helpers shared by figures and HTML ----------------------------------------------------
-
-
-def _num(x: Any) -> float | None:
-    """A finite float, or None for None/NaN/inf/non-numbers (results may hold any of them)."""
-    if isinstance(x, bool) or x is None:
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 def _tkey(t: Any) -> str:
@@ -77,7 +61,7 @@ def _arr(values: Any, n: int | None = None) -> np.ndarray | None:
     """List of numbers/None → float array with NaN gaps; None if absent or all missing."""
     if not isinstance(values, (list, tuple)) or not values:
         return None
-    a = np.array([_num(v) if _num(v) is not None else np.nan for v in values], dtype=float)
+    a = np.array([num(v) if num(v) is not None else np.nan for v in values], dtype=float)
     if n is not None:
         a = a[:n] if len(a) >= n else np.concatenate([a, np.full(n - len(a), np.nan)])
     return a if np.isfinite(a).any() else None
@@ -110,7 +94,7 @@ def _dropped(result: dict[str, Any]) -> dict[str, list[int]]:
     p = result.get("pruning") or {}
     out = {}
     for kind in DROP_COLORS:
-        idx = [int(i) for i in (p.get(kind) or []) if _num(i) is not None]
+        idx = [int(i) for i in (p.get(kind) or []) if num(i) is not None]
         if idx:
             out[kind] = idx
     return out
@@ -337,7 +321,7 @@ def _fig_taylor(result: dict[str, Any], path: Path) -> bool:
                 keep = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
                 if not keep.any():
                     continue
-                rho, r = _num(info.get(f"{tag}_spearman")), _num(info.get(f"{tag}_pearson"))
+                rho, r = num(info.get(f"{tag}_spearman")), num(info.get(f"{tag}_pearson"))
                 ax.scatter(x[keep], y[keep], s=9, alpha=0.5, color=shade, marker=markers[k % len(markers)],
                            label=f"{mode.replace('_', '-')}, T={t}: ρ={fmt(rho)}, r(log)={fmt(r)}")
                 lo, hi = min(lo, x[keep].min(), y[keep].min()), max(hi, x[keep].max(), y[keep].max())
@@ -359,7 +343,7 @@ def _fig_taylor(result: dict[str, Any], path: Path) -> bool:
 
 
 def _first(values: Any) -> float | None:
-    return _num(values[0]) if isinstance(values, (list, tuple)) and values else None
+    return num(values[0]) if isinstance(values, (list, tuple)) and values else None
 
 
 def _fig_spaces(result: dict[str, Any], path: Path) -> bool:
@@ -411,65 +395,7 @@ def make_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
 # --- number formatting -------------------------------------------------------------------------
 
 
-def fmt(x: Any, sig: int = 3) -> str:
-    """Significant digits, but values just below 1 keep enough digits to show how far from 1."""
-    if isinstance(x, bool):
-        return str(x)
-    if isinstance(x, int):
-        return str(x)
-    v = _num(x)
-    if v is None:
-        return "—"
-    if v in (0, 1):
-        return str(int(v))
-    if 0.99 <= v < 1:
-        dec = -math.floor(math.log10(1 - v) + 1e-9) + 1
-        return f"{v:.{dec}f}" if dec <= 8 else f"1 − {1 - v:.1e}"
-    if abs(v) >= 1e5 or abs(v) < 1e-3:
-        return f"{v:.{sig - 1}e}"
-    return f"{v:#.{sig}g}".rstrip(".")  # '#' keeps trailing zeros: 0.960, not 0.96
-
-
-def _g(x: Any, missing: str = "—") -> str:
-    """Short general format for steps and temperatures (5.5, 1, 0.5)."""
-    v = _num(x)
-    return missing if v is None else f"{v:g}"
-
-
-def _pct(x: Any) -> str:
-    v = _num(x)
-    return "—" if v is None else f"{100 * v:.0f}%"
-
-
 # --- HTML --------------------------------------------------------------------------------------
-
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5em auto;max-width:1500px;
- padding:0 1em;color:#222;line-height:1.4}
-h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
-h3{font-size:1.05em;margin:.8em 0 .3em}
-.runs{display:grid;gap:1em}
-.card{border:1px solid #ddd;border-radius:6px;padding:.6em .9em;background:#fafafa;min-width:0}
-.card .label{font-family:ui-monospace,Menlo,Consolas,monospace;font-weight:600}
-table{border-collapse:collapse;font-size:.9em;margin:.4em 0}
-th,td{border:1px solid #ddd;padding:.25em .55em;vertical-align:top;text-align:left}
-th{background:#f1f1f1}
-td.num{text-align:right;font-family:ui-monospace,Menlo,Consolas,monospace;white-space:nowrap}
-tr.group th{background:#e8eef7;text-align:left}
-.text{white-space:pre-wrap;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em;
- word-break:break-word}
-.diff{background:#ffe2b8}
-img{max-width:100%;height:auto;border:1px solid #eee}
-.reading{background:#f5f8ff;border-left:4px solid #6c8ebf;padding:.5em .8em;margin:.5em 0}
-.scroll{overflow-x:auto}
-.drop{background:#ffd9d9;font-weight:600}
-details{margin:.5em 0}summary{cursor:pointer;font-weight:600}
-.muted{color:#777;font-size:.85em}
-"""
-
-
-def _e(x: Any) -> str:
-    return html.escape(str(x), quote=True)
 
 
 def _get(d: Any, *path: Any) -> Any:
@@ -496,7 +422,7 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
     if isinstance(s, dict):
         return s
     try:
-        from .analysis import summarize
+        from prunelens.analyses.trace import summarize
 
         return summarize(result)
     except Exception:  # noqa: BLE001 - a partial result just has no summary table
@@ -518,7 +444,7 @@ def _summary_rows(result: dict[str, Any]) -> dict[str, str]:
     div = s.get("prompts_diverged")
     n = _n_prompts(result)
     rows: dict[str, str] = {
-        "temperature T (first)": _tkey(s["temperature"]) if _num(s.get("temperature")) is not None else "—",
+        "temperature T (first)": _tkey(s["temperature"]) if num(s.get("temperature")) is not None else "—",
         "§last prompt token (step 1)": "",
         "cos(h)": fmt(_get(lp, "cos_h")),
         "cos(z)": fmt(_get(lp, "cos_z")),
@@ -533,7 +459,7 @@ def _summary_rows(result: dict[str, Any]) -> dict[str, str]:
         "cos(z − mean z) ": fmt(_get(tf, "cos_zc")),
         "cos(p) ": fmt(_prefixed(tf, "cos_p@")),
         "KL ": fmt(_prefixed(tf, "kl@")),
-        "top-1 agreement": _pct(_get(tf, "top1_agree")),
+        "top-1 agreement": pct(_get(tf, "top1_agree")),
         "top-k overlap": fmt(_get(tf, "topk_overlap")),
         "top-k Spearman ρ": fmt(_get(tf, "topk_spearman")),
         "KL growth (2nd half ÷ 1st half)": fmt(s.get("kl_growth_teacher_forced")),
@@ -543,11 +469,11 @@ def _summary_rows(result: dict[str, Any]) -> dict[str, str]:
         "cos(z − mean z)  ": fmt(_get(fr, "cos_zc")),
         "cos(p)  ": fmt(_prefixed(fr, "cos_p@")),
         "KL  ": fmt(_prefixed(fr, "kl@")),
-        "token agreement": _pct(_get(fr, "token_agree")),
+        "token agreement": pct(_get(fr, "token_agree")),
         "KL growth (2nd half ÷ 1st half) ": fmt(s.get("kl_growth_free_running")),
         "§greedy text": "",
         "prompts diverged": "—" if div is None else (f"{div} / {n}" if n is not None else str(div)),
-        "median first divergence step": _g(s.get("median_first_divergence")),
+        "median first divergence step": short(s.get("median_first_divergence")),
     }
     return rows
 
@@ -556,10 +482,10 @@ def reading(result: dict[str, Any]) -> str:
     """A plain-language sentence or three built only from this result's numbers."""
     s = _summary(result)
     lp, tf, fr = (s.get(k) or {} for k in ("last_prompt_token", "teacher_forced_mean", "free_running_mean"))
-    t = _g(s.get("temperature"), "the first T")
-    ch, cz, cp = _num(lp.get("cos_h")), _num(lp.get("cos_z")), _num(_prefixed(lp, "cos_p@"))
-    kl1, tk = _num(_prefixed(lp, "kl@")), _num(_prefixed(lp, "taylor_kl@"))
-    kl_tf, kl_fr = _num(_prefixed(tf, "kl@")), _num(_prefixed(fr, "kl@"))
+    t = short(s.get("temperature"), "the first T")
+    ch, cz, cp = num(lp.get("cos_h")), num(lp.get("cos_z")), num(_prefixed(lp, "cos_p@"))
+    kl1, tk = num(_prefixed(lp, "kl@")), num(_prefixed(lp, "taylor_kl@"))
+    kl_tf, kl_fr = num(_prefixed(tf, "kl@")), num(_prefixed(fr, "kl@"))
     out = []
     if ch is not None and cz is not None:
         close = min(ch, cz) >= 0.95
@@ -579,12 +505,12 @@ def reading(result: dict[str, Any]) -> str:
         if kl_tf > 0 and kl_fr / kl_tf >= 1.5:
             sent += f" ({kl_fr / kl_tf:.2g}× larger: errors compound once the model feeds on its own tokens)"
         out.append(sent + ".")
-    g = _num(s.get("kl_growth_free_running"))
+    g = num(s.get("kl_growth_free_running"))
     if g is not None:
         out.append(f"In free-running decoding the mean KL of the second half of the steps is {fmt(g)}× "
                    "that of the first half.")
     div, n = s.get("prompts_diverged"), _n_prompts(result)
-    med = _num(s.get("median_first_divergence"))
+    med = num(s.get("median_first_divergence"))
     if isinstance(div, int):
         if div == 0:
             steps = _get(result, "settings", "max_new_tokens")
@@ -593,30 +519,12 @@ def reading(result: dict[str, Any]) -> str:
         else:
             of = f" of {n}" if n is not None else ""
             out.append(f"{div}{of} prompts' greedy outputs diverge from the dense model's"
-                       + (f", at median step {_g(med)}." if med is not None else "."))
+                       + (f", at median step {short(med)}." if med is not None else "."))
     return " ".join(out)
 
 
-def html_page(title: str, *parts: str) -> str:
-    """A self-contained report page (inline CSS; figures come inline through ``_img``)."""
-    return "\n".join(["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-                      f"<title>{title}</title><style>{CSS}</style></head><body>", *parts, "</body></html>"])
-
-
-def html_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], cell: Any) -> str:
-    """One row per dict, one column per key, each value through ``cell`` and escaped."""
-    head = "".join(f"<th>{_e(k)}</th>" for k in keys)
-    body = "".join("<tr>" + "".join(f"<td>{_e(cell(r.get(k)))}</td>" for k in keys) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _img(path: Path) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return f'<img alt="{_e(Path(path).stem)}" src="data:image/png;base64,{data}">'
-
-
 def _fmt_params(n: Any) -> str:
-    v = _num(n)
+    v = num(n)
     if v is None:
         return "—"
     for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -632,31 +540,31 @@ def _header_card(result: dict[str, Any]) -> str:
                        ("hidden_size", "hidden"), ("vocab_size", "vocab"), ("dtype", "dtype"),
                        ("device", "device"), ("gguf", "gguf")):
         if m.get(key) is not None:
-            items.append(f"{label} <b>{_e(m[key])}</b>")
+            items.append(f"{label} <b>{esc(m[key])}</b>")
     if m.get("n_params") is not None:
-        items.insert(0, f"params <b>{_e(_fmt_params(m['n_params']))}</b>")
+        items.insert(0, f"params <b>{esc(_fmt_params(m['n_params']))}</b>")
     drops = ", ".join(f"{len(v)} {k}" for k, v in _dropped(result).items()) or "nothing"
-    meta = [f"prunelens {_e(result.get('prunelens_version', '?'))}", _e(result.get("created", ""))]
-    secs = _num(_get(result, "timing", "analysis_s"))
+    meta = [f"prunelens {esc(result.get('prunelens_version', '?'))}", esc(result.get("created", ""))]
+    secs = num(_get(result, "timing", "analysis_s"))
     if secs is not None:
         meta.append(f"analysis {secs:.1f} s")
-    return (f'<div class="card"><div><b>{_e(_model_name(result))}</b></div>'
-            f'<div class="label">{_e(p.get("label", "—"))}</div>'
-            f"<div>dropped: {_e(drops)}</div>"
+    return (f'<div class="card"><div><b>{esc(_model_name(result))}</b></div>'
+            f'<div class="label">{esc(p.get("label", "—"))}</div>'
+            f"<div>dropped: {esc(drops)}</div>"
             f'<div class="muted">{" · ".join(items)}</div>'
             f'<div class="muted">{" · ".join(x for x in meta if x)}</div></div>')
 
 
 def _summary_table(runs: Sequence[dict[str, Any]]) -> str:
     per_run = [_summary_rows(r) for r in runs]
-    head = "".join(f'<th class="run-col">{_e(_run_name(r))}</th>' for r in runs)
+    head = "".join(f'<th class="run-col">{esc(_run_name(r))}</th>' for r in runs)
     body = []
     for label in per_run[0]:
         if label.startswith("§"):
-            body.append(f'<tr class="group"><th colspan="{len(runs) + 1}">{_e(label[1:])}</th></tr>')
+            body.append(f'<tr class="group"><th colspan="{len(runs) + 1}">{esc(label[1:])}</th></tr>')
             continue
-        cells = "".join(f'<td class="num">{_e(rows.get(label, "—"))}</td>' for rows in per_run)
-        body.append(f"<tr><th>{_e(label.strip())}</th>{cells}</tr>")
+        cells = "".join(f'<td class="num">{esc(rows.get(label, "—"))}</td>' for rows in per_run)
+        body.append(f"<tr><th>{esc(label.strip())}</th>{cells}</tr>")
     return f'<table class="summary"><tr><th></th>{head}</tr>{"".join(body)}</table>'
 
 
@@ -675,8 +583,8 @@ def _split_common(a: str, b: str) -> int:
 
 def _text_cell(text: str, common: int) -> str:
     """Escaped text; the part after the shared prefix is highlighted."""
-    return (f'<td class="text">{_e(text[:common])}'
-            + (f'<span class="diff">{_e(text[common:])}</span>' if text[common:] else "") + "</td>")
+    return (f'<td class="text">{esc(text[:common])}'
+            + (f'<span class="diff">{esc(text[common:])}</span>' if text[common:] else "") + "</td>")
 
 
 def _prompt_table(result: dict[str, Any]) -> str:
@@ -690,9 +598,9 @@ def _prompt_table(result: dict[str, Any]) -> str:
         dense, pruned = str(p.get("dense_text", "")), str(p.get("pruned_text", ""))
         c = _split_common(dense, pruned)
         fd = p.get("first_divergence")
-        rows.append(f'<tr><td class="num">{i}</td><td class="text">{_e(p.get("prompt", ""))}</td>'
+        rows.append(f'<tr><td class="num">{i}</td><td class="text">{esc(p.get("prompt", ""))}</td>'
                     f"{_text_cell(dense, c)}{_text_cell(pruned, c)}"
-                    f'<td class="num">{_e("—" if fd is None else fd)}</td></tr>')
+                    f'<td class="num">{esc("—" if fd is None else fd)}</td></tr>')
     return ('<table class="prompts"><tr><th>#</th><th>prompt</th><th>dense (greedy)</th>'
             "<th>pruned (greedy)</th><th>first divergence</th></tr>" + "".join(rows) + "</table>"
             '<div class="muted">Highlighted: text after the longest common prefix.</div>')
@@ -702,7 +610,7 @@ def _kv_table(d: dict[str, Any]) -> str:
     rows = []
     for k, v in d.items():
         val = json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else str(v)
-        rows.append(f'<tr><th>{_e(k)}</th><td class="text">{_e(val)}</td></tr>')
+        rows.append(f'<tr><th>{esc(k)}</th><td class="text">{esc(val)}</td></tr>')
     return f"<table>{''.join(rows)}</table>"
 
 
@@ -735,9 +643,9 @@ def _weights_section(result: dict[str, Any]) -> str:
         if isinstance(layers, list) and layers:
             cols = [c for c in ("module", "numel", "dense_zero_frac", "zero_frac",
                                 "added_frac_of_dense_nonzeros", "nm_violations") if c in layers[0]]
-            head = "".join(f"<th>{_e(c)}</th>" for c in cols)
+            head = "".join(f"<th>{esc(c)}</th>" for c in cols)
             body = "".join("<tr>" + "".join(
-                f"<td>{_e(fmt(r.get(c)) if isinstance(r.get(c), float) else r.get(c))}</td>" for c in cols)
+                f"<td>{esc(fmt(r.get(c)) if isinstance(r.get(c), float) else r.get(c))}</td>" for c in cols)
                 + "</tr>" for r in layers)
             out.append(f"<details><summary>per module ({len(layers)})</summary><div class=\"scroll\">"
                        f"<table><tr>{head}</tr>{body}</table></div></details>")
@@ -759,18 +667,19 @@ def _selection(result: dict[str, Any]) -> str:
             if not isinstance(info, dict):
                 continue
             kind = str(req).split(":", 1)[0].split("@", 1)[0]
-            dropped = {int(i) for i in (p.get(kind) or []) if _num(i) is not None}
-            head = f"<h4>{_e(req)}</h4>"
+            dropped = {int(i) for i in (p.get(kind) or []) if num(i) is not None}
+            head = f"<h4>{esc(req)}</h4>"
             extra = {k: v for k, v in info.items() if k != "scores"}
             if extra:
-                head += "<div>" + " · ".join(f"{_e(k)}: <b>{_e(v)}</b>" for k, v in extra.items()) + "</div>"
+                pairs = " · ".join(f"{esc(k)}: <b>{esc(v)}</b>" for k, v in extra.items())
+                head += f"<div>{pairs}</div>"
             sc = info.get("scores")
             if isinstance(sc, dict) and sc:
-                items = sorted(((str(k), _num(v)) for k, v in sc.items()), key=_layer_key)
+                items = sorted(((str(k), num(v)) for k, v in sc.items()), key=_layer_key)
                 cls = ['class="num drop"' if k.isdigit() and int(k) in dropped else 'class="num"'
                        for k, _ in items]
-                r1 = "".join(f"<td {c}>{_e(k)}</td>" for c, (k, _) in zip(cls, items, strict=True))
-                r2 = "".join(f"<td {c}>{_e(fmt(v))}</td>" for c, (_, v) in zip(cls, items, strict=True))
+                r1 = "".join(f"<td {c}>{esc(k)}</td>" for c, (k, _) in zip(cls, items, strict=True))
+                r2 = "".join(f"<td {c}>{esc(fmt(v))}</td>" for c, (_, v) in zip(cls, items, strict=True))
                 head += (f'<div class="scroll"><table><tr><th>layer</th>{r1}</tr>'
                          f"<tr><th>score</th>{r2}</tr></table></div>")
             parts.append(head)
@@ -786,8 +695,8 @@ def render_html(runs: list[tuple[dict[str, Any], list[Path]]], title: str = "pru
     grid = f'style="grid-template-columns:repeat({ncol},minmax(0,1fr))"'
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width,initial-scale=1">',
-           f"<title>{_e(title)}</title><style>{CSS}</style></head><body>",
-           f"<h1>{_e(title)}</h1>",
+           f"<title>{esc(title)}</title><style>{CSS}</style></head><body>",
+           f"<h1>{esc(title)}</h1>",
            '<p class="muted">Dense vs pruned, traced through hidden states h → logits z → probabilities '
            "p = softmax(z/T), per layer and per decoding step.</p>",
            f'<div class="runs" {grid}>', *(_header_card(r) for r in results), "</div>",
@@ -796,8 +705,8 @@ def render_html(runs: list[tuple[dict[str, Any], list[Path]]], title: str = "pru
     for r in results:
         text = reading(r)
         if text:
-            prefix = f"<b>{_e(_run_name(r))}</b>: " if ncol > 1 else ""
-            out.append(f'<div class="reading">{prefix}{_e(text)}</div>')
+            prefix = f"<b>{esc(_run_name(r))}</b>: " if ncol > 1 else ""
+            out.append(f'<div class="reading">{prefix}{esc(text)}</div>')
 
     by_name: list[dict[str, Path]] = [{Path(f).stem: Path(f) for f in figs if Path(f).is_file()}
                                       for _, figs in runs]
@@ -806,30 +715,30 @@ def render_html(runs: list[tuple[dict[str, Any], list[Path]]], title: str = "pru
     if names:
         out.append("<h2>Figures</h2>")
         for name in names:
-            cells = "".join(f"<div>{_img(d[name]) if name in d else ''}</div>" for d in by_name)
-            out.append(f'<h3>{_e(name)}</h3><div class="runs" {grid}>{cells}</div>')
+            cells = "".join(f"<div>{img(d[name]) if name in d else ''}</div>" for d in by_name)
+            out.append(f'<h3>{esc(name)}</h3><div class="runs" {grid}>{cells}</div>')
 
     out.append("<h2>Prompts</h2>")
     for r in results:
         if ncol > 1:
-            out.append(f"<h3>{_e(_run_name(r))}</h3>")
+            out.append(f"<h3>{esc(_run_name(r))}</h3>")
         out.append(_prompt_table(r) or '<p class="muted">No per-prompt results.</p>')
 
     out.append("<h2>Pruning selection</h2>")
     for r in results:
         if ncol > 1:
-            out.append(f"<h3>{_e(_run_name(r))}</h3>")
+            out.append(f"<h3>{esc(_run_name(r))}</h3>")
         out.append(_selection(r))
     if any(_weights_section(r) for r in results):
         out.append("<h2>Weights: sparsity and quantisation</h2>")
         for r in results:
             if ncol > 1:
-                out.append(f"<h3>{_e(_run_name(r))}</h3>")
+                out.append(f"<h3>{esc(_run_name(r))}</h3>")
             out.append(_weights_section(r) or '<p class="muted">No weight modification.</p>')
 
     out.append("<h2>Settings and conventions</h2>")
     for r in results:
-        label = f" — {_e(_run_name(r))}" if ncol > 1 else ""
+        label = f" — {esc(_run_name(r))}" if ncol > 1 else ""
         for key in ("settings", "conventions", "model"):
             d = r.get(key)
             if isinstance(d, dict) and d:
@@ -839,16 +748,6 @@ def render_html(runs: list[tuple[dict[str, Any], list[Path]]], title: str = "pru
 
 
 # --- run directories ---------------------------------------------------------------------------
-
-
-def read_json(path: Path) -> Any:
-    """A saved JSON file, with a one-line error naming it when it is unreadable or not JSON."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PrunelensError(f"'{path}' is not valid JSON: {str(e).splitlines()[0]}") from None
-    except OSError as e:
-        raise PrunelensError(f"cannot read '{path}': {e.strerror or e}") from None
 
 
 def load_result(run_dir: Path) -> dict[str, Any]:
@@ -869,28 +768,10 @@ def _existing_figures(fig_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: (rank.get(p.stem, len(rank)), p.name))
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Temp file in the same directory + os.replace, so readers never see half a report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 honours the umask (mkstemp would leave the report readable by its owner only)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def report_from_run_dirs(run_dirs: Iterable[Path], out_html: Path) -> Path:
     """Rebuild one HTML report from saved runs, reusing their figures where they exist."""
     out = Path(out_html)
-    _atomic_write(out, analysis_page(run_dirs))
+    atomic_write_text(out, analysis_page(run_dirs))
     return out
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from .arch import Adapter
+from prunelens.model.arch import Adapter
 
 
 def first_output(x):

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import _open, iter_jsonl
-from .errors import PrunelensError
-from .models import LoadedModel
-from .prune import view_of
+from prunelens.data import iter_jsonl, open_text
+from prunelens.errors import PrunelensError
+from prunelens.model.loading import LoadedModel
+from prunelens.prune import view_of
 
 
 def read_corpus(path: str | Path) -> str:
@@ -28,7 +28,7 @@ def read_corpus(path: str | Path) -> str:
     if not p.is_file():
         raise PrunelensError(f"text file '{p}' does not exist")
     if ".jsonl" not in p.name:
-        with _open(p) as f:
+        with open_text(p) as f:
             text = f.read()
     else:
         rows = []

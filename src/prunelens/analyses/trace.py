@@ -14,27 +14,31 @@ One model, two views (``pruned_view`` swaps modules, no weight is copied). Per b
 
 from __future__ import annotations
 
-import functools
-import inspect
+import argparse
 import math
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .capture import capture, resid_names
-from .errors import PrunelensError
-from .memory import release_freed_memory
-from .metrics import hidden_metrics, logit_metrics, pearson, spearman
-from .models import LoadedModel
-from .prune import Modification, view_of
-from .prune.drop import LAYER_INDEXING
+from prunelens import options
+from prunelens.analyses.base import Analysis, register
+from prunelens.errors import PrunelensError
+from prunelens.metrics import hidden_metrics, logit_metrics, pearson, spearman
+from prunelens.model.capture import capture, resid_names
+from prunelens.model.loading import LoadedModel
+from prunelens.model.memory import release_freed_memory
+from prunelens.model.runtime import encode_prompts, eos_ids, forward_cached, left_pad, pad_id
+from prunelens.prune import Modification, view_of
+from prunelens.prune.drop import LAYER_INDEXING
+from prunelens.version import __version__
 
 SCHEMA = "prunelens.analysis/1"
 
@@ -86,84 +90,7 @@ class AnalysisSettings:
 # --- tokenisation ------------------------------------------------------------------------------
 
 
-def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat_template: bool = True) -> list[list[int]]:
-    """Token ids per prompt; instruct models get their chat template (with generation prompt)."""
-    use_chat = chat_template and getattr(tokenizer, "chat_template", None)
-    out = []
-    for p in prompts:
-        if use_chat:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer(p)["input_ids"]
-        if not ids:
-            raise PrunelensError("a prompt encodes to zero tokens")
-        out.append(list(ids))
-    return out
-
-
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device,
-              left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids padded to one width, and the mask of real tokens. Left padding lines up the last
-    tokens (for decoding from a cache); right padding keeps positions 0.. (for scoring whole rows)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        cols = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[r, cols] = torch.tensor(s, dtype=torch.long)
-        mask[r, cols] = 1
-    return ids.to(device), mask.to(device)
-
-
-def left_pad(
-    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return pad_batch(seqs, pad_id, device, left=True)
-
-
-def right_pad(
-    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return pad_batch(seqs, pad_id, device, left=False)
-
-
-def eos_ids(lm: LoadedModel) -> set[int]:
-    ids: set[int] = set()
-    for src in (lm.tokenizer.eos_token_id, getattr(lm.model.generation_config, "eos_token_id", None)):
-        if isinstance(src, int):
-            ids.add(src)
-        elif isinstance(src, (list, tuple)):
-            ids.update(int(x) for x in src)
-    return ids
-
-
 # --- forward passes ----------------------------------------------------------------------------
-
-
-def pad_id(lm: LoadedModel) -> int:
-    """Token used to fill padded positions (never attended): the pad token, else an EOS token."""
-    pad = lm.tokenizer.pad_token_id
-    return pad if pad is not None else min(eos_ids(lm), default=0)
-
-
-def forward_cached(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
-    """One cached forward over ``ids`` (left-padded rows); returns the last position's logits.
-
-    ``mask`` covers the cached tokens plus ``ids``; positions come from it, so padding is skipped.
-    """
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                use_cache=True, logits_to_keep=1, **{cache_keyword(type(model)): cache})
-    return out.logits[:, -1].float()
-
-
-@functools.cache
-def cache_keyword(model_class: type) -> str:
-    """The forward's KV-cache argument: ``cache`` from transformers 5.24 (where the old name is
-    deprecated, to be removed in 5.40), ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def step_metrics(hd: torch.Tensor, hp: torch.Tensor, zd: torch.Tensor, zp: torch.Tensor,
@@ -429,3 +356,87 @@ def _growth(series: list[float | None]) -> float | None:
     h = len(xs) // 2
     a, b = float(np.mean(xs[:h])), float(np.mean(xs[h:]))
     return b / a if a > 0 else None
+
+
+# --- the subcommand ------------------------------------------------------------------------------
+
+
+def _arguments(a: argparse.ArgumentParser) -> None:
+    options.add_model_args(a)
+    options.add_recipe_args(a)
+    a.add_argument("--prompts", help="prompt file (.txt: one per line; .jsonl: 'prompt'/'text'/"
+                                     "'question' field); default: 8 built-in prompts")
+    a.add_argument("--limit", type=int, help="use only the first N prompts")
+    a.add_argument("--steps", type=int, default=32, help="decoding steps per prompt (default 32)")
+    a.add_argument("--temps", default="1", help="temperatures, comma-separated, e.g. 1,0.5 (default 1)")
+    a.add_argument("--batch-size", type=int, default=8)
+    a.add_argument("--topk", type=int, default=10, help="k for the top-k variance of dz (default 10)")
+    a.add_argument("--no-chat-template", action="store_true",
+                   help="feed prompts raw even if the tokenizer has a chat template")
+    options.add_output_args(a, "runs/<time>-<model>-<pruning>")
+    a.add_argument("--save-pruned", metavar="DIR", help="also save the pruned checkpoint here")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from prunelens.prune.recipe import build, save_modified
+    from prunelens.runs import check_out_dir, default_run_dir, write_run
+
+    # Validate everything cheap before loading a model.
+    recipe, cal = options.recipe(args), options.calibration(args)
+    settings = AnalysisSettings(
+        temperatures=options.temperatures(args.temps), max_new_tokens=options.positive("--steps", args.steps),
+        batch_size=options.positive("--batch-size", args.batch_size), topk=options.positive("--topk", args.topk),
+        chat_template=not args.no_chat_template, seed=args.seed)
+    prompts = options.prompts(args)
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        check_out_dir(out, args.overwrite)
+    if args.save_pruned:
+        options.check_checkpoint_dir(Path(args.save_pruned), args.overwrite)
+
+    lm = options.load(args)
+    plan = build(lm, recipe, cal, progress=not args.quiet)
+    print(f"pruning: {plan.label()}", file=sys.stderr)
+    result = analyze(lm, plan, prompts, settings, progress=not args.quiet)
+    out = out or default_run_dir(args.model, plan.label())
+    write_run(result, out, overwrite=args.overwrite)
+    if args.save_pruned:
+        save_modified(lm, plan, args.save_pruned)
+    for line in summary_lines(result):
+        print(line)
+    print(f"  report: {out / 'report.html'}")
+    return 0
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """The headline the command prints: the three spaces at the last prompt token, then decoding."""
+    fmt = options.fmt
+    s = result["summary"]
+    t = f"{s['temperature']:g}"
+    last, tf, fr = s["last_prompt_token"], s["teacher_forced_mean"], s["free_running_mean"]
+    return [
+        f"model {result['model']['name']}  pruning {result['pruning']['label']}",
+        f"  last prompt token : cos(h)={fmt(last['cos_h'])}  cos(z)={fmt(last['cos_z'])}  "
+        f"cos(p)={fmt(last[f'cos_p@{t}'])}  KL@T={t}={fmt(last[f'kl@{t}'])} "
+        f"(Taylor {fmt(last[f'taylor_kl@{t}'])})",
+        f"  teacher-forced    : mean KL={fmt(tf[f'kl@{t}'])}  top-1 agreement={fmt(tf['top1_agree'])}",
+        f"  free-running      : mean KL={fmt(fr[f'kl@{t}'])}  token agreement={fmt(fr['token_agree'])}  "
+        f"diverged {s['prompts_diverged']}/{result['settings']['n_prompts']} prompts "
+        f"(median first divergence step {fmt(s['median_first_divergence'])})",
+    ]
+
+
+def _figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
+    from prunelens.analyses.trace_view import make_figures
+
+    return make_figures(result, fig_dir)
+
+
+def _html(result: dict[str, Any], figs: list[Path]) -> str:
+    from prunelens.analyses.trace_view import render_html
+
+    return render_html([(result, figs)])
+
+
+register(Analysis("analyze", "trace dense vs pruned through h -> z -> p, per layer and step", _arguments, _run,
+                  schema=SCHEMA, figures=_figures, html=_html))

@@ -1,0 +1,81 @@
+"""The skeleton every analysis shares, and the registry the CLI and ``prunelens report`` read.
+
+An analysis is one registered ``Analysis``: its subcommand (name, help, arguments, and ``run``,
+which checks the arguments, loads the model, computes, writes the run directory and prints the
+summary lines), and its view (``figures`` and ``html`` re-drawn from a saved result, so
+``prunelens report`` can rebuild any run). A run directory is recognised by the ``schema`` its
+results.json records, or by a ``marker`` file for directory-level runs (a sweep's sweep.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prunelens.runs import read_json
+
+Result = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Analysis:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    schema: str | None = None  # results.json "schema" prefix this analysis writes
+    figures: Callable[[Result, Path], list[Path]] | None = None
+    html: Callable[[Result, list[Path]], str] | None = None
+    marker: str | None = None  # a file naming a run directory of this analysis (sweep.json)
+    rebuild: Callable[[Path], str] | None = None  # the page of a directory-level run, from its files
+
+    def page(self, run_dir: Path) -> str:
+        """This analysis' HTML page for a saved run, figures redrawn, nothing recomputed."""
+        if self.rebuild is not None:
+            return self.rebuild(run_dir)
+        result = read_json(run_dir / "results.json")
+        figs = self.figures(result, run_dir / "figures") if self.figures else []
+        assert self.html is not None
+        return self.html(result, figs)
+
+
+REGISTRY: dict[str, Analysis] = {}
+
+# the modules that register the built-in analyses, in the order the CLI lists them
+BUILTIN = ("trace", "counterfactual", "compare", "subspace", "paired", "sweep", "advise")
+
+
+def register(analysis: Analysis) -> Analysis:
+    if analysis.name in REGISTRY:
+        raise ValueError(f"analysis {analysis.name!r} is registered twice")
+    REGISTRY[analysis.name] = analysis
+    return analysis
+
+
+def analyses() -> list[Analysis]:
+    import importlib
+
+    for mod in BUILTIN:
+        importlib.import_module(f"prunelens.analyses.{mod}")
+    order = {f"prunelens.analyses.{m}": i for i, m in enumerate(BUILTIN)}
+    return sorted(REGISTRY.values(), key=lambda a: order.get(a.run.__module__, len(order)))
+
+
+def for_run(run_dir: str | Path) -> Analysis | None:
+    """The analysis that wrote a run directory: by marker file, else by results.json's schema."""
+    d = Path(run_dir)
+    found = analyses()
+    for a in found:
+        if a.marker and (d / a.marker).is_file():
+            return a
+    path = d / "results.json"
+    if not path.is_file():
+        return None
+    result = read_json(path)
+    schema = result.get("schema", "") if isinstance(result, dict) else ""
+    if not isinstance(schema, str):
+        return None
+    return next((a for a in found if a.schema and schema.startswith(a.schema)), None)

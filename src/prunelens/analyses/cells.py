@@ -1,0 +1,100 @@
+"""The resumable cell cache: long runs (sweeps, comparisons, validations) as finished cells on disk.
+
+A cache directory holds a manifest with the run's *identity* — everything that changes a cell's
+value: the settings, the model, dtype and device, the content hashes of the data files, and the
+package versions — and one JSON file per finished cell, written atomically. Rerunning resumes: the
+identity must match (else a one-line error names the first differing setting), finished cells are
+read back, and only missing cells are computed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from prunelens.errors import PrunelensError
+from prunelens.model.loading import file_sha256
+from prunelens.runs import json_safe, read_json, write_json
+
+
+def environment(device: str | None = None, dtype: str | None = None) -> dict[str, Any]:
+    """Versions and numerics that change results: prunelens, torch, transformers, device, dtype."""
+    import torch
+    import transformers
+
+    from prunelens.version import __version__
+
+    return {"prunelens": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "device": device, "dtype": dtype}
+
+
+def data_hashes(paths: Iterable[str | Path]) -> dict[str, str]:
+    """Content hashes of data files (a directory: of every file in it), by path."""
+    out: dict[str, str] = {}
+    for p in paths:
+        p = Path(p)
+        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+        for q in files:
+            out[str(q)] = file_sha256(q)
+    return out
+
+
+def first_difference(a: Any, b: Any, path: str = "") -> str | None:
+    """The dotted path of the first setting where two identities differ, with both values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            d = first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+            if d:
+                return d
+        return None
+    return None if a == b else f"{path or 'identity'}: {a!r} before, {b!r} now"
+
+
+class CellCache:
+    """Finished cells of one run under ``out``, keyed by strings; see the module docstring.
+    ``adopt`` takes over a directory written before it had a manifest (its cells are kept)."""
+
+    def __init__(self, out: str | Path, manifest: str, what: str, identity: dict[str, Any],
+                 overwrite: bool = False, cells: str = "cells", adopt: bool = False):
+        self.out, self.manifest, self.what, self.cells = Path(out), Path(out) / manifest, what, cells
+        self.identity = json.loads(json.dumps(json_safe(identity)))
+        if self.out.exists() and not self.out.is_dir():
+            raise PrunelensError(f"'{self.out}' exists and is not a directory")
+        if self.manifest.is_file() and not overwrite:
+            old = read_json(self.manifest)
+            diff = first_difference(old.get("identity") if isinstance(old, dict) else None, self.identity)
+            if diff:
+                raise PrunelensError(f"'{self.out}' holds a {what} with different settings ({diff}); for "
+                                     "other settings or prompts use another --out, or --overwrite")
+        elif self.out.is_dir() and any(self.out.iterdir()) and not self.manifest.is_file() and not adopt:
+            raise PrunelensError(f"'{self.out}' is not empty and is not a prunelens {what} directory")
+        self.overwrite = overwrite
+
+    def open(self, **manifest: Any) -> CellCache:
+        """Create the directory (emptied first with ``overwrite``) and write the manifest."""
+        if self.overwrite and self.out.is_dir():
+            shutil.rmtree(self.out)
+        (self.out / self.cells).mkdir(parents=True, exist_ok=True)
+        write_json(self.manifest, {**manifest, "identity": self.identity})
+        return self
+
+    def path(self, key: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in key)
+        return self.out / self.cells / f"{safe}.json"
+
+    def run_dir(self, key: str) -> Path:
+        """A cell that is a whole run directory (results.json, figures, report) under runs/."""
+        safe = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in key)
+        return self.out / "runs" / safe
+
+    def has(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def load(self, key: str) -> Any:
+        return read_json(self.path(key))
+
+    def save(self, key: str, value: Any) -> None:
+        write_json(self.path(key), value)

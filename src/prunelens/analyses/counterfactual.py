@@ -1,0 +1,368 @@
+"""Counterfactual layerwise transition (the paper's Fig. 4) and where the deviation lives.
+
+For each layer ℓ, only ℓ's attention (or MLP, or whole block, or its sparsified/quantised weights)
+is replaced in the otherwise dense model, and the output is compared with the dense model's in the
+three spaces: final hidden state h (after the final norm), logits z and probabilities p. Every
+non-padding prompt token counts.
+
+The dense forward runs once per batch and records each block's input and keyword arguments
+(position embeddings, masks); the counterfactual for ℓ restarts from block ℓ's dense input, so only
+blocks ≥ ℓ are recomputed — L(L+1)/2 block calls per kind instead of L² for L separate forwards.
+
+Alongside: the orthogonal share of ‖Δ‖² (the part of the deviation perpendicular to the dense
+vector) right after block ℓ, in the final h and in z, and the LM head's attenuation of it
+(orthogonal share in z ÷ in h): the paper's observation is that the head removes much of the
+orthogonal deviation, which is why z stays nearly parallel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from prunelens import options
+from prunelens.analyses.base import Analysis, register
+from prunelens.errors import PrunelensError
+from prunelens.metrics import hidden_metrics, logit_metrics
+from prunelens.model.arch import Adapter
+from prunelens.model.capture import capture, first_output
+from prunelens.model.loading import LoadedModel
+from prunelens.model.runtime import encode_prompts, left_pad, pad_id
+from prunelens.prune import Modification, view_of
+from prunelens.prune.drop import KINDS, DropPlan
+from prunelens.prune.weights import WeightPatch
+from prunelens.render import esc, html_page, img
+
+SCHEMA = "prunelens.counterfactual/1"
+
+
+@dataclass(frozen=True)
+class CounterfactualSettings:
+    kinds: tuple[str, ...] = ("attn", "mlp")
+    temperature: float = 1.0
+    batch_size: int = 8
+    chat_template: bool = True
+    max_prompt_tokens: int = 256
+
+
+def layer_patch(patch: WeightPatch, adapter: Adapter, i: int) -> WeightPatch:
+    """The part of a weight patch that belongs to block ``i``."""
+    prefix = adapter.layer_path(i) + "."
+    return WeightPatch(patch.method, {p: w for p, w in patch.weights.items() if p.startswith(prefix)})
+
+
+def single_layer(kind: str, i: int, adapter: Adapter, patch: WeightPatch | None = None) -> Modification:
+    """Replace only layer ``i``'s ``kind`` (attn/mlp/block drop, or ``weights`` from ``patch``)."""
+    if kind == "weights":
+        if patch is None:
+            raise PrunelensError("the 'weights' counterfactual needs a weight patch (--prune or --quant)")
+        return layer_patch(patch, adapter, i)
+    if kind not in KINDS:
+        raise PrunelensError(f"unknown counterfactual kind '{kind}'; kinds: {', '.join((*KINDS, 'weights'))}")
+    return DropPlan(**{kind: (i,)})
+
+
+@contextlib.contextmanager
+def record_block_calls(adapter: Adapter) -> Iterator[tuple[list[torch.Tensor], list[dict[str, Any]]]]:
+    """Record each block's input hidden states and keyword arguments during the next forward."""
+    inputs: list[torch.Tensor] = [None] * adapter.n_layers  # type: ignore[list-item]
+    kwargs: list[dict[str, Any]] = [{} for _ in range(adapter.n_layers)]
+
+    def hook(i: int):
+        def fn(module, args, kw):
+            inputs[i] = args[0] if args else kw["hidden_states"]
+            kwargs[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
+        return fn
+
+    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True)
+               for i, layer in enumerate(adapter.layers)]
+    try:
+        yield inputs, kwargs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _run_from(adapter: Adapter, start: int, x: torch.Tensor,
+              kwargs: Sequence[dict[str, Any]]) -> torch.Tensor:
+    for j in range(start, adapter.n_layers):
+        x = first_output(adapter.layers[j](x, **kwargs[j]))
+    return x
+
+
+def _means(m: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(v.mean()) for k, v in m.items()}
+
+
+@torch.inference_mode()
+def counterfactual(lm: LoadedModel, prompts: Sequence[str], settings: CounterfactualSettings | None = None,
+                   patch: WeightPatch | None = None, progress: bool = True) -> dict[str, Any]:
+    """Per layer and kind: similarity of h, z, p when only that layer is replaced."""
+    settings = settings or CounterfactualSettings()
+    adapter, model = lm.adapter, lm.model
+    extra = ("weights",) if patch is not None and "weights" not in settings.kinds else ()
+    kinds = tuple(settings.kinds) + extra
+    for k in kinds:
+        single_layer(k, 0, adapter, patch)  # one-line error for an unknown kind or a missing patch
+    if not prompts:
+        raise PrunelensError("no prompts given")
+    L = adapter.n_layers
+    T = settings.temperature
+    encoded = [ids[-settings.max_prompt_tokens:]
+               for ids in encode_prompts(lm.tokenizer, prompts, settings.chat_template)]
+    sums: dict[str, list[dict[str, float]]] = {k: [{} for _ in range(L)] for k in kinds}
+    n_tok = 0
+    t_dense = t_cf = 0.0
+    bar = tqdm(total=len(kinds) * L * ((len(encoded) + settings.batch_size - 1) // settings.batch_size),
+               desc="counterfactual", unit="layer", disable=not progress)
+    for b0 in range(0, len(encoded), settings.batch_size):
+        ids, mask = left_pad(encoded[b0:b0 + settings.batch_size], pad_id(lm), lm.device)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        valid = mask.bool()
+        t0 = time.perf_counter()
+        with record_block_calls(adapter) as (inputs, kwargs), capture(adapter, [f"resid.{L}"]) as store:
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                  logits_to_keep=1)
+        x_last = store[f"resid.{L}"]  # dense output of the last block
+        dense_out = [*inputs[1:], x_last]  # dense output of block i = input of block i + 1
+        h_d = adapter.final_norm(x_last)[valid]
+        z_d = adapter.final_logits(x_last)[valid].float()
+        t_dense += time.perf_counter() - t0
+        w = int(valid.sum())
+        n_tok += w
+        t0 = time.perf_counter()
+        for kind in kinds:
+            for i in range(L):
+                mod = single_layer(kind, i, adapter, patch)
+                with view_of(adapter, mod):
+                    out_i = first_output(adapter.layers[i](inputs[i], **kwargs[i]))
+                x = _run_from(adapter, i + 1, out_i, kwargs)
+                local = hidden_metrics(dense_out[i][valid], out_i[valid])
+                hm = hidden_metrics(h_d, adapter.final_norm(x)[valid])
+                z_p = adapter.final_logits(x)[valid].float()
+                zm = hidden_metrics(z_d, z_p)
+                pm = logit_metrics(z_d, z_p, (T,), 10, light=True, chunk_rows=64)
+                row = {"cos_local": local["cos"], "orth_frac_local": local["orth_frac"],
+                       "cos_h": hm["cos"], "orth_frac_h": hm["orth_frac"], "rel_l2_h": hm["rel_l2"],
+                       "cos_z": zm["cos"], "orth_frac_z": zm["orth_frac"], "rel_l2_z": zm["rel_l2"],
+                       "cos_zc": pm["cos_zc"], "cos_p": pm[f"cos_p@{T:g}"], "kl": pm[f"kl@{T:g}"],
+                       "top1_agree": pm["top1_agree"]}
+                acc = sums[kind][i]
+                for k, v in row.items():
+                    acc[k] = acc.get(k, 0.0) + float(v.sum())
+                bar.update(1)
+        t_cf += time.perf_counter() - t0
+    bar.close()
+    per_kind: dict[str, dict[str, list[float]]] = {}
+    for kind in kinds:
+        rows = [{k: v / n_tok for k, v in acc.items()} for acc in sums[kind]]
+        cols = {k: [r[k] for r in rows] for k in rows[0]}
+        cols["layer"] = list(range(L))
+        cols["head_attenuation"] = [z / h if h > 0 else None for z, h in
+                                    zip(cols["orth_frac_z"], cols["orth_frac_h"], strict=True)]
+        per_kind[kind] = cols
+    per_layer = len(kinds) * L * t_dense
+    return {
+        "schema": SCHEMA,
+        "model": lm.info,
+        "settings": {**asdict(settings), "kinds": list(kinds), "n_prompts": len(prompts), "n_tokens": n_tok,
+                     "weights": patch.to_dict() if patch is not None else None},
+        "kinds": per_kind,
+        "summary": _summary(per_kind),
+        "timing": {"dense_forward_s": t_dense, "counterfactual_s": t_cf,
+                   # vs. recomputing the whole model for every (kind, layer): the prefix-reuse gain
+                   "ratio_to_dense_forward_per_layer": t_cf / per_layer if per_layer else None},
+    }
+
+
+def _summary(per_kind: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    out = {}
+    for kind, c in per_kind.items():
+        omc = {s: np.array([1 - x for x in c[f"cos_{s}"]]) for s in ("h", "z", "p")}
+        worst = int(np.argmax(c["kl"]))
+        att = [a for a in c["head_attenuation"] if a is not None]
+        out[kind] = {"median_1-cos": {s: float(np.median(v)) for s, v in omc.items()},
+                     "p_over_z": float(np.median(omc["p"] / np.maximum(omc["z"], 1e-300))),
+                     "most_harmful_layer": worst, "max_kl": float(c["kl"][worst]),
+                     "median_head_attenuation": float(np.median(att)) if att else None}
+    return out
+
+
+SPACES = (("h", "hidden h (final norm)", "tab:blue"), ("z", "logits z", "tab:orange"),
+          ("p", "probabilities p", "tab:red"))
+
+
+KIND_TITLES = {"attn": "attention replaced", "mlp": "MLP replaced", "block": "whole block replaced",
+               "weights": "weights replaced"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _pos(v: list[Any]) -> np.ndarray:
+    a = np.array([np.nan if x is None else x for x in v], dtype=float)
+    return np.where(a > 0, a, np.nan)
+
+
+def _per_kind_figure(result: dict[str, Any], path: Path, draw: Any, xlabel: str, ylabel: str,
+                     title: str) -> Path:
+    """One panel per replaced kind; ``draw(ax, columns)`` plots that kind's per-layer curves."""
+    plt = _plt()
+    kinds = list(result["kinds"])
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.8), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        draw(ax, result["kinds"][kind])
+        ax.set_title(KIND_TITLES.get(kind, kind), fontsize=10)
+        ax.set_xlabel(xlabel)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _draw_spaces(ax: Any, c: dict[str, Any]) -> None:
+    for s, label, color in SPACES:
+        ax.plot(c["layer"], _pos([1 - x for x in c[f"cos_{s}"]]), marker=".", color=color, label=label)
+    ax.plot(c["layer"], _pos(c["kl"]), ls="--", color="black", lw=1, label="KL(p' || p)")
+    ax.set_yscale("log")
+
+
+def _draw_orthogonal(ax: Any, c: dict[str, Any]) -> None:
+    ax.plot(c["layer"], c["orth_frac_local"], marker=".", label="Δh right after the layer")
+    ax.plot(c["layer"], c["orth_frac_h"], marker=".", label="Δh at the final norm")
+    ax.plot(c["layer"], c["orth_frac_z"], marker=".", label="Δz (after the LM head)")
+    ax.set_ylim(0, 1.02)
+
+
+def counterfactual_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
+    """counterfactual.png (1 − cos in h, z, p per replaced layer) and deviation.png (orthogonal share)."""
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        _per_kind_figure(result, fig_dir / "counterfactual.png", _draw_spaces,
+                         "layer replaced (all others dense)", "1 − cos(dense, counterfactual)",
+                         "Counterfactual layerwise transition: one layer replaced at a time"),
+        _per_kind_figure(result, fig_dir / "deviation.png", _draw_orthogonal, "layer replaced",
+                         "orthogonal share of ‖Δ‖²",
+                         "Where the deviation lives: orthogonal vs parallel to the dense vector"),
+    ]
+
+
+def _g(x: Any) -> str:
+    return "—" if x is None else f"{x:.4g}"
+
+
+def counterfactual_reading(result: dict[str, Any]) -> list[str]:
+    out = []
+    for kind, s in result["summary"].items():
+        m = s["median_1-cos"]
+        att = s.get("median_head_attenuation")
+        out.append(
+            f"{KIND_TITLES.get(kind, kind)}: median 1−cos is {_g(m['h'])} in h, {_g(m['z'])} in z and "
+            f"{_g(m['p'])} in p (p moves {_g(s['p_over_z'])}× as much as z). Most harmful layer "
+            f"{s['most_harmful_layer']} (KL {_g(s['max_kl'])})."
+            + (f" The LM head keeps {_g(att)}× of the orthogonal share of the deviation." if att else ""))
+    return out
+
+
+def counterfactual_html(result: dict[str, Any], figs: list[Path]) -> str:
+    rows = []
+    for kind, c in result["kinds"].items():
+        head = "".join(f"<th>{h}</th>" for h in ("layer", "cos h", "cos z", "cos p", "KL", "top-1 agree",
+                                                  "orth Δh local", "orth Δh", "orth Δz"))
+        body = "".join(
+            "<tr>" + "".join(f"<td>{_g(v)}</td>" for v in (
+                c["layer"][i], c["cos_h"][i], c["cos_z"][i], c["cos_p"][i], c["kl"][i], c["top1_agree"][i],
+                c["orth_frac_local"][i], c["orth_frac_h"][i], c["orth_frac_z"][i])) + "</tr>"
+            for i in range(len(c["layer"])))
+        rows.append(f"<h3>{esc(KIND_TITLES.get(kind, kind))}</h3><table><tr>{head}</tr>{body}</table>")
+    t = result["timing"]
+    return html_page("prunelens counterfactual",
+        f"<h1>Counterfactual layerwise transition — {esc(str(result['model'].get('name', '')))}</h1>",
+        '<p class="muted">Each layer is replaced alone in the otherwise dense model; the output is compared '
+        "with the dense output over every prompt token, in the three spaces.</p>",
+        "<h2>Reading</h2>", *(f'<div class="reading">{esc(x)}</div>' for x in counterfactual_reading(result)),
+        "<h2>Figures</h2>", *(img(f) for f in figs),
+        "<h2>Per layer</h2>", *rows,
+        f'<p class="muted">{result["settings"]["n_prompts"]} prompts, '
+        f'{result["settings"]["n_tokens"]} tokens; '
+        f"counterfactual time {t['counterfactual_s']:.1f} s = {_g(t['ratio_to_dense_forward_per_layer'])} × "
+        "one dense forward per (kind, layer).</p>")
+
+
+# --- the subcommand ------------------------------------------------------------------------------
+
+
+def _arguments(cf: argparse.ArgumentParser) -> None:
+    options.add_model_args(cf)
+    cf.add_argument("--kinds", default="attn,mlp", help="attn, mlp and/or block (default attn,mlp)")
+    cf.add_argument("--prune", metavar="SPEC", help="also replace each layer's weights by this sparsity")
+    cf.add_argument("--quant", metavar="SPEC", help="... or by this quantisation")
+    cf.add_argument("--calib", help="calibration text for --prune/--quant")
+    cf.add_argument("--calib-samples", type=int, default=32)
+    cf.add_argument("--calib-len", type=int, default=256)
+    cf.add_argument("--prompts", help="prompt file (.txt/.jsonl); default: the 8 built-in prompts")
+    cf.add_argument("--limit", type=int, help="use only the first N prompts")
+    cf.add_argument("--temperature", type=float, default=1.0)
+    cf.add_argument("--batch-size", type=int, default=8)
+    cf.add_argument("--no-chat-template", action="store_true")
+    options.add_output_args(cf, "runs/<time>-<model>-counterfactual")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from prunelens.prune.recipe import Calibration, prune_weights
+    from prunelens.prune.weights import parse_weight_method
+    from prunelens.runs import check_out_dir, default_run_dir, write_run
+
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    for k in kinds:
+        if k not in KINDS:
+            raise PrunelensError(f"unknown kind '{k}'; kinds: {', '.join(KINDS)}")
+    if args.prune and args.quant:
+        raise PrunelensError("use either --prune or --quant, not both")
+    spec = args.prune or args.quant
+    if spec:
+        parse_weight_method(spec)
+    options.temperatures(str(args.temperature))
+    prompts = options.prompts(args)
+    options.positive("--batch-size", args.batch_size)
+    cal = Calibration(args.calib, args.calib_samples, args.calib_len, args.seed)
+    cal.check()
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        check_out_dir(out, args.overwrite)
+    lm = options.load(args)
+    patch = prune_weights(lm, spec, cal, progress=not args.quiet) if spec else None
+    settings = CounterfactualSettings(kinds=kinds, temperature=args.temperature, batch_size=args.batch_size,
+                                      chat_template=not args.no_chat_template)
+    result = counterfactual(lm, prompts, settings, patch, progress=not args.quiet)
+    out = out or default_run_dir(args.model, "counterfactual")
+    write_run(result, out, overwrite=args.overwrite, figures=counterfactual_figures, html=counterfactual_html)
+    for line in counterfactual_reading(result):
+        print(line)
+    t = result["timing"]
+    print(f"time {t['counterfactual_s']:.1f} s = {t['ratio_to_dense_forward_per_layer']:.3f} x one dense "
+          f"forward per (kind, layer); report: {out / 'report.html'}")
+    return 0
+
+
+register(Analysis("counterfactual", "replace one layer at a time; similarity of h, z, p at the output per layer "
+                  "(paper Fig. 4) and the deviation split", _arguments, _run, schema=SCHEMA,
+                  figures=counterfactual_figures, html=counterfactual_html))

@@ -1,0 +1,223 @@
+"""Command-line options shared by the subcommands, and the checks that run before any model loads.
+
+Every command that modifies a model reads one grammar: ``--recipe SPEC|FILE`` (repeatable; specs
+joined by ``+``, or a YAML/JSON recipe file), with ``--drop``/``--prune``/``--quant`` kept as aliases
+that append to the same recipe. Commands comparing several modifications take ``--method RECIPE``
+(repeatable, one recipe each). Values are checked here, so bad input fails in a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+from prunelens.errors import PrunelensError
+from prunelens.model.loading import DEFAULT_MODEL
+from prunelens.prune.base import methods_help
+from prunelens.prune.importance import METRICS
+from prunelens.prune.recipe import Calibration, Recipe
+
+
+def temperatures(s: str) -> tuple[float, ...]:
+    try:
+        temps = tuple(float(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise PrunelensError(f"temperatures must be numbers, got '{s}'") from None
+    if not temps:
+        raise PrunelensError("at least one temperature is needed")
+    for t in temps:
+        if not (t > 0 and math.isfinite(t)):
+            raise PrunelensError(f"temperature must be positive, got {t:g}")
+    return temps
+
+
+def positive(name: str, v: int) -> int:
+    if v < 1:
+        raise PrunelensError(f"{name} must be at least 1, got {v}")
+    return v
+
+
+def fmt(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"preset, local HF directory, .gguf file or hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling (default 0)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model code from the hub (off by default)")
+
+
+def load(args: argparse.Namespace):
+    from prunelens.model.loading import load_model
+
+    return load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+
+
+class _AppendSpec(argparse.Action):
+    """--recipe/--drop/--prune/--quant all append to one ordered list (``args.recipe``), tagged
+    with the flag, so an alias can check that its spec is of its family."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = list(getattr(namespace, "recipe", None) or [])
+        items.append((self.const, values))
+        namespace.recipe = items
+
+
+def add_calibration_args(p: argparse.ArgumentParser, samples: int | None = None, length: int | None = None) -> None:
+    p.add_argument("--importance", default="cosine", choices=list(METRICS),
+                   help="ranking for KIND:N: cosine = 1-cos(in,out) (LLM-Drop / ShortGPT BI), "
+                        "angular = best window of N consecutive blocks (Gromov et al.), "
+                        "kl = greedy on the final next-token KL (slower: one forward per unit and drop)")
+    p.add_argument("--calib", help="calibration text (.txt or .jsonl with a 'text' field); "
+                                   "default: a built-in sample")
+    p.add_argument("--calib-samples", type=int, default=samples,
+                   help="calibration windows (default 8 to rank drops, 32 for weight methods)")
+    p.add_argument("--calib-len", type=int, default=length,
+                   help="tokens per calibration window (default 128 to rank drops, 256 for weight methods)")
+
+
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+    """The one modification grammar of single-modification commands, and its aliases."""
+    p.set_defaults(recipe=[])
+    p.add_argument("--recipe", action=_AppendSpec, const="recipe", metavar="SPEC|FILE",
+                   help="modification specs, repeatable or joined by '+', applied drops first, then weight "
+                        "methods in order, each calibrated on the model as modified so far; or a YAML/JSON "
+                        f"recipe file. Methods — {methods_help()}")
+    p.add_argument("--drop", action=_AppendSpec, const="drop", metavar="SPEC",
+                   help="alias: a drop spec, KIND:N (N least important) or KIND@i,j (those layers)")
+    p.add_argument("--prune", action=_AppendSpec, const="prune", metavar="SPEC",
+                   help="alias: a sparsity spec, METHOD:RATIO or METHOD:N:M (e.g. wanda:0.5, sparsegpt:2:4)")
+    p.add_argument("--quant", action=_AppendSpec, const="quant", metavar="SPEC",
+                   help="alias: a fake-quantisation spec, METHOD:wBITS[gGROUP][s] (e.g. gptq:w4g128)")
+    p.add_argument("--iterative", action="store_true", help="re-score after every drop")
+    p.add_argument("--prune-skip", action="append", default=[], metavar="PATTERN",
+                   help="leave these linear layers alone: a layer index or a glob on the module path "
+                        "(e.g. 0, '*.mlp.down_proj'); repeatable")
+    add_calibration_args(p)
+
+
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    """--method (repeatable, one recipe each) and how the methods are calibrated."""
+    p.add_argument("--method", action="append", default=[], metavar="RECIPE", required=True,
+                   help="repeatable, one modification each: a spec (attn:4, wanda:0.5, gptq:w4g128), specs "
+                        "joined by '+' (attn:2+wanda:0.5) or a YAML/JSON recipe file")
+    add_calibration_args(p)
+
+
+def calibration(args: argparse.Namespace) -> Calibration:
+    cal = Calibration(path=args.calib, samples=args.calib_samples, seq_len=args.calib_len, seed=args.seed,
+                      importance=args.importance, iterative=getattr(args, "iterative", False),
+                      skip=tuple(getattr(args, "prune_skip", ()) or ()))
+    cal.check()
+    return cal
+
+
+def recipe(args: argparse.Namespace) -> Recipe:
+    """The command's recipe, each alias checked against its family (before any model loads)."""
+    from prunelens.prune.base import method_for
+
+    specs = []
+    for flag, value in args.recipe:
+        r = Recipe.parse(value)
+        if flag != "recipe":
+            for s in r.specs:
+                family = method_for(s).family
+                if family != flag:
+                    raise PrunelensError(f"'{s}' is a {family} spec; pass it to --{family} or --recipe")
+        specs.extend(r.specs)
+    return Recipe.parse(specs)
+
+
+def method_recipes(args: argparse.Namespace) -> dict[str, Recipe]:
+    """--method values by their text, each parsed (duplicates refused)."""
+    out: dict[str, Recipe] = {}
+    for m in args.method:
+        if m in out:
+            raise PrunelensError(f"--method {m} is given twice")
+        out[m] = Recipe.parse(m)
+    return out
+
+
+def build_methods(lm, recipes: dict[str, Recipe], cal: Calibration, progress: bool) -> dict[str, Any]:
+    from prunelens.prune.recipe import build
+
+    return {label: build(lm, r, cal, progress=progress) for label, r in recipes.items()}
+
+
+def check_checkpoint_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise PrunelensError(f"'{out}' exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise PrunelensError(f"output directory '{out}' is not empty (use --overwrite)")
+
+
+def add_task_args(p: argparse.ArgumentParser) -> None:
+    from prunelens.tasks.registry import tasks_help
+
+    p.add_argument("--tasks", required=True, help=f"comma-separated: {tasks_help()}")
+    p.add_argument("--data-dir", help="directory with the tasks' data files (see docs/tasks.md)")
+    p.add_argument("--limit", type=int, help="a seeded sample of N questions per task")
+    p.add_argument("--generative-limit", type=int, metavar="N",
+                   help="a different limit for gsm8k/humaneval/mbpp (they cost far more per question)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--shots", type=int, default=5, help="GSM8K exemplars (default 5)")
+    p.add_argument("--max-new-tokens", type=int,
+                   help="generation limit (default: gsm8k 256, humaneval/mbpp 512, fidelity 64)")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="generative prompts without the chat template")
+    p.add_argument("--pooling", default="mean", choices=["mean", "last"], help="retrieval embedding pooling")
+    p.add_argument("--prompts", help="fidelity prompts (.txt one per line, or .jsonl); default: built-in set")
+    p.add_argument("--quiet", action="store_true")
+
+
+def task_setup(args: argparse.Namespace) -> tuple[list[str], Any]:
+    """Task names (each checked, data included) and TaskOptions, before any model is loaded."""
+    from prunelens.tasks.registry import TaskOptions, check_task
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise PrunelensError("--tasks is empty")
+    for t in tasks:
+        check_task(t, args.data_dir)
+    if args.limit is not None:
+        positive("--limit", args.limit)
+    if args.generative_limit is not None:
+        positive("--generative-limit", args.generative_limit)
+    positive("--batch-size", args.batch_size)
+    if args.max_new_tokens is not None:
+        positive("--max-new-tokens", args.max_new_tokens)
+    if args.shots < 0:
+        raise PrunelensError(f"--shots must be at least 0, got {args.shots}")
+    prompts = None
+    if args.prompts:
+        from prunelens.data import read_texts
+
+        prompts = tuple(read_texts(args.prompts, "prompt"))
+    opts = TaskOptions(limit=args.limit, generative_limit=args.generative_limit, seed=args.seed,
+                       batch_size=args.batch_size, shots=args.shots,
+                       max_new_tokens=args.max_new_tokens, chat_template=not args.no_chat_template,
+                       pooling=args.pooling, prompts=prompts, progress=not args.quiet)
+    return tasks, opts
+
+
+def prompts(args: argparse.Namespace) -> list[str]:
+    """--prompts (or the built-in set), cut to --limit."""
+    from prunelens.data import builtin_prompts, read_texts
+
+    out = read_texts(args.prompts, "prompt") if args.prompts else builtin_prompts()
+    if getattr(args, "limit", None) is not None:
+        out = out[:positive("--limit", args.limit)]
+    return out
+
+
+def add_output_args(p: argparse.ArgumentParser, default: str) -> None:
+    """--out (a run directory, ``default`` when omitted), --overwrite and --quiet."""
+    p.add_argument("--out", help=f"run directory (default {default})")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")

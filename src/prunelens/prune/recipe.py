@@ -1,0 +1,239 @@
+"""Recipes: the one modification grammar, and the one builder every command, the Python API and
+the lm-eval model type use.
+
+A recipe is an ordered list of specs (``attn:4``, ``mlp@3,7``, ``wanda:0.5``, ``sparsegpt:2:4``,
+``gptq:w4g128``), written on the command line (repeated flags, or joined by ``+``) or in a YAML /
+JSON file (a list of specs, or ``{"recipe": [...]}``). The composition rule is fixed and
+documented: **drops first** (all drop specs ranked together, in order), **then weight methods in
+their order**, each calibrated on the model as modified so far (layers already dropped are neither
+seen nor touched). A spec may not appear twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from prunelens.data import calibration_ids, open_text
+from prunelens.errors import PrunelensError
+from prunelens.model.loading import LoadedModel
+from prunelens.prune.base import Composite, Modification, combine, method_for, view_of
+from prunelens.prune.drop import DropPlan, DropRequest, parse_drop, save_pruned
+from prunelens.prune.importance import METRICS
+from prunelens.prune.importance import select_drop as _select_drop
+
+# calibration defaults when none are given: layer ranking needs little text, weight methods more
+DROP_CALIB = (8, 128)
+WEIGHT_CALIB = (32, 256)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An ordered list of checked specs."""
+
+    specs: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, *items: str | Sequence[str]) -> Recipe:
+        """Specs from strings (each may join several with ``+``) or lists of strings; a string
+        naming an existing .yaml/.yml/.json file is read as a recipe file."""
+        specs: list[str] = []
+        for item in items:
+            for s in ([item] if isinstance(item, str) else list(item)):
+                if _is_recipe_file(s):
+                    specs.extend(read_recipe_file(s).specs)
+                else:
+                    specs.extend(p.strip() for p in s.split("+") if p.strip())
+        seen: set[str] = set()
+        for s in specs:
+            method_for(s).parse(s)  # one-line error for a malformed spec
+            key = s.replace(" ", "")
+            if key in seen:
+                raise PrunelensError(f"'{s}' appears twice in the recipe")
+            seen.add(key)
+        return cls(tuple(specs))
+
+    @property
+    def drops(self) -> list[DropRequest]:
+        return [parse_drop(s) for s in self.specs if method_for(s).family == "drop"]
+
+    @property
+    def weight_specs(self) -> list[str]:
+        return [s for s in self.specs if method_for(s).family != "drop"]
+
+    def label(self) -> str:
+        return "+".join(self.specs) or "dense"
+
+    def __bool__(self) -> bool:
+        return bool(self.specs)
+
+
+def _is_recipe_file(s: str) -> bool:
+    return s.lower().endswith((".yaml", ".yml", ".json"))
+
+
+def read_recipe_file(path: str | Path) -> Recipe:
+    """A YAML or JSON recipe: a list of specs, or a mapping with a ``recipe`` list."""
+    p = Path(path)
+    if not p.is_file():
+        raise PrunelensError(f"recipe file '{p}' does not exist")
+    try:
+        with open_text(p) as f:
+            text = f.read()
+        if p.suffix.lower() == ".json":
+            obj = json.loads(text)
+        else:
+            import yaml
+
+            obj = yaml.safe_load(text)
+    except (ValueError, UnicodeDecodeError) as e:  # json and yaml errors are ValueErrors or YAMLErrors
+        raise PrunelensError(f"recipe file '{p}' is not valid: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # yaml.YAMLError
+        raise PrunelensError(f"recipe file '{p}' is not valid: {str(e).splitlines()[0]}") from None
+    if isinstance(obj, dict):
+        obj = obj.get("recipe")
+    if not isinstance(obj, list) or not obj or not all(isinstance(x, str) for x in obj):
+        raise PrunelensError(f"recipe file '{p}' must hold a non-empty list of specs (or {{recipe: [...]}})")
+    return Recipe.parse(obj)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where calibration text comes from and how much of it each use draws; ``None`` sizes take
+    the defaults (8 × 128 tokens to rank layers, 32 × 256 for weight methods)."""
+
+    path: str | Path | None = None
+    samples: int | None = None
+    seq_len: int | None = None
+    seed: int = 0
+    importance: str = "cosine"
+    iterative: bool = False
+    skip: tuple[str, ...] = ()
+    batch_size: int = 4
+
+    def check(self) -> None:
+        """Cheap checks before any model is loaded."""
+        if self.importance not in METRICS:
+            raise PrunelensError(f"unknown importance metric '{self.importance}'; choose from {', '.join(METRICS)}")
+        for v, name in ((self.samples, "--calib-samples"), (self.seq_len, "--calib-len")):
+            if v is not None and v < 1:
+                raise PrunelensError(f"{name} must be at least 1, got {v}")
+        if self.path:
+            from prunelens.data import read_texts
+
+            read_texts(self.path, "calibration")
+
+    def ids(self, lm: LoadedModel, defaults: tuple[int, int]):
+        n, length = self.samples or defaults[0], self.seq_len or defaults[1]
+        return calibration_ids(lm.tokenizer, self.path, n, length, self.seed), self.record(n, length)
+
+    def record(self, n: int, length: int) -> dict[str, Any]:
+        return {"source": str(self.path) if self.path else "built-in", "samples": n, "seq_len": length,
+                "seed": self.seed}
+
+
+@dataclass
+class Built:
+    """What ``build`` made, with the parts in recipe order."""
+
+    modification: Modification
+    recipe: Recipe
+    parts: list[Modification] = field(default_factory=list)
+
+
+def build(lm: LoadedModel, recipe: Recipe | str | Sequence[str], calibration: Calibration | None = None,
+          progress: bool = True, inplace: bool = False) -> Modification:
+    """Build a recipe on ``lm``: drops first, then each weight method calibrated on the model as
+    modified so far. ``inplace`` writes new weights into the model (no dense copy; for saving)."""
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe.parse(recipe)
+    cal = calibration or Calibration()
+    parts: list[Modification] = []
+    if recipe.drops:
+        parts.append(select_drop(lm, *recipe.drops, calibration=cal))
+    for spec in recipe.weight_specs:
+        with view_of(lm.adapter, combine(parts) if parts else None):
+            parts.append(prune_weights(lm, spec, calibration=cal, progress=progress, inplace=inplace))
+    return combine(parts)
+
+
+def select_drop(lm: LoadedModel, *specs: str | DropRequest, calibration: Calibration | None = None,
+                **kw: Any) -> DropPlan:
+    """A drop plan from specs such as ``"attn:4"`` (the 4 least important) or ``"mlp@3,7"``.
+
+    Counts are ranked by ``calibration.importance`` ('cosine' = LLM-Drop / ShortGPT block
+    influence, 'angular' = Gromov et al., 'kl' = greedy next-token KL) on calibration text.
+    Keywords (``metric``, ``iterative``, ``calib``, ``calib_samples``, ``calib_len``, ``seed``,
+    ``batch_size``) override fields of ``calibration``, for notebook use.
+    """
+    cal = _calibration(calibration, kw)
+    requests = [parse_drop(s) if isinstance(s, str) else s for s in specs]
+    ids, record = cal.ids(lm, DROP_CALIB) if any(r.count for r in requests) else (None, None)
+    plan = _select_drop(lm, requests, cal.importance, cal.iterative, ids, cal.batch_size)
+    if record is not None:
+        plan.info["calibration"] = record
+    return plan
+
+
+def prune_weights(lm: LoadedModel, spec: str, calibration: Calibration | None = None, inplace: bool = False,
+                  progress: bool = True, **kw: Any):
+    """Sparsify (``"wanda:0.5"``, ``"sparsegpt:2:4"``, ``"magnitude:0.5"``) or fake-quantise
+    (``"gptq:w4g128"``, ``"rtn:w8"``) every decoder linear layer; returns a ``WeightPatch``.
+    The model stays dense unless ``inplace``. Keywords override fields of ``calibration``."""
+    from prunelens.prune.weights import parse_weight_method, sparsify
+
+    cal = _calibration(calibration, kw)
+    method = parse_weight_method(spec)
+    ids, record = cal.ids(lm, WEIGHT_CALIB) if method.method.calibrated else (None, None)
+    patch = sparsify(lm.adapter, method, ids, skip=cal.skip, inplace=inplace, progress=progress)
+    if record is not None:
+        patch.report["calibration"] = record
+    return patch
+
+
+_KW = {"metric": "importance", "calib": "path", "calib_samples": "samples", "calib_len": "seq_len"}
+
+
+def _calibration(cal: Calibration | None, kw: dict[str, Any]) -> Calibration:
+    fields = {_KW.get(k, k): (tuple(v) if k == "skip" else v) for k, v in kw.items()}
+    return replace(cal or Calibration(), **fields)
+
+
+def spec_family(spec: str) -> str:
+    """'drop', 'prune' or 'quant' for one spec (one-line error if it names no method)."""
+    method = method_for(spec)
+    method.parse(spec)
+    return method.family
+
+
+def save_modified(lm: LoadedModel, modification: Modification, out_dir: str | Path) -> Path:
+    """Save any modification (layer drops and/or weight patches) as a plain HF checkpoint."""
+    parts = modification.parts()
+    drops = [p for p in parts if isinstance(p, DropPlan)]
+    patches = [p for p in parts if not isinstance(p, DropPlan)]
+    extra = {"weights": [p.saved_meta() for p in patches]} if patches else None  # type: ignore[attr-defined]
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p.view(lm.adapter))
+        return save_pruned(lm.adapter, drops[0] if drops else DropPlan(), out_dir, lm.tokenizer,
+                           extra_meta=extra)
+
+
+def footprint(lm: LoadedModel, modification: Modification) -> dict[str, float]:
+    """What a modification saves, comparable across methods: the share of the decoder's linear
+    weights removed (dropped or zeroed beyond the dense model's own zeros) and their bits per weight
+    (16 for unquantised weights, as they would be stored in bf16). Idealised: unstructured zeros
+    only save memory in a sparse format, N:M ones with hardware support. Each part adds its own
+    share on top of what the parts before it removed."""
+    share, bits = 0.0, 16.0
+    for p in modification.parts():
+        share, b = p.footprint(lm.adapter, share)  # type: ignore[attr-defined]
+        bits = b if b is not None else bits
+    return {"removed_share": share, "bits_per_weight": bits, "memory_vs_bf16": (1 - share) * bits / 16}
+
+
+__all__ = ["Built", "Calibration", "Composite", "Recipe", "build", "footprint", "prune_weights",
+           "read_recipe_file", "save_modified", "select_drop", "spec_family"]

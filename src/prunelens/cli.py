@@ -117,6 +117,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_summary(run_dir: Path) -> None:
+    """The summary lines of a saved run, as its command printed them (when the analysis has some)."""
+    from prunelens.analyses.base import for_run
+    from prunelens.runs import read_json
+
+    found = for_run(run_dir)
+    if found is not None and found.summary is not None and (run_dir / "results.json").is_file():
+        print("\n".join(found.summary(read_json(run_dir / "results.json"))))
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from prunelens.analyses.reports import combined_report, rebuild_other_report
 
@@ -127,6 +137,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if len(dirs) > 1:
         print(combined_report(dirs, Path(args.out) if args.out else Path("report.html")))
         return 0
+    _print_summary(dirs[0])
     out = Path(args.out) if args.out else dirs[0] / "report.html"
     if out == dirs[0] / "report.html":
         other = rebuild_other_report(dirs[0])

@@ -230,18 +230,24 @@ def _run(args: argparse.Namespace) -> int:
     res = advise(lm, budget, args.use, prompts, specs, args.calib, args.calib_samples, args.steps, args.seed,
                  progress=not args.quiet)
     write_run(res, out, overwrite=args.overwrite, figures=lambda r, d: [], html=advise_html)
-    print(f"{'candidate':16s} {'risk':>6s} {'saved':>6s} {'decode':>7s} {'agree run':>9s}  "
-          "risk gen / MCQ / retrieval")
-    for r in res["rows"]:
-        flag = "" if r["meets_budget"] else "  (below budget)"
-        print(f"{r['spec']:16s} {r['risk']:6.3f} {r['saved']:6.1%} {r['decode_speedup']:6.2f}x "
-              f"{r['agreeing_tokens']:9.1f}  "
-              f"{r['risk_generative']:.3f} / {r['risk_multiple_choice']:.3f} / "
-              f"{r['risk_retrieval']:.4f}{flag}")
-    print(f"recommendation: {res['recommendation']}")
+    print("\n".join(summary_lines(res)))
     print(f"report: {out / 'report.html'}")
     return 0
 
 
+def summary_lines(res: dict[str, Any]) -> list[str]:
+    """The candidates ranked by risk for the use, and the recommendation."""
+    lines = [f"{'candidate':16s} {'risk':>6s} {'saved':>6s} {'decode':>7s} {'agree run':>9s}  "
+             "risk gen / MCQ / retrieval"]
+    for r in res["rows"]:
+        flag = "" if r["meets_budget"] else "  (below budget)"
+        lines.append(f"{r['spec']:16s} {r['risk']:6.3f} {r['saved']:6.1%} {r['decode_speedup']:6.2f}x "
+                     f"{r['agreeing_tokens']:9.1f}  "
+                     f"{r['risk_generative']:.3f} / {r['risk_multiple_choice']:.3f} / "
+                     f"{r['risk_retrieval']:.4f}{flag}")
+    return [*lines, f"recommendation: {res['recommendation']}"]
+
+
 register(Analysis("advise", "rank candidate prunings that meet a memory budget by predicted risk for your use "
-                  "(cheap signals, no benchmark)", _arguments, _run, schema=SCHEMA, html=advise_html))
+                  "(cheap signals, no benchmark)", _arguments, _run, schema=SCHEMA, html=advise_html,
+                  summary=summary_lines))

@@ -29,6 +29,7 @@ class Analysis:
     schema: str | None = None  # results.json "schema" prefix this analysis writes
     figures: Callable[[Result, Path], list[Path]] | None = None
     html: Callable[[Result, list[Path]], str] | None = None
+    summary: Callable[[Result], list[str]] | None = None  # the lines the command prints, from a saved result
     marker: str | None = None  # a file naming a run directory of this analysis (sweep.json)
     rebuild: Callable[[Path], str] | None = None  # the page of a directory-level run, from its files
 

@@ -182,15 +182,21 @@ def _run(args: argparse.Namespace) -> int:
     lm = options.load(args)
     res = compare_methods(lm, args.method, prompts, settings, args.out, cal, progress=not args.quiet,
                           device=args.device, dtype=args.dtype)
+    print("\n".join(summary_lines(res)))
+    print(f"report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def summary_lines(res: dict[str, Any]) -> list[str]:
+    """One row per method: what it removes and how far its distributions drift."""
     t, fmt = f"{res['temperature']:g}", options.fmt
-    print(f"{'method':18s} {'removed':>8s} {'bits':>5s} {'TF KL':>8s} {'FR KL':>8s} {'FR agree':>9s}")
+    lines = [f"{'method':18s} {'removed':>8s} {'bits':>5s} {'TF KL':>8s} {'FR KL':>8s} {'FR agree':>9s}"]
     for m in res["methods"]:
         fp, s = m["footprint"] or {}, m["summary"]
         tf, fr = s["teacher_forced_mean"], s["free_running_mean"]
-        print(f"{m['spec']:18s} {fp.get('removed_share', 0):8.3f} {fp.get('bits_per_weight', 16):5.2f} "
-              f"{fmt(tf[f'kl@{t}']):>8s} {fmt(fr[f'kl@{t}']):>8s} {fmt(fr['token_agree']):>9s}")
-    print(f"report: {Path(args.out) / 'report.html'}")
-    return 0
+        lines.append(f"{m['spec']:18s} {fp.get('removed_share', 0):8.3f} {fp.get('bits_per_weight', 16):5.2f} "
+                     f"{fmt(tf[f'kl@{t}']):>8s} {fmt(fr[f'kl@{t}']):>8s} {fmt(fr['token_agree']):>9s}")
+    return lines
 
 
 def _rebuild(run_dir: Path) -> str:
@@ -200,4 +206,5 @@ def _rebuild(run_dir: Path) -> str:
 
 register(Analysis("compare", "step-wise KL / cos(p) of several pruning and quantisation methods on the same "
                   "prompts, in one figure (resumable)", _arguments, _run, schema=SCHEMA,
-                  figures=compare_figure, html=compare_html, marker="compare.json", rebuild=_rebuild))
+                  figures=compare_figure, html=compare_html, summary=summary_lines, marker="compare.json",
+                  rebuild=_rebuild))

@@ -355,14 +355,18 @@ def _run(args: argparse.Namespace) -> int:
     result = counterfactual(lm, prompts, settings, patch, progress=not args.quiet)
     out = out or default_run_dir(args.model, "counterfactual")
     write_run(result, out, overwrite=args.overwrite, figures=counterfactual_figures, html=counterfactual_html)
-    for line in counterfactual_reading(result):
-        print(line)
-    t = result["timing"]
-    print(f"time {t['counterfactual_s']:.1f} s = {t['ratio_to_dense_forward_per_layer']:.3f} x one dense "
-          f"forward per (kind, layer); report: {out / 'report.html'}")
+    print("\n".join(summary_lines(result)))
+    print(f"report: {out / 'report.html'}")
     return 0
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    t = result["timing"]
+    return [*counterfactual_reading(result),
+            f"time {t['counterfactual_s']:.1f} s = {t['ratio_to_dense_forward_per_layer']:.3f} x one dense "
+            "forward per (kind, layer)"]
 
 
 register(Analysis("counterfactual", "replace one layer at a time; similarity of h, z, p at the output per layer "
                   "(paper Fig. 4) and the deviation split", _arguments, _run, schema=SCHEMA,
-                  figures=counterfactual_figures, html=counterfactual_html))
+                  figures=counterfactual_figures, html=counterfactual_html, summary=summary_lines))

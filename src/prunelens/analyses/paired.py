@@ -363,17 +363,23 @@ def _run(args: argparse.Namespace) -> int:
     res = paired_eval(lm, args.task, args.data_dir, mods, args.limit, args.seed, args.style, args.select,
                       args.shots, args.batch_size, not args.no_chat_template, progress=not args.quiet)
     write_run(res, out, overwrite=args.overwrite, figures=paired_figures, html=paired_html)
-    d = res["dense"]
-    print(f"{args.task} ({args.style}, {args.select}): {res['n']} of {res['pool']} questions; dense MCQ "
-          f"{d['mcq_acc']:.3f}, generative {d['gen_acc']:.3f} (chance {res['chance']:.3f})")
-    print(f"{'method':16s} {'MCQ':>6s} {'gen':>6s} {'MCQ drop':>8s} {'gen drop':>8s} {'gap [95% CI]':>22s}")
-    for r in res["methods"]:
-        print(f"{r['method']:16s} {r['mcq_pruned']:6.3f} {r['gen_pruned']:6.3f} {r['mcq_drop']:8.3f} "
-              f"{r['gen_drop']:8.3f} {r['gap']:+7.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]")
+    print("\n".join(summary_lines(res)))
     print(f"report: {out / 'report.html'}")
     return 0
 
 
+def summary_lines(res: dict[str, Any]) -> list[str]:
+    """Both accuracies of the dense model, then each method's drops and paired gap."""
+    d = res["dense"]
+    lines = [f"{res['task']} ({res['style']}, {res['select']}): {res['n']} of {res['pool']} questions; dense MCQ "
+             f"{d['mcq_acc']:.3f}, generative {d['gen_acc']:.3f} (chance {res['chance']:.3f})",
+             f"{'method':16s} {'MCQ':>6s} {'gen':>6s} {'MCQ drop':>8s} {'gen drop':>8s} {'gap [95% CI]':>22s}"]
+    lines += [f"{r['method']:16s} {r['mcq_pruned']:6.3f} {r['gen_pruned']:6.3f} {r['mcq_drop']:8.3f} "
+              f"{r['gen_drop']:8.3f} {r['gap']:+7.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+              for r in res["methods"]]
+    return lines
+
+
 register(Analysis("paired", "the same questions as multiple choice and as free generation, dense vs each "
                   "pruning: both accuracies and the paired gap", _arguments, _run, schema=SCHEMA,
-                  figures=paired_figures, html=paired_html))
+                  figures=paired_figures, html=paired_html, summary=summary_lines))

@@ -191,15 +191,20 @@ def _run(args: argparse.Namespace) -> int:
                           args.batch_size, progress=not args.quiet)
     out = out or default_run_dir(args.model, "subspace")
     write_run(res, out, overwrite=args.overwrite, figures=subspace_figures, html=subspace_html)
-    print(f"{'method':14s} {'KL full':>9s} {'KL options':>10s} {'top-1 agree':>11s} {'option agree':>12s} "
-          f"{'acc':>6s} (dense {res['methods'][0]['acc_dense']:.3f})")
-    for r in res["methods"]:
-        print(f"{r['method']:14s} {r['full_kl']:9.4g} {r['sub_kl']:10.4g} {r['full_top1_agree']:11.3f} "
-              f"{r['sub_agree']:12.3f} {r['acc_pruned']:6.3f}")
+    print("\n".join(summary_lines(res)))
     print(f"report: {out / 'report.html'}")
     return 0
 
 
+def summary_lines(res: dict[str, Any]) -> list[str]:
+    """Full-vocabulary against option-subspace agreement, one row per method."""
+    lines = [f"{'method':14s} {'KL full':>9s} {'KL options':>10s} {'top-1 agree':>11s} {'option agree':>12s} "
+             f"{'acc':>6s} (dense {res['methods'][0]['acc_dense']:.3f})"]
+    lines += [f"{r['method']:14s} {r['full_kl']:9.4g} {r['sub_kl']:10.4g} {r['full_top1_agree']:11.3f} "
+              f"{r['sub_agree']:12.3f} {r['acc_pruned']:6.3f}" for r in res["methods"]]
+    return lines
+
+
 register(Analysis("subspace", "full-vocabulary vs answer-option subspace agreement on a multiple-choice set, "
                   "across prunings (paper Fig. 8)", _arguments, _run, schema=SCHEMA,
-                  figures=subspace_figures, html=subspace_html))
+                  figures=subspace_figures, html=subspace_html, summary=summary_lines))

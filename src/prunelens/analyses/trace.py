@@ -439,4 +439,4 @@ def _html(result: dict[str, Any], figs: list[Path]) -> str:
 
 
 register(Analysis("analyze", "trace dense vs pruned through h -> z -> p, per layer and step", _arguments, _run,
-                  schema=SCHEMA, figures=_figures, html=_html))
+                  schema=SCHEMA, figures=_figures, html=_html, summary=summary_lines))

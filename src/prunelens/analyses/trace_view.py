@@ -443,31 +443,24 @@ def _summary_rows(result: dict[str, Any]) -> dict[str, str]:
     lp, tf, fr = s.get("last_prompt_token"), s.get("teacher_forced_mean"), s.get("free_running_mean")
     div = s.get("prompts_diverged")
     n = _n_prompts(result)
+    # the three spaces, in each of the three places; labels differ by trailing spaces (dict keys)
+    def spaces(d: Any, pad: str) -> dict[str, str]:
+        return {f"cos(h){pad}": fmt(_get(d, "cos_h")), f"cos(z){pad}": fmt(_get(d, "cos_z")),
+                f"cos(z − mean z){pad}": fmt(_get(d, "cos_zc")), f"cos(p){pad}": fmt(_prefixed(d, "cos_p@"))}
+
     rows: dict[str, str] = {
         "temperature T (first)": _tkey(s["temperature"]) if num(s.get("temperature")) is not None else "—",
-        "§last prompt token (step 1)": "",
-        "cos(h)": fmt(_get(lp, "cos_h")),
-        "cos(z)": fmt(_get(lp, "cos_z")),
-        "cos(z − mean z)": fmt(_get(lp, "cos_zc")),
-        "cos(p)": fmt(_prefixed(lp, "cos_p@")),
+        "§last prompt token (step 1)": "", **spaces(lp, ""),
         "KL(p_pruned‖p_dense)": fmt(_prefixed(lp, "kl@")),
         "Taylor Var_p(Δz)/2T²": fmt(_prefixed(lp, "taylor_kl@")),
         "min over layers of cos(h)": fmt(s.get("min_layer_cos_h")),
-        "§teacher-forced, mean over steps": "",
-        "cos(h) ": fmt(_get(tf, "cos_h")),
-        "cos(z) ": fmt(_get(tf, "cos_z")),
-        "cos(z − mean z) ": fmt(_get(tf, "cos_zc")),
-        "cos(p) ": fmt(_prefixed(tf, "cos_p@")),
+        "§teacher-forced, mean over steps": "", **spaces(tf, " "),
         "KL ": fmt(_prefixed(tf, "kl@")),
         "top-1 agreement": pct(_get(tf, "top1_agree")),
         "top-k overlap": fmt(_get(tf, "topk_overlap")),
         "top-k Spearman ρ": fmt(_get(tf, "topk_spearman")),
         "KL growth (2nd half ÷ 1st half)": fmt(s.get("kl_growth_teacher_forced")),
-        "§free-running, mean over steps": "",
-        "cos(h)  ": fmt(_get(fr, "cos_h")),
-        "cos(z)  ": fmt(_get(fr, "cos_z")),
-        "cos(z − mean z)  ": fmt(_get(fr, "cos_zc")),
-        "cos(p)  ": fmt(_prefixed(fr, "cos_p@")),
+        "§free-running, mean over steps": "", **spaces(fr, "  "),
         "KL  ": fmt(_prefixed(fr, "kl@")),
         "token agreement": pct(_get(fr, "token_agree")),
         "KL growth (2nd half ÷ 1st half) ": fmt(s.get("kl_growth_free_running")),
@@ -718,23 +711,18 @@ def render_html(runs: list[tuple[dict[str, Any], list[Path]]], title: str = "pru
             cells = "".join(f"<div>{img(d[name]) if name in d else ''}</div>" for d in by_name)
             out.append(f'<h3>{esc(name)}</h3><div class="runs" {grid}>{cells}</div>')
 
-    out.append("<h2>Prompts</h2>")
-    for r in results:
-        if ncol > 1:
-            out.append(f"<h3>{esc(_run_name(r))}</h3>")
-        out.append(_prompt_table(r) or '<p class="muted">No per-prompt results.</p>')
-
-    out.append("<h2>Pruning selection</h2>")
-    for r in results:
-        if ncol > 1:
-            out.append(f"<h3>{esc(_run_name(r))}</h3>")
-        out.append(_selection(r))
-    if any(_weights_section(r) for r in results):
-        out.append("<h2>Weights: sparsity and quantisation</h2>")
+    def per_run(title: str, section: Any, empty: str) -> None:
+        """One section with each run's part under its name (when there are several runs)."""
+        out.append(f"<h2>{title}</h2>")
         for r in results:
             if ncol > 1:
                 out.append(f"<h3>{esc(_run_name(r))}</h3>")
-            out.append(_weights_section(r) or '<p class="muted">No weight modification.</p>')
+            out.append(section(r) or f'<p class="muted">{empty}</p>')
+
+    per_run("Prompts", _prompt_table, "No per-prompt results.")
+    per_run("Pruning selection", _selection, "")
+    if any(_weights_section(r) for r in results):
+        per_run("Weights: sparsity and quantisation", _weights_section, "No weight modification.")
 
     out.append("<h2>Settings and conventions</h2>")
     for r in results:

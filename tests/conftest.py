@@ -114,3 +114,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "real_lm" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+def save_tiny(path: Any, model_type: str = "llama", nan: bool = False) -> Any:
+    """A tiny model and its tokenizer saved as a Hugging Face directory (safetensors), so the CLI
+    can run on it in seconds; ``nan`` plants one NaN weight."""
+    m = tiny_model(model_type)
+    if nan:
+        with torch.no_grad():
+            next(p for n, p in m.named_parameters() if "mlp" in n).view(-1)[0] = float("nan")
+    m.save_pretrained(path, safe_serialization=True)
+    _tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"))

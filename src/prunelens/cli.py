@@ -33,11 +33,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_ppl(args: argparse.Namespace) -> int:
     from prunelens.prune.recipe import build
-    from prunelens.runs import write_json
+    from prunelens.runs import check_out_file, write_json
     from prunelens.tasks.perplexity import perplexity, read_corpus
 
     recipe, cal = options.recipe(args), options.calibration(args)
     text = read_corpus(args.text)
+    if args.out:
+        check_out_file(Path(args.out), args.overwrite)
     options.positive("--seq-len", args.seq_len)
     if args.max_windows is not None:
         options.positive("--max-windows", args.max_windows)
@@ -95,13 +97,13 @@ def _score_line(task: str, dense: Any, mod: Any, label: str) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from prunelens.prune.recipe import build
-    from prunelens.runs import write_json
+    from prunelens.runs import check_out_file, write_json
     from prunelens.tasks.registry import run_task
 
     recipe, cal = options.recipe(args), options.calibration(args)
     tasks, opts = options.task_setup(args)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        check_out_file(Path(args.out), args.overwrite)
     lm = options.load(args)
     plan = build(lm, recipe, cal, progress=not args.quiet)
     modified = plan.label() != "dense"
@@ -129,11 +131,14 @@ def _print_summary(run_dir: Path) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from prunelens.analyses.reports import combined_report, rebuild_other_report
+    from prunelens.runs import check_out_file
 
     dirs = [Path(r) for r in args.runs]
     for d in dirs:
         if not d.is_dir():
             raise PrunelensError(f"run directory '{d}' does not exist")
+    if args.out:
+        check_out_file(Path(args.out), overwrite=True)  # a report is rebuilt in place by design
     if len(dirs) > 1:
         print(combined_report(dirs, Path(args.out) if args.out else Path("report.html")))
         return 0
@@ -193,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         pp.add_argument("--seq-len", type=int, default=1024, help="window length in tokens (default 1024)")
         pp.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
         pp.add_argument("--out", help="also write the numbers to this JSON file")
+        pp.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
         pp.add_argument("--quiet", action="store_true")
 
     def eval_args(ev: argparse.ArgumentParser) -> None:
@@ -200,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         options.add_recipe_args(ev)
         options.add_task_args(ev)
         ev.add_argument("--out", help="also write all numbers (and per-question outputs) to this JSON")
+        ev.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     def report_args(rep: argparse.ArgumentParser) -> None:
         rep.add_argument("runs", nargs="+", help="run directories (several are shown side by side)")

@@ -89,24 +89,36 @@ hopes of cheaper mortgages.
 _TEXT_KEYS = ("prompt", "text", "question")
 
 
-def open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+def read_text_file(path: str | Path) -> str:
+    """The whole text of a UTF-8 file (gunzipped for .gz), with one-line errors for a file that is
+    not UTF-8, a .gz that is not gzip, or one that cannot be read."""
+    p = Path(path)
+    try:
+        if p.suffix == ".gz":
+            with gzip.open(p, "rt", encoding="utf-8") as f:
+                return f.read()
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PrunelensError(f"'{p}' is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise PrunelensError(f"'{p}' is not a valid gzip file ({e})") from None
+    except OSError as e:
+        raise PrunelensError(f"cannot read '{p}': {e.strerror or e}") from None
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line of a .jsonl(.gz) file; malformed lines raise a
     one-line error naming the file and line."""
-    with open_text(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PrunelensError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise PrunelensError(f"{path}:{n}: expected a JSON object")
-            yield n, obj
+    for n, line in enumerate(read_text_file(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PrunelensError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise PrunelensError(f"{path}:{n}: expected a JSON object")
+        yield n, obj
 
 
 def read_texts(path: str | Path, what: str = "prompt") -> list[str]:
@@ -123,8 +135,7 @@ def read_texts(path: str | Path, what: str = "prompt") -> list[str]:
             if obj[key].strip():
                 out.append(obj[key])
     else:
-        with open_text(p) as f:
-            out = [line.rstrip("\n") for line in f if line.strip()]
+        out = [line for line in read_text_file(p).splitlines() if line.strip()]
     if not out:
         raise PrunelensError(f"{what} file '{p}' is empty")
     return out

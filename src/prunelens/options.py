@@ -151,10 +151,13 @@ def build_methods(lm, recipes: dict[str, Recipe], cal: Calibration, progress: bo
 
 
 def check_checkpoint_dir(out: Path, overwrite: bool) -> None:
+    from prunelens.runs import check_writable_parent
+
     if out.exists() and not out.is_dir():
         raise PrunelensError(f"'{out}' exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise PrunelensError(f"output directory '{out}' is not empty (use --overwrite)")
+    check_writable_parent(out)
 
 
 def add_task_args(p: argparse.ArgumentParser) -> None:

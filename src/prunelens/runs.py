@@ -39,12 +39,39 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def check_writable_parent(out: Path) -> None:
+    """The directory that will hold ``out`` exists or can be made, and a file can be created there
+    (probed, then removed): an unwritable --out fails before any work, in one line."""
+    parent = Path(out).absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".{Path(out).name}.probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise PrunelensError(f"cannot write '{out}': {e.strerror or e}") from None
+
+
 def check_out_dir(out: Path, overwrite: bool) -> None:
     """Fail early (before any model work) if the run directory cannot be written."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PrunelensError(f"'{out}' exists and is not a directory")
     if out.exists() and not overwrite:
         raise PrunelensError(f"output directory '{out}' already exists (use --overwrite)")
     if out.exists() and not (out / "results.json").exists():
         raise PrunelensError(f"'{out}' exists and is not a prunelens run directory; not overwriting it")
+    check_writable_parent(out)
+
+
+def check_out_file(out: Path, overwrite: bool) -> None:
+    """The same for a single output file (eval/ppl --out, report --out)."""
+    out = Path(out)
+    if out.is_dir():
+        raise PrunelensError(f"'{out}' is a directory; --out takes a file")
+    if out.exists() and not overwrite:
+        raise PrunelensError(f"output file '{out}' already exists (use --overwrite)")
+    check_writable_parent(out)
 
 
 def default_run_dir(model: str, label: str, root: str | Path = "runs") -> Path:
@@ -66,7 +93,9 @@ def write_run(result: dict[str, Any], out_dir: str | Path, overwrite: bool = Fal
     out = Path(out_dir)
     check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -74,13 +103,39 @@ def write_run(result: dict[str, Any], out_dir: str | Path, overwrite: bool = Fal
         write_json(tmp / "results.json", result)
         figs = figures(result, tmp / "figures")
         (tmp / "report.html").write_text(html(result, figs), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
+        if out.exists():  # the old run stays whole until the new one is in place
+            os.replace(out, old)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)
         raise
+    shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporaries of ``out`` left by a killed run (their process is gone): removed, and an old run
+    that a killed --overwrite had set aside is put back if nothing replaced it."""
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = p.name.rpartition("-")
+        if not (pid.isdigit() and kind.endswith((".tmp", ".old"))) or _alive(int(pid)):
+            continue
+        if kind.endswith(".old") and not out.exists():
+            os.replace(p, out)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def read_json(path: Path) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import file_sha256
-from prunelens.runs import json_safe, read_json, write_json
+from prunelens.runs import check_writable_parent, json_safe, read_json, write_json
 
 
 def environment(device: str | None = None, dtype: str | None = None) -> dict[str, Any]:
@@ -63,6 +63,7 @@ class CellCache:
         self.identity = json.loads(json.dumps(json_safe(identity)))
         if self.out.exists() and not self.out.is_dir():
             raise PrunelensError(f"'{self.out}' exists and is not a directory")
+        check_writable_parent(self.out)
         if self.manifest.is_file() and not overwrite:
             old = read_json(self.manifest)
             diff = first_difference(old.get("identity") if isinstance(old, dict) else None, self.identity)

@@ -57,6 +57,8 @@ def compare_methods(lm: LoadedModel, specs: Sequence[str], prompts: Sequence[str
     if not specs:
         raise PrunelensError("give at least one --method")
     recipes = {s: Recipe.parse(s) for s in specs}
+    for r in recipes.values():  # before the directory is made: a bad method leaves nothing behind
+        r.check(lm.adapter.n_layers)
     cal = calibration or Calibration()
     ident = identity(settings, prompts, cal, str(lm.info.get("name")), device, dtype)
     cache = CellCache(out_dir, "compare.json", "comparison", ident, cells="runs")

@@ -180,6 +180,7 @@ def _run(args: argparse.Namespace) -> int:
     recipes = options.method_recipes(args)
     check_task(args.task, args.data_dir)
     options.positive("--limit", args.limit)
+    options.positive("--batch-size", args.batch_size)
     options.temperatures(str(args.temperature))
     cal = options.calibration(args)
     out = Path(args.out) if args.out else None

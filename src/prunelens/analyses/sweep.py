@@ -128,7 +128,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, lm: LoadedModel | Callable[[
     """
     from prunelens.analyses.sweep_view import write_outputs
     from prunelens.model.loading import load_model
-    from prunelens.prune.recipe import footprint
+    from prunelens.prune.recipe import Recipe, footprint
 
     out = Path(out_dir)
     files = {t: check_task(t, spec.data_dir) for t in spec.tasks}
@@ -143,14 +143,19 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, lm: LoadedModel | Callable[[
             raise PrunelensError(f"'{out}' holds a sweep with different settings: its {t} cells were computed "
                                  f"on other data ({first_difference(old[t], hashes)}); use another --out or "
                                  "--overwrite")
+    todo = [(a, t) for a in spec.amounts for t in spec.tasks if overwrite or not cell_path(out, a, t).is_file()]
+    if todo:  # the model loads, and every amount fits it, before anything is written
+        lm = lm() if callable(lm) else (lm or load_model(spec.model))
+        if hasattr(lm, "adapter"):
+            for a in spec.amounts:
+                s = spec_for(spec.method, a)
+                if s is not None:
+                    Recipe.parse(s).check(lm.adapter.n_layers)
     cache.open(schema=SCHEMA, model=spec.model, method=spec.method, amounts=list(spec.amounts),
                tasks=list(spec.tasks), data_dir=spec.data_dir, data={**old, **data})
-    todo = [(a, t) for a in spec.amounts for t in spec.tasks if not cell_path(out, a, t).is_file()]
     total = len(spec.amounts) * len(spec.tasks)
     bar = tqdm(total=total, initial=total - len(todo), desc="sweep cells", unit="cell", disable=not progress,
                position=0)
-    if todo:
-        lm = lm() if callable(lm) else (lm or load_model(spec.model))
     current: tuple[str, Any, float, dict[str, float]] | None = None
     for amount, task in todo:
         if current is None or current[0] != amount:

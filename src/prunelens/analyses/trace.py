@@ -379,7 +379,7 @@ def _arguments(a: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from prunelens.prune.recipe import build, save_modified
-    from prunelens.runs import check_out_dir, default_run_dir, write_run
+    from prunelens.runs import check_out_dir, check_writable_parent, default_run_dir, write_run
 
     # Validate everything cheap before loading a model.
     recipe, cal = options.recipe(args), options.calibration(args)
@@ -391,6 +391,8 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None:
         check_out_dir(out, args.overwrite)
+    else:
+        check_writable_parent(default_run_dir(args.model, "dense"))
     if args.save_pruned:
         options.check_checkpoint_dir(Path(args.save_pruned), args.overwrite)
 

@@ -275,16 +275,40 @@ def resolve_source(name: str) -> tuple[Path | str, dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def _quiet_hf_progress():
+def _quiet_hf():
+    """No per-tensor progress bars and no warnings around our own one-line errors while loading
+    (transformers' and the hub client's verbosity are restored after)."""
+    import logging
+
     from transformers.utils import logging as hf_logging
 
-    was_enabled = hf_logging.is_progress_bar_enabled()
+    was_enabled, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hub = logging.getLogger("huggingface_hub")
+    hub_level = hub.level
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    hub.setLevel(logging.ERROR)
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
+        hub.setLevel(hub_level)
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def check_finite_weights(model: Any, name: str) -> None:
+    """NaN or inf in the weights would make every comparison meaningless (KL 0, agreement 1 between
+    two NaN models): refuse such a model in one line."""
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise PrunelensError(f"model '{name}' has NaN or infinite weights (in {bad[0]}{more})")
 
 
 def load_model(
@@ -305,17 +329,19 @@ def load_model(
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     src, info = resolve_source(name)
     try:
-        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+        with _quiet_hf():
+            config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise PrunelensError(f"could not load model config from '{src}': {e}") from e
+        raise PrunelensError(f"could not load model config from '{src}': {_first_line(e)}") from None
     Adapter.check_config(config)
     try:
-        with _quiet_hf_progress():  # a seconds-long load needs no per-tensor progress bar
+        with _quiet_hf():  # a seconds-long load needs no per-tensor progress bar
             model = AutoModelForCausalLM.from_pretrained(
                 src, dtype=dt, trust_remote_code=trust_remote_code)
-        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise PrunelensError(f"could not load model '{name}': {e}") from e
+        raise PrunelensError(f"could not load model '{name}': {_first_line(e)}") from None
+    check_finite_weights(model, name)
     model.to(dev).eval()
     model.requires_grad_(False)
     adapter = Adapter(model)

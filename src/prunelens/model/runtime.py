@@ -179,7 +179,10 @@ def forward_cached(model: Any, ids: torch.Tensor, mask: torch.Tensor, cache: Any
     positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                 use_cache=True, logits_to_keep=1, **{cache_keyword(type(model)): cache})
-    return out.logits[:, -1].float()
+    z = out.logits[:, -1].float()
+    if not bool(torch.isfinite(z).all()):
+        raise PrunelensError("the model produced NaN or infinite logits (a modification broke its numerics)")
+    return z
 
 
 @functools.cache

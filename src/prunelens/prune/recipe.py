@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from prunelens.data import calibration_ids, open_text
+from prunelens.data import calibration_ids, read_text_file
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
 from prunelens.prune.base import Composite, Modification, combine, method_for, view_of
@@ -68,6 +68,15 @@ class Recipe:
     def label(self) -> str:
         return "+".join(self.specs) or "dense"
 
+    def check(self, n_layers: int) -> None:
+        """The drops fit a model of ``n_layers`` layers (checked before any work or output)."""
+        for r in self.drops:
+            if r.layers is not None:
+                DropPlan(**{r.kind: r.layers}).validate(n_layers)
+            elif not 0 <= (r.count or 0) < n_layers:
+                raise PrunelensError(f"cannot drop {r.count} {r.kind} units: the model has {n_layers} layers "
+                                     f"(need 0 <= N < {n_layers})")
+
     def __bool__(self) -> bool:
         return bool(self.specs)
 
@@ -82,17 +91,16 @@ def read_recipe_file(path: str | Path) -> Recipe:
     if not p.is_file():
         raise PrunelensError(f"recipe file '{p}' does not exist")
     try:
-        with open_text(p) as f:
-            text = f.read()
+        text = read_text_file(p)
         if p.suffix.lower() == ".json":
             obj = json.loads(text)
         else:
             import yaml
 
             obj = yaml.safe_load(text)
-    except (ValueError, UnicodeDecodeError) as e:  # json and yaml errors are ValueErrors or YAMLErrors
-        raise PrunelensError(f"recipe file '{p}' is not valid: {str(e).splitlines()[0]}") from None
-    except Exception as e:  # yaml.YAMLError
+    except PrunelensError:
+        raise
+    except Exception as e:  # json's ValueError, yaml.YAMLError
         raise PrunelensError(f"recipe file '{p}' is not valid: {str(e).splitlines()[0]}") from None
     if isinstance(obj, dict):
         obj = obj.get("recipe")
@@ -150,6 +158,7 @@ def build(lm: LoadedModel, recipe: Recipe | str | Sequence[str], calibration: Ca
     """Build a recipe on ``lm``: drops first, then each weight method calibrated on the model as
     modified so far. ``inplace`` writes new weights into the model (no dense copy; for saving)."""
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.parse(recipe)
+    recipe.check(lm.adapter.n_layers)
     cal = calibration or Calibration()
     parts: list[Modification] = []
     if recipe.drops:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from prunelens.data import iter_jsonl, open_text
+from prunelens.data import iter_jsonl, read_text_file
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
 from prunelens.prune import view_of
@@ -28,8 +28,7 @@ def read_corpus(path: str | Path) -> str:
     if not p.is_file():
         raise PrunelensError(f"text file '{p}' does not exist")
     if ".jsonl" not in p.name:
-        with open_text(p) as f:
-            text = f.read()
+        text = read_text_file(p)
     else:
         rows = []
         for n, obj in iter_jsonl(p):

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from prunelens.data import is_number
+from prunelens.data import is_number, read_text_file
 from prunelens.errors import PrunelensError
 from prunelens.model.capture import capture
 from prunelens.model.loading import LoadedModel, packaged_file
@@ -55,17 +55,16 @@ def read_beir(root: Path) -> BeirData:
     queries = {r["_id"]: r["text"] for r in read_jsonl(root / "queries.jsonl", {"_id": str, "text": str})}
     qrels: dict[str, dict[str, float]] = {}
     known = set(doc_ids)
-    with open(root / "qrels.tsv", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            parts = line.rstrip("\n").split("\t")
-            if n == 1 and not is_number(parts[-1]):
-                continue  # header
-            if not line.strip():
-                continue
-            if len(parts) != 3 or not is_number(parts[2]):
-                raise PrunelensError(f"{root / 'qrels.tsv'}:{n}: expected 'query-id<TAB>corpus-id<TAB>score'")
-            if parts[1] in known:
-                qrels.setdefault(parts[0], {})[parts[1]] = float(parts[2])
+    for n, line in enumerate(read_text_file(root / "qrels.tsv").splitlines(keepends=True), 1):
+        parts = line.rstrip("\n").split("\t")
+        if n == 1 and not is_number(parts[-1]):
+            continue  # header
+        if not line.strip():
+            continue
+        if len(parts) != 3 or not is_number(parts[2]):
+            raise PrunelensError(f"{root / 'qrels.tsv'}:{n}: expected 'query-id<TAB>corpus-id<TAB>score'")
+        if parts[1] in known:
+            qrels.setdefault(parts[0], {})[parts[1]] = float(parts[2])
     return BeirData(doc_ids, doc_texts, queries, qrels)
 
 

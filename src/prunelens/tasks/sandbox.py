@@ -9,8 +9,9 @@ evaluator's memory, hang). What keeps it contained, outermost first (``isolation
    (also HOME and TMPDIR), gone with the namespace. The network namespace has no interface; the
    PID namespace shows no other process, and when the program's first process ends (or is killed
    at the timeout) the kernel kills every process in it — a double-forked daemon included.
-2. **No privileges**: started as root, the namespace's root is mapped to ``nobody`` outside (when
-   the interpreter is reachable by it, else to the caller, see ``isolation_note``); inside, every
+2. **No privileges**: started as root, the namespace's root is mapped to ``nobody`` outside (with
+   this Python, or the system's when a venv under a private home is out of nobody's reach; else
+   the caller, see ``isolation_note``); inside, every
    capability is dropped and no-new-privileges is set before Python starts, so the mounts cannot be
    undone.
 3. **Limits** set before the program runs: CPU seconds, address space, file size, processes, open
@@ -139,11 +140,31 @@ class ExecResult:
         return self.status == "passed"
 
 
+@dataclass(frozen=True)
+class _Mode:
+    """How programs are isolated here: as ``nobody`` or as the caller, with which interpreter."""
+
+    as_nobody: bool
+    python: str
+
+
 def _namespace_command(as_nobody: bool) -> list[str]:
-    exe = shutil.which("unshare") or "unshare"
-    ids = ["--map-user", str(NOBODY), "--map-group", str(NOBODY)] if as_nobody else ["--map-root-user"]
-    return [exe, "--user", *ids, "--mount", "--pid", "--fork", "--kill-child", "--ipc", "--net", "--uts",
-            "--mount-proc"]
+    """``unshare`` into the namespaces, as the namespace's root; started as root and ``as_nobody``,
+    first become nobody (then the namespace's root is nobody outside)."""
+    drop = ([shutil.which("setpriv") or "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+            if as_nobody else [])
+    return [*drop, shutil.which("unshare") or "unshare", "--user", "--map-root-user", "--mount", "--pid", "--fork",
+            "--kill-child", "--ipc", "--net", "--uts", "--mount-proc"]
+
+
+def _interpreters() -> list[str]:
+    """This Python first; then the system's, which ``nobody`` can reach when a venv under a private
+    home (root's, say) cannot be — generated code needs only the standard library."""
+    out = [sys.executable]
+    for c in (getattr(sys, "_base_executable", None), shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")):
+        if c and c not in out:
+            out.append(c)
+    return out
 
 
 @functools.cache
@@ -154,16 +175,17 @@ def isolation() -> str:
 
 
 @functools.cache
-def _namespace_mode() -> bool | None:
-    """True: namespaces with ``nobody`` outside; False: namespaces as the caller; None: none."""
+def _namespace_mode() -> _Mode | None:
+    """The strongest isolation a probe program gets here: as nobody (when started as root), with
+    this Python or else the system's; as the caller; or none."""
     if not sys.platform.startswith("linux") or not all(shutil.which(x) for x in ("unshare", "setpriv", "mount")):
         return None
-    modes = (True, False) if os.geteuid() == 0 else (False,)
-    for as_nobody in modes:
-        r = _run("import os\nassert os.getcwd().endswith('work')", Limits(timeout=20), as_nobody)
+    tries = [_Mode(True, py) for py in _interpreters()] if os.geteuid() == 0 else []
+    for mode in [*tries, _Mode(False, sys.executable)]:
+        r = _run("import os\nassert os.getcwd().endswith('work')", Limits(timeout=20), mode)
         if r.passed:
-            return as_nobody
-        log.debug("sandbox probe (nobody=%s) failed: %s", as_nobody, r.stderr_tail)
+            return mode
+        log.debug("sandbox probe %s failed: %s", mode, r.stderr_tail)
     return None
 
 
@@ -173,8 +195,8 @@ def isolation_note() -> str:
     if mode is None:
         return (f"generated code runs WITHOUT isolation (no user namespaces here); allowed only with "
                 f"{UNSAFE_ENV}=1")
-    who = "as nobody" if mode else "as the calling user (the interpreter is not reachable by nobody)"
-    return f"generated code runs in user/mount/PID/IPC/network namespaces, read-only root, {who}"
+    who = "as nobody" if mode.as_nobody else "as the calling user"
+    return f"generated code runs in user/mount/PID/IPC/network namespaces, read-only root, {who}, with {mode.python}"
 
 
 def network_namespace_available() -> bool:
@@ -190,7 +212,7 @@ def run_program(program: str, limits: Limits = Limits()) -> ExecResult:
     return _run(program, limits, mode)
 
 
-def _run(program: str, limits: Limits, mode: bool | None) -> ExecResult:
+def _run(program: str, limits: Limits, mode: _Mode | None) -> ExecResult:
     tmp = tempfile.mkdtemp(prefix="prunelens-sandbox-")
     try:
         os.chmod(tmp, 0o755)  # readable by nobody: the guard and the program, not the parent's files
@@ -209,8 +231,8 @@ def _run(program: str, limits: Limits, mode: bool | None) -> ExecResult:
                    *limits_args]
             inner_work = work
         else:
-            py = [sys.executable, "-I", "-B", f"/dev/fd/{guard_fd}", f"/dev/fd/{program_fd}", *limits_args]
-            cmd = [*_namespace_command(mode), "/bin/sh", "-c", _SETUP, "sandbox", str(limits.disk_mb), *py]
+            py = [mode.python, "-I", "-B", f"/dev/fd/{guard_fd}", f"/dev/fd/{program_fd}", *limits_args]
+            cmd = [*_namespace_command(mode.as_nobody), "/bin/sh", "-c", _SETUP, "sandbox", str(limits.disk_mb), *py]
             inner_work = "/tmp/work"
         env = {"PATH": "/usr/bin:/bin", "HOME": inner_work, "TMPDIR": inner_work, "LANG": "C.UTF-8",
                "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from prunelens import builtin_prompts, load_model
-from prunelens.analyses.cells import CellCache, data_hashes, environment
+from prunelens.analyses.cells import CellCache, data_hashes, environment, model_fingerprint
 from prunelens.analyses.paired import PairedSetup, both_formats, paired_questions
 from prunelens.analyses.predictor import collapse_signals, validate
 from prunelens.model.memory import release_freed_memory
@@ -75,7 +75,7 @@ def main() -> None:
     identity = {"model": args.model, "pool": args.pool, "mcq_limit": args.mcq_limit,
                 "ppl_windows": args.ppl_windows, "seed": args.seed,
                 "data": {p.name: h for p, h in zip(files, data_hashes(files).values(), strict=True)},
-                "environment": environment("cpu", "float32")}
+                "environment": environment("cpu", "float32"), "model_files": model_fingerprint(args.model)}
     # runs from before the manifest existed hold dense.json + cells/: adopted, their cells kept
     cache = CellCache(out, "manifest.json", "predictor validation", identity, adopt=(out / "dense.json").is_file())
     cache.open(schema="prunelens.predictor-validation/1")

@@ -124,3 +124,18 @@ def _dead_pid() -> int:
     p = subprocess.Popen(["true"])
     p.wait()
     return p.pid
+
+
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path: Path) -> None:
+    """Only newlines end a JSONL row: U+2028, U+0085 and form feeds inside strings are text (MMLU
+    has them; str.splitlines once split its rows)."""
+    import gzip
+
+    from prunelens.data import iter_jsonl, read_texts
+
+    rows = [{"text": "a\u2028b"}, {"text": "c\x85d\x0ce"}]
+    p = tmp_path / "x.jsonl.gz"
+    with gzip.open(p, "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    assert [o for _, o in iter_jsonl(p)] == rows
+    assert read_texts(p) == ["a\u2028b", "c\x85d\x0ce"]

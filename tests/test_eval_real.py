@@ -42,14 +42,14 @@ def test_eval_code_and_fidelity_dense_vs_pruned(tmp_path: Path, capsys: pytest.C
 
 @needs_data
 def test_retrieval_dense_vs_pruned_with_reference(tmp_path: Path) -> None:
-    # a small BEIR collection cut from Cranfield: 20 queries, their relevant documents and 150 others
+    # a small BEIR collection cut from Cranfield: 20 queries, their relevant documents and 60 others
     src = DATA / "cranfield"
     qrels = [ln.split("\t") for ln in (src / "qrels.tsv").read_text().splitlines()[1:]]
     queries = [json.loads(x) for x in (src / "queries.jsonl").read_text().splitlines()][:20]
     qids = {q["_id"] for q in queries}
     keep_q = [r for r in qrels if r[0] in qids]
     docs = [json.loads(x) for x in (src / "corpus.jsonl").read_text().splitlines()]
-    want = {r[1] for r in keep_q} | {d["_id"] for d in docs[:150]}
+    want = {r[1] for r in keep_q} | {d["_id"] for d in docs[:60]}
     dst = tmp_path / "data" / "cran_small"
     dst.mkdir(parents=True)
     (dst / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs if d["_id"] in want))

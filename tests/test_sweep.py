@@ -194,3 +194,15 @@ def test_resume_on_other_data_or_dtype_is_refused_naming_the_setting(tmp_path: P
     fake.clear()
     run_sweep(_spec(data_dir=str(data)), tmp_path / "s", lm=object(), progress=False, overwrite=True)
     assert len(fake) == 6  # every cell, dense included, recomputed on the new data
+
+
+def test_resume_with_a_rewritten_local_model_is_refused(tmp_path: Path, fake: list) -> None:
+    model = tmp_path / "ckpt"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"0" * 10)
+    run_sweep(_spec(model=str(model)), tmp_path / "s", lm=object(), progress=False)
+    run_sweep(_spec(model=str(model)), tmp_path / "s", lm=object(), progress=False)  # unchanged: resumes
+    (model / "model.safetensors").write_bytes(b"1" * 12)
+    with pytest.raises(PrunelensError, match="model_files"):
+        run_sweep(_spec(model=str(model)), tmp_path / "s", lm=object(), progress=False)

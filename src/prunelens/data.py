@@ -109,7 +109,8 @@ def read_text_file(path: str | Path) -> str:
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line of a .jsonl(.gz) file; malformed lines raise a
     one-line error naming the file and line."""
-    for n, line in enumerate(read_text_file(path).splitlines(), 1):
+    # split on newlines only: str.splitlines would also split inside strings at U+2028, \x85, \x0c ...
+    for n, line in enumerate(read_text_file(path).split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -135,7 +136,7 @@ def read_texts(path: str | Path, what: str = "prompt") -> list[str]:
             if obj[key].strip():
                 out.append(obj[key])
     else:
-        out = [line for line in read_text_file(p).splitlines() if line.strip()]
+        out = [line.rstrip("\r") for line in read_text_file(p).split("\n") if line.strip()]
     if not out:
         raise PrunelensError(f"{what} file '{p}' is empty")
     return out

@@ -31,6 +31,19 @@ def environment(device: str | None = None, dtype: str | None = None) -> dict[str
             "device": device, "dtype": dtype}
 
 
+def model_fingerprint(model: str) -> dict[str, Any]:
+    """What identifies the model's weights without reading them: a preset or hub id by name (a
+    preset pins its package version and file), a local directory or .gguf file by the size and
+    modification time of its config and weight files (hashing 140 GB for every resume is not
+    affordable; a rewritten checkpoint changes them)."""
+    p = Path(model).expanduser()
+    if not p.exists():
+        return {"name": model}
+    files = [p] if p.is_file() else sorted(q for q in p.iterdir() if q.is_file() and
+                                           q.suffix in (".json", ".safetensors", ".bin", ".gguf"))
+    return {"name": model, "files": {q.name: [q.stat().st_size, q.stat().st_mtime_ns] for q in files}}
+
+
 def data_hashes(paths: Iterable[str | Path]) -> dict[str, str]:
     """Content hashes of data files (a directory: of every file in it), by path."""
     out: dict[str, str] = {}

@@ -20,7 +20,7 @@ import numpy as np
 
 from prunelens import options
 from prunelens.analyses.base import Analysis, register
-from prunelens.analyses.cells import CellCache, data_hashes, environment
+from prunelens.analyses.cells import CellCache, data_hashes, environment, model_fingerprint
 from prunelens.analyses.trace import AnalysisSettings, analyze
 from prunelens.analyses.trace_view import load_result
 from prunelens.errors import PrunelensError
@@ -44,7 +44,7 @@ def identity(settings: AnalysisSettings, prompts: Sequence[str], calibration: Ca
             "calib_files": data_hashes([cal.path] if cal.path else []),
             "calibration": {"samples": cal.samples, "seq_len": cal.seq_len, "seed": cal.seed,
                             "importance": cal.importance},
-            "environment": environment(device, dtype)}
+            "environment": environment(device, dtype), "model_files": model_fingerprint(model)}
 
 
 def compare_methods(lm: LoadedModel, specs: Sequence[str], prompts: Sequence[str], settings: AnalysisSettings,

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from prunelens import options
 from prunelens.analyses.base import Analysis, register
-from prunelens.analyses.cells import CellCache, data_hashes, environment, first_difference
+from prunelens.analyses.cells import CellCache, data_hashes, environment, first_difference, model_fingerprint
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
 from prunelens.prune.base import REGISTRY, Method, methods
@@ -92,6 +92,7 @@ class SweepSpec:
         for k in ("amounts", "tasks", "data_dir"):
             d.pop(k)
         d["environment"] = environment(self.device, self.dtype)
+        d["model_files"] = model_fingerprint(self.model)
         d["calib_files"] = data_hashes([self.calib] if self.calib else [])
         d["options"].pop("progress")
         d["options"]["prompts"] = list(d["options"]["prompts"]) if d["options"]["prompts"] else None

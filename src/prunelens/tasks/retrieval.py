@@ -55,8 +55,8 @@ def read_beir(root: Path) -> BeirData:
     queries = {r["_id"]: r["text"] for r in read_jsonl(root / "queries.jsonl", {"_id": str, "text": str})}
     qrels: dict[str, dict[str, float]] = {}
     known = set(doc_ids)
-    for n, line in enumerate(read_text_file(root / "qrels.tsv").splitlines(keepends=True), 1):
-        parts = line.rstrip("\n").split("\t")
+    for n, line in enumerate(read_text_file(root / "qrels.tsv").split("\n"), 1):
+        parts = line.rstrip("\r\n").split("\t")
         if n == 1 and not is_number(parts[-1]):
             continue  # header
         if not line.strip():

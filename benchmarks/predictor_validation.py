@@ -36,6 +36,7 @@ from prunelens.analyses.paired import PairedSetup, both_formats, paired_question
 from prunelens.analyses.predictor import collapse_signals, validate
 from prunelens.model.memory import release_freed_memory
 from prunelens.prune.recipe import Calibration, build, footprint
+from prunelens.render import subplots
 from prunelens.runs import write_json
 from prunelens.tasks.mcq import evaluate_mcq
 from prunelens.tasks.perplexity import perplexity, read_corpus
@@ -157,14 +158,9 @@ def main() -> None:
 
 
 def _figure(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = res["rows"]
     methods = sorted({r["method"] for r in rows})
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    fig, axes = subplots(1, 3, figsize=(13, 4))
     has_acc = "mcq_acc_drop" in res["generative"]["proxies"]
     third = (("mcq_acc_drop", "proxy: ARC-Easy accuracy drop") if has_acc
              else ("mcq_drop", "proxy: multiple-choice drop, same questions"))
@@ -184,7 +180,6 @@ def _figure(res: dict, path: Path) -> None:
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

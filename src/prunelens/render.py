@@ -98,3 +98,15 @@ def html_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], cell: Any) -
 def img(path: Path) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     return f'<img alt="{esc(Path(path).stem)}" src="data:image/png;base64,{data}">'
+
+
+def subplots(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6.0, 4.0),
+             **kw: Any) -> tuple[Any, Any]:
+    """A figure and its axes drawn with the Agg canvas directly: no pyplot, so no global backend
+    switch and nothing left open in a user's notebook session."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, **kw)

@@ -27,7 +27,7 @@ from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
 from prunelens.model.memory import release_freed_memory
 from prunelens.prune.recipe import Calibration
-from prunelens.render import esc, html_page, img
+from prunelens.render import esc, html_page, img, subplots
 from prunelens.runs import atomic_write_text, read_json, write_json, write_run
 
 SCHEMA = "prunelens.compare/1"
@@ -100,13 +100,8 @@ def _arr(v: Any) -> np.ndarray:
 
 
 def compare_figure(combined: dict[str, Any], fig_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig_dir.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    fig, axes = subplots(2, 2, figsize=(11, 7), sharex=True)
     for m in combined["methods"]:
         for col, mode in enumerate(("teacher_forced", "free_running")):
             c = m["curves"][mode]
@@ -127,7 +122,6 @@ def compare_figure(combined: dict[str, Any], fig_dir: Path) -> list[Path]:
     fig.tight_layout()
     path = fig_dir / "compare.png"
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return [path]
 
 

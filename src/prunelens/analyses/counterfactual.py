@@ -40,7 +40,7 @@ from prunelens.model.runtime import encode_prompts, left_pad, pad_id
 from prunelens.prune import Modification, view_of
 from prunelens.prune.drop import KINDS, DropPlan
 from prunelens.prune.weights import WeightPatch
-from prunelens.render import esc, html_page, img
+from prunelens.render import esc, html_page, img, subplots
 
 SCHEMA = "prunelens.counterfactual/1"
 
@@ -205,15 +205,6 @@ KIND_TITLES = {"attn": "attention replaced", "mlp": "MLP replaced", "block": "wh
                "weights": "weights replaced"}
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _pos(v: list[Any]) -> np.ndarray:
     a = np.array([np.nan if x is None else x for x in v], dtype=float)
     return np.where(a > 0, a, np.nan)
@@ -222,9 +213,8 @@ def _pos(v: list[Any]) -> np.ndarray:
 def _per_kind_figure(result: dict[str, Any], path: Path, draw: Any, xlabel: str, ylabel: str,
                      title: str) -> Path:
     """One panel per replaced kind; ``draw(ax, columns)`` plots that kind's per-layer curves."""
-    plt = _plt()
     kinds = list(result["kinds"])
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.8), squeeze=False)
+    fig, axes = subplots(1, len(kinds), figsize=(5 * len(kinds), 3.8), squeeze=False)
     for ax, kind in zip(axes[0], kinds, strict=True):
         draw(ax, result["kinds"][kind])
         ax.set_title(KIND_TITLES.get(kind, kind), fontsize=10)
@@ -234,7 +224,6 @@ def _per_kind_figure(result: dict[str, Any], path: Path, draw: Any, xlabel: str,
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

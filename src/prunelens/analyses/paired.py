@@ -35,6 +35,7 @@ from prunelens.analyses.subspace import chance_agreement, choice_shares
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
 from prunelens.model.runtime import generate, next_token_logits, render
+from prunelens.render import subplots
 from prunelens.tasks.data import data_file, read_jsonl, sample_indices
 from prunelens.tasks.loglik import Request, score_requests
 from prunelens.tasks.paired import LETTERS, gsm8k_options, match_choice, paired_gap
@@ -273,10 +274,6 @@ def _per_question(side: dict[str, Any]) -> dict[str, list[Any]]:
 
 def paired_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
     """Accuracy in each format, dense and per method, on the same questions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -284,7 +281,7 @@ def paired_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
     mcq = [result["dense"]["mcq_acc"], *(r["mcq_pruned"] for r in result["methods"])]
     gen = [result["dense"]["gen_acc"], *(r["gen_pruned"] for r in result["methods"])]
     x = np.arange(len(labels))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(labels)), 3.8))
+    fig, ax = subplots(figsize=(max(5.0, 1.3 * len(labels)), 3.8))
     ax.bar(x - 0.2, mcq, 0.4, label="multiple choice (one pass)")
     ax.bar(x + 0.2, gen, 0.4, label="free generation")
     if result["select"] == "all":
@@ -297,7 +294,6 @@ def paired_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
     fig.tight_layout()
     path = fig_dir / "paired.png"
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return [path]
 
 

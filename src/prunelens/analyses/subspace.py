@@ -20,6 +20,7 @@ from prunelens.errors import PrunelensError
 from prunelens.metrics import logit_metrics, subspace_metrics
 from prunelens.model.loading import LoadedModel
 from prunelens.model.runtime import next_token_logits
+from prunelens.render import subplots
 from prunelens.tasks.data import sample_indices
 from prunelens.tasks.loglik import split_tokens
 from prunelens.tasks.mcq import MCQ_TASKS, task_file
@@ -107,16 +108,12 @@ def option_subspace(lm: LoadedModel, task: str, data_dir: str | Path, modificati
 
 
 def subspace_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     fig_dir.mkdir(parents=True, exist_ok=True)
     rows = result["methods"]
     x = np.arange(len(rows))
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a1, a2) = subplots(1, 2, figsize=(11, 4))
     a1.plot(x, [max(r["full_kl"], 1e-12) for r in rows], marker="o", label="full vocabulary")
     a1.plot(x, [max(r["sub_kl"], 1e-12) for r in rows], marker="o", label="option tokens, renormalised")
     a1.set_yscale("log")
@@ -136,7 +133,6 @@ def subspace_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
     fig.tight_layout()
     path = fig_dir / "subspace.png"
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return [path]
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from prunelens.analyses.sweep import SCHEMA, SweepResult, relative_drop
 from prunelens.data import is_number
-from prunelens.render import esc, html_page, img
+from prunelens.render import esc, html_page, img, subplots
 from prunelens.runs import atomic_write_text, write_json
 from prunelens.tasks.registry import GENERATIVE, PERPLEXITY
 
@@ -133,16 +133,11 @@ def _x(amount: str, i: int) -> float:
 
 def figure1(result: SweepResult, path: Path) -> Path:
     """Score relative to dense vs amount: generative tasks left, non-generative right."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     amounts = list(result.spec.amounts)
     rs = rows(result)
     numeric = all(is_number(a) or a == "dense" for a in amounts)
     xs = {a: (0.0 if a == "dense" else _x(a, i)) if numeric else float(i) for i, a in enumerate(amounts)}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = subplots(1, 2, figsize=(11, 4), sharey=True)
     panels = (("generative (free-running decoding)", lambda k: k in GEN_KINDS),
               ("non-generative (one step / one representation)", lambda k: k not in GEN_KINDS))
     for ax, (title, keep) in zip(axes, panels, strict=True):
@@ -164,7 +159,6 @@ def figure1(result: SweepResult, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

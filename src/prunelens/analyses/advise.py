@@ -214,7 +214,7 @@ def _arguments(ad: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from prunelens.prune.recipe import Calibration, Recipe
-    from prunelens.runs import check_out_dir, default_run_dir, write_run
+    from prunelens.runs import check_out_dir, default_run_dir
 
     budget = parse_budget(args.budget)
     specs = [s.strip() for s in args.candidates.split(",") if s.strip()] if args.candidates else None
@@ -229,10 +229,7 @@ def _run(args: argparse.Namespace) -> int:
     lm = options.load(args)
     res = advise(lm, budget, args.use, prompts, specs, args.calib, args.calib_samples, args.steps, args.seed,
                  progress=not args.quiet)
-    write_run(res, out, overwrite=args.overwrite, figures=lambda r, d: [], html=advise_html)
-    print("\n".join(summary_lines(res)))
-    print(f"report: {out / 'report.html'}")
-    return 0
+    return ANALYSIS.finish(res, out, args.overwrite)
 
 
 def summary_lines(res: dict[str, Any]) -> list[str]:
@@ -248,6 +245,7 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
     return [*lines, f"recommendation: {res['recommendation']}"]
 
 
-register(Analysis("advise", "rank candidate prunings that meet a memory budget by predicted risk for your use "
-                  "(cheap signals, no benchmark)", _arguments, _run, schema=SCHEMA, html=advise_html,
-                  summary=summary_lines))
+ANALYSIS = register(Analysis(
+    "advise", "rank candidate prunings that meet a memory budget by predicted risk for your use "
+    "(cheap signals, no benchmark)", _arguments, _run, schema=SCHEMA, html=advise_html,
+    summary=summary_lines))

@@ -33,6 +33,17 @@ class Analysis:
     marker: str | None = None  # a file naming a run directory of this analysis (sweep.json)
     rebuild: Callable[[Path], str] | None = None  # the page of a directory-level run, from its files
 
+    def finish(self, result: Result, out: Path, overwrite: bool) -> int:
+        """The end every run shares: write the run directory with this analysis' view, print its
+        summary lines and where the report is."""
+        from prunelens.runs import write_run
+
+        write_run(result, out, overwrite=overwrite, figures=self.figures or (lambda r, d: []), html=self.html)
+        if self.summary is not None:
+            print("\n".join(self.summary(result)))
+        print(f"report: {Path(out) / 'report.html'}")
+        return 0
+
     def page(self, run_dir: Path) -> str:
         """This analysis' HTML page for a saved run, figures redrawn, nothing recomputed."""
         if self.rebuild is not None:

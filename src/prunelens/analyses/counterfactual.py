@@ -318,7 +318,7 @@ def _arguments(cf: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     from prunelens.prune.recipe import Calibration, prune_weights
     from prunelens.prune.weights import parse_weight_method
-    from prunelens.runs import check_out_dir, default_run_dir, write_run
+    from prunelens.runs import check_out_dir, default_run_dir
 
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     for k in kinds:
@@ -342,11 +342,7 @@ def _run(args: argparse.Namespace) -> int:
     settings = CounterfactualSettings(kinds=kinds, temperature=args.temperature, batch_size=args.batch_size,
                                       chat_template=not args.no_chat_template)
     result = counterfactual(lm, prompts, settings, patch, progress=not args.quiet)
-    out = out or default_run_dir(args.model, "counterfactual")
-    write_run(result, out, overwrite=args.overwrite, figures=counterfactual_figures, html=counterfactual_html)
-    print("\n".join(summary_lines(result)))
-    print(f"report: {out / 'report.html'}")
-    return 0
+    return ANALYSIS.finish(result, out or default_run_dir(args.model, "counterfactual"), args.overwrite)
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
@@ -356,6 +352,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             "forward per (kind, layer)"]
 
 
-register(Analysis("counterfactual", "replace one layer at a time; similarity of h, z, p at the output per layer "
-                  "(paper Fig. 4) and the deviation split", _arguments, _run, schema=SCHEMA,
-                  figures=counterfactual_figures, html=counterfactual_html, summary=summary_lines))
+ANALYSIS = register(Analysis(
+    "counterfactual", "replace one layer at a time; similarity of h, z, p at the output per layer "
+    "(paper Fig. 4) and the deviation split", _arguments, _run, schema=SCHEMA,
+    figures=counterfactual_figures, html=counterfactual_html, summary=summary_lines))

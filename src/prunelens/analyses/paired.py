@@ -343,7 +343,7 @@ def _arguments(pa: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from prunelens.runs import check_out_dir, default_run_dir, write_run
+    from prunelens.runs import check_out_dir, default_run_dir
 
     recipes = options.method_recipes(args)
     check_paired_task(args.task, args.data_dir)
@@ -358,10 +358,7 @@ def _run(args: argparse.Namespace) -> int:
     mods = options.build_methods(lm, recipes, cal, progress=not args.quiet)
     res = paired_eval(lm, args.task, args.data_dir, mods, args.limit, args.seed, args.style, args.select,
                       args.shots, args.batch_size, not args.no_chat_template, progress=not args.quiet)
-    write_run(res, out, overwrite=args.overwrite, figures=paired_figures, html=paired_html)
-    print("\n".join(summary_lines(res)))
-    print(f"report: {out / 'report.html'}")
-    return 0
+    return ANALYSIS.finish(res, out, args.overwrite)
 
 
 def summary_lines(res: dict[str, Any]) -> list[str]:
@@ -376,6 +373,7 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
     return lines
 
 
-register(Analysis("paired", "the same questions as multiple choice and as free generation, dense vs each "
-                  "pruning: both accuracies and the paired gap", _arguments, _run, schema=SCHEMA,
-                  figures=paired_figures, html=paired_html, summary=summary_lines))
+ANALYSIS = register(Analysis(
+    "paired", "the same questions as multiple choice and as free generation, dense vs each "
+    "pruning: both accuracies and the paired gap", _arguments, _run, schema=SCHEMA,
+    figures=paired_figures, html=paired_html, summary=summary_lines))

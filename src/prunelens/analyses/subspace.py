@@ -170,7 +170,7 @@ def _arguments(ss: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from prunelens.runs import check_out_dir, default_run_dir, write_run
+    from prunelens.runs import check_out_dir, default_run_dir
     from prunelens.tasks.registry import check_task
 
     recipes = options.method_recipes(args)
@@ -186,11 +186,7 @@ def _run(args: argparse.Namespace) -> int:
     mods = options.build_methods(lm, recipes, cal, progress=not args.quiet)
     res = option_subspace(lm, args.task, args.data_dir, mods, args.limit, args.seed, args.temperature,
                           args.batch_size, progress=not args.quiet)
-    out = out or default_run_dir(args.model, "subspace")
-    write_run(res, out, overwrite=args.overwrite, figures=subspace_figures, html=subspace_html)
-    print("\n".join(summary_lines(res)))
-    print(f"report: {out / 'report.html'}")
-    return 0
+    return ANALYSIS.finish(res, out or default_run_dir(args.model, "subspace"), args.overwrite)
 
 
 def summary_lines(res: dict[str, Any]) -> list[str]:
@@ -202,6 +198,7 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
     return lines
 
 
-register(Analysis("subspace", "full-vocabulary vs answer-option subspace agreement on a multiple-choice set, "
-                  "across prunings (paper Fig. 8)", _arguments, _run, schema=SCHEMA,
-                  figures=subspace_figures, html=subspace_html, summary=summary_lines))
+ANALYSIS = register(Analysis(
+    "subspace", "full-vocabulary vs answer-option subspace agreement on a multiple-choice set, "
+    "across prunings (paper Fig. 8)", _arguments, _run, schema=SCHEMA,
+    figures=subspace_figures, html=subspace_html, summary=summary_lines))

@@ -183,4 +183,9 @@ def _figure(res: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from prunelens.errors import PrunelensError
+
+    try:
+        main()
+    except PrunelensError as e:  # one line, as the CLI does
+        raise SystemExit(f"predictor_validation: error: {e}") from None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -144,15 +144,6 @@ class Calibration:
                 "seed": self.seed}
 
 
-@dataclass
-class Built:
-    """What ``build`` made, with the parts in recipe order."""
-
-    modification: Modification
-    recipe: Recipe
-    parts: list[Modification] = field(default_factory=list)
-
-
 def build(lm: LoadedModel, recipe: Recipe | str | Sequence[str], calibration: Calibration | None = None,
           progress: bool = True, inplace: bool = False) -> Modification:
     """Build a recipe on ``lm``: drops first, then each weight method calibrated on the model as
@@ -211,13 +202,6 @@ def _calibration(cal: Calibration | None, kw: dict[str, Any]) -> Calibration:
     return replace(cal or Calibration(), **fields)
 
 
-def spec_family(spec: str) -> str:
-    """'drop', 'prune' or 'quant' for one spec (one-line error if it names no method)."""
-    method = method_for(spec)
-    method.parse(spec)
-    return method.family
-
-
 def save_modified(lm: LoadedModel, modification: Modification, out_dir: str | Path) -> Path:
     """Save any modification (layer drops and/or weight patches) as a plain HF checkpoint."""
     parts = modification.parts()
@@ -244,5 +228,5 @@ def footprint(lm: LoadedModel, modification: Modification) -> dict[str, float]:
     return {"removed_share": share, "bits_per_weight": bits, "memory_vs_bf16": (1 - share) * bits / 16}
 
 
-__all__ = ["Built", "Calibration", "Composite", "Recipe", "build", "footprint", "prune_weights",
-           "read_recipe_file", "save_modified", "select_drop", "spec_family"]
+__all__ = ["Calibration", "Composite", "Recipe", "build", "footprint", "prune_weights", "read_recipe_file",
+           "save_modified", "select_drop"]

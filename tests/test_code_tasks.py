@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from prunelens.errors import PrunelensError
+from prunelens.tasks import sandbox
 from prunelens.tasks.code import extract_code, humaneval_problems, humaneval_program, mbpp_program, mbpp_rows
 from prunelens.tasks.sandbox import Limits, network_namespace_available, run_program, run_programs
 
@@ -118,3 +120,12 @@ def test_sandbox_leaves_no_processes_behind() -> None:
         except OSError:
             pass
     assert not [c for c in leftovers if b"prunelens-sandbox" in c]
+
+
+def test_without_isolation_code_runs_only_when_the_user_opts_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sandbox, "_namespace_mode", lambda: None)
+    monkeypatch.delenv(sandbox.UNSAFE_ENV, raising=False)
+    with pytest.raises(PrunelensError, match="cannot isolate generated code"):
+        run_program("assert 1 + 1 == 2", FAST)
+    monkeypatch.setenv(sandbox.UNSAFE_ENV, "1")
+    assert run_program("assert 1 + 1 == 2", FAST).passed

@@ -151,3 +151,9 @@ def test_lmeval_model_type_composes_as_the_cli(monkeypatch: pytest.MonkeyPatch) 
     a, b = _weights(via_lmeval), _weights(cli)
     assert a.keys() == b.keys() and all(torch.equal(a[k] == 0, b[k] == 0) for k in a)
     assert parse_weight_method("wanda:0.5").method.calibrated
+
+
+def test_an_explicit_zero_calibration_size_is_refused_not_defaulted() -> None:
+    lm = tiny_lm("llama")
+    with pytest.raises(PrunelensError, match="at least 1 sample"):
+        build(lm, "wanda:0.5", Calibration(samples=0, seq_len=32), progress=False)

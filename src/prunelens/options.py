@@ -69,16 +69,16 @@ class _AppendSpec(argparse.Action):
         namespace.recipe = items
 
 
-def add_calibration_args(p: argparse.ArgumentParser, samples: int | None = None, length: int | None = None) -> None:
+def add_calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--importance", default="cosine", choices=list(METRICS),
                    help="ranking for KIND:N: cosine = 1-cos(in,out) (LLM-Drop / ShortGPT BI), "
                         "angular = best window of N consecutive blocks (Gromov et al.), "
                         "kl = greedy on the final next-token KL (slower: one forward per unit and drop)")
     p.add_argument("--calib", help="calibration text (.txt or .jsonl with a 'text' field); "
                                    "default: a built-in sample")
-    p.add_argument("--calib-samples", type=int, default=samples,
+    p.add_argument("--calib-samples", type=int,
                    help="calibration windows (default 8 to rank drops, 32 for weight methods)")
-    p.add_argument("--calib-len", type=int, default=length,
+    p.add_argument("--calib-len", type=int,
                    help="tokens per calibration window (default 128 to rank drops, 256 for weight methods)")
 
 

@@ -43,6 +43,14 @@ class DropRequest:
             return f"{self.kind}@{','.join(map(str, self.layers))}"
         return f"{self.kind}:{self.count}"
 
+    def check(self, n_layers: int) -> None:
+        """The request fits a model of ``n_layers`` layers (one-line error otherwise)."""
+        if self.layers is not None:
+            DropPlan(**{self.kind: self.layers}).validate(n_layers)
+        elif not 0 <= (self.count or 0) < n_layers:
+            raise PrunelensError(f"cannot drop {self.count} {self.kind} units: the model has {n_layers} layers "
+                                 f"(need 0 <= N < {n_layers})")
+
 
 _SPEC = re.compile(r"^(attn|mlp|block)(?::(\d+)|@(\d+(?:,\d+)*))$")
 

@@ -120,9 +120,7 @@ def select_drop(
             plan.validate(n)
             continue
         assert req.count is not None
-        if not 0 <= req.count < n:
-            raise PrunelensError(
-                f"cannot drop {req.count} {req.kind} units: the model has {n} layers (need 0 <= N < {n})")
+        req.check(n)
         if req.count == 0:
             continue
         if calib is None:

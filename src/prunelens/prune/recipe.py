@@ -71,11 +71,7 @@ class Recipe:
     def check(self, n_layers: int) -> None:
         """The drops fit a model of ``n_layers`` layers (checked before any work or output)."""
         for r in self.drops:
-            if r.layers is not None:
-                DropPlan(**{r.kind: r.layers}).validate(n_layers)
-            elif not 0 <= (r.count or 0) < n_layers:
-                raise PrunelensError(f"cannot drop {r.count} {r.kind} units: the model has {n_layers} layers "
-                                     f"(need 0 <= N < {n_layers})")
+            r.check(n_layers)
 
     def __bool__(self) -> bool:
         return bool(self.specs)
@@ -136,7 +132,8 @@ class Calibration:
             read_texts(self.path, "calibration")
 
     def ids(self, lm: LoadedModel, defaults: tuple[int, int]):
-        n, length = self.samples or defaults[0], self.seq_len or defaults[1]
+        n = defaults[0] if self.samples is None else self.samples
+        length = defaults[1] if self.seq_len is None else self.seq_len
         return calibration_ids(lm.tokenizer, self.path, n, length, self.seed), self.record(n, length)
 
     def record(self, n: int, length: int) -> dict[str, Any]:

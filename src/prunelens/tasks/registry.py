@@ -190,7 +190,6 @@ register(Task("wikitext", PERPLEXITY, "perplexity", "WikiText-2 raw test, 1024-t
 register(Task("fidelity", FIDELITY, "rouge_l", "agreement with the dense model's own generations (no labels)",
               _fidelity, needs_data_dir=False))
 
-GENERATIVE_TASKS = {t.name: t.metric for t in TASKS.values() if t.kind == GENERATIVE}
 
 
 def get_task(name: str) -> Task:

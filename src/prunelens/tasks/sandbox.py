@@ -203,13 +203,18 @@ def network_namespace_available() -> bool:
     return isolation() == "namespaces"
 
 
-def run_program(program: str, limits: Limits = Limits()) -> ExecResult:
-    """Execute one Python program in the sandbox (see the module docstring)."""
+def _require_isolation() -> _Mode | None:
+    """The isolation mode, or the one-line refusal when there is none and the user did not opt in."""
     mode = _namespace_mode()
     if mode is None and os.environ.get(UNSAFE_ENV) != "1":
         raise PrunelensError(f"cannot isolate generated code on this machine (no user namespaces); set "
                              f"{UNSAFE_ENV}=1 to run it anyway, only on a machine you can afford to lose")
-    return _run(program, limits, mode)
+    return mode
+
+
+def run_program(program: str, limits: Limits = Limits()) -> ExecResult:
+    """Execute one Python program in the sandbox (see the module docstring)."""
+    return _run(program, limits, _require_isolation())
 
 
 def _run(program: str, limits: Limits, mode: _Mode | None) -> ExecResult:
@@ -291,8 +296,7 @@ class _ignore_missing:
 def run_programs(programs: Sequence[str], limits: Limits = Limits(), workers: int | None = None,
                  progress: bool = True, desc: str = "execute") -> list[ExecResult]:
     """Run many programs, a few at a time (each in its own sandboxed process), in input order."""
-    if _namespace_mode() is None and os.environ.get(UNSAFE_ENV) != "1":
-        run_program("", limits)  # raises the one-line refusal
+    _require_isolation()
     log.info(isolation_note())
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:

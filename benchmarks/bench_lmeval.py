@@ -80,10 +80,11 @@ def write_subset(
     """Write the rows prunelens would sample into dest/<task file name>; return it and the indices."""
     from prunelens.data import iter_jsonl
     from prunelens.tasks.data import sample_indices
-    from prunelens.tasks.mcq import MCQ_TASKS, task_file
+    from prunelens.tasks.data import data_file
+    from prunelens.tasks.mcq import MCQ_TASKS
 
     t = MCQ_TASKS[task]
-    src = task_file(t, data_dir)
+    src = data_file(t.source, data_dir)
     rows = [row for _, row in iter_jsonl(src)]
     idx = sample_indices(len(rows), limit, seed)
     name = src.name[:-3] if src.name.endswith(".gz") else src.name
@@ -92,7 +93,7 @@ def write_subset(
         for i in idx:
             f.write(json.dumps(rows[i], ensure_ascii=False) + "\n")
     # the subset must hold exactly the items evaluate_mcq(limit, seed) would pick from the full file
-    full, sub = t.build(src), t.build(out)
+    full, sub = t.build(data_dir), t.build(dest)
     if len(full) != len(rows) or [full[i] for i in idx] != sub:
         raise SystemExit(f"{task}: subset items differ from prunelens's own sample")
     return out, idx
@@ -150,14 +151,14 @@ def run_lmeval(hflm: Any, tm: Any, task: str, subset: Path, ll_times: list[float
 
 def run_prunelens(lm: Any, task: str, data_dir: Path, batch_size: int, progress: bool,
                   calls: list[Any], sc_times: list[float]) -> dict[str, Any]:
-    from prunelens.tasks.mcq import MCQ_TASKS, evaluate_mcq, task_file
+    from prunelens.tasks.mcq import MCQ_TASKS, evaluate_mcq
 
     del calls[:]
     n_sc = len(sc_times)
     t = time.perf_counter()
     res = evaluate_mcq(lm, task, data_dir, limit=None, batch_size=batch_size, progress=progress)
     total = time.perf_counter() - t
-    items = MCQ_TASKS[task].build(task_file(MCQ_TASKS[task], data_dir))
+    items = MCQ_TASKS[task].build(data_dir)
     return {
         "acc": res.acc,
         "acc_norm": res.acc_norm,

@@ -3,7 +3,14 @@ tokenizer (no downloads), and the real bundled default model (tests using it car
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+
+# Tests never reach a model or data hub: datasets and huggingface_hub read these at import, so they
+# are set before anything imports them (subprocesses of the CLI tests inherit them).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from collections.abc import Iterator  # noqa: E402
 from typing import Any
 
 import pytest

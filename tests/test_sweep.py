@@ -139,7 +139,7 @@ def test_amounts_are_checked_per_method() -> None:
         (["sweep", "--prune", "foo", "--amounts", "0,1", "--tasks", "fidelity"], "unknown sweep method"),
         (["sweep", "--prune", "attn-drop", "--amounts", "0,two", "--tasks", "fidelity"], "whole number"),
         (["sweep", "--prune", "attn-drop", "--amounts", "0,2", "--tasks", "nope"], "unknown task 'nope'"),
-        (["eval", "--tasks", "gsm8k"], "needs --data-dir"),
+        (["eval", "--tasks", "gsm8k"], "cannot load Hub dataset openai/gsm8k (main, test)"),
         (["eval", "--tasks", "gsm8k", "--data-dir", "/no/such/dir"], "does not exist"),
         (["eval", "--tasks", "fidelity", "--limit", "0"], "--limit must be at least 1"),
         (["eval", "--tasks", "humaneval", "--generative-limit", "-1"], "--generative-limit must be"),

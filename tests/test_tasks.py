@@ -26,6 +26,14 @@ def _jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+def _items(task: str, root: Path, rows: list) -> list:
+    """A built-in task's items from rows written as its local file in ``root``."""
+    from prunelens.tasks.data import DATA_FILES
+
+    _jsonl(root / DATA_FILES[mcq.MCQ_TASKS[task].source][0], rows)
+    return mcq.MCQ_TASKS[task].build(root)
+
+
 def test_shared_prefix_scores_equal_a_full_forward(lm) -> None:
     reqs = [
         Request("Question: Which animal barks?\nAnswer:", (" A dog", " A cat that sleeps all day")),
@@ -70,19 +78,14 @@ def test_acc_and_acc_norm_pick_by_sum_and_by_per_character(monkeypatch) -> None:
 
 
 def test_formats_match_lm_eval(tmp_path: Path) -> None:
-    arc = mcq._arc(_jsonl(tmp_path / "a.jsonl", [{"question": "Q?", "choices": ["x", "y"], "answer": 1}]))
+    arc = _items("arc_easy", tmp_path, [{"question": "Q?", "choices": ["x", "y"], "answer": 1}])
     assert arc[0] == mcq.Item(("Question: Q?\nAnswer:",) * 2, (" x", " y"), 1)
-    bq = mcq._boolq(_jsonl(tmp_path / "b.jsonl", [{"question": "is it", "passage": "P.", "answer": 0}]))
+    bq = _items("boolq", tmp_path, [{"question": "is it", "passage": "P.", "answer": 0}])
     assert bq[0].contexts[0] == "P.\nQuestion: is it?\nAnswer:" and bq[0].continuations == (" no", " yes")
-    wg = mcq._winogrande(
-        _jsonl(
-            tmp_path / "w.jsonl", [{"choices": ["Tom ran", "Ann ran"], "continuation": "home.", "answer": 1}]
-        )
-    )
+    wg = _items("winogrande", tmp_path, [{"choices": ["Tom ran", "Ann ran"], "continuation": "home.", "answer": 1}])
     assert wg[0] == mcq.Item(("Tom ran", "Ann ran"), (" home.", " home."), 1)
-    hs = mcq._hellaswag(
-        _jsonl(
-            tmp_path / "h.jsonl",
+    hs = _items(
+            "hellaswag", tmp_path,
             [
                 {
                     "ctx_a": "A man sits.",
@@ -92,7 +95,6 @@ def test_formats_match_lm_eval(tmp_path: Path) -> None:
                     "label": "1",
                 }
             ],
-        )
     )
     assert (
         hs[0].contexts[0] == "Fishing: A man sits. He"
@@ -109,17 +111,17 @@ def test_mmlu_letters_and_five_shot(tmp_path: Path) -> None:
         "answer": 2,
     }
     _jsonl(tmp_path / "mmlu_dev.jsonl", [{**row, "question": f"Dev {i}", "answer": i % 4} for i in range(6)])
-    test = _jsonl(tmp_path / "mmlu_test.jsonl", [row])
-    zero = mcq._mmlu(test, 0, True)[0]
+    _jsonl(tmp_path / "mmlu_test.jsonl", [row])
+    zero = mcq.MCQ_TASKS["mmlu"].build(tmp_path)[0]
     assert zero.contexts[0] == (
         "The following are multiple choice questions (with answers) about high school "
         "physics.\n\nWhat?\nA. a\nB. b\nC. c\nD. d\nAnswer:"
     )
     assert zero.continuations == (" A", " B", " C", " D") and zero.gold == 2
-    five = mcq._mmlu(test, 5, True)[0].contexts[0]
+    five = mcq.MCQ_TASKS["mmlu_5shot"].build(tmp_path)[0].contexts[0]
     assert five.count("\nAnswer:") == 6 and "Dev 4" in five and "Dev 5" not in five and "Dev 1\nA. a" in five
     assert "Dev 1\nA. a\nB. b\nC. c\nD. d\nAnswer: B\n\n" in five
-    full = mcq._mmlu(test, 0, False)[0]
+    full = mcq.MCQ_TASKS["mmlu_full"].build(tmp_path)[0]
     assert full.continuations == (" a", " b", " c", " d") and "\nA. a" not in full.contexts[0]
 
 

@@ -111,8 +111,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for t in tasks:
         dense = run_task(lm, t, args.data_dir, opts)
         mod = run_task(lm, t, args.data_dir, opts, plan) if modified else dense
-        rows.append({"task": t, "kind": dense.kind, "dense": dense.to_dict(), "modified": mod.to_dict()})
-        print(_score_line(t, dense, mod, plan.label()), flush=True)
+        row = {"task": dense.task, "kind": dense.kind, "dense": dense.to_dict(), "modified": mod.to_dict()}
+        if dense.task != t:  # a task config: its file
+            row["config"] = t
+        rows.append(row)
+        print(_score_line(dense.task, dense, mod, plan.label()), flush=True)
     if args.out:
         write_json(Path(args.out), {"model": lm.info, "modification": plan.to_dict(), "limit": args.limit,
                                     "seed": args.seed, "tasks": rows})

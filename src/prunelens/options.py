@@ -164,7 +164,8 @@ def add_task_args(p: argparse.ArgumentParser) -> None:
     from prunelens.tasks.registry import tasks_help
 
     p.add_argument("--tasks", required=True, help=f"comma-separated: {tasks_help()}")
-    p.add_argument("--data-dir", help="directory with the tasks' data files (see docs/tasks.md)")
+    p.add_argument("--data-dir", help="directory with the tasks' local data files (docs/tasks.md); a task whose "
+                   "file is not there loads its Hub dataset")
     p.add_argument("--limit", type=int, help="a seeded sample of N questions per task")
     p.add_argument("--generative-limit", type=int, metavar="N",
                    help="a different limit for gsm8k/humaneval/mbpp (they cost far more per question)")
@@ -175,7 +176,8 @@ def add_task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-chat-template", action="store_true",
                    help="generative prompts without the chat template")
     p.add_argument("--pooling", default="mean", choices=["mean", "last"], help="retrieval embedding pooling")
-    p.add_argument("--prompts", help="fidelity prompts (.txt one per line, or .jsonl); default: built-in set")
+    p.add_argument("--prompts", help="fidelity prompts (.txt one per line, .jsonl, or a task config .yaml); "
+                   "default: built-in set")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -186,8 +188,6 @@ def task_setup(args: argparse.Namespace) -> tuple[list[str], Any]:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise PrunelensError("--tasks is empty")
-    for t in tasks:
-        check_task(t, args.data_dir)
     if args.limit is not None:
         positive("--limit", args.limit)
     if args.generative_limit is not None:
@@ -197,11 +197,9 @@ def task_setup(args: argparse.Namespace) -> tuple[list[str], Any]:
         positive("--max-new-tokens", args.max_new_tokens)
     if args.shots < 0:
         raise PrunelensError(f"--shots must be at least 0, got {args.shots}")
-    prompts = None
-    if args.prompts:
-        from prunelens.data import read_texts
-
-        prompts = tuple(read_texts(args.prompts, "prompt"))
+    for t in tasks:  # loads each task's data (a local file, or the Hub) before any model
+        check_task(t, args.data_dir)
+    prompts = tuple(prompt_texts(args.prompts)) if args.prompts else None
     opts = TaskOptions(limit=args.limit, generative_limit=args.generative_limit, seed=args.seed,
                        batch_size=args.batch_size, shots=args.shots,
                        max_new_tokens=args.max_new_tokens, chat_template=not args.no_chat_template,
@@ -209,11 +207,22 @@ def task_setup(args: argparse.Namespace) -> tuple[list[str], Any]:
     return tasks, opts
 
 
+def prompt_texts(path: str) -> list[str]:
+    """Prompts of a .txt/.jsonl file, or of a task config .yaml (each row's zero-shot prompt)."""
+    from prunelens.data import read_texts
+
+    if path.lower().endswith((".yaml", ".yml")):
+        from prunelens.tasks.config import load_config
+
+        return load_config(path).prompts()
+    return read_texts(path, "prompt")
+
+
 def prompts(args: argparse.Namespace) -> list[str]:
     """--prompts (or the built-in set), cut to --limit."""
-    from prunelens.data import builtin_prompts, read_texts
+    from prunelens.data import builtin_prompts
 
-    out = read_texts(args.prompts, "prompt") if args.prompts else builtin_prompts()
+    out = prompt_texts(args.prompts) if args.prompts else builtin_prompts()
     if getattr(args, "limit", None) is not None:
         out = out[:positive("--limit", args.limit)]
     return out

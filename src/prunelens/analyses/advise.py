@@ -205,7 +205,8 @@ def _arguments(ad: argparse.ArgumentParser) -> None:
     ad.add_argument("--use", required=True, choices=["generative", "multiple-choice", "retrieval"])
     ad.add_argument("--candidates", help="comma-separated specs (or recipes joined by '+') to score instead of "
                                          "the automatic set (e.g. attn:8,wanda:0.3,gptq:w4g128)")
-    ad.add_argument("--prompts", help="prompt file (.txt, one a line, or .jsonl); default: built-in prompts")
+    ad.add_argument("--prompts", help="prompt file (.txt, one a line, .jsonl, or a task config .yaml: its "
+                    "prompts); default: built-in prompts")
     ad.add_argument("--steps", type=int, default=32, help="decoding steps per prompt (default 32)")
     ad.add_argument("--calib", help="calibration text for drop ranking and weight methods")
     ad.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default 16)")

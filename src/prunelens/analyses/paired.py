@@ -36,9 +36,10 @@ from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
 from prunelens.model.runtime import generate, next_token_logits, render
 from prunelens.render import subplots
-from prunelens.tasks.data import data_file, read_jsonl, sample_indices
+from prunelens.tasks.data import sample_indices
 from prunelens.tasks.loglik import Request, score_requests
 from prunelens.tasks.paired import LETTERS, gsm8k_options, match_choice, paired_gap
+from prunelens.tasks.sources import Rows, load_rows
 
 SCHEMA = "prunelens.paired/1"
 PAIRED_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k")
@@ -60,24 +61,30 @@ class PairedQuestion:
     target: float | None = None
 
 
-def check_paired_task(task: str, data_dir: str | Path | None) -> Path:
-    """The task's data file, or a one-line error naming what is wrong."""
+def check_paired_task(task: str, data_dir: str | Path | None) -> Rows:
+    """The task's rows (a local file or the Hub), or a one-line error naming what is wrong."""
+    if task.lower().endswith((".yaml", ".yml")):
+        from prunelens.tasks.config import config_task
+
+        cfg = config_task(task).config
+        if cfg.kind != "multiple_choice":
+            raise PrunelensError(f"paired task '{task}' is a {cfg.kind} config; paired needs multiple-choice data")
+        return cfg.question_rows(data_dir)
     if task not in PAIRED_TASKS:
-        raise PrunelensError(f"unknown paired task '{task}'; paired tasks: {', '.join(PAIRED_TASKS)}")
-    if data_dir is None:
-        raise PrunelensError(f"paired task '{task}' needs --data-dir")
-    return data_file(task, data_dir, f"paired task '{task}'")
+        raise PrunelensError(f"unknown paired task '{task}'; paired tasks: {', '.join(PAIRED_TASKS)} "
+                             "or a multiple-choice task config .yaml")
+    return load_rows(task, data_dir)
 
 
-def paired_questions(task: str, data_dir: str | Path, limit: int | None, seed: int,
+def paired_questions(task: str, data_dir: str | Path | None, limit: int | None, seed: int,
                      shots: int = 0) -> list[PairedQuestion]:
     """A seeded sample of the task's questions; GSM8K's first ``shots`` rows are exemplars, never
     asked (the same pool and sample ``evaluate_gsm8k`` uses, so the two sides stay paired)."""
-    path = check_paired_task(task, data_dir)
+    data = check_paired_task(task, data_dir)
+    rows, path = data.rows, data.origin
     if task == "gsm8k":
         from prunelens.tasks.gsm8k import normalise
 
-        rows = read_jsonl(path, {"question": str, "answer": str, "target": str})
         if shots < 0 or shots >= len(rows):
             raise PrunelensError(f"--shots must be in 0..{len(rows) - 1}, got {shots}")
         pool = list(range(shots, len(rows)))
@@ -89,7 +96,6 @@ def paired_questions(task: str, data_dir: str | Path, limit: int | None, seed: i
             choices, gold = gsm8k_options(target, i)
             out.append(PairedQuestion(i, rows[i]["question"].strip(), tuple(choices), gold, target))
         return out
-    rows = read_jsonl(path, {"question": str, "choices": list, "answer": int})
     out = []
     for i in sample_indices(len(rows), limit, seed):
         r = rows[i]
@@ -326,8 +332,9 @@ def paired_html(result: dict[str, Any], figs: list[Path]) -> str:
 
 def _arguments(pa: argparse.ArgumentParser) -> None:
     options.add_model_args(pa)
-    pa.add_argument("--task", required=True, help="arc_easy, arc_challenge, mmlu or gsm8k")
-    pa.add_argument("--data-dir", required=True)
+    pa.add_argument("--task", required=True, help="arc_easy, arc_challenge, mmlu, gsm8k, or a multiple-choice "
+                    "task config .yaml")
+    pa.add_argument("--data-dir", help="local data files (docs/tasks.md); default: the task's Hub dataset")
     options.add_method_args(pa)
     pa.add_argument("--style", default="cloze", choices=["cloze", "letters"],
                     help="cloze (default): option log-likelihood vs free answer to the bare question; "

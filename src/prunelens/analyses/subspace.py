@@ -23,18 +23,17 @@ from prunelens.model.runtime import next_token_logits
 from prunelens.render import subplots
 from prunelens.tasks.data import sample_indices
 from prunelens.tasks.loglik import split_tokens
-from prunelens.tasks.mcq import MCQ_TASKS, task_file
+from prunelens.tasks.mcq import MCQ_TASKS
 
 SCHEMA = "prunelens.subspace/1"
 
 
-def option_items(lm: LoadedModel, task: str, data_dir: str | Path, limit: int | None,
+def option_items(lm: LoadedModel, task: str, data_dir: str | Path | None, limit: int | None,
                  seed: int) -> tuple[list[list[int]], list[list[int]], list[int]]:
     """(context ids, option token ids, gold) per sampled question; options must be single tokens."""
     if task not in MCQ_TASKS:
         raise PrunelensError(f"unknown task '{task}'; multiple-choice tasks: {', '.join(MCQ_TASKS)}")
-    t = MCQ_TASKS[task]
-    items = t.build(task_file(t, Path(data_dir)))
+    items = MCQ_TASKS[task].build(data_dir)
     ctxs, opts, golds = [], [], []
     for i in sample_indices(len(items), limit, seed):
         it = items[i]
@@ -161,7 +160,7 @@ def subspace_html(result: dict[str, Any], figs: list[Path]) -> str:
 def _arguments(ss: argparse.ArgumentParser) -> None:
     options.add_model_args(ss)
     ss.add_argument("--task", default="mmlu", help="mmlu (default), mmlu_5shot or boolq")
-    ss.add_argument("--data-dir", required=True)
+    ss.add_argument("--data-dir", help="local data files (docs/tasks.md); default: the task's Hub dataset")
     options.add_method_args(ss)
     ss.add_argument("--limit", type=int, default=200, help="seeded sample of questions (default 200)")
     ss.add_argument("--temperature", type=float, default=1.0)
@@ -174,10 +173,10 @@ def _run(args: argparse.Namespace) -> int:
     from prunelens.tasks.registry import check_task
 
     recipes = options.method_recipes(args)
-    check_task(args.task, args.data_dir)
     options.positive("--limit", args.limit)
     options.positive("--batch-size", args.batch_size)
     options.temperatures(str(args.temperature))
+    check_task(args.task, args.data_dir)
     cal = options.calibration(args)
     out = Path(args.out) if args.out else None
     if out is not None:

@@ -132,15 +132,16 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, lm: LoadedModel | Callable[[
     from prunelens.prune.recipe import Recipe, footprint
 
     out = Path(out_dir)
-    files = {t: check_task(t, spec.data_dir) for t in spec.tasks}
     for a in spec.amounts:
         spec_for(spec.method, a)
-    # data content per task, by file name: a resumed sweep may add tasks, never swap a task's data
-    data = {t: {Path(k).name: v for k, v in data_hashes(fs).items()} for t, fs in files.items()}
+    # data content per task (file name or Hub dataset -> hash): a resumed sweep may add tasks, never
+    # swap a task's data
+    data = {t: check_task(t, spec.data_dir) for t in spec.tasks}
     cache = CellCache(out, "sweep.json", "sweep", spec.identity(), overwrite)
     old = read_json(cache.manifest).get("data", {}) if cache.manifest.is_file() and not overwrite else {}
     for t, hashes in data.items():
-        if t in old and old[t] != hashes:
+        # an empty identity was HumanEval's packaged copy before it was hashed
+        if old.get(t) and old[t] != hashes:
             raise PrunelensError(f"'{out}' holds a sweep with different settings: its {t} cells were computed "
                                  f"on other data ({first_difference(old[t], hashes)}); use another --out or "
                                  "--overwrite")

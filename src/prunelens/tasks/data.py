@@ -21,14 +21,14 @@ def read_jsonl(path: Path, required: dict[str, type | tuple[type, ...]]) -> list
     for n, row in iter_jsonl(path):
         for key, typ in required.items():
             if not isinstance(row.get(key), typ):
-                raise PrunelensError(f"{path}:{n}: field '{key}' missing or not {_tname(typ)}")
+                raise PrunelensError(f"{path}:{n}: field '{key}' missing or not {type_names(typ)}")
         rows.append(row)
     if not rows:
         raise PrunelensError(f"data file '{path}' has no rows")
     return rows
 
 
-def _tname(t: type | tuple[type, ...]) -> str:
+def type_names(t: type | tuple[type, ...]) -> str:
     return " or ".join(x.__name__ for x in (t if isinstance(t, tuple) else (t,)))
 
 
@@ -62,6 +62,7 @@ DATA_FILES: dict[str, tuple[str, ...]] = {
     "mmlu_dev": ("mmlu_dev.jsonl",),
     "gsm8k": ("gsm8k_test.jsonl",),
     "mbpp": ("mbpp.jsonl",),
+    "mbpp_sanitized": ("mbpp_sanitized.jsonl",),
     "humaneval": ("HumanEval.jsonl.gz", "HumanEval.jsonl", "humaneval.jsonl"),
     "wikitext": ("wikitext2_raw_test.jsonl",),
 }

@@ -19,7 +19,8 @@ from typing import Any
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
 from prunelens.model.runtime import generate, render
-from prunelens.tasks.data import data_file, read_jsonl, sample_indices, stderr_of_mean
+from prunelens.tasks.data import sample_indices, stderr_of_mean
+from prunelens.tasks.sources import load_rows
 
 STOP = ("Question:", "</s>", "<|im_end|>")
 _STRICT = re.compile(r"#### *(-?[$0-9.,]+)")
@@ -69,11 +70,10 @@ class GsmResult:
                                               "format_rate", "stderr_flexible", "samples")}
 
 
-def evaluate_gsm8k(lm: LoadedModel, data_dir: str | Path, limit: int | None = None, seed: int = 0,
+def evaluate_gsm8k(lm: LoadedModel, data_dir: str | Path | None, limit: int | None = None, seed: int = 0,
                    shots: int = 5, modification: Any = None, batch_size: int = 8, max_new_tokens: int = 256,
                    chat_template: bool = True, progress: bool = True) -> GsmResult:
-    path = data_file("gsm8k", data_dir)
-    rows = read_jsonl(path, {"question": str, "answer": str, "target": str})
+    rows = load_rows("gsm8k", data_dir).rows
     if shots < 0 or shots >= len(rows):
         raise PrunelensError(f"--shots must be in 0..{len(rows) - 1}, got {shots}")
     turns: list[dict[str, str]] = []

@@ -1,6 +1,7 @@
 """Multiple-choice tasks scored by log-likelihood, in lm-evaluation-harness's formats.
 
-Each task turns one JSONL row (schemas in ../shared/data/README.md and docs/tasks.md) into options
+Each task turns one row (a local JSONL row, or a Hub row mapped to the same schema by
+``tasks.sources``; schemas in docs/tasks.md) into options
 (context, continuation); the predicted option is the argmax of the summed log-probability (acc) or
 of log-probability per character of the continuation (acc_norm). No chat template: these read one
 step of the model, as the harness does by default.
@@ -16,8 +17,9 @@ from typing import Any
 
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
-from prunelens.tasks.data import DATA_FILES, read_jsonl, sample_indices, stderr_of_mean
+from prunelens.tasks.data import sample_indices, stderr_of_mean
 from prunelens.tasks.loglik import Request, score_requests
+from prunelens.tasks.sources import load_rows
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -34,26 +36,25 @@ class Item:
 # --- reading rows ------------------------------------------------------------------------------
 
 
-def _check_gold(path: Path, i: int, gold: int, n: int) -> None:
+def _check_gold(origin: str, i: int, gold: int, n: int) -> None:
     if not 0 <= gold < n:
-        raise PrunelensError(f"{path}: row {i + 1}: answer index {gold} outside 0..{n - 1}")
+        raise PrunelensError(f"{origin}: row {i + 1}: answer index {gold} outside 0..{n - 1}")
 
 
 def _same_context(ctx: str, choices: Sequence[str], gold: int) -> Item:
     return Item(tuple(ctx for _ in choices), tuple(f" {c}" for c in choices), gold)
 
 
-def _checked(path: Path, items: list[Item]) -> list[Item]:
+def _checked(origin: str, items: list[Item]) -> list[Item]:
     for i, it in enumerate(items):
-        _check_gold(path, i, it.gold, len(it.continuations))
+        _check_gold(origin, i, it.gold, len(it.continuations))
     return items
 
 
 # --- task formats ------------------------------------------------------------------------------
 
 
-def _arc(path: Path) -> list[Item]:
-    rows = read_jsonl(path, {"question": str, "choices": list, "answer": int})
+def _arc(rows: list[dict[str, Any]], path: str) -> list[Item]:
     out = []
     for i, r in enumerate(rows):
         _check_gold(path, i, r["answer"], len(r["choices"]))
@@ -61,15 +62,13 @@ def _arc(path: Path) -> list[Item]:
     return out
 
 
-def _piqa(path: Path) -> list[Item]:
-    rows = read_jsonl(path, {"question": str, "choices": list, "answer": int})
+def _piqa(rows: list[dict[str, Any]], path: str) -> list[Item]:
     return _checked(
         path, [_same_context(f"Question: {r['question']}\nAnswer:", r["choices"], r["answer"]) for r in rows]
     )
 
 
-def _boolq(path: Path) -> list[Item]:
-    rows = read_jsonl(path, {"question": str, "passage": str, "answer": int})
+def _boolq(rows: list[dict[str, Any]], path: str) -> list[Item]:
     return _checked(
         path,
         [
@@ -79,9 +78,8 @@ def _boolq(path: Path) -> list[Item]:
     )
 
 
-def _winogrande(path: Path) -> list[Item]:
+def _winogrande(rows: list[dict[str, Any]], path: str) -> list[Item]:
     """lm-eval's partial scoring: log P(rest of sentence | sentence up to the blank, option filled)."""
-    rows = read_jsonl(path, {"choices": list, "continuation": str, "answer": int})
     return _checked(
         path,
         [
@@ -99,10 +97,7 @@ def _hs_clean(text: str) -> str:
     return text.replace("  ", " ")
 
 
-def _hellaswag(path: Path) -> list[Item]:
-    rows = read_jsonl(
-        path, {"ctx_a": str, "ctx_b": str, "activity_label": str, "endings": list, "label": (int, str)}
-    )
+def _hellaswag(rows: list[dict[str, Any]], path: str) -> list[Item]:
     out = []
     for i, r in enumerate(rows):
         try:
@@ -121,12 +116,12 @@ def _mmlu_question(r: dict[str, Any], letters: bool) -> str:
     return q + "\nAnswer:"
 
 
-def _mmlu(path: Path, shots: int, letters: bool) -> list[Item]:
-    rows = read_jsonl(path, {"subject": str, "question": str, "choices": list, "answer": int})
+def _mmlu(rows: list[dict[str, Any]], path: str, shots: int, letters: bool,
+          data_dir: str | Path | None) -> list[Item]:
     dev: dict[str, list[dict[str, Any]]] = {}
     if shots:
-        dev_path = path.with_name(DATA_FILES["mmlu_dev"][0])
-        dev_rows = read_jsonl(dev_path, {"subject": str, "question": str, "choices": list, "answer": int})
+        d = load_rows("mmlu_dev", data_dir)
+        dev_path, dev_rows = d.origin, d.rows
         for i, r in enumerate(dev_rows):
             _check_gold(dev_path, i, r["answer"], min(len(r["choices"]), len(LETTERS)))
             dev.setdefault(r["subject"], []).append(r)
@@ -146,58 +141,46 @@ def _mmlu(path: Path, shots: int, letters: bool) -> list[Item]:
 @dataclass(frozen=True)
 class McqTask:
     name: str
-    files: tuple[str, ...]  # file names tried in the data directory, first found wins
-    build: Callable[[Path], list[Item]]
+    source: str  # key of tasks.sources.SOURCES
+    items: Callable[[list[dict[str, Any]], str, str | Path | None], list[Item]]
     description: str = ""
+
+    def build(self, data_dir: str | Path | None) -> list[Item]:
+        """The task's items, from ``data_dir`` or the Hub (``tasks.sources``)."""
+        r = load_rows(self.source, data_dir)
+        return self.items(r.rows, r.origin, data_dir)
+
+
+def _rows_only(fn: Callable[[list[dict[str, Any]], str], list[Item]]):
+    return lambda rows, origin, data_dir: fn(rows, origin)
+
+
+def _mmlu_variant(shots: int, letters: bool):
+    return lambda rows, origin, data_dir: _mmlu(rows, origin, shots, letters, data_dir)
 
 
 MCQ_TASKS: dict[str, McqTask] = {
     t.name: t
     for t in (
-        McqTask("arc_easy", DATA_FILES["arc_easy"], _arc, "ARC-Easy, 'Question: ..\\nAnswer:' + option"),
-        McqTask("arc_challenge", DATA_FILES["arc_challenge"], _arc, "ARC-Challenge, same format"),
-        McqTask("piqa", DATA_FILES["piqa"], _piqa, "PIQA, goal as question, two solutions"),
-        McqTask("boolq", DATA_FILES["boolq"], _boolq, "BoolQ, passage + question, no/yes"),
-        McqTask("winogrande", DATA_FILES["winogrande"], _winogrande, "WinoGrande, partial scoring"),
-        McqTask(
-            "hellaswag",
-            DATA_FILES["hellaswag"],
-            _hellaswag,
-            "HellaSwag, lm-eval preprocessing (HF schema: ctx_a, ctx_b, activity_label, endings, label)",
-        ),
-        McqTask(
-            "mmlu",
-            DATA_FILES["mmlu"],
-            lambda p: _mmlu(p, 0, True),
-            "MMLU 0-shot, option letters scored",
-        ),
-        McqTask(
-            "mmlu_5shot",
-            DATA_FILES["mmlu"],
-            lambda p: _mmlu(p, 5, True),
-            "MMLU 5-shot (dev examples of the subject), option letters scored",
-        ),
-        McqTask(
-            "mmlu_full",
-            DATA_FILES["mmlu"],
-            lambda p: _mmlu(p, 0, False),
-            "MMLU 0-shot, full answer text scored",
-        ),
-        McqTask(
-            "mmlu_full_5shot",
-            DATA_FILES["mmlu"],
-            lambda p: _mmlu(p, 5, False),
-            "MMLU 5-shot, full answer text scored",
-        ),
+        McqTask("arc_easy", "arc_easy", _rows_only(_arc), "ARC-Easy, 'Question: ..\\nAnswer:' + option"),
+        McqTask("arc_challenge", "arc_challenge", _rows_only(_arc), "ARC-Challenge, same format"),
+        McqTask("piqa", "piqa", _rows_only(_piqa), "PIQA, goal as question, two solutions"),
+        McqTask("boolq", "boolq", _rows_only(_boolq), "BoolQ, passage + question, no/yes"),
+        McqTask("winogrande", "winogrande", _rows_only(_winogrande), "WinoGrande, partial scoring"),
+        McqTask("hellaswag", "hellaswag", _rows_only(_hellaswag),
+                "HellaSwag, lm-eval preprocessing (HF schema: ctx_a, ctx_b, activity_label, endings, label)"),
+        McqTask("mmlu", "mmlu", _mmlu_variant(0, True), "MMLU 0-shot, option letters scored"),
+        McqTask("mmlu_5shot", "mmlu", _mmlu_variant(5, True),
+                "MMLU 5-shot (dev examples of the subject), option letters scored"),
+        McqTask("mmlu_full", "mmlu", _mmlu_variant(0, False), "MMLU 0-shot, full answer text scored"),
+        McqTask("mmlu_full_5shot", "mmlu", _mmlu_variant(5, False), "MMLU 5-shot, full answer text scored"),
     )
 }
 
 
-def task_file(task: McqTask, data_dir: Path) -> Path:
-    for name in task.files:
-        if (data_dir / name).is_file():
-            return data_dir / name
-    raise PrunelensError(f"task '{task.name}' needs {' or '.join(task.files)} in {data_dir}, which is absent")
+def mcq_sources(task: McqTask) -> tuple[str, ...]:
+    """The data sources a task reads (MMLU's few-shot variants also read the dev split)."""
+    return (task.source, "mmlu_dev") if task.name.endswith("5shot") else (task.source,)
 
 
 # --- scoring -----------------------------------------------------------------------------------
@@ -263,7 +246,7 @@ def score_items(
 def evaluate_mcq(
     lm: LoadedModel,
     task: str,
-    data_dir: str | Path,
+    data_dir: str | Path | None,
     limit: int | None = None,
     seed: int = 0,
     modification: Any = None,
@@ -273,23 +256,18 @@ def evaluate_mcq(
     """Accuracy (and length-normalised accuracy) with standard errors on a seeded sample."""
     if task not in MCQ_TASKS:
         raise PrunelensError(f"unknown task '{task}'; multiple-choice tasks: {', '.join(MCQ_TASKS)}")
-    t = MCQ_TASKS[task]
-    items = t.build(task_file(t, Path(data_dir)))
+    return evaluate_items(lm, task, MCQ_TASKS[task].build(data_dir), limit, seed, modification, batch_size,
+                          progress)
+
+
+def evaluate_items(lm: LoadedModel, task: str, items: Sequence[Item], limit: int | None = None, seed: int = 0,
+                   modification: Any = None, batch_size: int = 8, progress: bool = True) -> McqResult:
+    """``evaluate_mcq`` on given items (a task config's, or a built-in task's)."""
     idx = sample_indices(len(items), limit, seed)
     chosen = [items[i] for i in idx]
     pred, pred_norm = score_items(lm, chosen, modification, batch_size, progress, desc=task)
     golds = [it.gold for it in chosen]
     hits = [float(p == g) for p, g in zip(pred, golds, strict=True)]
     hits_n = [float(p == g) for p, g in zip(pred_norm, golds, strict=True)]
-    return McqResult(
-        task,
-        len(chosen),
-        sum(hits) / len(hits),
-        stderr_of_mean(hits),
-        sum(hits_n) / len(hits_n),
-        stderr_of_mean(hits_n),
-        pred,
-        pred_norm,
-        golds,
-        idx,
-    )
+    return McqResult(task, len(chosen), sum(hits) / len(hits), stderr_of_mean(hits), sum(hits_n) / len(hits_n),
+                     stderr_of_mean(hits_n), pred, pred_norm, golds, idx)

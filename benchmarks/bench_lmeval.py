@@ -79,8 +79,7 @@ def write_subset(
 ) -> tuple[Path, list[int]]:
     """Write the rows prunelens would sample into dest/<task file name>; return it and the indices."""
     from prunelens.data import iter_jsonl
-    from prunelens.tasks.data import sample_indices
-    from prunelens.tasks.data import data_file
+    from prunelens.tasks.data import data_file, sample_indices
     from prunelens.tasks.mcq import MCQ_TASKS
 
     t = MCQ_TASKS[task]

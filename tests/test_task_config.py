@@ -225,3 +225,37 @@ def test_commands_take_a_config(tiny_dir: Any, tmp_path: Path, capsys: pytest.Ca
                  "--out", str(tmp_path / "advise"), "--quiet"]) == 0
     assert json.loads((tmp_path / "advise" / "results.json").read_text())["n_prompts"] == 6  # the config's rows
     capsys.readouterr()
+
+
+def _doc_configs() -> list[str]:
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "tasks.md").read_text()
+    return [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "kind:" in b]
+
+
+def test_the_documented_examples_run_on_the_real_model(real_lm: Any, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_sources import hub_repo
+
+    from prunelens.tasks.sources import MIRROR_ENV
+
+    sciq_doc, arith_doc = _doc_configs()
+    monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "hub"))
+    sciq = [{**r, "distractor3": "d3"} for r in SCIQ]
+    hub_repo(tmp_path / "hub", "allenai/sciq", {("default", "test"): sciq})
+    arith = [{"question": f"What is {a} plus {b}?", "solution": f"{a} + {b} = {a + b}.", "answer": str(a + b)}
+             for a, b in ((2, 3), (10, 5), (7, 8), (1, 1), (20, 22))]
+    _rows(tmp_path / "arith.jsonl", arith)
+    o = TaskOptions(limit=3, max_new_tokens=24, progress=False)
+    mcq = run_task(real_lm, str(_write(tmp_path / "sciq.yaml", sciq_doc)), None, o)
+    assert mcq.task == "sciq" and mcq.n == 3 and mcq.details["golds"] == [3, 3, 3]
+    cfg = load_config(_write(tmp_path / "my_arith.yaml", arith_doc))
+    shots, rows = cfg.data
+    assert shots == arith[:2] and rows == arith[2:]
+    gen = run_task(real_lm, str(tmp_path / "my_arith.yaml"), None, o)
+    assert gen.task == "my_arith" and gen.n == 3 and 0 <= gen.score <= 1
+    hits = [s["extracted"] is not None and float(s["extracted"].rstrip(".").replace(",", "")) == float(s["target"])
+            for s in gen.details["samples"]]  # the score is the numeric match of what the regex extracted
+    assert gen.score == sum(hits) / 3 and all(("The answer is" in s["output"]) == (s["extracted"] is not None)
+                                              for s in gen.details["samples"])

@@ -39,7 +39,9 @@ from prunelens.prune.recipe import Calibration, build, footprint
 from prunelens.render import subplots
 from prunelens.runs import write_json
 from prunelens.tasks.mcq import evaluate_mcq
-from prunelens.tasks.perplexity import perplexity, read_corpus
+from prunelens.tasks.perplexity import perplexity
+from prunelens.tasks.registry import check_task
+from prunelens.tasks.sources import load_rows
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GRID = ("attn:2", "attn:4", "attn:6", "attn:8", "mlp:1", "mlp:2", "mlp:3", "block:1", "block:2", "block:3",
@@ -58,7 +60,11 @@ def method_of(spec: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--data-dir", default=str(DATA))
+    ap.add_argument("--data-dir", default=str(DATA) if DATA.is_dir() else None,
+                    help="local data (default ../shared/data when present; without it ARC-Easy and WikiText-2 "
+                    "load from the Hub)")
+    ap.add_argument("--calib", help="calibration file (default: c4_calibration.jsonl in --data-dir, else the "
+                    "built-in sample)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--grid", default=",".join(GRID))
     ap.add_argument("--pool", type=int, default=500, help="ARC-Easy questions the subset is drawn from")
@@ -70,19 +76,21 @@ def main() -> None:
                     help="generation batch; larger is faster for a 1B+ model (weights read once a step)")
     args = ap.parse_args()
     out = Path(args.out)
-    data = Path(args.data_dir)
-    calib = str(data / "c4_calibration.jsonl")
-    files = [data / "arc_easy_test.jsonl", Path(calib), data / "wikitext2_raw_test.jsonl"]
+    data = args.data_dir
+    c4 = Path(data) / "c4_calibration.jsonl" if data else None
+    calib = args.calib or (str(c4) if c4 and c4.is_file() else None)
+    # each dataset's identity: a local file's hash, or the Hub rows' (tasks.sources)
+    hashes = {**check_task("arc_easy", data), **check_task("wikitext", data),
+              **({Path(calib).name: h for h in data_hashes([calib]).values()} if calib else {})}
     identity = {"model": args.model, "pool": args.pool, "mcq_limit": args.mcq_limit,
-                "ppl_windows": args.ppl_windows, "seed": args.seed,
-                "data": {p.name: h for p, h in zip(files, data_hashes(files).values(), strict=True)},
+                "ppl_windows": args.ppl_windows, "seed": args.seed, "data": hashes,
                 "environment": environment("cpu", "float32"), "model_files": model_fingerprint(args.model)}
     # runs from before the manifest existed hold dense.json + cells/: adopted, their cells kept
     cache = CellCache(out, "manifest.json", "predictor validation", identity, adopt=(out / "dense.json").is_file())
     cache.open(schema="prunelens.predictor-validation/1")
     t0 = time.perf_counter()
     lm = load_model(args.model)
-    text = read_corpus(data / "wikitext2_raw_test.jsonl")
+    text = "\n\n".join(r["text"] for r in load_rows("wikitext", data).rows)
     setup = PairedSetup("arc_easy", "cloze", data, args.pool, args.seed, 0, args.batch_size, True, False)
 
     base_path = out / "dense.json"

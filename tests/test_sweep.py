@@ -184,7 +184,10 @@ def test_resume_on_other_data_or_dtype_is_refused_naming_the_setting(tmp_path: P
     data = tmp_path / "data"
     data.mkdir()
     (data / "arc_easy_test.jsonl").write_text('{"q": 1}\n')
-    monkeypatch.setattr(sweep_mod, "check_task", lambda t, d: [Path(d) / "arc_easy_test.jsonl"])
+    from prunelens.model.loading import file_sha256
+
+    monkeypatch.setattr(sweep_mod, "check_task",
+                        lambda t, d: {"arc_easy_test.jsonl": file_sha256(Path(d) / "arc_easy_test.jsonl")})
     run_sweep(_spec(data_dir=str(data)), tmp_path / "s", lm=object(), progress=False)
     with pytest.raises(PrunelensError, match=r"dtype: 'float32' before, 'bfloat16' now"):
         run_sweep(_spec(data_dir=str(data), dtype="bfloat16"), tmp_path / "s", lm=object(), progress=False)

@@ -1,7 +1,11 @@
 """Batched greedy generation with the KV cache and early stop on stop sequences.
 
 Rows of a batch are left-padded; a row stops when its decoded continuation contains a stop string
-(the text is cut before it) or it emits EOS; the batch stops when every row has. Instruct models
+(the text is cut before it) or it emits EOS. The default engine batches continuously: a finished row
+leaves the batch and its KV cache at once, and waiting prompts are prefilled and merged into the
+running batch (right-aligned, the narrower side left-padded with masked zeros), so no step computes
+a finished row; stop strings are checked on the newly decoded text only (incremental detokenising).
+``engine="static"`` keeps the older fixed batches (each runs until its longest row ends). Instruct models
 get their chat template (a single user turn, or the few-shot turns given) unless disabled: without
 it, answers of chat-tuned models are mostly formatting failures, not the model's knowledge.
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +58,9 @@ def generate(*args: Any, **kwargs: Any) -> list[str]:
     return [g.text for g in generate_full(*args, **kwargs)]
 
 
+ENGINES = ("continuous", "static")
+
+
 @torch.inference_mode()
 def generate_full(
     lm: LoadedModel,
@@ -64,12 +72,29 @@ def generate_full(
     progress: bool = True,
     desc: str = "generate",
     until: Callable[[str], bool] | None = None,
+    engine: str = "continuous",
 ) -> list[Generation]:
     """Greedy generation keeping the token ids; ``until(text)`` is an extra stop test per row."""
-    from transformers import DynamicCache
-
     if max_new_tokens < 1:
         raise PrunelensError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if engine not in ENGINES:
+        raise PrunelensError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    run = _generate_continuous if engine == "continuous" else _generate_static
+    with view_of(lm.adapter, modification):
+        return run(lm, prompts, max_new_tokens, tuple(stop), batch_size, progress, desc, until)
+
+
+def _finish(tok: Any, ids: list[int], stop: Sequence[str]) -> Generation:
+    text = tok.decode(ids, skip_special_tokens=True)
+    cut = min((text.find(s) for s in stop if s in text), default=len(text))
+    return Generation(text[:cut], tuple(ids))
+
+
+def _generate_static(lm: LoadedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str],
+                     batch_size: int, progress: bool, desc: str, until: Callable[[str], bool] | None
+                     ) -> list[Generation]:
+    from transformers import DynamicCache
+
     tok, model, dev = lm.tokenizer, lm.model, lm.device
     pad = pad_id(lm)
     eos = torch.tensor(sorted(eos_ids(lm)) or [-1], device=dev)
@@ -77,37 +102,173 @@ def generate_full(
     out: list[Generation] = [Generation("", ())] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
     check_text = bool(stop) or until is not None
-    with view_of(lm.adapter, modification):
-        for b0 in range(0, len(order), batch_size):
-            idx = order[b0:b0 + batch_size]
-            ids, mask = left_pad([prompts[i] for i in idx], pad, dev)
-            cache = DynamicCache(config=model.config)
-            z = forward_cached(model, ids, mask, cache)
-            gen: list[list[int]] = [[] for _ in idx]
-            done = torch.zeros(len(idx), dtype=torch.bool, device=dev)
-            for step in range(max_new_tokens):
-                nxt = z.argmax(-1)
-                for r, t in enumerate(nxt.tolist()):
-                    if done[r]:
-                        continue
-                    if bool(torch.isin(nxt[r], eos)):
+    for b0 in range(0, len(order), batch_size):
+        idx = order[b0:b0 + batch_size]
+        ids, mask = left_pad([prompts[i] for i in idx], pad, dev)
+        cache = DynamicCache(config=model.config)
+        z = forward_cached(model, ids, mask, cache)
+        gen: list[list[int]] = [[] for _ in idx]
+        done = torch.zeros(len(idx), dtype=torch.bool, device=dev)
+        for step in range(max_new_tokens):
+            nxt = z.argmax(-1)
+            for r, t in enumerate(nxt.tolist()):
+                if done[r]:
+                    continue
+                if bool(torch.isin(nxt[r], eos)):
+                    done[r] = True
+                    continue
+                gen[r].append(t)
+                if check_text:
+                    text = tok.decode(gen[r], skip_special_tokens=True)
+                    if any(s in text for s in stop) or (until is not None and until(text)):
                         done[r] = True
-                        continue
-                    gen[r].append(t)
-                    if check_text:
-                        text = tok.decode(gen[r], skip_special_tokens=True)
-                        if any(s in text for s in stop) or (until is not None and until(text)):
-                            done[r] = True
-                if bool(done.all()) or step == max_new_tokens - 1:
-                    break
-                mask = torch.cat([mask, mask.new_ones(len(idx), 1)], 1)
-                z = forward_cached(model, nxt.unsqueeze(1), mask, cache)
-            for r, i in enumerate(idx):
-                text = tok.decode(gen[r], skip_special_tokens=True)
-                cut = min((text.find(s) for s in stop if s in text), default=len(text))
-                out[i] = Generation(text[:cut], tuple(gen[r]))
-            bar.update(len(idx))
-            release_freed_memory()
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(len(idx), 1)], 1)
+            z = forward_cached(model, nxt.unsqueeze(1), mask, cache)
+        for r, i in enumerate(idx):
+            out[i] = _finish(tok, gen[r], stop)
+        bar.update(len(idx))
+        release_freed_memory()
+    bar.close()
+    return out
+
+
+@dataclass
+class _Row:
+    """A prompt being decoded: its generated ids and the text decoded so far, kept incrementally
+    (``prefix``/``read`` offsets, as streaming detokenisers do) so a step decodes a few tokens only."""
+
+    index: int
+    ids: list[int]
+    text: str = ""
+    prefix: int = 0
+    read: int = 0
+
+    def advance(self, tok: Any) -> str:
+        """Decode the new token(s); returns the text they added ('' while a character is incomplete)."""
+        new = tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if new.endswith("\ufffd"):
+            return ""
+        old = tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        delta = new[len(old):] if new.startswith(old) else new
+        self.text += delta
+        # the next window starts at the first token not yet a window start, unless that token decodes
+        # to nothing (a skipped special token): a window starting there would lose the separator
+        # some tokenizers put between tokens
+        if tok.decode(self.ids[self.read:self.read + 1], skip_special_tokens=True):
+            self.prefix = self.read
+        self.read = len(self.ids)
+        return delta
+
+
+def _layers(cache: Any) -> list[Any]:
+    return list(cache.layers)
+
+
+def _stored(layer: Any, width: int) -> int:
+    """How many of the last ``width`` positions a cache layer keeps (a sliding layer: its window)."""
+    window = getattr(layer, "sliding_window", None)
+    return width if window is None else min(width, window - 1)
+
+
+def _left_pad_kv(t: torch.Tensor, n: int) -> torch.Tensor:
+    return t if n == 0 else torch.cat([t.new_zeros(*t.shape[:-2], n, t.shape[-1]), t], dim=-2)
+
+
+def merge_caches(a: Any, mask_a: torch.Tensor, b: Any, mask_b: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """Rows of ``b`` appended to ``a``'s batch (in place in ``a``): right-aligned, the narrower side
+    left-padded with zero keys/values under a zero mask, which attention never reads."""
+    width = max(mask_a.shape[1], mask_b.shape[1])
+    masks = [torch.cat([m.new_zeros(m.shape[0], width - m.shape[1]), m], 1) for m in (mask_a, mask_b)]
+    for la, lb in zip(_layers(a), _layers(b), strict=True):
+        keep = _stored(la, width)
+        parts = []
+        for layer in (la, lb):
+            k, v = layer.keys[..., -keep:, :], layer.values[..., -keep:, :]
+            parts.append((_left_pad_kv(k, keep - k.shape[-2]), _left_pad_kv(v, keep - v.shape[-2])))
+        la.keys = torch.cat([parts[0][0], parts[1][0]], 0)
+        la.values = torch.cat([parts[0][1], parts[1][1]], 0)
+        if hasattr(la, "cumulative_length"):
+            la.cumulative_length = width
+    return a, torch.cat(masks, 0)
+
+
+def select_rows(cache: Any, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    """Keep only rows ``keep`` (in place in ``cache``), then drop the leading positions no row
+    attends to any more; returns the new mask."""
+    idx = torch.tensor(keep, device=mask.device)
+    mask = mask[idx]
+    cut = int(mask.any(0).to(torch.int8).argmax()) if bool(mask.any()) else 0
+    width = mask.shape[1] - cut
+    for layer in _layers(cache):
+        keys, values = layer.keys[idx], layer.values[idx]
+        stored = min(keys.shape[-2], _stored(layer, width))
+        layer.keys, layer.values = keys[..., keys.shape[-2] - stored:, :], values[..., values.shape[-2] - stored:, :]
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = width
+    return mask[:, cut:]
+
+
+def _generate_continuous(lm: LoadedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                         stop: Sequence[str], batch_size: int, progress: bool, desc: str,
+                         until: Callable[[str], bool] | None) -> list[Generation]:
+    from transformers import DynamicCache
+
+    tok, model, dev = lm.tokenizer, lm.model, lm.device
+    pad, eos = pad_id(lm), eos_ids(lm)
+    queue = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths together
+    queue.reverse()  # pop() takes the longest first
+    out: list[Generation] = [Generation("", ())] * len(prompts)
+    tail = max((len(s) for s in stop), default=0)
+    refill = max(1, batch_size // 4)  # admit waiting prompts once this many slots are free
+    active: list[_Row] = []
+    cache: Any = None
+    mask = z = None
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
+    made, t0 = 0, time.perf_counter()
+    while active or queue:
+        free = batch_size - len(active)
+        if queue and (not active or free >= min(refill, len(queue))):
+            new = [queue.pop() for _ in range(min(free, len(queue)))]
+            ids, new_mask = left_pad([prompts[i] for i in new], pad, dev)
+            new_cache = DynamicCache(config=model.config)
+            z_new = forward_cached(model, ids, new_mask, new_cache)
+            if active:
+                cache, mask = merge_caches(cache, mask, new_cache, new_mask)
+                z = torch.cat([z, z_new], 0)
+            else:
+                cache, mask, z = new_cache, new_mask, z_new
+            active += [_Row(i, []) for i in new]
+        nxt = z.argmax(-1).tolist()
+        keep = []
+        for r, (row, t) in enumerate(zip(active, nxt, strict=True)):
+            if t in eos:
+                out[row.index] = _finish(tok, row.ids, stop)
+                continue
+            row.ids.append(t)
+            made += 1
+            hit = False
+            if stop or until is not None:
+                delta = row.advance(tok)
+                window = row.text[-(tail + len(delta)):] if delta else ""
+                hit = bool(delta) and (any(s in window for s in stop) or (until is not None and until(row.text)))
+            if hit or len(row.ids) >= max_new_tokens:
+                out[row.index] = _finish(tok, row.ids, stop)
+            else:
+                keep.append(r)
+        if len(keep) < len(active):
+            bar.update(len(active) - len(keep))
+            bar.set_postfix_str(f"{made / max(time.perf_counter() - t0, 1e-9):.1f} tok/s", refresh=False)
+            active = [active[r] for r in keep]
+            if not active:
+                cache = mask = z = None
+                release_freed_memory()
+                continue
+            mask = select_rows(cache, mask, keep)
+        step = torch.tensor([nxt[r] for r in keep], device=dev).unsqueeze(1)
+        mask = torch.cat([mask, mask.new_ones(len(active), 1)], 1)
+        z = forward_cached(model, step, mask, cache)
     bar.close()
     return out
 

@@ -70,9 +70,10 @@ class GsmResult:
                                               "format_rate", "stderr_flexible", "samples")}
 
 
-def evaluate_gsm8k(lm: LoadedModel, data_dir: str | Path | None, limit: int | None = None, seed: int = 0,
-                   shots: int = 5, modification: Any = None, batch_size: int = 8, max_new_tokens: int = 256,
-                   chat_template: bool = True, progress: bool = True) -> GsmResult:
+def conversations_for(data_dir: str | Path | None, limit: int | None, seed: int, shots: int
+                      ) -> tuple[list[dict[str, Any]], list[int], list[list[dict[str, str]]]]:
+    """(rows, sampled row indices, one conversation each): the exemplars as earlier turns (the
+    first ``shots`` rows, never asked), then the question."""
     rows = load_rows("gsm8k", data_dir).rows
     if shots < 0 or shots >= len(rows):
         raise PrunelensError(f"--shots must be in 0..{len(rows) - 1}, got {shots}")
@@ -82,8 +83,14 @@ def evaluate_gsm8k(lm: LoadedModel, data_dir: str | Path | None, limit: int | No
                   {"role": "assistant", "content": exemplar_answer(ex["answer"])}]
     pool = list(range(shots, len(rows)))
     chosen = [pool[i] for i in sample_indices(len(pool), limit, seed)]
-    prompts = [render(lm.tokenizer, [*turns, {"role": "user", "content": _question(rows[i]["question"])}],
-                      chat_template) for i in chosen]
+    return rows, chosen, [[*turns, {"role": "user", "content": _question(rows[i]["question"])}] for i in chosen]
+
+
+def evaluate_gsm8k(lm: LoadedModel, data_dir: str | Path | None, limit: int | None = None, seed: int = 0,
+                   shots: int = 5, modification: Any = None, batch_size: int = 8, max_new_tokens: int = 256,
+                   chat_template: bool = True, progress: bool = True) -> GsmResult:
+    rows, chosen, conversations = conversations_for(data_dir, limit, seed, shots)
+    prompts = [render(lm.tokenizer, c, chat_template) for c in conversations]
     outs = generate(lm, prompts, max_new_tokens, STOP, modification, batch_size, progress, desc="gsm8k")
     samples, hits, hits_strict, formatted = [], [], [], []
     for i, text in zip(chosen, outs, strict=True):

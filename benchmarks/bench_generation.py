@@ -68,11 +68,9 @@ def run_prunelens(lm: Any, work: list[dict[str, Any]], batch: int, engine: str) 
     return texts, tokens, time.perf_counter() - t0
 
 
-def _cut(text: str, stop: list[str]) -> str:
-    return text[:min((text.find(s) for s in stop if s in text), default=len(text))]
-
-
 def run_hf(lm: Any, work: list[dict[str, Any]]) -> tuple[list[str], int, float]:
+    from prunelens.model.runtime import cut_at_stop
+
     tok, texts, tokens, t0 = lm.tokenizer, [], 0, time.perf_counter()
     eos = lm.model.generation_config.eos_token_id
     for w in work:
@@ -84,7 +82,7 @@ def run_hf(lm: Any, work: list[dict[str, Any]]) -> tuple[list[str], int, float]:
         if new and new[-1] in ([eos] if isinstance(eos, int) else list(eos or [])):
             new = new[:-1]
         tokens += len(new)
-        texts.append(_cut(tok.decode(new, skip_special_tokens=True), w["stop"]))
+        texts.append(cut_at_stop(tok.decode(new, skip_special_tokens=True), w["stop"]))
     return texts, tokens, time.perf_counter() - t0
 
 

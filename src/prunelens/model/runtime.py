@@ -84,10 +84,13 @@ def generate_full(
         return run(lm, prompts, max_new_tokens, tuple(stop), batch_size, progress, desc, until)
 
 
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any stop string."""
+    return text[:min((text.find(s) for s in stop if s in text), default=len(text))]
+
+
 def _finish(tok: Any, ids: list[int], stop: Sequence[str]) -> Generation:
-    text = tok.decode(ids, skip_special_tokens=True)
-    cut = min((text.find(s) for s in stop if s in text), default=len(text))
-    return Generation(text[:cut], tuple(ids))
+    return Generation(cut_at_stop(tok.decode(ids, skip_special_tokens=True), stop), tuple(ids))
 
 
 def _generate_static(lm: LoadedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str],
@@ -162,10 +165,6 @@ class _Row:
         return delta
 
 
-def _layers(cache: Any) -> list[Any]:
-    return list(cache.layers)
-
-
 def _stored(layer: Any, width: int) -> int:
     """How many of the last ``width`` positions a cache layer keeps (a sliding layer: its window)."""
     window = getattr(layer, "sliding_window", None)
@@ -181,7 +180,7 @@ def merge_caches(a: Any, mask_a: torch.Tensor, b: Any, mask_b: torch.Tensor) -> 
     left-padded with zero keys/values under a zero mask, which attention never reads."""
     width = max(mask_a.shape[1], mask_b.shape[1])
     masks = [torch.cat([m.new_zeros(m.shape[0], width - m.shape[1]), m], 1) for m in (mask_a, mask_b)]
-    for la, lb in zip(_layers(a), _layers(b), strict=True):
+    for la, lb in zip(a.layers, b.layers, strict=True):
         keep = _stored(la, width)
         parts = []
         for layer in (la, lb):
@@ -201,7 +200,7 @@ def select_rows(cache: Any, mask: torch.Tensor, keep: list[int]) -> torch.Tensor
     mask = mask[idx]
     cut = int(mask.any(0).to(torch.int8).argmax()) if bool(mask.any()) else 0
     width = mask.shape[1] - cut
-    for layer in _layers(cache):
+    for layer in cache.layers:
         keys, values = layer.keys[idx], layer.values[idx]
         stored = min(keys.shape[-2], _stored(layer, width))
         layer.keys, layer.values = keys[..., keys.shape[-2] - stored:, :], values[..., values.shape[-2] - stored:, :]

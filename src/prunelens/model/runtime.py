@@ -165,6 +165,94 @@ class _Row:
         return delta
 
 
+def _growing_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A full-attention cache layer that writes new keys/values into spare room: DynamicLayer
+        concatenates, copying the whole cache every step (O(context) per token, ~40 % of a decode step
+        at 800 tokens). Reads are views of the filled part; assigning ``keys``/``values`` replaces it."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            self._k: torch.Tensor | None = None
+            self._v: torch.Tensor | None = None
+            self._n = 0
+            super().__init__(**kwargs)
+
+        @property
+        def keys(self) -> torch.Tensor | None:  # type: ignore[override]
+            return None if self._k is None else self._k[..., :self._n, :]
+
+        @keys.setter
+        def keys(self, t: torch.Tensor | None) -> None:
+            self._k, self._n = t, (0 if t is None or t.dim() < 2 else t.shape[-2])
+
+        @property
+        def values(self) -> torch.Tensor | None:  # type: ignore[override]
+            return None if self._v is None else self._v[..., :self._n, :]
+
+        @values.setter
+        def values(self, t: torch.Tensor | None) -> None:
+            self._v = t
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized or self._k is None or self._k.dim() < 2:
+                self.device, self.is_initialized = key_states.device, True
+                self._k = self._v = None
+                self._n = 0
+            n, m = self._n, key_states.shape[-2]
+            if self._k is None or self._v is None or n + m > self._k.shape[-2]:
+                cap = n + m + max(64, (n + m) // 4)
+                self._k, self._v = (self._room(old, new, n, cap) for old, new in
+                                    ((self._k, key_states), (self._v, value_states)))
+            self._k[..., n:n + m, :] = key_states
+            self._v[..., n:n + m, :] = value_states
+            self._n = n + m
+            return self.keys, self.values  # type: ignore[return-value]
+
+        @staticmethod
+        def _room(old: torch.Tensor | None, new: torch.Tensor, n: int, cap: int) -> torch.Tensor:
+            out = new.new_empty(*new.shape[:-2], cap, new.shape[-1])
+            if old is not None and n:
+                out[..., :n, :] = old[..., :n, :]
+            return out
+
+    return GrowingLayer
+
+
+_GROWING: list[type] = []
+
+
+def new_cache(model: Any) -> Any:
+    """A DynamicCache for ``model`` whose plain full-attention layers grow in place (sliding-window
+    and other special layers are kept as transformers builds them)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    if not _GROWING:
+        _GROWING.append(_growing_layer_class())
+    cache = DynamicCache(config=model.config)
+    cache.layers = [_GROWING[0]() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix every prompt shares, leaving each at least one token of its own."""
+    if not prompts:
+        return 0
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        i = 0
+        while i < n and p[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
+
+MIN_SHARED = 16  # below this, computing the prefix once saves less than the extra forward costs
+
+
 def _stored(layer: Any, width: int) -> int:
     """How many of the last ``width`` positions a cache layer keeps (a sliding layer: its window)."""
     window = getattr(layer, "sliding_window", None)
@@ -212,10 +300,18 @@ def select_rows(cache: Any, mask: torch.Tensor, keep: list[int]) -> torch.Tensor
 def _generate_continuous(lm: LoadedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                          stop: Sequence[str], batch_size: int, progress: bool, desc: str,
                          until: Callable[[str], bool] | None) -> list[Generation]:
-    from transformers import DynamicCache
 
     tok, model, dev = lm.tokenizer, lm.model, lm.device
     pad, eos = pad_id(lm), eos_ids(lm)
+    # a prefix all prompts share (few-shot exemplars, a system prompt) is computed once; exact only
+    # where every layer attends to the whole context (a sliding window would count the mask's holes)
+    n_shared = shared_prefix(prompts) if len(prompts) > 1 else 0
+    prefix_cache = new_cache(model) if n_shared >= MIN_SHARED else None
+    if prefix_cache is not None and all(isinstance(la, _GROWING[0]) for la in prefix_cache.layers):
+        ids1 = torch.tensor([list(prompts[0][:n_shared])], device=dev)
+        forward_cached(model, ids1, torch.ones_like(ids1), prefix_cache)
+    else:
+        prefix_cache = None
     queue = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths together
     queue.reverse()  # pop() takes the longest first
     out: list[Generation] = [Generation("", ())] * len(prompts)
@@ -230,14 +326,21 @@ def _generate_continuous(lm: LoadedModel, prompts: Sequence[Sequence[int]], max_
         free = batch_size - len(active)
         if queue and (not active or free >= min(refill, len(queue))):
             new = [queue.pop() for _ in range(min(free, len(queue)))]
-            ids, new_mask = left_pad([prompts[i] for i in new], pad, dev)
-            new_cache = DynamicCache(config=model.config)
-            z_new = forward_cached(model, ids, new_mask, new_cache)
+            wave = new_cache(model)
+            if prefix_cache is None:
+                ids, new_mask = left_pad([prompts[i] for i in new], pad, dev)
+            else:  # [shared prefix][holes][own tokens]: positions come from the mask, so stay exact
+                ids, own = left_pad([prompts[i][n_shared:] for i in new], pad, dev)
+                new_mask = torch.cat([own.new_ones(len(new), n_shared), own], 1)
+                for j, layer in enumerate(prefix_cache.layers):
+                    shape = (len(new), *layer.keys.shape[1:])
+                    wave.layers[j].update(layer.keys.expand(shape), layer.values.expand(shape))
+            z_new = forward_cached(model, ids, new_mask, wave)
             if active:
-                cache, mask = merge_caches(cache, mask, new_cache, new_mask)
+                cache, mask = merge_caches(cache, mask, wave, new_mask)
                 z = torch.cat([z, z_new], 0)
             else:
-                cache, mask, z = new_cache, new_mask, z_new
+                cache, mask, z = wave, new_mask, z_new
             active += [_Row(i, []) for i in new]
         nxt = z.argmax(-1).tolist()
         keep = []

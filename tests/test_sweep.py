@@ -209,3 +209,99 @@ def test_resume_with_a_rewritten_local_model_is_refused(tmp_path: Path, fake: li
     (model / "model.safetensors").write_bytes(b"1" * 12)
     with pytest.raises(PrunelensError, match="model_files"):
         run_sweep(_spec(model=str(model)), tmp_path / "s", lm=object(), progress=False)
+
+
+# --- several workers on one sweep directory ------------------------------------------------------
+
+_WORKER = r'''
+import json, os, sys, time
+from pathlib import Path
+import prunelens.analyses.sweep as sw
+import prunelens.prune.recipe as recipe
+from prunelens.tasks.registry import TaskOptions, TaskScore, task_kind
+
+out, shard, log = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+
+class Mod:
+    def __init__(self, a): self.amount = a
+    def label(self): return f"attn:{self.amount}"
+    def to_dict(self): return {"label": self.label()}
+
+def run_task(lm, task, data_dir, options, mod=None):
+    a = mod.amount if mod else "0"
+    with open(log, "a") as f:  # O_APPEND: one line per computed cell, from either worker
+        f.write(f"{a}/{task}\n")
+    time.sleep(0.3)
+    return TaskScore(task, task_kind(task), "acc", 0.9 - 0.1 * int(a), 0.01, 10, {})
+
+sw._build = lambda lm, spec, amount, progress: None if amount == "0" else Mod(amount)
+sw.run_task = run_task
+sw.check_task = lambda t, d: []
+recipe.footprint = lambda lm, mod: {"removed_share": int(mod.amount) / 10}
+spec = sw.SweepSpec(model="m", method="attn", amounts=("0", "1", "2", "3"), tasks=("gsm8k", "arc_easy"),
+                    data_dir=None, options=TaskOptions(limit=10, progress=False))
+sw.run_sweep(spec, out, lm=object(), progress=False, shard=sw.parse_shard(shard) if shard != "-" else None)
+'''
+
+
+def _workers(tmp_path: Path, out: Path, shards: list[str]) -> list[str]:
+    import subprocess
+    import sys
+
+    script, log = tmp_path / "worker.py", tmp_path / f"{out.name}.log"
+    script.write_text(_WORKER)
+    procs = [subprocess.Popen([sys.executable, str(script), str(out), s, str(log)]) for s in shards]
+    assert [p.wait(timeout=300) for p in procs] == [0] * len(procs)
+    return log.read_text().split()
+
+
+def test_concurrent_workers_compute_each_cell_once_and_match_one_worker(tmp_path: Path) -> None:
+    one = _workers(tmp_path, tmp_path / "one", ["-"])
+    assert len(one) == 8
+    # two shards of the grid, and two unsharded workers racing over every cell: claims keep each
+    # cell to one computation
+    for name, shards in (("sharded", ["1/2", "2/2"]), ("racing", ["-", "-"])):
+        done = _workers(tmp_path, tmp_path / name, shards)
+        assert sorted(done) == sorted(one), name
+        assert main(["report", str(tmp_path / name)]) == 0
+        assert (tmp_path / name / "table.csv").read_text() == (tmp_path / "one" / "table.csv").read_text()
+        assert not list((tmp_path / name / "cells").glob("*.claim"))
+
+
+def test_shard_takes_every_nth_cell_and_outputs_cover_what_is_done(tmp_path: Path, fake: list) -> None:
+    res = run_sweep(_spec(), tmp_path / "s", lm=object(), progress=False, shard=(2, 4))
+    # grid order: (0,gsm8k) (0,arc) (1,gsm8k) (1,arc) (2,gsm8k) (2,arc): cells 2 and 6
+    assert fake == [("0", "arc_easy"), ("2", "arc_easy")]
+    assert len(res.cells) == 2 and (tmp_path / "s" / "table.csv").is_file()
+    for bad in ("3/2", "0/2", "a/b", "2"):
+        with pytest.raises(PrunelensError, match="--shard"):
+            sweep_mod.parse_shard(bad)
+    with pytest.raises(PrunelensError, match="overwrite"):
+        run_sweep(_spec(), tmp_path / "s", lm=object(), progress=False, shard=(1, 2), overwrite=True)
+
+
+def test_claims_of_live_workers_are_kept_and_of_dead_ones_retaken(tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from prunelens.analyses.cells import claim, claimed_by, release
+
+    cell = tmp_path / "a.json"
+    assert claim(cell) and not claim(cell)  # a second claim by anyone, this process included, fails
+    release(cell)
+    assert claim(cell)
+    release(cell)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = tmp_path / "a.json.claim"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
+    assert claimed_by(cell) is None and claim(cell)  # a dead worker's claim on this host is retaken
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    release(cell)
+    lock.write_text(json.dumps({"host": "node17", "pid": 4242}))  # another host: assumed alive
+    assert not claim(cell) and claimed_by(cell) == "node17:4242"
+    lock.unlink()
+    cell.write_text("{}")
+    assert not claim(cell)  # finished cells are never claimed

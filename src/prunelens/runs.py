@@ -34,9 +34,8 @@ def json_safe(x: Any) -> Any:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(json_safe(obj), indent=1, allow_nan=False))
-    os.replace(tmp, path)
+    """Strict JSON, atomically (concurrent writers of one file each use their own temp file)."""
+    atomic_write_text(Path(path), json.dumps(json_safe(obj), indent=1, allow_nan=False))
 
 
 def check_writable_parent(out: Path) -> None:

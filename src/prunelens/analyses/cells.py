@@ -5,12 +5,20 @@ value: the settings, the model, dtype and device, the content hashes of the data
 package versions — and one JSON file per finished cell, written atomically. Rerunning resumes: the
 identity must match (else a one-line error names the first differing setting), finished cells are
 read back, and only missing cells are computed.
+
+Several workers (a scheduler's job array, with the directory on shared storage) may fill one cache:
+a worker *claims* a cell before computing it (``claim``: a ``.claim`` file created exclusively) and
+skips cells another live worker holds, so every cell is computed once and written whole.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
+import socket
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -112,3 +120,107 @@ class CellCache:
 
     def save(self, key: str, value: Any) -> None:
         write_json(self.path(key), value)
+
+
+# --- claims: several workers on one cache directory ---------------------------------------------
+
+
+def _claim_file(cell: Path) -> Path:
+    return cell.with_name(cell.name + ".claim")
+
+
+def _me() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _holder(lock: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    """A claim's worker still runs: a process on this host is asked; a worker on another host is
+    assumed alive (its claim file says who to check; delete the file if that worker died)."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):
+        return True
+    return True
+
+
+def claim(cell: Path) -> bool:
+    """Take ``cell`` for this worker; False if it is finished or a live worker holds it.
+
+    O_EXCL creation is atomic on local and NFS v3+ file systems. A claim left by a dead worker on
+    this host is moved aside (atomically, so of two workers reclaiming it only one wins) and retaken.
+    """
+    lock = _claim_file(cell)
+    for _ in range(3):
+        if cell.is_file():
+            return False
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            held = _holder(lock)
+            if held is None or _alive(held):  # an unreadable claim is being written right now
+                return False
+            aside = lock.with_name(f"{lock.name}.stale-{os.getpid()}-{secrets.token_hex(3)}")
+            try:
+                os.rename(lock, aside)
+            except FileNotFoundError:
+                continue
+            if _holder(aside) != held:  # we moved a fresh claim of another worker: put it back
+                try:
+                    os.link(aside, lock)
+                except FileExistsError:
+                    pass
+                os.unlink(aside)
+                return False
+            os.unlink(aside)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({**_me(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
+        if cell.is_file():  # finished by another worker between our check and our claim
+            release(cell)
+            return False
+        return True
+    return False
+
+
+def release(cell: Path) -> None:
+    """Drop this worker's claim on ``cell`` (after writing it, or when its computation failed)."""
+    lock = _claim_file(cell)
+    held = _holder(lock)
+    if held is not None and {k: held.get(k) for k in ("host", "pid")} == _me():
+        lock.unlink(missing_ok=True)
+
+
+def claimed_by(cell: Path) -> str | None:
+    """``host:pid`` of the live worker holding an unfinished cell, else None."""
+    held = _holder(_claim_file(cell))
+    if held is None or cell.is_file() or not _alive(held):
+        return None
+    return f"{held.get('host')}:{held.get('pid')}"
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``K/N`` (1 ≤ K ≤ N): this worker takes cells K, K+N, K+2N, … of the grid, in grid order."""
+    if text is None:
+        return None
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise PrunelensError(f"--shard takes K/N with whole numbers (e.g. 2/4), got '{text}'") from None
+    if not 1 <= k <= n:
+        raise PrunelensError(f"--shard {text}: K must be between 1 and N")
+    return k, n
+
+
+def in_shard(index: int, shard: tuple[int, int] | None) -> bool:
+    return shard is None or index % shard[1] == shard[0] - 1

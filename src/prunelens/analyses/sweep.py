@@ -10,7 +10,9 @@ A failed cell is never written: the error stops the sweep and the finished cells
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,7 +23,18 @@ from tqdm.auto import tqdm
 
 from prunelens import options
 from prunelens.analyses.base import Analysis, register
-from prunelens.analyses.cells import CellCache, data_hashes, environment, first_difference, model_fingerprint
+from prunelens.analyses.cells import (
+    CellCache,
+    claim,
+    claimed_by,
+    data_hashes,
+    environment,
+    first_difference,
+    in_shard,
+    model_fingerprint,
+    parse_shard,
+    release,
+)
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
 from prunelens.prune.base import REGISTRY, Method, methods
@@ -122,10 +135,13 @@ def _build(lm: LoadedModel, spec: SweepSpec, amount: str, progress: bool):
 
 
 def run_sweep(spec: SweepSpec, out_dir: str | Path, lm: LoadedModel | Callable[[], LoadedModel] | None = None,
-              overwrite: bool = False, progress: bool = True) -> SweepResult:
+              overwrite: bool = False, progress: bool = True, shard: tuple[int, int] | None = None) -> SweepResult:
     """Fill every missing (amount, task) cell, then write the tables, the figure and the report.
 
     ``lm`` is a loaded model or a function loading it (called only if some cell is missing).
+    ``shard=(K, N)`` takes only cells K, K+N, … of the grid; cells another live worker has claimed
+    are skipped, so concurrent workers on one directory compute every cell once. The outputs then
+    cover the cells finished so far; ``prunelens report DIR`` rebuilds them once all are in.
     """
     from prunelens.analyses.sweep_view import write_outputs
     from prunelens.model.loading import load_model
@@ -134,6 +150,9 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, lm: LoadedModel | Callable[[
     out = Path(out_dir)
     for a in spec.amounts:
         spec_for(spec.method, a)
+    if overwrite and shard is not None:
+        raise PrunelensError("--overwrite with --shard would let one shard delete the others' cells; "
+                             "clear the directory once before starting the shards")
     # data content per task (file name or Hub dataset -> hash): a resumed sweep may add tasks, never
     # swap a task's data
     data = {t: check_task(t, spec.data_dir) for t in spec.tasks}
@@ -145,7 +164,9 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, lm: LoadedModel | Callable[[
             raise PrunelensError(f"'{out}' holds a sweep with different settings: its {t} cells were computed "
                                  f"on other data ({first_difference(old[t], hashes)}); use another --out or "
                                  "--overwrite")
-    todo = [(a, t) for a in spec.amounts for t in spec.tasks if overwrite or not cell_path(out, a, t).is_file()]
+    grid = [(a, t) for a in spec.amounts for t in spec.tasks]
+    mine = [c for i, c in enumerate(grid) if in_shard(i, shard)]
+    todo = [(a, t) for a, t in mine if overwrite or not cell_path(out, a, t).is_file()]
     if todo:  # the model loads, and every amount fits it, before anything is written
         lm = lm() if callable(lm) else (lm or load_model(spec.model))
         if hasattr(lm, "adapter"):
@@ -155,34 +176,84 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, lm: LoadedModel | Callable[[
                     Recipe.parse(s).check(lm.adapter.n_layers)
     cache.open(schema=SCHEMA, model=spec.model, method=spec.method, amounts=list(spec.amounts),
                tasks=list(spec.tasks), data_dir=spec.data_dir, data={**old, **data})
-    total = len(spec.amounts) * len(spec.tasks)
-    bar = tqdm(total=total, initial=total - len(todo), desc="sweep cells", unit="cell", disable=not progress,
-               position=0)
+    clock = _Clock(out, grid)
+    if progress and todo:
+        print(f"sweep: {len(todo)} of {len(grid)} cells to compute{clock.eta(todo)}", file=sys.stderr)
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="sweep cells", unit="cell",
+               disable=not progress, position=0)
     current: tuple[str, Any, float, dict[str, float]] | None = None
-    for amount, task in todo:
-        if current is None or current[0] != amount:
-            current = None  # release the previous amount's patched weights before building the next
+    skipped: list[str] = []
+    for n, (amount, task) in enumerate(todo):
+        path = cell_path(out, amount, task)
+        if not claim(path):
+            skipped.append(f"{amount}/{task}")
+            bar.update(1)
+            continue
+        try:
+            if current is None or current[0] != amount:
+                current = None  # release the previous amount's patched weights before building the next
+                t0 = time.perf_counter()
+                mod = _build(lm, spec, amount, progress)
+                fp = footprint(lm, mod) if mod is not None else {"removed_share": 0.0, "bits_per_weight": 16.0,
+                                                                     "memory_vs_bf16": 1.0}
+                current = (amount, mod, time.perf_counter() - t0, fp)
+            _, mod, build_s, fp = current
+            bar.set_postfix_str(f"{amount} {task}")
             t0 = time.perf_counter()
-            mod = _build(lm, spec, amount, progress)
-            fp = footprint(lm, mod) if mod is not None else {"removed_share": 0.0, "bits_per_weight": 16.0,
-                                                                 "memory_vs_bf16": 1.0}
-            current = (amount, mod, time.perf_counter() - t0, fp)
-        _, mod, build_s, fp = current
-        bar.set_postfix_str(f"{amount} {task}")
-        t0 = time.perf_counter()
-        score = run_task(lm, task, spec.data_dir, spec.options, mod)
-        cell = {"amount": amount, "task": task, "kind": score.kind, "method": spec.method,
-                "modification": mod.to_dict() if mod is not None else {"label": "dense"},
-                "label": mod.label() if mod is not None else "dense", **score.to_dict(),
-                "footprint": fp, "seconds": time.perf_counter() - t0, "build_seconds": build_s,
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        write_json(cell_path(out, amount, task), cell)
+            score = run_task(lm, task, spec.data_dir, spec.options, mod)
+            cell = {"amount": amount, "task": task, "kind": score.kind, "method": spec.method,
+                    "modification": mod.to_dict() if mod is not None else {"label": "dense"},
+                    "label": mod.label() if mod is not None else "dense", **score.to_dict(),
+                    "footprint": fp, "seconds": time.perf_counter() - t0, "build_seconds": build_s,
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            write_json(path, cell)
+        finally:
+            release(path)
+        clock.done(cell)
         bar.update(1)
+        if progress and n + 1 < len(todo):
+            bar.write(f"sweep: {amount}/{task} took {cell['seconds']:.0f} s; "
+                      f"{len(todo) - n - 1} cells left{clock.eta(todo[n + 1:])}")
     bar.close()
-    cells = [load_cell(cell_path(out, a, t)) for a in spec.amounts for t in spec.tasks]
+    cells = [load_cell(cell_path(out, a, t)) for a, t in grid if cell_path(out, a, t).is_file()]
     result = SweepResult(spec, cells, out)
-    write_outputs(result)
+    if cells:
+        write_outputs(result)
+    if progress and len(cells) < len(grid):
+        held = [f"{a}/{t} ({w})" for a, t in grid if (w := claimed_by(cell_path(out, a, t)))]
+        print(f"sweep: {len(cells)} of {len(grid)} cells finished"
+              + (f"; held by other workers: {', '.join(held)}" if held else "")
+              + (f"; skipped (claimed elsewhere): {', '.join(skipped)}" if skipped else "")
+              + f"; `prunelens report {out}` rebuilds the outputs once all are in", file=sys.stderr)
     return result
+
+
+class _Clock:
+    """Estimates the time of the cells left from those done (the same task's cells where there are
+    some: a generative task's cells take far longer than a multiple-choice one's)."""
+
+    def __init__(self, out: Path, grid: Sequence[tuple[str, str]]) -> None:
+        self.seconds: dict[str, list[float]] = {}
+        for a, t in grid:
+            p = cell_path(out, a, t)
+            if p.is_file():
+                with contextlib.suppress(PrunelensError):
+                    self.done(load_cell(p))
+
+    def done(self, cell: dict[str, Any]) -> None:
+        if isinstance(cell.get("seconds"), (int, float)):
+            self.seconds.setdefault(cell["task"], []).append(float(cell["seconds"]))
+
+    def eta(self, left: Sequence[tuple[str, str]]) -> str:
+        every = [s for v in self.seconds.values() for s in v]
+        if not every:
+            return ""
+        mean = {t: sum(v) / len(v) for t, v in self.seconds.items()}
+        fallback = sum(every) / len(every)
+        total = sum(mean.get(t, fallback) for _, t in left)
+        h, m = divmod(int(total / 60 + 0.5), 60)
+        when = f"{h} h {m:02d} min" if h else f"{m} min"
+        return f", about {when} by the cells done so far"
 
 
 def load_cell(path: Path) -> dict[str, Any]:
@@ -223,19 +294,27 @@ def _arguments(sw: argparse.ArgumentParser) -> None:
     options.add_task_args(sw)
     sw.add_argument("--out", help="sweep directory (default runs/sweep-<model>-<method>); rerun to resume")
     sw.add_argument("--overwrite", action="store_true", help="discard cached cells and start again")
+    sw.add_argument("--shard", metavar="K/N", help="take every N-th cell of the grid, starting at the K-th "
+                    "(1-based), e.g. one job of a SLURM array per shard with --out on shared storage; "
+                    "concurrent shards never compute a cell twice; `prunelens report DIR` merges them")
 
 
 def _run(args: argparse.Namespace) -> int:
     from prunelens.analyses.sweep_view import markdown_table, markdown_table1, reading
 
     amounts = parse_amounts(args.method, args.amounts)
+    shard = parse_shard(args.shard)
     tasks, opts = options.task_setup(args)
     options.calibration(args)
     spec = SweepSpec(args.model, args.method, tuple(amounts), tuple(tasks), args.data_dir, opts,
                      args.importance, args.calib, args.calib_samples, args.calib_len, args.device, args.dtype)
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in f"{Path(args.model).name}-{args.method}")
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{safe}"
-    res = run_sweep(spec, out, lambda: options.load(args), overwrite=args.overwrite, progress=not args.quiet)
+    res = run_sweep(spec, out, lambda: options.load(args), overwrite=args.overwrite, progress=not args.quiet,
+                    shard=shard)
+    if not res.cells:
+        print(f"sweep: no cell finished yet in {out}")
+        return 0
     print(markdown_table(res))
     print(markdown_table1(res))
     for line in reading(res):

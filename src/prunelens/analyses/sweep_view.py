@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +208,7 @@ def write_outputs(result: SweepResult) -> None:
     atomic_write_text(out / "table.csv", csv_text(result))
     atomic_write_text(out / "table.md", markdown_table(result))
     atomic_write_text(out / "table1.md", markdown_table1(result))
-    tmp_fig = out / ".figure1.tmp.png"
+    tmp_fig = out / f".figure1.{os.getpid()}.tmp.png"  # shards of one sweep may write it at once
     figure1(result, tmp_fig)
     tmp_fig.replace(out / "figure1.png")
     atomic_write_text(out / "report.html", render_sweep_html(result, out / "figure1.png"))

@@ -51,12 +51,25 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling (default 0)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code from the hub (off by default)")
+    big = p.add_argument_group("models larger than one device (accelerate's big-model inference)")
+    big.add_argument("--device-map", help="auto, balanced, balanced_low_0, sequential, or a JSON file "
+                     "{module: device}; replaces --device (default: the whole model on --device)")
+    big.add_argument("--max-memory", help="per-device budget in accelerate's syntax, e.g. 0=70GiB,1=70GiB,"
+                     "cpu=200GiB (implies --device-map auto)")
+    big.add_argument("--offload-dir", help="folder for weights that fit no device budget (disk offload)")
+
+
+def placement(args: argparse.Namespace):
+    from prunelens.model.placement import placement as make
+
+    return make(getattr(args, "device_map", None), getattr(args, "max_memory", None),
+                getattr(args, "offload_dir", None))
 
 
 def load(args: argparse.Namespace):
     from prunelens.model.loading import load_model
 
-    return load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    return load_model(args.model, args.device, args.dtype, args.trust_remote_code, placement=placement(args))
 
 
 class _AppendSpec(argparse.Action):

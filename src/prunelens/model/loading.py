@@ -27,6 +27,7 @@ import torch
 
 from prunelens.errors import PrunelensError
 from prunelens.model.arch import Adapter
+from prunelens.model.placement import Placement, execution_device
 
 
 def cache_dir() -> Path:
@@ -92,7 +93,10 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the model's device, or the embedding's execution device under a device map."""
+        from prunelens.model.placement import execution_device
+
+        return execution_device(self.model)
 
 
 # --- packaged GGUF files -----------------------------------------------------------------------
@@ -305,7 +309,9 @@ def _first_line(e: BaseException) -> str:
 def check_finite_weights(model: Any, name: str) -> None:
     """NaN or inf in the weights would make every comparison meaningless (KL 0, agreement 1 between
     two NaN models): refuse such a model in one line."""
-    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    # offloaded weights (on the meta device here) are not read: that would load a whole big model once
+    # more; NaN logits still stop every run that computes with them
+    bad = [n for n, p in model.named_parameters() if p.device.type != "meta" and not bool(torch.isfinite(p).all())]
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
         raise PrunelensError(f"model '{name}' has NaN or infinite weights (in {bad[0]}{more})")
@@ -316,11 +322,14 @@ def load_model(
     device: str = "cpu",
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    placement: Placement | None = None,
 ) -> LoadedModel:
     """Load a causal LM for analysis (eval mode, no grad needed).
 
     ``name`` is a preset (see ``PRESETS``), a local HF directory, a ``.gguf`` file, or a hub id
     (needs network). A checkpoint saved by prunelens has its dropped sublayers skipped again.
+    ``placement`` spreads the model over devices, CPU and disk with accelerate (``--device-map``,
+    ``--max-memory``, ``--offload-dir``); without it the whole model goes to ``device``.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -337,12 +346,14 @@ def load_model(
     try:
         with _quiet_hf():  # a seconds-long load needs no per-tensor progress bar
             model = AutoModelForCausalLM.from_pretrained(
-                src, dtype=dt, trust_remote_code=trust_remote_code)
+                src, dtype=dt, trust_remote_code=trust_remote_code, **(placement.kwargs() if placement else {}))
             tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise PrunelensError(f"could not load model '{name}': {_first_line(e)}") from None
     check_finite_weights(model, name)
-    model.to(dev).eval()
+    if placement is None or not placement.dispatched:
+        model.to(dev)
+    model.eval()
     model.requires_grad_(False)
     adapter = Adapter(model)
     plan = plan_from_config(model.config)
@@ -353,5 +364,7 @@ def load_model(
     info.update(name=name, source=str(src), model_type=adapter.model_type,
                 n_layers=adapter.n_layers, hidden_size=int(model.config.hidden_size),
                 vocab_size=int(model.config.vocab_size), n_params=int(n_params),
-                dtype=str(dt).replace("torch.", ""), device=str(dev))
+                dtype=str(dt).replace("torch.", ""), device=str(execution_device(model)))
+    if placement is not None and placement.dispatched:
+        info.update(placement=placement.to_dict(), device_map={k: str(v) for k, v in model.hf_device_map.items()})
     return LoadedModel(model, tok, adapter, info)

@@ -265,37 +265,30 @@ def install_permanently(adapter: Adapter, plan: DropPlan) -> None:
 METADATA_KEY = "prunelens"
 
 
-def pruned_state_and_config(adapter: Adapter, plan: DropPlan,
-                            extra_meta: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], Any]:
-    """State dict and config of the pruned model as plain transformers understands it.
-
-    Dropped blocks are removed and later blocks renumbered; dropped sublayers keep their weights
-    but their output projection is zeroed, so they add exactly nothing. Weights are shared with
-    the live model except for the zero tensors created here.
-    """
-    plan.validate(adapter.n_layers)
-    installed = plan_from_config(adapter.config)
-    if installed is not None and not installed.empty:
-        raise PrunelensError("this model is a pruned prunelens checkpoint with skipped sublayers; "
-                             "prune and save from the dense model instead")
+def _renamer(adapter: Adapter, plan: DropPlan) -> tuple[Any, list[int], dict[int, int]]:
+    """For each state-dict name: its name in the pruned checkpoint and whether it is zeroed, or None
+    if its block is dropped; also the kept blocks and their new indices."""
     spec, prefix = adapter.spec, adapter.spec.layers + "."
     keep = [i for i in range(adapter.n_layers) if i not in plan.block]
     new_index = {old: new for new, old in enumerate(keep)}
     zeroed = {f"{adapter.layer_path(i)}.{spec.attn_out}." for i in plan.attn} | {
         f"{adapter.layer_path(i)}.{spec.mlp_out}." for i in plan.mlp
     }
-    state: dict[str, torch.Tensor] = {}
-    for name, tensor in adapter.model.state_dict(keep_vars=False).items():
-        if name.startswith(prefix):
-            idx_str, rest = name[len(prefix):].split(".", 1)
-            old = int(idx_str)
-            if old in plan.block:
-                continue
-            if any(name.startswith(z) for z in zeroed):
-                tensor = torch.zeros_like(tensor)
-            name = f"{prefix}{new_index[old]}.{rest}"
-        state[name] = tensor
 
+    def rename(name: str) -> tuple[str, bool] | None:
+        if not name.startswith(prefix):
+            return name, False
+        idx_str, rest = name[len(prefix):].split(".", 1)
+        old = int(idx_str)
+        if old in plan.block:
+            return None
+        return f"{prefix}{new_index[old]}.{rest}", any(name.startswith(z) for z in zeroed)
+
+    return rename, keep, new_index
+
+
+def _pruned_config(adapter: Adapter, plan: DropPlan, keep: list[int], new_index: dict[int, int],
+                   extra_meta: dict[str, Any] | None) -> Any:
     config = copy.deepcopy(adapter.config)
     config.num_hidden_layers = len(keep)
     if getattr(config, "layer_types", None) is not None:
@@ -311,23 +304,118 @@ def pruned_state_and_config(adapter: Adapter, plan: DropPlan,
         **(extra_meta or {}),
     }
     setattr(config, METADATA_KEY, meta)
-    return state, config
+    return config
+
+
+def _check_dense(adapter: Adapter, plan: DropPlan) -> None:
+    plan.validate(adapter.n_layers)
+    installed = plan_from_config(adapter.config)
+    if installed is not None and not installed.empty:
+        raise PrunelensError("this model is a pruned prunelens checkpoint with skipped sublayers; "
+                             "prune and save from the dense model instead")
+
+
+def pruned_state_and_config(adapter: Adapter, plan: DropPlan,
+                            extra_meta: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], Any]:
+    """State dict and config of the pruned model as plain transformers understands it.
+
+    Dropped blocks are removed and later blocks renumbered; dropped sublayers keep their weights
+    but their output projection is zeroed, so they add exactly nothing. Weights are shared with
+    the live model except for the zero tensors created here.
+    """
+    _check_dense(adapter, plan)
+    rename, keep, new_index = _renamer(adapter, plan)
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in adapter.model.state_dict(keep_vars=False).items():
+        r = rename(name)
+        if r is not None:
+            state[r[0]] = torch.zeros_like(tensor) if r[1] else tensor
+    return state, _pruned_config(adapter, plan, keep, new_index, extra_meta)
+
+
+SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size
+
+
+def save_sharded(adapter: Adapter, plan: DropPlan, out_dir: str | Path,
+                 extra_meta: dict[str, Any] | None = None, shard_bytes: int = SHARD_BYTES) -> Any:
+    """The checkpoint of ``save_pruned`` for a model spread by a device map: tensors are read one
+    module at a time (offloaded ones through their hooks, so a weight patch's overlay is what gets
+    written) and written shard by shard, so the CPU holds at most one shard, never the model."""
+    from huggingface_hub.constants import SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE
+    from safetensors.torch import save_file
+
+    from prunelens.model.placement import state_tensors
+
+    _check_dense(adapter, plan)
+    rename, keep, new_index = _renamer(adapter, plan)
+    config = _pruned_config(adapter, plan, keep, new_index, extra_meta)
+    model, out = adapter.model, Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {}) if getattr(
+        model.config, "tie_word_embeddings", False) else set()
+    current: dict[str, torch.Tensor] = {}
+    size, n_written, weight_map, total = 0, 0, {}, 0
+    names = list(model.state_dict(keep_vars=True))
+    tmp_names: list[str] = []
+
+    def flush() -> None:
+        nonlocal current, size, n_written
+        if not current:
+            return
+        n_written += 1
+        fname = f"model-{n_written:05d}.safetensors.partial"
+        save_file(current, str(out / fname), metadata={"format": "pt"})
+        tmp_names.append(fname)
+        for k in current:
+            weight_map[k] = fname
+        current, size = {}, 0
+
+    for name, tensor in state_tensors(model, names):
+        r = rename(name)
+        if r is None or name in tied or r[0] in current or r[0] in weight_map:
+            continue
+        t = torch.zeros_like(tensor) if r[1] else tensor.contiguous()
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > shard_bytes:
+            flush()
+        current[r[0]] = t
+        size += nbytes
+        total += nbytes
+    flush()
+    # the shards get their final names only when all are written: a crash leaves no checkpoint that
+    # looks complete
+    final = ({tmp_names[0]: SAFETENSORS_SINGLE_FILE} if len(tmp_names) == 1 else
+             {f: f"model-{i + 1:05d}-of-{len(tmp_names):05d}.safetensors" for i, f in enumerate(tmp_names)})
+    for f, g in final.items():
+        (out / f).replace(out / g)
+    if len(tmp_names) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
+        (out / SAFETENSORS_INDEX_FILE).write_text(json.dumps(index, indent=2))
+    config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    return config
 
 
 def save_pruned(adapter: Adapter, plan: DropPlan, out_dir: str | Path, tokenizer: Any = None,
                 extra_meta: dict[str, Any] | None = None) -> Path:
     """Write a safetensors checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads as is."""
+    from prunelens.model.placement import is_dispatched
+
     out = Path(out_dir)
-    state, config = pruned_state_and_config(adapter, plan, extra_meta)
     model = adapter.model
-    # Blocks removed: drop the stale modules from the state dict's view by saving with a swapped
-    # config (save_pretrained writes self.config) and the explicit state dict.
-    original = model.config
-    model.config = config
-    try:
-        model.save_pretrained(out, state_dict=state, safe_serialization=True)
-    finally:
-        model.config = original
+    if is_dispatched(model):
+        config = save_sharded(adapter, plan, out, extra_meta)
+    else:
+        state, config = pruned_state_and_config(adapter, plan, extra_meta)
+        # Blocks removed: drop the stale modules from the state dict's view by saving with a swapped
+        # config (save_pretrained writes self.config) and the explicit state dict.
+        original = model.config
+        model.config = config
+        try:
+            model.save_pretrained(out, state_dict=state, safe_serialization=True)
+        finally:
+            model.config = original
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     (out / "prunelens.json").write_text(json.dumps(getattr(config, METADATA_KEY), indent=2))

@@ -14,7 +14,7 @@ import contextlib
 import fnmatch
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -26,6 +26,7 @@ from prunelens.errors import PrunelensError
 from prunelens.model.arch import Adapter
 from prunelens.model.capture import first_output
 from prunelens.model.memory import release_freed_memory
+from prunelens.model.placement import execution_device, is_dispatched, is_offloaded, onloaded, store_weight, swapped
 from prunelens.prune.base import REGISTRY, Method, method_for, register
 from prunelens.prune.quant import QuantSpec, gptq_quantize, rtn_quantize
 from prunelens.prune.sparse import Pattern, magnitude_mask, nm_violations, sparsegpt_prune, wanda_mask
@@ -167,17 +168,9 @@ class WeightPatch:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "weights", "label": self.label(), "method": self.method.name, **self.report}
 
-    @contextlib.contextmanager
-    def view(self, adapter: Adapter) -> Iterator[None]:
-        params = [(adapter.model.get_submodule(p).weight, w) for p, w in self.weights.items()]
-        old = [p.data for p, _ in params]
-        try:
-            for p, w in params:
-                p.data = w
-            yield
-        finally:
-            for (p, _), o in zip(params, old, strict=True):
-                p.data = o
+    def view(self, adapter: Adapter) -> contextlib.AbstractContextManager[None]:
+        """The new weights swapped in (pointer swaps; through the weight map for offloaded modules)."""
+        return swapped(adapter.model, self.weights)
 
 
 def target_linears(adapter: Adapter, skip: Sequence[str] = ()) -> list[list[str]]:
@@ -224,13 +217,23 @@ def _block_inputs(adapter: Adapter, calib: torch.Tensor, batch_size: int):
     try:
         for b0 in range(0, len(calib), batch_size):
             try:
-                adapter.model(input_ids=calib[b0:b0 + batch_size].to(adapter.model.device), use_cache=False)
+                adapter.model(input_ids=calib[b0:b0 + batch_size].to(execution_device(adapter.model)),
+                              use_cache=False)
             except _Stop:
                 pass
     finally:
         for h in handles:
             h.remove()
+    if is_dispatched(adapter.model):  # big models: activations wait on the CPU, not the compute device
+        inputs = [x.to("cpu") for x in inputs]
     return inputs, kwargs
+
+
+def _run_block(layer: nn.Module, h: torch.Tensor, kw: dict[str, Any], park: bool) -> torch.Tensor:
+    """One block on one batch; with ``park`` its output returns to the CPU (the hook moved the input
+    to the block's execution device)."""
+    out = first_output(layer(h, **kw))
+    return out.to("cpu") if park else out
 
 
 class _Stats:
@@ -284,6 +287,7 @@ def sparsify(
     new: dict[str, torch.Tensor] = {}
     rows: list[dict[str, Any]] = []
     timings: list[float] = []
+    park = is_dispatched(adapter.model)
     if calibrated:
         hs, kwargs = _block_inputs(adapter, calib, batch_size)  # type: ignore[arg-type]
     bar = tqdm(total=len(blocks), desc=f"{method.label()}", unit="block", disable=not progress)
@@ -317,23 +321,25 @@ def sparsify(
             try:
                 for b, h in enumerate(hs):
                     memo.clear()
-                    layer(h, **kwargs[i][b])
+                    layer(h, **kwargs[i][b])  # a device map's hook moves h
             finally:
                 for hd in handles:
                     hd.remove()
         for p in paths:
             mod = adapter.model.get_submodule(p)
-            new[p] = _modify(method, mod.weight.data, stats.pop(p, None)).to(mod.weight.dtype)
-            rows.append(_report_row(p, mod.weight.data, new[p], method))
+            with onloaded(mod):  # an offloaded layer's weight is read on its execution device
+                w = mod.weight.data
+                new[p] = _modify(method, w, stats.pop(p, None)).to(w.dtype)
+                rows.append(_report_row(p, w, new[p], method))
+            if is_offloaded(mod):  # kept where the dense weight waits, not on the compute device
+                new[p] = new[p].to("cpu")
         if calibrated:  # the next block sees this block's modified outputs
             patch = WeightPatch(method, {p: new[p] for p in paths})
             with patch.view(adapter):
-                hs = [first_output(layer(h, **kwargs[i][b])) for b, h in enumerate(hs)]
+                hs = [_run_block(layer, h, kwargs[i][b], park) for b, h in enumerate(hs)]
         if inplace:  # write into the existing storage: memory stays at one model
             for p in paths:
-                w = adapter.model.get_submodule(p).weight.data
-                w.copy_(new[p])
-                new[p] = w
+                new[p] = store_weight(adapter.model.get_submodule(p), new[p])
         release_freed_memory()
         timings.append(time.perf_counter() - tb)
         bar.update(1)

@@ -15,7 +15,7 @@ Conventions (stated once, recorded in every result file):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -244,6 +244,37 @@ def _logit_metrics_rows(z_dense: Tensor, z_pruned: Tensor, temperatures: Sequenc
         out[f"taylor_kl@{t:g}"] = taylor_kl(dz, pd, t)
         out[f"taylor_cos@{t:g}"] = taylor_one_minus_cos(dz, pd, t)
     return out
+
+
+CHUNK_ELEMENTS = 1 << 22  # numbers in one vocabulary-wide chunk of rows (32 MiB in float64)
+
+
+def rows_per_chunk(vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
+    """Rows per chunk so that one chunk of logits holds about ``elements`` numbers: metric memory
+    stays bounded however large the vocabulary (Llama 3: 128k, Gemma 3: 262k) or the batch is."""
+    return max(1, elements // max(vocab, 1))
+
+
+def chunked_nll(head: Callable[[Tensor], Tensor], h: Tensor, targets: Tensor, rows: int) -> float:
+    """Σ −log softmax(head(h))[target] over the rows of ``h`` (n × hidden), ``rows`` at a time:
+    the n × vocab logits are never held at once."""
+    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    total = 0.0
+    for i in range(0, h.shape[0], rows):
+        z = _f64(head(h[i:i + rows]))
+        total += float((torch.logsumexp(z, -1) - z.gather(-1, targets[i:i + rows, None].to(z.device))[:, 0]).sum())
+    return total
+
+
+def chunked_kl(head: Callable[[Tensor], Tensor], h_p: Tensor, h_d: Tensor, rows: int,
+               temperature: float = 1.0) -> float:
+    """Σ KL(softmax(head(h_p)/T) ‖ softmax(head(h_d)/T)) over rows, ``rows`` at a time."""
+    h_p, h_d = h_p.reshape(-1, h_p.shape[-1]), h_d.reshape(-1, h_d.shape[-1])
+    total = 0.0
+    for i in range(0, h_p.shape[0], rows):
+        total += float(kl_div(log_probs(head(h_p[i:i + rows]), temperature),
+                              log_probs(head(h_d[i:i + rows]), temperature)).sum())
+    return total
 
 
 def pearson(x: Tensor, y: Tensor) -> float:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from prunelens.errors import PrunelensError
-from prunelens.metrics import cosine, kl_div
+from prunelens.metrics import chunked_kl, cosine, rows_per_chunk
 from prunelens.model.capture import capture, resid_names
 from prunelens.model.loading import LoadedModel
 from prunelens.prune.drop import DropPlan, DropRequest, pruned_view
@@ -78,19 +78,31 @@ def angular_scores(lm: LoadedModel, plan: DropPlan, calib: torch.Tensor, width: 
 def kl_scores(lm: LoadedModel, plan: DropPlan, calib: torch.Tensor, kind: str, candidates: Sequence[int],
               batch_size: int = 4) -> dict[int, float]:
     """Mean next-token KL(p_pruned ‖ p_dense), T = 1, over every calibration token, when ``plan``
-    plus unit i of ``kind`` is dropped, for each candidate i. Dense log-probabilities are held one
-    batch at a time (batches outside, candidates inside), so memory does not grow with the text."""
+    plus unit i of ``kind`` is dropped, for each candidate i. Dense final hidden states are held one
+    batch at a time (batches outside, candidates inside), so memory does not grow with the text, and
+    the logits are made a chunk of positions at a time, so it does not grow with the vocabulary."""
     sums = dict.fromkeys(candidates, 0.0)
     count = 0
+    rows = rows_per_chunk(int(lm.model.config.get_text_config().vocab_size))
+
+    def head(h: torch.Tensor) -> torch.Tensor:
+        return lm.adapter.head_logits(h).float()
+
     for b0 in range(0, len(calib), batch_size):
         ids = calib[b0:b0 + batch_size].to(lm.device)
-        lp_d = torch.log_softmax(lm.model(input_ids=ids, use_cache=False).logits.float(), -1)
+        h_d = _final(lm, ids, DropPlan())  # the dense model
         for i in candidates:
-            with pruned_view(lm.adapter, plan.with_unit(kind, i)):
-                lp_p = torch.log_softmax(lm.model(input_ids=ids, use_cache=False).logits.float(), -1)
-            sums[i] += float(kl_div(lp_p, lp_d).double().sum())
+            h_p = _final(lm, ids, plan.with_unit(kind, i))
+            sums[i] += chunked_kl(head, h_p, h_d, rows)
         count += ids.shape[0] * ids.shape[1]
     return {i: v / count for i, v in sums.items()}
+
+
+def _final(lm: LoadedModel, ids: torch.Tensor, plan: DropPlan) -> torch.Tensor:
+    """Final-norm outputs under ``plan`` (the logits come later, a chunk of positions at a time)."""
+    with pruned_view(lm.adapter, plan), capture(lm.adapter, ["final"]) as st:
+        lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    return st["final"]
 
 
 def _candidates(plan: DropPlan, kind: str, n: int) -> list[int]:

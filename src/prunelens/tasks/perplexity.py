@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from prunelens.data import iter_jsonl, read_text_file
 from prunelens.errors import PrunelensError
+from prunelens.metrics import chunked_nll, rows_per_chunk
+from prunelens.model.capture import capture
 from prunelens.model.loading import LoadedModel
 from prunelens.prune import view_of
 
@@ -64,13 +65,16 @@ def perplexity(
         raise PrunelensError(f"text has {len(ids)} tokens, fewer than one window of {seq_len}")
     windows = ids[: n_windows * seq_len].reshape(n_windows, seq_len)
     nll, count = 0.0, 0
+    rows = rows_per_chunk(int(lm.model.config.get_text_config().vocab_size))
     with view_of(lm.adapter, modification):
         batches = range(0, n_windows, batch_size)
         for b0 in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
             x = windows[b0:b0 + batch_size].to(lm.device)
-            logits = lm.model(input_ids=x, use_cache=False).logits.float()
-            nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                         reduction="sum"))
+            # the final-norm outputs, then the head a chunk of positions at a time: never
+            # batch × length × vocabulary logits at once
+            with capture(lm.adapter, ["final"]) as st:
+                lm.model(input_ids=x, use_cache=False, logits_to_keep=1)
+            nll += chunked_nll(lambda h: lm.adapter.head_logits(h).float(), st["final"][:, :-1], x[:, 1:], rows)
             count += x[:, 1:].numel()
     return {"perplexity": math.exp(nll / count), "nll_per_token": nll / count, "tokens": count,
             "windows": n_windows, "seq_len": seq_len, "corpus_tokens": len(ids)}

@@ -1,0 +1,81 @@
+"""Bounded metric memory for big vocabularies: perplexity and the KL importance score make the
+logits a chunk of positions at a time, and give what the full n × vocab computation gives."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_lm
+
+import prunelens.metrics as M
+from prunelens.prune.drop import DropPlan, pruned_view
+from prunelens.prune.importance import kl_scores
+from prunelens.tasks.perplexity import perplexity
+
+
+def test_chunked_nll_and_kl_equal_the_full_computation() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1000, 16, generator=g, dtype=torch.float64)
+    h, h2 = (torch.randn(37, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    t = torch.randint(0, 1000, (37,), generator=g)
+
+    def head(x):
+        return x @ w.T
+
+    full = float(F.cross_entropy(head(h).double(), t, reduction="sum"))
+    for rows in (1, 5, 37, 100):
+        assert M.chunked_nll(head, h, t, rows) == pytest.approx(full, rel=1e-12)
+        kl = float(M.kl_div(M.log_probs(head(h2), 2.0), M.log_probs(head(h), 2.0)).sum())
+        assert M.chunked_kl(head, h2, h, rows, 2.0) == pytest.approx(kl, rel=1e-12)
+    assert M.rows_per_chunk(262_144) == 16 and M.rows_per_chunk(10**9) == 1
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch):
+    """The tiny model, its head wrapped to record the most rows it is ever given at once."""
+    lm = tiny_lm()
+    seen = [0]
+    real = lm.adapter.head_logits
+
+    def head(h):
+        seen[0] = max(seen[0], h.reshape(-1, h.shape[-1]).shape[0])
+        return real(h)
+
+    monkeypatch.setattr(lm.adapter, "head_logits", head)
+    monkeypatch.setattr(M, "CHUNK_ELEMENTS", 128 * 8)  # vocabulary 128: 8 positions per chunk
+    monkeypatch.setattr("prunelens.tasks.perplexity.rows_per_chunk", lambda v: M.rows_per_chunk(v, 128 * 8))
+    monkeypatch.setattr("prunelens.prune.importance.rows_per_chunk", lambda v: M.rows_per_chunk(v, 128 * 8))
+    return lm, seen
+
+
+def test_perplexity_in_chunks_equals_the_full_logits(counted) -> None:
+    lm, seen = counted
+    text = " ".join(f"w{3 + (i * 7) % 120}" for i in range(200))
+    res = perplexity(lm, text, seq_len=32, batch_size=3, progress=False)
+    ids = lm.tokenizer(text, return_tensors="pt")["input_ids"][0]
+    x = ids[: res["windows"] * 32].reshape(-1, 32)
+    with torch.no_grad():
+        z = lm.model(input_ids=x).logits.double()
+    nll = float(F.cross_entropy(z[:, :-1].reshape(-1, z.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
+    # float32 logits of a chunk vs of the whole batch round differently in the last bits
+    assert res["perplexity"] == pytest.approx(math.exp(nll / res["tokens"]), rel=1e-6)
+    assert 0 < seen[0] <= 8  # 3 windows × 31 positions were never made into logits at once
+
+
+def test_kl_importance_in_chunks_equals_the_full_logits(counted) -> None:
+    lm, seen = counted
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 120, (4, 20), generator=g)
+    plan = DropPlan(mlp=(0,))
+    got = kl_scores(lm, plan, ids, "attn", [1, 2], batch_size=2)
+    with torch.no_grad():
+        lp_d = torch.log_softmax(lm.model(input_ids=ids).logits.double(), -1)
+        for i in (1, 2):
+            with pruned_view(lm.adapter, plan.with_unit("attn", i)):
+                lp_p = torch.log_softmax(lm.model(input_ids=ids).logits.double(), -1)
+            want = float(M.kl_div(lp_p, lp_d).sum()) / ids.numel()
+            assert got[i] == pytest.approx(want, rel=1e-6)
+    assert 0 < seen[0] <= 8

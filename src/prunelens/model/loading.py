@@ -94,8 +94,6 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         """Where inputs go: the model's device, or the embedding's execution device under a device map."""
-        from prunelens.model.placement import execution_device
-
         return execution_device(self.model)
 
 

@@ -208,19 +208,14 @@ def store_weight(module: nn.Module, new: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def state_tensors(model: nn.Module, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def state_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for the state dict, reading offloaded weights one module at a time, so at most
     one module's offloaded weights are materialised at once (on the CPU)."""
-    wanted = None if keys is None else set(keys)
     for mod_name, mod in model.named_modules():
-        local = [(n, t) for n, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
-                 if n in mod.state_dict(keep_vars=True)]
+        local = [n for n, _ in mod.named_parameters(recurse=False)] + [
+            n for n, _ in mod.named_buffers(recurse=False) if n not in mod._non_persistent_buffers_set]
         if not local:
             continue
-        with onloaded(mod) if is_offloaded(mod) else contextlib.nullcontext():
-            for n, _ in local:
-                full = f"{mod_name}.{n}" if mod_name else n
-                if wanted is not None and full not in wanted:
-                    continue
-                t = getattr(mod, n)
-                yield full, t.detach().to("cpu")
+        with onloaded(mod):
+            for n in local:
+                yield (f"{mod_name}.{n}" if mod_name else n), getattr(mod, n).detach().to("cpu")

@@ -165,6 +165,7 @@ class _Row:
         return delta
 
 
+@functools.cache
 def _growing_layer_class() -> type:
     from transformers.cache_utils import DynamicLayer
 
@@ -221,19 +222,14 @@ def _growing_layer_class() -> type:
     return GrowingLayer
 
 
-_GROWING: list[type] = []
-
-
 def new_cache(model: Any) -> Any:
     """A DynamicCache for ``model`` whose plain full-attention layers grow in place (sliding-window
     and other special layers are kept as transformers builds them)."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    if not _GROWING:
-        _GROWING.append(_growing_layer_class())
     cache = DynamicCache(config=model.config)
-    cache.layers = [_GROWING[0]() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [_growing_layer_class()() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
 
 
@@ -307,7 +303,7 @@ def _generate_continuous(lm: LoadedModel, prompts: Sequence[Sequence[int]], max_
     # where every layer attends to the whole context (a sliding window would count the mask's holes)
     n_shared = shared_prefix(prompts) if len(prompts) > 1 else 0
     prefix_cache = new_cache(model) if n_shared >= MIN_SHARED else None
-    if prefix_cache is not None and all(isinstance(la, _GROWING[0]) for la in prefix_cache.layers):
+    if prefix_cache is not None and all(isinstance(la, _growing_layer_class()) for la in prefix_cache.layers):
         ids1 = torch.tensor([list(prompts[0][:n_shared])], device=dev)
         forward_cached(model, ids1, torch.ones_like(ids1), prefix_cache)
     else:

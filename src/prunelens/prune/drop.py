@@ -355,7 +355,6 @@ def save_sharded(adapter: Adapter, plan: DropPlan, out_dir: str | Path,
         model.config, "tie_word_embeddings", False) else set()
     current: dict[str, torch.Tensor] = {}
     size, n_written, weight_map, total = 0, 0, {}, 0
-    names = list(model.state_dict(keep_vars=True))
     tmp_names: list[str] = []
 
     def flush() -> None:
@@ -370,7 +369,7 @@ def save_sharded(adapter: Adapter, plan: DropPlan, out_dir: str | Path,
             weight_map[k] = fname
         current, size = {}, 0
 
-    for name, tensor in state_tensors(model, names):
+    for name, tensor in state_tensors(model):
         r = rename(name)
         if r is None or name in tied or r[0] in current or r[0] in weight_map:
             continue

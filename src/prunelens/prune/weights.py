@@ -198,8 +198,9 @@ class _Stop(Exception):
     pass
 
 
-def _block_inputs(adapter: Adapter, calib: torch.Tensor, batch_size: int):
-    """Hidden states entering block 0 per batch, and the keyword arguments each block receives."""
+def _block_inputs(adapter: Adapter, calib: torch.Tensor, batch_size: int, park: bool):
+    """Hidden states entering block 0 per batch (on the CPU with ``park``), and the keyword arguments
+    each block receives."""
     layers, n = adapter.layers, adapter.n_layers
     inputs: list[torch.Tensor] = []
     kwargs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
@@ -224,7 +225,7 @@ def _block_inputs(adapter: Adapter, calib: torch.Tensor, batch_size: int):
     finally:
         for h in handles:
             h.remove()
-    if is_dispatched(adapter.model):  # big models: activations wait on the CPU, not the compute device
+    if park:  # big models: activations wait on the CPU, not the compute device
         inputs = [x.to("cpu") for x in inputs]
     return inputs, kwargs
 
@@ -289,7 +290,7 @@ def sparsify(
     timings: list[float] = []
     park = is_dispatched(adapter.model)
     if calibrated:
-        hs, kwargs = _block_inputs(adapter, calib, batch_size)  # type: ignore[arg-type]
+        hs, kwargs = _block_inputs(adapter, calib, batch_size, park)  # type: ignore[arg-type]
     bar = tqdm(total=len(blocks), desc=f"{method.label()}", unit="block", disable=not progress)
     for i, paths in enumerate(blocks):
         tb = time.perf_counter()

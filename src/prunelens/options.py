@@ -108,6 +108,9 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                    help="alias: a sparsity spec, METHOD:RATIO or METHOD:N:M (e.g. wanda:0.5, sparsegpt:2:4)")
     p.add_argument("--quant", action=_AppendSpec, const="quant", metavar="SPEC",
                    help="alias: a fake-quantisation spec, METHOD:wBITS[gGROUP][s] (e.g. gptq:w4g128)")
+    p.add_argument("--repair", action=_AppendSpec, const="repair", metavar="SPEC",
+                   help="alias: a training-free repair of the drops, repair:linear|cosine|scale|bias (ReplaceMe-"
+                        "style maps merged into the projection before each dropped span)")
     p.add_argument("--iterative", action="store_true", help="re-score after every drop")
     p.add_argument("--prune-skip", action="append", default=[], metavar="PATTERN",
                    help="leave these linear layers alone: a layer index or a glob on the module path "

@@ -30,6 +30,10 @@ class ArchSpec:
     # Zeroing these (weight and bias) makes the sublayer add exactly nothing to the residual.
     attn_out: str = "self_attn.o_proj"
     mlp_out: str = "mlp.down_proj"
+    # Norms on a sublayer's output before it joins the residual (Gemma 2/3's sandwich): a linear map
+    # of the contribution then cannot be merged into the output projection.
+    attn_post_norm: str | None = None
+    mlp_post_norm: str | None = None
     # Linear layers of a block, in execution order (targets for weight sparsification).
     linears: tuple[str, ...] = (
         "self_attn.q_proj",
@@ -44,7 +48,8 @@ class ArchSpec:
 
 _LLAMA = ArchSpec()
 # Gemma 2/3 wrap each sublayer in a post-norm; the MLP's own input norm is pre_feedforward_layernorm.
-_GEMMA_SANDWICH = ArchSpec(pre_mlp_norm="pre_feedforward_layernorm")
+_GEMMA_SANDWICH = ArchSpec(pre_mlp_norm="pre_feedforward_layernorm", attn_post_norm="post_attention_layernorm",
+                           mlp_post_norm="post_feedforward_layernorm")
 _PHI3 = ArchSpec(
     linears=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 )

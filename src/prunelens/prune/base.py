@@ -1,7 +1,7 @@
 """What a pruning method is, and what it makes.
 
 A *method* is one small registered object (``attn``, ``mlp``, ``block``, ``magnitude``, ``wanda``,
-``sparsegpt``, ``rtn``, ``gptq``): its name, family, one-line help, how it parses its spec, whether
+``sparsegpt``, ``rtn``, ``gptq``, ``repair``): its name, family, one-line help, how it parses its spec, whether
 it calibrates, and how a sweep turns an amount into a spec. The CLI help, ``sweep``, ``advise`` and
 the recipe builder read the registry; a new method is one registered object plus its math.
 
@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Protocol
 from prunelens.errors import PrunelensError
 from prunelens.model.arch import Adapter
 
-FAMILIES = ("drop", "prune", "quant")
+FAMILIES = ("drop", "prune", "quant", "repair")
 
 
 class Modification(Protocol):
@@ -70,7 +70,7 @@ def register(method: Method) -> Method:
 
 def _load_builtin_methods() -> None:
     # the built-in methods register themselves when their modules are imported
-    from prunelens.prune import drop, weights  # noqa: F401
+    from prunelens.prune import drop, repair, weights  # noqa: F401
 
 
 def methods(family: str | None = None) -> list[Method]:

@@ -2,11 +2,11 @@
 the lm-eval model type use.
 
 A recipe is an ordered list of specs (``attn:4``, ``mlp@3,7``, ``wanda:0.5``, ``sparsegpt:2:4``,
-``gptq:w4g128``), written on the command line (repeated flags, or joined by ``+``) or in a YAML /
+``gptq:w4g128``, ``repair:linear``), written on the command line (repeated flags, or joined by ``+``) or in a YAML /
 JSON file (a list of specs, or ``{"recipe": [...]}``). The composition rule is fixed and
-documented: **drops first** (all drop specs ranked together, in order), **then weight methods in
+documented: **drops first** (all drop specs ranked together, in order), **then weight methods and repairs in
 their order**, each calibrated on the model as modified so far (layers already dropped are neither
-seen nor touched). A spec may not appear twice.
+seen nor touched; a repair fits the drops toward the dense model). A spec may not appear twice.
 """
 
 from __future__ import annotations
@@ -151,10 +151,31 @@ def build(lm: LoadedModel, recipe: Recipe | str | Sequence[str], calibration: Ca
     parts: list[Modification] = []
     if recipe.drops:
         parts.append(select_drop(lm, *recipe.drops, calibration=cal))
-    for spec in recipe.weight_specs:
+    specs = recipe.weight_specs
+    # a repair fits toward the dense model, so the weight methods before it must leave it dense
+    last_repair = max((k for k, s in enumerate(specs) if method_for(s).family == "repair"), default=-1)
+    for k, spec in enumerate(specs):
+        if method_for(spec).family == "repair":
+            parts.append(repair(lm, combine(parts) if parts else None, spec, calibration=cal, progress=progress))
+            continue
         with view_of(lm.adapter, combine(parts) if parts else None):
-            parts.append(prune_weights(lm, spec, calibration=cal, progress=progress, inplace=inplace))
+            parts.append(prune_weights(lm, spec, calibration=cal, progress=progress,
+                                       inplace=inplace and k > last_repair))
     return combine(parts)
+
+
+def repair(lm: LoadedModel, modification: Modification | None, spec: str = "repair:linear",
+           calibration: Calibration | None = None, progress: bool = True, **kw: Any):
+    """Fit a training-free repair (``"repair:linear"``, ``"repair:cosine"``, ``"repair:scale"``,
+    ``"repair:bias"``) of the layer drops in ``modification``, toward the dense model; returns a
+    ``RepairPatch`` (use ``combine([modification, patch])``). Keywords override ``calibration``."""
+    from prunelens.prune.repair import fit_repair
+
+    cal = _calibration(calibration, kw)
+    ids, record = cal.ids(lm, WEIGHT_CALIB)
+    patch = fit_repair(lm.adapter, modification, spec, ids, batch_size=cal.batch_size, progress=progress)
+    patch.report["calibration"] = record
+    return patch
 
 
 def select_drop(lm: LoadedModel, *specs: str | DropRequest, calibration: Calibration | None = None,
@@ -226,4 +247,4 @@ def footprint(lm: LoadedModel, modification: Modification) -> dict[str, float]:
 
 
 __all__ = ["Calibration", "Composite", "Recipe", "build", "footprint", "prune_weights", "read_recipe_file",
-           "save_modified", "select_drop"]
+           "repair", "save_modified", "select_drop"]

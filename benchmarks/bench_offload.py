@@ -127,6 +127,7 @@ def main() -> None:
     ap.add_argument("--budget", default="2GiB", help="the CPU budget (--max-memory cpu=...)")
     ap.add_argument("--data-dir", default=str(DATA) if DATA.is_dir() else None)
     ap.add_argument("--out", help="write the figures as JSON")
+    ap.add_argument("--only", help="run only the commands whose name contains this (e.g. prune)")
     a = ap.parse_args()
     exe = [sys.executable, "-m", "prunelens.cli"]
     work = Path(tempfile.mkdtemp(prefix="bench-offload-"))
@@ -148,6 +149,8 @@ def main() -> None:
     budget, blk = to_bytes(a.budget), block_bytes(a.model)
     rows = []
     for name, cmd in commands.items():
+        if a.only and a.only not in name:
+            continue
         suffix = ".json" if name.startswith("eval") else ""
         mem_out, off_out = work / f"mem-{len(rows)}{suffix}", work / f"off-{len(rows)}{suffix}"
         mem = run([*exe, *cmd(mem_out)])

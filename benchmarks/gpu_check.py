@@ -5,9 +5,13 @@ config, no download, under 8 minutes on one GPU. Prints its figures; exits non-z
    pruned tokens (goal ≥ 0.8).
 2. Wanda and SparseGPT seconds per block (SparseGPT on the first blocks only).
 3. One device-map run with part of the model on the CPU (a shallower 8B-wide model saved to disk,
-   loaded with ``--max-memory``-style budgets): the same analysis metrics as the all-GPU run.
+   loaded once whole on the GPU and once under a ``--max-memory``-style budget): the same tokens and
+   metrics, since only the placement differs.
 
-Run: python benchmarks/gpu_check.py            (on the GPU machine)
+Each section's failure is recorded and the next still runs (a lent GPU is minutes long); --out is
+rewritten after every section. --profile FILE adds torch.profiler's op table of one analysis.
+
+Run: python benchmarks/gpu_check.py --out figures.json [--profile ops.txt]   (on the GPU machine)
      python benchmarks/gpu_check.py --tiny     (a CPU smoke test of the script itself)
 """
 
@@ -104,6 +108,28 @@ def check_speed(lm, texts: list[str], steps: int, batch: int) -> dict:
             "analysis_tok_s": tokens / t_an, "hf_tok_s": tokens / hf_s, "ratio": hf_s / t_an, "goal": 0.8}
 
 
+def profile_analysis(lm, texts: list[str], steps: int, out: str) -> dict:
+    """Where an analysis spends its time: torch.profiler's op table (device and host time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from prunelens.analyses.trace import AnalysisSettings, analyze
+    from prunelens.prune.drop import DropPlan
+
+    n = lm.adapter.n_layers
+    plan = DropPlan(attn=tuple(range(max(1, n - 8), max(2, n - 4))))
+    s = AnalysisSettings(max_new_tokens=steps, batch_size=len(texts), chat_template=False, logit_lens=False)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        analyze(lm, plan, texts, s, progress=False)
+        sync()
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=25)
+    host = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    Path(out).write_text(table + "\n\n" + host)
+    print(table, flush=True)
+    return {"table": out}
+
+
 class _null:
     def __enter__(self):
         return None
@@ -131,70 +157,116 @@ def check_pruning(lm, n: int, length: int, sparsegpt_blocks: int) -> dict:
 
 
 def check_device_map(cfg, dev: torch.device, dtype: torch.dtype, texts: list[str], gpu_budget: str) -> dict:
+    """The same checkpoint loaded twice, whole on one device and under a budget that puts part of it
+    on the CPU: the analysis must agree (only the placement differs)."""
     from prunelens.analyses.trace import AnalysisSettings, analyze
     from prunelens.model.loading import load_model
     from prunelens.model.placement import Placement
     from prunelens.prune.drop import DropPlan
 
     lm = build(cfg, dev, dtype)
+    dt = "bfloat16" if dtype == torch.bfloat16 else "float32"
     with tempfile.TemporaryDirectory() as d:
         lm.model.save_pretrained(d, safe_serialization=True)
         lm.tokenizer.save_pretrained(d)
+        del lm
         plan = DropPlan(attn=(1,))
         s = AnalysisSettings(max_new_tokens=8, batch_size=4, chat_template=False, logit_lens=False)
-        ref = analyze(lm, plan, texts[:4], s, progress=False)
-        del lm
+        one = load_model(d, device=dev.type, dtype=dt)
+        ref = analyze(one, plan, texts[:4], s, progress=False)
+        del one
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         budget = {0: gpu_budget, "cpu": "200GiB"} if dev.type == "cuda" else {"cpu": gpu_budget}
-        big = load_model(d, dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
-                         placement=Placement("auto", budget, str(Path(d) / "offload")))
-        where = sorted(set(big.model.hf_device_map.values()), key=str)
+        big = load_model(d, dtype=dt, placement=Placement("auto", budget, str(Path(d) / "offload")))
+        where = sorted(set(big.info["device_map"].values()), key=str)
         t0 = time.perf_counter()
         got = analyze(big, plan, texts[:4], s, progress=False)
         secs = time.perf_counter() - t0
     a = ref["summary"]["teacher_forced_mean"]
     b = got["summary"]["teacher_forced_mean"]
     diff = max(abs(float(a[k]) - float(b[k])) for k in a if isinstance(a[k], (int, float)))
-    return {"devices": [str(x) for x in where], "analysis_s": secs, "max_abs_diff_teacher_forced_means": diff}
+    kl = [k for k in a if k.startswith("kl@")][0]
+    return {"devices": [str(x) for x in where], "analysis_s": secs, "max_abs_diff_teacher_forced_means": diff,
+            "teacher_forced_kl": [float(a[kl]), float(b[kl])],
+            "same_tokens": ref["per_prompt"] == got["per_prompt"]}
+
+
+def _peak_gib() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="a small config on the CPU: checks the script only")
-    ap.add_argument("--out", help="write the figures as JSON")
+    ap.add_argument("--out", help="write the figures as JSON (rewritten after each section)")
+    ap.add_argument("--profile", help="also profile one analysis of 4 prompts; write the op table here")
     a = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     if not a.tiny and dev.type != "cuda":
         print("gpu_check: no CUDA device (use --tiny for a CPU smoke test)", file=sys.stderr)
         return 2
+    import transformers
+
     t_start = time.perf_counter()
     figures: dict = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
-                     "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+                     "torch": torch.__version__, "transformers": transformers.__version__,
+                     "date": time.strftime("%Y-%m-%d"), "errors": {}}
     cfg = config(a.tiny)
     texts = prompts(16, 128 if not a.tiny else 16, cfg.vocab_size)
-    lm = build(cfg, dev, dtype)
-    figures["speed"] = check_speed(lm, texts, 64 if not a.tiny else 8, 16 if not a.tiny else 4)
-    print(f"analysis ÷ HF generate tokens/s: {figures['speed']['ratio']:.2f} (goal ≥ 0.8); "
-          f"{figures['speed']['analysis_tok_s']:.0f} vs {figures['speed']['hf_tok_s']:.0f} tok/s", flush=True)
-    figures["pruning"] = check_pruning(lm, 32 if not a.tiny else 4, 512 if not a.tiny else 16, 4)
-    for spec, r in figures["pruning"].items():
-        print(f"{spec}: {r['seconds_per_block']:.2f} s per block over {r['blocks']} blocks "
-              f"(zeros {r['zero_frac']:.3f})", flush=True)
-    del lm
+
+    def section(name: str, fn) -> None:
+        """One figure per section; a failure is recorded and the next section still runs (one lease)."""
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        try:
+            figures[name] = fn()
+            figures[name]["section_s"] = time.perf_counter() - t0
+            figures[name]["peak_gpu_gib"] = _peak_gib()
+        except Exception as e:  # noqa: BLE001 - reported, and the exit code says it failed
+            import traceback
+
+            traceback.print_exc()
+            figures["errors"][name] = f"{type(e).__name__}: {e}"
+            print(f"gpu_check: {name} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        if a.out:
+            Path(a.out).write_text(json.dumps(figures, indent=1))
+
+    holder: dict = {}
+    section("build", lambda: {"params_b": sum(p.numel() for p in holder.setdefault(
+        "lm", build(cfg, dev, dtype)).model.parameters()) / 1e9})
+    if "lm" in holder:
+        lm = holder.pop("lm")
+        section("speed", lambda: check_speed(lm, texts, 64 if not a.tiny else 8, 16 if not a.tiny else 4))
+        if "speed" in figures:
+            sp = figures["speed"]
+            print(f"analysis ÷ HF generate tokens/s: {sp['ratio']:.2f} (goal ≥ 0.8); "
+                  f"{sp['analysis_tok_s']:.0f} vs {sp['hf_tok_s']:.0f} tok/s", flush=True)
+        if a.profile:
+            section("profile", lambda: profile_analysis(lm, texts[:4], 16, a.profile))
+        section("pruning", lambda: check_pruning(lm, 32 if not a.tiny else 4, 512 if not a.tiny else 16, 4))
+        for spec, r in figures.get("pruning", {}).items():
+            if isinstance(r, dict):
+                print(f"{spec}: {r['seconds_per_block']:.2f} s per block over {r['blocks']} blocks "
+                      f"(zeros {r['zero_frac']:.3f})", flush=True)
+        del lm
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    figures["device_map"] = check_device_map(config(a.tiny, layers=8), dev, dtype, texts,
-                                             "6GiB" if not a.tiny else "60000")
-    dm = figures["device_map"]
-    print(f"device map over {', '.join(dm['devices'])}: analysis {dm['analysis_s']:.1f} s; "
-          f"max |Δ| of teacher-forced means vs one device {dm['max_abs_diff_teacher_forced_means']:.2e}")
+    section("device_map", lambda: check_device_map(config(a.tiny, layers=8), dev, dtype, texts,
+                                                   "3GiB" if not a.tiny else "60000"))
+    if "device_map" in figures:
+        dm = figures["device_map"]
+        print(f"device map over {', '.join(dm['devices'])}: analysis {dm['analysis_s']:.1f} s; "
+              f"max |Δ| of teacher-forced means vs one device {dm['max_abs_diff_teacher_forced_means']:.2e}; "
+              f"KL {dm['teacher_forced_kl'][0]:.4g} vs {dm['teacher_forced_kl'][1]:.4g}; "
+              f"same tokens: {dm['same_tokens']}")
     figures["total_s"] = time.perf_counter() - t_start
-    print(f"total {figures['total_s']:.0f} s")
+    print(f"total {figures['total_s']:.0f} s; errors: {figures['errors'] or 'none'}")
     if a.out:
         Path(a.out).write_text(json.dumps(figures, indent=1))
-    return 0
+    return 1 if figures["errors"] else 0
 
 
 if __name__ == "__main__":

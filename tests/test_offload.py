@@ -54,6 +54,17 @@ def test_the_budget_really_offloads_and_logits_are_unchanged(pair) -> None:
         assert torch.equal(dense.model(input_ids=ids).logits, big.model(input_ids=ids).logits)
 
 
+def test_a_budget_that_holds_the_whole_model_loads_on_one_device(pair, tmp_path: Path) -> None:
+    """transformers sets no hf_device_map when everything fits the first device: loading used to crash
+    there (seen on a GPU with ``--device-map auto`` and a model smaller than the budget)."""
+    d, dense, _ = pair
+    lm = load_model(str(d), placement=Placement("auto", {"cpu": "64GiB"}, str(tmp_path / "off")))
+    assert lm.info["device_map"] == {"": "cpu"} and lm.device == torch.device("cpu")
+    ids = _calib()
+    with torch.no_grad():
+        assert torch.equal(dense.model(input_ids=ids).logits, lm.model(input_ids=ids).logits)
+
+
 def test_layer_drop_analysis_is_the_same_under_offload(pair) -> None:
     _, dense, big = pair
     plan = DropPlan(attn=(1,), block=(2,))
@@ -78,14 +89,69 @@ def test_calibrated_methods_give_the_same_weights_block_by_block(pair, spec: str
             assert torch.equal(pa.weights[k] == 0, pb.weights[k] == 0), k
     # offloaded layers' new weights wait on the CPU, and the patch view reaches them through the
     # hooks: the patched logits agree too, and the stored dense weights are untouched
-    off = next(k for k in pb.weights if is_offloaded(big.model.get_submodule(k)))
-    assert pb.weights[off].device.type == "cpu"
+    off = [k for k in pb.weights if is_offloaded(big.model.get_submodule(k))]
+    assert off and all(pb.weights[k].device.type == "cpu" for k in off)
+    # disk-offloaded layers' new weights are file mappings (page cache), not heap: the budget holds
+    assert all(_file_mapped(pb.weights[k]) for k in off) and not _file_mapped(pa.weights[off[0]])
     ids = _calib()
     with torch.no_grad(), pa.view(dense.adapter), pb.view(big.adapter):
         za, zb = dense.model(input_ids=ids).logits, big.model(input_ids=ids).logits
     assert torch.allclose(za, zb, atol=1e-4, rtol=1e-4)
     with torch.no_grad():
         assert torch.equal(dense.model(input_ids=ids).logits, big.model(input_ids=ids).logits)
+
+
+def _file_mapped(t: torch.Tensor) -> bool:
+    """Whether ``t``'s data lies in a mapping of one of prunelens's spilled weight files."""
+    addr = t.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *rest = line.split()
+        lo, hi = (int(x, 16) for x in span.split("-"))
+        if lo <= addr < hi:
+            return "prunelens-weight-" in line
+    return False
+
+
+def test_pruning_in_place_under_disk_offload_keeps_new_weights_out_of_the_heap(pair, tmp_path: Path) -> None:
+    """``prune`` (in place) on a disk-offloaded model: the new weights shadow the checkpoint's through
+    file mappings, the model runs with them, and the saved checkpoint equals the in-memory one."""
+    d, dense, _ = pair
+    size = sum(p.numel() * p.element_size() for p in dense.model.parameters())
+    big = load_model(str(d), placement=Placement("auto", {"cpu": str(int(size * 0.6))}, str(tmp_path / "off")))
+    ref = load_model(str(d))
+    m = parse_weight_method("wanda:0.5")
+    pa = sparsify(ref.adapter, m, _calib(), batch_size=3, progress=False, inplace=True)
+    pb = sparsify(big.adapter, m, _calib(), batch_size=3, progress=False, inplace=True)
+    off = [k for k in pb.weights if is_offloaded(big.model.get_submodule(k))]
+    assert off and all(_file_mapped(pb.weights[k]) for k in off)
+    ids = _calib()
+    with torch.no_grad():
+        assert torch.allclose(ref.model(input_ids=ids).logits, big.model(input_ids=ids).logits, atol=1e-5)
+    for lm, name in ((ref, "ref"), (big, "big")):
+        save_modified(lm, pa if lm is ref else pb, tmp_path / name)
+    sa = AutoModelForCausalLM.from_pretrained(tmp_path / "ref", dtype=torch.float32).state_dict()
+    sb = AutoModelForCausalLM.from_pretrained(tmp_path / "big", dtype=torch.float32).state_dict()
+    assert sa.keys() == sb.keys() and all(torch.allclose(sa[k], sb[k], atol=1e-6, rtol=0) for k in sa)
+
+
+def test_importance_scores_and_the_counterfactual_are_the_same_under_offload(pair) -> None:
+    """Importance scoring (cosine, angular, KL) and the one-layer-at-a-time counterfactual run whole
+    forwards and single blocks through accelerate's hooks: the numbers equal the in-memory ones."""
+    from prunelens.analyses.counterfactual import CounterfactualSettings, counterfactual
+    from prunelens.prune.importance import angular_scores, kl_scores, unit_scores
+
+    _, dense, big = pair
+    calib = _calib()
+    for kind in ("attn", "mlp", "block"):
+        assert unit_scores(dense, DropPlan(), calib, kind) == unit_scores(big, DropPlan(), calib, kind), kind
+    assert angular_scores(dense, DropPlan(), calib, 2) == angular_scores(big, DropPlan(), calib, 2)
+    a = kl_scores(dense, DropPlan(attn=(0,)), calib, "block", [1, 2, 3])
+    b = kl_scores(big, DropPlan(attn=(0,)), calib, "block", [1, 2, 3])
+    assert a.keys() == b.keys() and all(abs(a[i] - b[i]) <= 1e-12 + 1e-9 * a[i] for i in a) and min(a.values()) > 0
+    s = CounterfactualSettings(kinds=("attn", "mlp", "block"), chat_template=False, batch_size=2)
+    ca = counterfactual(dense, PROMPTS, s, progress=False)
+    cb = counterfactual(big, PROMPTS, s, progress=False)
+    assert ca["kinds"] == cb["kinds"]
 
 
 def test_saving_from_an_offloaded_model_writes_the_same_checkpoint_in_shards(pair, tmp_path: Path) -> None:

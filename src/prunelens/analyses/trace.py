@@ -93,10 +93,17 @@ class AnalysisSettings:
 # --- forward passes ----------------------------------------------------------------------------
 
 
+def metric_chunk_rows(z: torch.Tensor) -> int:
+    """Rows per vocabulary-wide metric pass: one on the CPU (its float64 temporaries stay in cache,
+    measured fastest), on an accelerator as many as keep each temporary near 2^23 numbers, since
+    there a pass per row is one kernel launch per op per row and launches dominate."""
+    return 1 if z.device.type == "cpu" else max(1, (1 << 23) // max(1, z.shape[-1]))
+
+
 def step_metrics(hd: torch.Tensor, hp: torch.Tensor, zd: torch.Tensor, zp: torch.Tensor,
                  settings: AnalysisSettings) -> dict[str, torch.Tensor]:
     m = {f"{k}_h": v for k, v in hidden_metrics(hd, hp).items()}
-    m.update(logit_metrics(zd, zp, settings.temperatures, settings.topk))
+    m.update(logit_metrics(zd, zp, settings.temperatures, settings.topk, chunk_rows=metric_chunk_rows(zd)))
     return m
 
 
@@ -159,7 +166,7 @@ def analyze(
         for li in range(n_layers + 1):
             a, b = dense_states[f"resid.{li}"], pr_states[f"resid.{li}"]
             for k, v in hidden_metrics(a[valid_tok], b[valid_tok]).items():
-                layer_acc[k + "_h"][li].append(v.cpu())
+                layer_acc[k + "_h"][li].append(v)
         if settings.logit_lens:  # layers go through the LM head in a few batched matmuls
             per_chunk = max(1, 64 // B)
             for l0 in range(0, n_layers + 1, per_chunk):
@@ -171,18 +178,21 @@ def analyze(
                                      settings.temperatures, settings.topk, light=True)
                 for k, v in lens.items():  # v: (layers in chunk, B)
                     for j, li in enumerate(ls):
-                        layer_acc["lens_" + k][li].append(v[j].cpu())
+                        layer_acc["lens_" + k][li].append(v[j])
         hd, hp = dense_states["final"][:, -1], pr_states["final"][:, -1]
         del dense_states, pr_states
 
-        # 2. lock-step decoding: rows (2i, 2i+1) = (teacher-forced, free-running) of prompt i
+        # 2. lock-step decoding: rows (2i, 2i+1) = (teacher-forced, free-running) of prompt i. The dense
+        # side runs both rows too (the same tokens), so that both sides see the same batch shapes and an
+        # empty modification compares bit-identical numbers. Per-step metrics stay on the device until
+        # the batch ends (one copy, no synchronisation per metric and step).
         for c in (cache_d, cache_p):
             c.batch_repeat_interleave(2)
         mask2 = mask.repeat_interleave(2, 0)
         zd2, zp2 = zd.repeat_interleave(2, 0), zp.repeat_interleave(2, 0)
         hd2, hp2 = hd.repeat_interleave(2, 0), hp.repeat_interleave(2, 0)
-        rows: dict[str, dict[str, list[np.ndarray]]] = {"teacher_forced": defaultdict(list),
-                                                        "free_running": defaultdict(list)}
+        rows: dict[str, dict[str, list[torch.Tensor]]] = {"teacher_forced": defaultdict(list),
+                                                          "free_running": defaultdict(list)}
         ended_d = torch.zeros(B, dtype=torch.bool, device=dev)
         ended_p = torch.zeros(B, dtype=torch.bool, device=dev)
         toks_d, toks_p = [], []
@@ -193,9 +203,9 @@ def analyze(
             for mode, sl, valid in (("teacher_forced", slice(0, None, 2), valid_tf),
                                     ("free_running", slice(1, None, 2), valid_fr)):
                 for k, v in m.items():
-                    rows[mode][k].append(v[sl].cpu().numpy())
-                rows[mode]["valid"].append(valid.cpu().numpy())
-            rows["free_running"]["token_agree"].append((tok_d == tok_p).double().cpu().numpy())
+                    rows[mode][k].append(v[sl])
+                rows[mode]["valid"].append(valid)
+            rows["free_running"]["token_agree"].append((tok_d == tok_p).double())
             toks_d.append(tok_d)
             toks_p.append(tok_p)
             ended_d |= torch.isin(tok_d, eos)
@@ -213,15 +223,16 @@ def analyze(
             with view_of(adapter, plan), capture(adapter, ["final"]) as s:
                 zp2 = forward_cached(model, feed_p, mask2, cache_p)
             hp2 = s["final"][:, -1]
-            release_freed_memory()
+            if dev.type == "cpu":  # the KV cache grows on the CPU heap only there
+                release_freed_memory()
 
         for mode, d in rows.items():
             for k, seq in d.items():
-                arr = np.stack(seq, 1).astype(np.float64)  # (B, steps_done)
+                arr = torch.stack(seq, 1).cpu().numpy().astype(np.float64)  # (B, steps_done)
                 filler = np.full((B, N - arr.shape[1]), np.nan if k != "valid" else 0.0)
                 step_acc[mode][k].append(np.concatenate([arr, filler], 1))
         td, tp = torch.stack(toks_d, 1).cpu(), torch.stack(toks_p, 1).cpu()
-        fr_valid = np.stack(rows["free_running"]["valid"], 1)
+        fr_valid = torch.stack(rows["free_running"]["valid"], 1).cpu().numpy()
         for r in range(B):
             diverged = [i for i in range(td.shape[1]) if fr_valid[r, i] and td[r, i] != tp[r, i]]
             per_prompt.append({
@@ -236,7 +247,7 @@ def analyze(
 
     layerwise = {"layer": list(range(n_layers + 1))}
     for k, per_layer in layer_acc.items():
-        layerwise[k] = [float(torch.cat(v).double().mean()) for v in per_layer]
+        layerwise[k] = torch.stack([torch.cat(v).double().mean() for v in per_layer]).tolist()
 
     stepwise: dict[str, Any] = {}
     taylor: dict[str, Any] = {}

@@ -364,5 +364,7 @@ def load_model(
                 vocab_size=int(model.config.vocab_size), n_params=int(n_params),
                 dtype=str(dt).replace("torch.", ""), device=str(execution_device(model)))
     if placement is not None and placement.dispatched:
-        info.update(placement=placement.to_dict(), device_map={k: str(v) for k, v in model.hf_device_map.items()})
+        # transformers sets no hf_device_map when the whole model fits the first device of the budget
+        where = getattr(model, "hf_device_map", None) or {"": execution_device(model)}
+        info.update(placement=placement.to_dict(), device_map={k: str(v) for k, v in where.items()})
     return LoadedModel(model, tok, adapter, info)

@@ -191,17 +191,59 @@ def swapped(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> Iterator[N
             setattr(obj, attr, old)
 
 
+def _stored_on_disk(h: Any) -> tuple[bool, str | None]:
+    """(whether the hook's stored weight is read from disk, the offload folder if one was given)."""
+    wm = h.weights_map
+    base = wm.base if isinstance(wm, _Overlay) else wm
+    loader, key = getattr(base, "dataset", base), getattr(base, "prefix", "") + "weight"
+    in_ram = key in getattr(loader, "state_dict", {})
+    return (not in_ram and key in getattr(loader, "index", {})), getattr(loader, "save_folder", None)
+
+
+def spill(t: torch.Tensor, folder: str | None = None) -> torch.Tensor:
+    """``t`` as a tensor backed by a file mapping: its pages are the kernel's page cache, read back
+    on use and dropped under memory pressure, so a model's worth of new weights for disk-offloaded
+    layers costs disk, not RAM. The file is unlinked at once; the mapping keeps its data alive."""
+    import os
+    import tempfile
+
+    t = t.detach().contiguous().to("cpu")
+    fd, path = tempfile.mkstemp(prefix="prunelens-weight-", suffix=".bin", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            t.view(torch.uint8).numpy().tofile(f)
+        out = torch.from_file(path, shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
+    finally:
+        os.unlink(path)
+    return out
+
+
+def offload_copy(module: nn.Module, new: torch.Tensor) -> torch.Tensor:
+    """Where a new weight of an offloaded module waits between onloads: a file mapping when the
+    module's stored weight lives on disk (so the budget is kept), otherwise the CPU."""
+    on_disk, folder = _stored_on_disk(_hook(module))
+    if on_disk:
+        return spill(new, folder if folder and Path(folder).is_dir() else None)
+    return new.detach().to("cpu")
+
+
 def store_weight(module: nn.Module, new: torch.Tensor) -> torch.Tensor:
     """Make ``new`` the module's weight for good (pruning in place for saving). A resident weight is
-    overwritten in its storage; an offloaded one is replaced in the hook's weight map, kept on the
-    CPU. Returns the tensor that now holds the weight."""
+    overwritten in its storage; an offloaded one replaces the stored entry of the hook's weight map
+    (a CPU tensor is dropped for it; a disk-stored one is shadowed by a file-mapped copy). Returns
+    the tensor that now holds the weight."""
     if is_offloaded(module):
         h = _hook(module)
-        kept = new.detach().to("cpu")
+        kept = new if new.device.type == "cpu" else offload_copy(module, new)
         base = h.weights_map
+        root = base.base if isinstance(base, _Overlay) else base
+        loader, key = getattr(root, "dataset", root), getattr(root, "prefix", "") + "weight"
+        if key in getattr(loader, "state_dict", {}):  # CPU offload: the old weight is freed
+            loader.state_dict[key] = kept
+            return kept
         over = dict(base.over) if isinstance(base, _Overlay) else {}
         over["weight"] = kept
-        h.weights_map = _Overlay(base.base if isinstance(base, _Overlay) else base, over)
+        h.weights_map = _Overlay(root, over)
         return kept
     w = module.weight.data
     w.copy_(new)

@@ -26,7 +26,15 @@ from prunelens.errors import PrunelensError
 from prunelens.model.arch import Adapter
 from prunelens.model.capture import first_output
 from prunelens.model.memory import release_freed_memory
-from prunelens.model.placement import execution_device, is_dispatched, is_offloaded, onloaded, store_weight, swapped
+from prunelens.model.placement import (
+    execution_device,
+    is_dispatched,
+    is_offloaded,
+    offload_copy,
+    onloaded,
+    store_weight,
+    swapped,
+)
 from prunelens.prune.base import REGISTRY, Method, method_for, register
 from prunelens.prune.quant import QuantSpec, gptq_quantize, rtn_quantize
 from prunelens.prune.sparse import Pattern, magnitude_mask, nm_violations, sparsegpt_prune, wanda_mask
@@ -332,8 +340,8 @@ def sparsify(
                 w = mod.weight.data
                 new[p] = _modify(method, w, stats.pop(p, None)).to(w.dtype)
                 rows.append(_report_row(p, w, new[p], method))
-            if is_offloaded(mod):  # kept where the dense weight waits, not on the compute device
-                new[p] = new[p].to("cpu")
+            if is_offloaded(mod):  # kept where the dense weight waits (CPU or disk), not on the compute device
+                new[p] = offload_copy(mod, new[p])
         if calibrated:  # the next block sees this block's modified outputs
             patch = WeightPatch(method, {p: new[p] for p in paths})
             with patch.view(adapter):

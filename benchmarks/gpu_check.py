@@ -108,6 +108,59 @@ def check_speed(lm, texts: list[str], steps: int, batch: int) -> dict:
             "analysis_tok_s": tokens / t_an, "hf_tok_s": tokens / hf_s, "ratio": hf_s / t_an, "goal": 0.8}
 
 
+def _without_cudnn_sdpa(fn):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        return fn()
+
+
+def check_generation(lm, n: int, batch: int, max_new: int) -> dict:
+    """The generation engine every generative task uses, on the device: continuous vs static batches
+    vs HF ``generate`` (batched, same batch size), ragged prompt lengths and ragged ends (2 % of the
+    vocabulary made end-of-sequence tokens, for both sides, so rows stop at different steps)."""
+    from prunelens.model.runtime import decode_attention, generate_full
+
+    vocab = lm.model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(16, 129, (n,), generator=g).tolist()
+    ids = [torch.randint(2, vocab, (k,), generator=g).tolist() for k in lengths]
+    gc = lm.model.generation_config
+    old_eos = gc.eos_token_id
+    gc.eos_token_id = list(range(2, vocab, 50))
+    out: dict = {"prompts": n, "batch": batch, "max_new_tokens": max_new}
+    texts = {}
+    try:
+        for engine in ("continuous", "static"):
+            generate_full(lm, ids[:batch], 2, (), batch_size=batch, progress=False, engine=engine)  # warm-up
+            sync()
+            t0 = time.perf_counter()
+            res = generate_full(lm, ids, max_new, (), batch_size=batch, progress=False, engine=engine)
+            sync()
+            secs = time.perf_counter() - t0
+            toks = sum(len(r.ids) for r in res)
+            texts[engine] = [r.ids for r in res]
+            out[engine] = {"s": secs, "tokens": toks, "tok_s": toks / secs}
+        tok = lm.tokenizer
+        useful = out["continuous"]["tokens"]
+        for name, ctx in (("hf_generate", _null()), ("hf_generate_without_cudnn_sdpa", decode_attention(lm.device))):
+            sync()
+            t0 = time.perf_counter()
+            with ctx, torch.inference_mode():
+                for b0 in range(0, n, batch):
+                    enc = tok.pad({"input_ids": ids[b0:b0 + batch]}, return_tensors="pt").to(lm.device)
+                    lm.model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=0)
+            sync()
+            secs = time.perf_counter() - t0
+            out[name] = {"s": secs, "tokens": useful, "tok_s": useful / secs}
+    finally:
+        gc.eos_token_id = old_eos
+    same = sum(a == b for a, b in zip(texts["continuous"], texts["static"], strict=True))
+    out["continuous_equals_static"] = f"{same}/{n}"
+    out["lengths"] = sorted(len(t) for t in texts["continuous"])
+    return out
+
+
 def profile_analysis(lm, texts: list[str], steps: int, out: str) -> dict:
     """Where an analysis spends its time: torch.profiler's op table (device and host time)."""
     from torch.profiler import ProfilerActivity, profile
@@ -200,6 +253,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="a small config on the CPU: checks the script only")
     ap.add_argument("--out", help="write the figures as JSON (rewritten after each section)")
+    ap.add_argument("--skip", default="", help="comma-separated sections to leave out (pruning, device_map)")
     ap.add_argument("--profile", help="also profile one analysis of 4 prompts; write the op table here")
     a = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
@@ -244,9 +298,25 @@ def main() -> int:
             sp = figures["speed"]
             print(f"analysis ÷ HF generate tokens/s: {sp['ratio']:.2f} (goal ≥ 0.8); "
                   f"{sp['analysis_tok_s']:.0f} vs {sp['hf_tok_s']:.0f} tok/s", flush=True)
+        if dev.type == "cuda":  # the profile's largest host cost: cuDNN's SDPA re-planning each step
+            section("speed_without_cudnn_sdpa", lambda: _without_cudnn_sdpa(
+                lambda: check_speed(lm, texts, 64, 16)))
+            if "speed_without_cudnn_sdpa" in figures:
+                sp = figures["speed_without_cudnn_sdpa"]
+                print(f"without cuDNN SDPA: analysis ÷ HF generate {sp['ratio']:.2f}; "
+                      f"{sp['analysis_tok_s']:.0f} vs {sp['hf_tok_s']:.0f} tok/s", flush=True)
+        section("generation", lambda: check_generation(lm, 48 if not a.tiny else 6, 16 if not a.tiny else 4,
+                                                       128 if not a.tiny else 8))
+        if "generation" in figures:
+            ge = figures["generation"]
+            print(f"generation engine: continuous {ge['continuous']['tok_s']:.0f} tok/s, static "
+                  f"{ge['static']['tok_s']:.0f}, HF generate {ge['hf_generate']['tok_s']:.0f} (without cuDNN "
+                  f"SDPA {ge['hf_generate_without_cudnn_sdpa']['tok_s']:.0f}) (batch "
+                  f"{ge['batch']}); continuous == static for {ge['continuous_equals_static']} prompts", flush=True)
         if a.profile:
             section("profile", lambda: profile_analysis(lm, texts[:4], 16, a.profile))
-        section("pruning", lambda: check_pruning(lm, 32 if not a.tiny else 4, 512 if not a.tiny else 16, 4))
+        if "pruning" not in a.skip:
+            section("pruning", lambda: check_pruning(lm, 32 if not a.tiny else 4, 512 if not a.tiny else 16, 4))
         for spec, r in figures.get("pruning", {}).items():
             if isinstance(r, dict):
                 print(f"{spec}: {r['seconds_per_block']:.2f} s per block over {r['blocks']} blocks "
@@ -254,8 +324,9 @@ def main() -> int:
         del lm
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    section("device_map", lambda: check_device_map(config(a.tiny, layers=8), dev, dtype, texts,
-                                                   "3GiB" if not a.tiny else "60000"))
+    if "device_map" not in a.skip:
+        section("device_map", lambda: check_device_map(config(a.tiny, layers=8), dev, dtype, texts,
+                                                       "3GiB" if not a.tiny else "60000"))
     if "device_map" in figures:
         dm = figures["device_map"]
         print(f"device map over {', '.join(dm['devices'])}: analysis {dm['analysis_s']:.1f} s; "

@@ -101,3 +101,18 @@ def test_real_model_task_prompts_token_for_token(real_lm: Any) -> None:
         static = generate_full(real_lm, prompts, 40, stop, m, 2, False, until=until, engine="static")
         cont = generate_full(real_lm, prompts, 40, stop, m, 2, False, until=until, engine="continuous")
         assert [(g.ids, g.text) for g in cont] == [(g.ids, g.text) for g in static]
+
+
+def test_decode_attention_leaves_cudnn_out_on_cuda_only() -> None:
+    """The decoding loops' attention choice: cuDNN SDPA off inside (it re-plans every step as the key
+    length grows), restored after; on the CPU nothing is touched. The flags are process-wide, so this
+    runs without a GPU."""
+    from prunelens.model.runtime import decode_attention
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with decode_attention(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with decode_attention(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before

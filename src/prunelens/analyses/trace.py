@@ -35,7 +35,7 @@ from prunelens.metrics import hidden_metrics, logit_metrics, pearson, spearman
 from prunelens.model.capture import capture, resid_names
 from prunelens.model.loading import LoadedModel
 from prunelens.model.memory import release_freed_memory
-from prunelens.model.runtime import encode_prompts, eos_ids, forward_cached, left_pad, pad_id
+from prunelens.model.runtime import decode_attention, encode_prompts, eos_ids, forward_cached, left_pad, pad_id
 from prunelens.prune import Modification, view_of
 from prunelens.prune.drop import LAYER_INDEXING
 from prunelens.version import __version__
@@ -118,7 +118,6 @@ def _nanmean(a: np.ndarray, valid: np.ndarray) -> tuple[list[float | None], list
     return mean, [int(c) for c in n]
 
 
-@torch.inference_mode()
 def analyze(
     lm: LoadedModel,
     plan: Modification,
@@ -127,6 +126,13 @@ def analyze(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Compare the dense model with ``plan`` (any modification) applied; returns a JSON-ready dict."""
+    with decode_attention(lm.device):
+        return _analyze(lm, plan, prompts, settings, progress)
+
+
+@torch.inference_mode()
+def _analyze(lm: LoadedModel, plan: Modification, prompts: Sequence[str], settings: AnalysisSettings | None,
+             progress: bool) -> dict[str, Any]:
     from transformers import DynamicCache
 
     settings = settings or AnalysisSettings()

@@ -12,10 +12,11 @@ it, answers of chat-tuned models are mostly formatting failures, not the model's
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,23 @@ def generate(*args: Any, **kwargs: Any) -> list[str]:
     return [g.text for g in generate_full(*args, **kwargs)]
 
 
+@contextlib.contextmanager
+def decode_attention(device: torch.device) -> Iterator[None]:
+    """SDPA without the cuDNN backend on CUDA devices, for KV-cached decoding loops.
+
+    cuDNN's attention plans once per shape, and in decoding the key length grows every step: on an
+    H200 (torch 2.11) that planning was 1.8 ms of host time per call, and leaving cuDNN out doubled
+    both ``analyze`` and HF ``generate`` (benchmarks/RESULTS.md, GPU check). Flash, memory-efficient
+    and math kernels remain. Only prunelens's own loops are affected; elsewhere a no-op."""
+    if device.type != "cuda":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
+
+
 ENGINES = ("continuous", "static")
 
 
@@ -80,7 +98,7 @@ def generate_full(
     if engine not in ENGINES:
         raise PrunelensError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     run = _generate_continuous if engine == "continuous" else _generate_static
-    with view_of(lm.adapter, modification):
+    with view_of(lm.adapter, modification), decode_attention(lm.device):
         return run(lm, prompts, max_new_tokens, tuple(stop), batch_size, progress, desc, until)
 
 

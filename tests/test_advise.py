@@ -34,7 +34,7 @@ def test_candidates_meet_the_budget_on_a_tiny_model() -> None:
     assert adv._linear_params(lm)[0] == 36864
     got = adv.candidates(lm, 0.25)  # 9216 weights: 3 attentions, 2 MLPs, 1 block
     assert got == ["attn:3", "mlp:2", "block:1", "wanda:0.25", "wanda:2:4", "sparsegpt:0.25",
-                   "sparsegpt:2:4", "rtn:w4g128", "gptq:w4g128"]
+                   "sparsegpt:2:4", "rtn:w4g128", "gptq:w4g128", "awq:w4g128"]
     for spec in got[:3]:
         req = parse_drop(spec)
         plan = DropPlan(**{req.kind: tuple(range(req.count))})
@@ -65,6 +65,17 @@ def test_advise_ranks_real_candidates_by_risk(tmp_path: Path) -> None:
     by = {r["spec"]: r for r in rows}
     assert by["rtn:w4g128"]["saved"] == pytest.approx(1 - 4.25 / 16, abs=0.01)  # 4 bits + scale/zero per 128
     assert res["recommendation"].startswith(f"for multiple-choice use at a 3% saving: {rows[0]['spec']}")
+    # the default model has a retention calibration: every row carries a prediction with its interval,
+    # the page draws the trade-off figure and says what the number means
+    assert res["retention_fit"]["fitted_on"] == "smollm2-135m"
+    for r in rows:
+        q = r["retention"]
+        assert 0 <= q["low"] <= q["predicted"] <= q["high"] <= 1
+    assert by["attn:4"]["retention"]["predicted"] != by["rtn:w4g128"]["retention"]["predicted"]
+    assert (out / "figures" / "tradeoff.png").is_file()
+    page = (out / "report.html").read_text()
+    assert "Evidence" in page and "free-generation answers" in page and "data:image/png" in page
+    assert "predicted generative retention" in res["recommendation"]
 
 
 def test_decode_timing_runs_exactly_the_asked_tokens_even_past_eos() -> None:

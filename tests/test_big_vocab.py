@@ -79,3 +79,53 @@ def test_kl_importance_in_chunks_equals_the_full_logits(counted) -> None:
             want = float(M.kl_div(lp_p, lp_d).sum()) / ids.numel()
             assert got[i] == pytest.approx(want, rel=1e-6)
     assert 0 < seen[0] <= 8
+
+
+def test_kl_statistics_in_chunks_equal_the_full_logits(counted) -> None:
+    """llama.cpp's KL statistics (``ppl --kld``) made a chunk of positions at a time equal the ones
+    read off the full dense and pruned logits; an empty modification gives KL 0 and the same top token."""
+    from prunelens.tasks.perplexity import kl_statistics
+
+    lm, seen = counted
+    text = " ".join(f"w{3 + (i * 11) % 120}" for i in range(200))
+    plan = DropPlan(attn=(1,), mlp=(2,))
+    res = kl_statistics(lm, text, plan, seq_len=32, batch_size=3, progress=False)
+    ids = lm.tokenizer(text, return_tensors="pt")["input_ids"][0]
+    x = ids[: res["windows"] * 32].reshape(-1, 32)
+    with torch.no_grad():
+        lb = torch.log_softmax(lm.model(input_ids=x).logits.double()[:, :-1], -1).reshape(-1, 128)
+        with pruned_view(lm.adapter, plan):
+            lp = torch.log_softmax(lm.model(input_ids=x).logits.double()[:, :-1], -1).reshape(-1, 128)
+    t = x[:, 1:].reshape(-1)
+    kl = (lb.exp() * (lb - lp)).sum(-1)
+    dp = lp.gather(-1, t[:, None]).exp()[:, 0] - lb.gather(-1, t[:, None]).exp()[:, 0]
+    assert res["positions"] == len(t) and 0 < seen[0] <= 8
+    assert res["mean_kld"] == pytest.approx(float(kl.mean()), rel=1e-5)
+    assert res["kld_p50"] == pytest.approx(float(torch.quantile(kl, 0.5)), rel=1e-5)
+    assert res["kld_p99"] == pytest.approx(float(torch.quantile(kl, 0.99)), rel=1e-5)
+    assert res["max_kld"] == pytest.approx(float(kl.max()), rel=1e-5)
+    assert res["same_top"] == pytest.approx(float((lb.argmax(-1) == lp.argmax(-1)).double().mean()))
+    assert res["rms_dp"] == pytest.approx(float(dp.pow(2).mean().sqrt()), rel=1e-5)
+    assert res["ppl_mod"] == pytest.approx(perplexity(lm, text, plan, seq_len=32, progress=False)["perplexity"],
+                                           rel=1e-6)
+    none = kl_statistics(lm, text, DropPlan(), seq_len=32, batch_size=3, progress=False)
+    assert none["mean_kld"] == 0 and none["same_top"] == 1 and none["rms_dp"] == 0
+    assert none["ppl_base"] == none["ppl_mod"]
+
+
+def test_ppl_kld_on_the_command_line(tiny_dir, tmp_path, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from prunelens.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{3 + (i * 5) % 50}" for i in range(300)))
+    out = tmp_path / "ppl.json"
+    rc = main(["ppl", "--model", str(tiny_dir), "--text", str(text), "--seq-len", "32", "--drop", "attn@1",
+               "--kld", "--quiet", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "Mean    KLD:" in printed and "Same top p:" in printed and "RMS     Δp:" in printed
+    res = json.loads(out.read_text())
+    k = res["kl_statistics"]
+    assert k["ppl_mod"] == pytest.approx(res["modified"]["perplexity"], rel=1e-6)
+    assert k["ppl_base"] == pytest.approx(res["dense"]["perplexity"], rel=1e-6) and k["mean_kld"] > 0

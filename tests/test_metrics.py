@@ -556,3 +556,24 @@ def test_pearson_and_spearman_hand_values() -> None:
     ra, rb = t64(0, 1.5, 1.5, 3) - 1.5, t64(0, 1, 2, 3) - 1.5
     assert spearman(a, b) == pytest.approx(float((ra * rb).sum() / (ra.norm() * rb.norm())))
     assert math.isnan(pearson(t64(1, 1, 1), t64(1, 2, 3)))
+
+
+def test_token_kld_and_its_summary_against_closed_forms() -> None:
+    """Base p = (½, ½), modified p = (¾, ¼), next token 0: KL(base‖mod) = ½ ln(4/3), Δp = +¼,
+    the top token differs only where the modified model breaks the tie the other way."""
+    from prunelens.metrics import kld_summary, token_kld
+
+    zb = torch.zeros(4, 2, dtype=torch.float64)
+    zm = torch.tensor([[math.log(3), 0.0]] * 4, dtype=torch.float64)
+    v = token_kld(zb, zm, torch.tensor([0, 0, 1, 1]))
+    assert torch.allclose(v["kl"], torch.full((4,), 0.5 * math.log(4 / 3), dtype=torch.float64))
+    assert torch.allclose(v["dp"], torch.tensor([0.25, 0.25, -0.25, -0.25], dtype=torch.float64))
+    assert torch.equal(v["same_top"], torch.ones(4, dtype=torch.float64))  # argmax of a tie is token 0
+    s = kld_summary(v)
+    assert s["mean_kld"] == pytest.approx(0.5 * math.log(4 / 3)) and s["mean_kld_se"] == pytest.approx(0, abs=1e-15)
+    assert s["rms_dp"] == pytest.approx(0.25) and s["mean_dp"] == pytest.approx(0.0, abs=1e-15)
+    assert s["ppl_base"] == pytest.approx(2.0)
+    assert s["ppl_mod"] == pytest.approx(math.exp(-(2 * math.log(0.75) + 2 * math.log(0.25)) / 4))
+    assert s["same_top"] == 1 and s["same_top_se"] == 0
+    same = token_kld(zm, zm.clone(), torch.tensor([0, 1, 0, 1]))
+    assert float(same["kl"].abs().max()) == 0 and float(same["dp"].abs().max()) == 0

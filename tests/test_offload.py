@@ -76,7 +76,7 @@ def test_layer_drop_analysis_is_the_same_under_offload(pair) -> None:
         assert type(m).__name__ not in ("SkippedAttention", "SkippedBlock")
 
 
-@pytest.mark.parametrize("spec", ["wanda:0.5", "sparsegpt:2:4", "gptq:w4g16"])
+@pytest.mark.parametrize("spec", ["wanda:0.5", "sparsegpt:2:4", "gptq:w4g16", "awq:w4g16"])
 def test_calibrated_methods_give_the_same_weights_block_by_block(pair, spec: str) -> None:
     _, dense, big = pair
     m = parse_weight_method(spec)

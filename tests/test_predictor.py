@@ -162,3 +162,67 @@ def test_validate_with_hits_checks_the_target_and_adds_the_intervals() -> None:
     rows[0] = {**rows[0], "gen_drop": 0.5}
     with pytest.raises(PrunelensError, match="not 1 − the mean"):
         predictor.validate(rows, "gen_drop", hits="gen_hits")
+
+
+# --- calibrated retention ---------------------------------------------------------------------------
+
+
+def _logistic_rows(w0: float, w1: float, n_q: int = 4000, seed: int = 0) -> list[dict[str, Any]]:
+    """Rows of 5 methods whose per-question hits are drawn from σ(w0 + w1·log tf_kl)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for m, kls in {"a": (0.02, 0.1), "b": (0.05, 0.3), "c": (0.2, 1.0), "d": (0.5, 2.0), "e": (0.08, 4.0)}.items():
+        for kl in kls:
+            p = 1 / (1 + np.exp(-(w0 + w1 * np.log(kl))))
+            rows.append({"method": m, "spec": f"{m}:{kl}", "tf_kl": kl,
+                         "gen_hits": (rng.random(n_q) < p).astype(float).tolist()})
+    return rows
+
+
+def test_the_logistic_fit_recovers_known_weights_and_predicts_held_out_methods() -> None:
+    rows = _logistic_rows(-0.5, -1.2)
+    fit = predictor.retention_fit(rows, coverage=0.8)
+    assert fit["weights"] == pytest.approx([-0.5, -1.2], abs=0.05)
+    assert fit["lomo_mae"] < 0.02  # the law is the same for every method: held-out methods are predicted
+    p, lo, hi, outside = predictor.predict_retention(fit, {"tf_kl": 0.3})
+    assert p == pytest.approx(1 / (1 + np.exp(0.5 + 1.2 * np.log(0.3))), abs=0.01)
+    assert lo <= p <= hi and hi - lo == pytest.approx(2 * fit["radius"]) and not outside
+    assert predictor.predict_retention(fit, {"tf_kl": 40.0})[3]  # beyond the fitted KL range: flagged
+
+
+def test_conformal_radius_is_the_right_order_statistic() -> None:
+    errors = [0.05, 0.01, 0.3, 0.2, 0.1, 0.02, 0.07, 0.15, 0.04]  # m = 9
+    assert predictor.conformal_radius(errors, 0.8) == 0.2  # ⌈10 · 0.8⌉ = 8th smallest
+    assert predictor.conformal_radius(errors, 0.5) == 0.07  # ⌈10 · 0.5⌉ = 5th smallest
+    assert predictor.conformal_radius(errors[:3], 0.9) == float("inf")  # too few errors for 90 %
+
+
+def test_stated_coverage_holds_for_held_out_methods_when_methods_differ_at_random() -> None:
+    """Each method gets its own offset (a pruning family the KL does not fully describe): the nested
+    check (fit and radius made without the held-out method) should cover about the stated share."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for j in range(12):
+        off = rng.normal(0, 0.4)
+        for kl in (0.05, 0.3, 1.5):
+            p = 1 / (1 + np.exp(-(0.3 + off - 1.0 * np.log(kl))))
+            rows.append({"method": f"m{j}", "tf_kl": kl, "gen_hits": (rng.random(400) < p).astype(float).tolist()})
+    cov = predictor.interval_coverage(rows, coverage=0.8)
+    assert cov["n"] == len(rows) and 0.65 <= cov["coverage_held_out"] <= 1.0
+    assert predictor.retention_fit(rows)["lomo_mae"] > 0.02  # the offsets are real error, not fitted away
+
+
+def test_the_shipped_fits_serve_the_bundled_models_only() -> None:
+    name, fit = predictor.retention_fit_for({"preset": "smollm2-135m", "name": "smollm2-135m"})
+    assert name == "smollm2-135m" and fit["lomo_mae"] <= 0.10 and fit["features"] == ["tf_kl"]
+    assert predictor.retention_fit_for({"name": "/data/my-llama"}) is None
+    # more KL, less retention
+    lo_kl, hi_kl = (predictor.predict_retention(fit, {"tf_kl": k})[0] for k in (0.05, 2.0))
+    assert 1 >= lo_kl > hi_kl >= 0
+
+
+def test_pareto_front_by_definition() -> None:
+    from prunelens.analyses.advise import pareto_front
+
+    pts = [(0.25, 0.9), (0.25, 0.5), (0.5, 0.6), (0.3, 0.9), (0.6, 0.1), (0.5, 0.2)]
+    assert pareto_front(pts) == [2, 3, 4]

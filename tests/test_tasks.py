@@ -172,6 +172,18 @@ def test_real_arc_easy_above_chance_and_pruning_changes_scores(lm) -> None:
         lm, "arc_easy", DATA, limit=100, seed=0, modification=select_drop(lm, "block@3,9,15"), progress=False
     )
     assert pruned.indices == dense.indices and pruned.predictions != dense.predictions
+    f = mcq.answer_flips(dense.golds, dense.predictions, pruned.predictions)
+    # flips bound the accuracy change from above: |Δacc| = |wrong→right − right→wrong| ≤ flips
+    assert abs(pruned.acc - dense.acc) == pytest.approx(abs(f["wrong_to_right"] - f["right_to_wrong"]))
+    assert abs(pruned.acc - dense.acc) <= f["flips"] <= f["changed"] and f["flips"] > 0
+
+
+def test_answer_flips_by_definition() -> None:
+    # right→right, right→wrong, wrong→right, wrong→another wrong
+    f = mcq.answer_flips([0, 1, 2, 3], [0, 1, 0, 0], [0, 0, 2, 1])
+    assert f == {"flips": 0.5, "right_to_wrong": 0.25, "wrong_to_right": 0.25, "changed": 0.75, "n": 4}
+    with pytest.raises(PrunelensError, match="same questions"):
+        mcq.answer_flips([0, 1], [0], [0, 1])
 
 
 @pytest.mark.parametrize("row_tokens", [256, 5])  # 5: one request a row, rows of unequal width

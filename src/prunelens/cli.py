@@ -34,7 +34,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_ppl(args: argparse.Namespace) -> int:
     from prunelens.prune.recipe import build
     from prunelens.runs import check_out_file, write_json
-    from prunelens.tasks.perplexity import perplexity, read_corpus
+    from prunelens.tasks.perplexity import kl_statistics, kld_lines, perplexity, read_corpus
 
     recipe, cal = options.recipe(args), options.calibration(args)
     text = read_corpus(args.text)
@@ -53,6 +53,9 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     print(f"{lm.info['name']}  {plan.label()}: perplexity {mod['perplexity']:.3f} "
           f"(dense {dense['perplexity']:.3f}) over {mod['tokens']} tokens in {mod['windows']} windows "
           f"of {args.seq_len}")
+    if args.kld:
+        k = res["kl_statistics"] = kl_statistics(lm, text, plan, **kw)
+        print("\n".join(kld_lines(k)))
     if args.out:
         write_json(Path(args.out), res)
     return 0
@@ -98,6 +101,7 @@ def _score_line(task: str, dense: Any, mod: Any, label: str) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     from prunelens.prune.recipe import build
     from prunelens.runs import check_out_file, write_json
+    from prunelens.tasks.mcq import answer_flips
     from prunelens.tasks.registry import run_task
 
     recipe, cal = options.recipe(args), options.calibration(args)
@@ -112,10 +116,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         dense = run_task(lm, t, args.data_dir, opts)
         mod = run_task(lm, t, args.data_dir, opts, plan) if modified else dense
         row = {"task": dense.task, "kind": dense.kind, "dense": dense.to_dict(), "modified": mod.to_dict()}
+        pred = "predictions_norm" if dense.metric == "acc_norm" else "predictions"  # the scored choice
+        if modified and dense.kind == "multiple-choice" and pred in dense.details:
+            row["flips"] = answer_flips(dense.details["golds"], dense.details[pred], mod.details[pred])
         if dense.task != t:  # a task config: its file
             row["config"] = t
         rows.append(row)
-        print(_score_line(dense.task, dense, mod, plan.label()), flush=True)
+        print(_score_line(dense.task, dense, mod, plan.label())
+              + (f"  flips {row['flips']['flips']:.1%}" if "flips" in row else ""), flush=True)
     if args.out:
         write_json(Path(args.out), {"model": lm.info, "modification": plan.to_dict(), "limit": args.limit,
                                     "seed": args.seed, "tasks": rows})
@@ -200,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="corpus: .txt, or .jsonl with a 'text' field per row (rows joined by blank lines)")
         pp.add_argument("--seq-len", type=int, default=1024, help="window length in tokens (default 1024)")
         pp.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+        pp.add_argument("--kld", action="store_true", help="also llama.cpp's KL-divergence statistics of the "
+                        "modified model against the dense one (mean/median/p99 KL, same top token, RMS Δp)")
         pp.add_argument("--out", help="also write the numbers to this JSON file")
         pp.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
         pp.add_argument("--quiet", action="store_true")

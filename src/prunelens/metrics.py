@@ -277,6 +277,46 @@ def chunked_kl(head: Callable[[Tensor], Tensor], h_p: Tensor, h_d: Tensor, rows:
     return total
 
 
+def token_kld(z_base: Tensor, z_mod: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    """Per position, what llama.cpp's ``llama-perplexity --kl-divergence`` reads from a base and a
+    compressed model's logits (n × vocab) over a text (``targets``: the next tokens, n):
+    ``kl`` = KL(p_base ‖ p_mod), ``same_top`` = both put the same token first, ``dp`` =
+    p_mod(next token) − p_base(next token), and each model's next-token NLL."""
+    lb, lm = log_probs(z_base), log_probs(z_mod)
+    t = targets.reshape(-1, 1).to(lb.device)
+    tb, tm = lb.gather(-1, t)[:, 0], lm.gather(-1, t)[:, 0]
+    return {"kl": kl_div(lb, lm), "same_top": (lb.argmax(-1) == lm.argmax(-1)).to(torch.float64),
+            "dp": tm.exp() - tb.exp(), "nll_base": -tb, "nll_mod": -tm}
+
+
+KLD_PERCENTILES = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0)
+
+
+def kld_summary(v: dict[str, Tensor]) -> dict[str, float]:
+    """llama.cpp's KL-divergence and token-probability statistics from ``token_kld`` rows: mean KL ±
+    its standard error, KL percentiles, maximum and minimum, mean Δp ± s.e., RMS Δp ± s.e. (delta
+    method), the share of positions with the same top token ± s.e., and both perplexities."""
+    kl, dp, same = _f64(v["kl"]), _f64(v["dp"]), _f64(v["same_top"])
+    n = kl.numel()
+    if n < 2:
+        raise ValueError("KL statistics need at least 2 positions")
+
+    def se(x: Tensor) -> float:
+        return float(x.std(unbiased=True) / math.sqrt(n))
+
+    rms = float((dp * dp).mean().sqrt())
+    out = {"positions": float(n), "mean_kld": float(kl.mean()), "mean_kld_se": se(kl),
+           "max_kld": float(kl.max()), "min_kld": float(kl.min()),
+           **{f"kld_p{q:g}": float(torch.quantile(kl, q / 100)) for q in KLD_PERCENTILES},
+           "mean_dp": float(dp.mean()), "mean_dp_se": se(dp), "max_dp": float(dp.max()), "min_dp": float(dp.min()),
+           "rms_dp": rms, "rms_dp_se": se(dp * dp) / (2 * rms) if rms > 0 else 0.0,
+           "same_top": float(same.mean()), "same_top_se": se(same)}
+    nb, nm = _f64(v["nll_base"]), _f64(v["nll_mod"])
+    out.update(ppl_base=math.exp(float(nb.mean())), ppl_mod=math.exp(float(nm.mean())),
+               mean_ln_ppl_ratio=float((nm - nb).mean()), mean_ln_ppl_ratio_se=se(nm - nb))
+    return out
+
+
 def pearson(x: Tensor, y: Tensor) -> float:
     """Pearson correlation of two 1-D samples (nan if either is constant or too short)."""
     x, y = _f64(x).flatten(), _f64(y).flatten()

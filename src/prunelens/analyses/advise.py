@@ -24,7 +24,7 @@ from torch import nn
 
 from prunelens import options
 from prunelens.analyses.base import Analysis, register
-from prunelens.analyses.predictor import collapse_signals
+from prunelens.analyses.predictor import collapse_signals, predict_retention, retention_fit_for
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
 from prunelens.prune.base import methods
@@ -129,6 +129,7 @@ def advise(lm: LoadedModel, budget: float, use: str, prompts: Sequence[str],
     if use not in USES:
         raise PrunelensError(f"unknown use '{use}'; choose {', '.join(USES)}")
     specs = list(specs) if specs else candidates(lm, budget)
+    calibrated = retention_fit_for(lm.info)
     prompt_ids = encode_prompts(lm.tokenizer, prompts[:1])[0]
     decode_seconds(lm, None, prompt_ids, steps, repeats=1)  # warm-up, untimed
     rows = []
@@ -151,12 +152,18 @@ def advise(lm: LoadedModel, budget: float, use: str, prompts: Sequence[str],
                "seconds": time.perf_counter() - t0,
                "build_seconds": t_build}
         row["risk"] = risk_for(use, sig, rk)
+        if calibrated is not None:
+            p, lo, hi, outside = predict_retention(calibrated[1], sig)
+            row["retention"] = {"predicted": p, "low": lo, "high": hi, "outside_fitted_range": outside}
         rows.append(row)
         del mod
         release_freed_memory()
     rows.sort(key=lambda r: (not r["meets_budget"], r["risk"], -r["saved"]))
+    fit_info = ({"fitted_on": calibrated[0], "coverage": calibrated[1]["coverage"],
+                 "lomo_mae": calibrated[1]["lomo_mae"], "grid": calibrated[1]["grid"]}
+                if calibrated is not None else None)
     return {"schema": SCHEMA, "model": lm.info, "budget": budget, "use": use, "steps": steps,
-            "n_prompts": len(prompts), "rows": rows,
+            "n_prompts": len(prompts), "rows": rows, "retention_fit": fit_info,
             "recommendation": recommendation(rows, use, budget)}
 
 
@@ -168,32 +175,112 @@ def recommendation(rows: Sequence[dict[str, Any]], use: str, budget: float) -> s
     line = (f"for {use} use at a {budget:.0%} saving: {best['spec']} (predicted risk {best['risk']:.2f}, "
             f"teacher-forced top-1 agreement {1 - best['signals']['tf_top1_disagree']:.2f} — about "
             f"{best['agreeing_tokens']:.0f} greedy tokens before it leaves the dense text — saves "
-            f"{best['saved']:.0%}, decodes {best['decode_speedup']:.2f}x dense)")
+            f"{best['saved']:.0%}, decodes {best['decode_speedup']:.2f}x dense"
+            + (f"; predicted generative retention {retention_text(best['retention'])}" if "retention" in best else "")
+            + ")")
     if worst is not best:
         line += f"; avoid {worst['spec']} (risk {worst['risk']:.2f})"
     return line
 
 
-def advise_html(result: dict[str, Any], figs: list[Path]) -> str:
-    from prunelens.render import esc, html_page, html_table
+def retention_text(r: dict[str, Any]) -> str:
+    """'0.40 [0.25, 0.55]', with a mark where the signals lie outside the data the fit was made on."""
+    return (f"{r['predicted']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
+            + (" (outside the fitted range)" if r["outside_fitted_range"] else ""))
 
-    keys = ("spec", "risk", "risk_generative", "risk_multiple_choice", "risk_retrieval", "agreeing_tokens",
-            "saved", "decode_speedup", "memory_vs_bf16")
+
+def _quality(r: dict[str, Any]) -> tuple[float, float, float]:
+    """(value, low, high) on the page's quality axis: predicted retention where calibrated, else 1 − risk."""
+    if "retention" in r:
+        q = r["retention"]
+        return q["predicted"], q["low"], q["high"]
+    v = 1.0 - r["risk"]
+    return v, v, v
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both coordinates (larger is better on each)."""
+    return [i for i, (x, y) in enumerate(points)
+            if not any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for x2, y2 in points)]
+
+
+def advise_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
+    """Predicted quality (with its interval) against memory saved and against measured speed-up, the
+    Pareto front of each marked: the trade-off the recommendation is taken from, in one picture."""
+    from prunelens.render import subplots
+
+    rows = result["rows"]
+    if not rows:
+        return []
+    calibrated = any("retention" in r for r in rows)
+    ylabel = "predicted generative retention" if calibrated else f"1 − predicted risk ({result['use']})"
+    fig, axes = subplots(1, 2, figsize=(10, 4.2))
+    q = [_quality(r) for r in rows]
+    for ax, key, xlabel in ((axes[0], "saved", "memory saved vs bf16"), (axes[1], "decode_speedup",
+                                                                        "decoding speed-up (measured)")):
+        xs = [r[key] for r in rows]
+        front = set(pareto_front(list(zip(xs, [v for v, _, _ in q], strict=True))))
+        for i, (r, (v, lo, hi)) in enumerate(zip(rows, q, strict=True)):
+            ax.errorbar([xs[i]], [v], yerr=[[v - lo], [hi - v]], fmt="o" if i in front else "s",
+                        color="C3" if i in front else "C0", ms=6 if i in front else 4, capsize=2, lw=0.8,
+                        alpha=1.0 if r["meets_budget"] else 0.4)
+            ax.annotate(r["spec"], (xs[i], v), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        order = sorted(front, key=lambda i: xs[i])
+        ax.plot([xs[i] for i in order], [q[i][0] for i in order], color="C3", lw=1, ls="--", label="Pareto front")
+        if key == "saved":
+            ax.axvline(result["budget"], color="grey", lw=0.8, ls=":", label="budget")
+        ax.set(xlabel=xlabel, ylabel=ylabel, ylim=(-0.02, 1.02))
+        ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    path = fig_dir / "tradeoff.png"
+    fig.savefig(path)
+    return [path]
+
+
+def advise_html(result: dict[str, Any], figs: list[Path]) -> str:
+    from prunelens.render import esc, html_page, html_table, img
+
+    fit = result.get("retention_fit")
+    keys = ("spec", "retention", "risk", "saved", "decode ×", "tf KL", "tf top-1", "agree run")
 
     def cell(v: Any) -> str:  # None: a value JSON cannot hold (an infinite agreeing run)
-        return "—" if v is None else v if isinstance(v, str) else f"{v:.3f}"
+        return "—" if v is None else v if isinstance(v, str) else f"{v:.3g}"
 
-    rows = [{**r, "tf KL": r["signals"]["tf_kl"], "tf top-1 agree": 1 - r["signals"]["tf_top1_disagree"],
-             "first divergence⁻¹": r["signals"]["inv_first_divergence"]} for r in result["rows"]]
-    return html_page("prunelens advise",
+    rows = [{"spec": r["spec"] + ("" if r["meets_budget"] else " (below budget)"),
+             "retention": retention_text(r["retention"]) if "retention" in r else None,
+             "risk": r["risk"], "saved": f"{r['saved']:.1%}", "decode ×": r["decode_speedup"],
+             "tf KL": r["signals"]["tf_kl"], "tf top-1": 1 - r["signals"]["tf_top1_disagree"],
+             "agree run": r["agreeing_tokens"]} for r in result["rows"]]
+    best = next((r for r in result["rows"] if r["meets_budget"]), None)
+    evidence = []
+    if best is not None:
+        evidence.append(f"On the {result['n_prompts']} prompts, {esc(best['spec'])} agrees with the dense model's "
+                        f"top token on {1 - best['signals']['tf_top1_disagree']:.0%} of teacher-forced steps "
+                        f"(KL {best['signals']['tf_kl']:.3f} nats), about {best['agreeing_tokens']:.0f} greedy "
+                        "tokens before it leaves the dense text.")
+    if fit:
+        evidence.append(f"Retention is the share of the dense model's right free-generation answers a "
+                        f"modification keeps, predicted from the teacher-forced KL by a fit on "
+                        f"{esc(fit['fitted_on'])}'s measured grid ({esc(fit['grid'])}); on methods held out of "
+                        f"that fit its error was {fit['lomo_mae']:.2f} on average and the intervals cover "
+                        f"{fit['coverage']:.0%}. Marked candidates lie outside the fitted range.")
+    else:
+        evidence.append("No retention calibration exists for this model (a fit does not transfer across "
+                        "model families): the figure shows 1 − predicted risk, which ranks but saturates.")
+    style = ("<style>table{font-size:12px;table-layout:auto;width:100%;max-width:100%}"
+             "td,th{padding:2px 6px;white-space:nowrap}img{max-width:100%}</style>")
+    return html_page("prunelens advise", style,
         f"<h1>Advice — {esc(str(result['model'].get('name', '')))}, {result['budget']:.0%} saving, "
         f"{esc(result['use'])} use</h1>", f"<p><b>{esc(result['recommendation'])}</b></p>",
-        '<p class="muted">Ranked by the predicted risk for this use, from the teacher-forced top-1 '
-        "agreement a on the prompts: 1 − a for one step (multiple choice), 1 − a^32 for a generated answer, "
-        "1 − cos of the final hidden state for retrieval. saved = share of decoder linear-weight memory "
-        "saved against bf16 (unstructured zeros only save it in a sparse format); decode_speedup = "
-        "measured greedy decoding, batch 1, dense time ÷ modified time, on this machine.</p>",
-        html_table(rows, (*keys, "tf KL", "tf top-1 agree", "first divergence⁻¹"), cell))
+        *[img(f) for f in figs],
+        "<h2>Evidence</h2>", *[f"<p>{e}</p>" for e in evidence],
+        '<p class="muted">Ranked by the predicted risk for this use, from the teacher-forced top-1 agreement a '
+        "on the prompts: 1 − a for one step (multiple choice), 1 − a^32 for a generated answer, 1 − cos of the "
+        "final hidden state for retrieval. saved = share of decoder linear-weight memory saved against bf16 "
+        "(unstructured zeros only save it in a sparse format); decode × = measured greedy decoding, batch 1, "
+        "dense time ÷ modified time, on this machine.</p>",
+        html_table(rows, keys, cell))
 
 
 # --- the subcommand ------------------------------------------------------------------------------
@@ -235,18 +322,35 @@ def _run(args: argparse.Namespace) -> int:
 
 def summary_lines(res: dict[str, Any]) -> list[str]:
     """The candidates ranked by risk for the use, and the recommendation."""
+    fit = res.get("retention_fit")
     lines = [f"{'candidate':16s} {'risk':>6s} {'saved':>6s} {'decode':>7s} {'agree run':>9s}  "
-             "risk gen / MCQ / retrieval"]
+             f"{'generative retention':22s} risk gen / MCQ / retrieval"]
     for r in res["rows"]:
         flag = "" if r["meets_budget"] else "  (below budget)"
+        ret = r.get("retention")
+        keep = "—" if ret is None else f"{ret['predicted']:.2f} [{ret['low']:.2f}, {ret['high']:.2f}]" + (
+            "*" if ret["outside_fitted_range"] else "")
         lines.append(f"{r['spec']:16s} {r['risk']:6.3f} {r['saved']:6.1%} {r['decode_speedup']:6.2f}x "
-                     f"{r['agreeing_tokens']:9.1f}  "
+                     f"{r['agreeing_tokens']:9.1f}  {keep:22s} "
                      f"{r['risk_generative']:.3f} / {r['risk_multiple_choice']:.3f} / "
                      f"{r['risk_retrieval']:.4f}{flag}")
+    if fit:
+        lines.append(f"generative retention: share of the dense model's right free-generation answers kept, "
+                     f"{fit['coverage']:.0%} interval, fitted on {fit['fitted_on']} (held-out-method MAE "
+                     f"{fit['lomo_mae']:.2f}); * = signals outside the fitted range")
+    else:
+        lines.append("generative retention: no calibration for this model (fitted for "
+                     f"{', '.join(_fitted_models())}); run benchmarks/predictor_validation.py on it")
     return [*lines, f"recommendation: {res['recommendation']}"]
+
+
+def _fitted_models() -> list[str]:
+    import json
+
+    return sorted(json.loads((Path(__file__).with_name("retention_fits.json")).read_text())["fits"])
 
 
 ANALYSIS = register(Analysis(
     "advise", "rank candidate prunings that meet a memory budget by predicted risk for your use "
-    "(cheap signals, no benchmark)", _arguments, _run, schema=SCHEMA, html=advise_html,
+    "(cheap signals, no benchmark)", _arguments, _run, schema=SCHEMA, figures=advise_figures, html=advise_html,
     summary=summary_lines))

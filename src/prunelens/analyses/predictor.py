@@ -198,3 +198,131 @@ def validate(rows: Sequence[Mapping[str, Any]], target: str, proxies: Sequence[s
                             "rho_interval_95": {k: rho_interval(v, h) for k, v in scored.items()},
                             "target_reliability": rel, "rho_ceiling": math.sqrt(rel) if rel > 0 else 0.0}
     return out
+
+
+# --- calibrated retention: the score a user keeps, with an interval ---------------------------------
+# The risk above saturates (1 − a^32 ≈ 1 for most prunings of a small model), so it ranks but does not
+# say how much is lost. Here the measured retention of generative answers (the share of the dense
+# model's correct answers a modification keeps) is fitted as a logistic function of the teacher-forced
+# KL, on per-question outcomes, and the interval comes from leave-one-method-out errors.
+
+RETENTION_FEATURES = ("tf_kl",)
+
+
+def _design(rows: Sequence[Mapping[str, Any]], features: Sequence[str]) -> np.ndarray:
+    return np.column_stack([np.ones(len(rows)), *[np.log(np.maximum([float(r[f]) for r in rows], 1e-6))
+                                                  for f in features]])
+
+
+def fit_logistic(x: np.ndarray, k: np.ndarray, n: np.ndarray, ridge: float = 1e-3, iters: int = 100) -> np.ndarray:
+    """Binomial maximum likelihood of P(hit) = σ(x·w) from k hits out of n per row (IRLS, Newton);
+    a small ridge on the slopes keeps separable data finite."""
+    w = np.zeros(x.shape[1])
+    reg = ridge * np.eye(x.shape[1])
+    reg[0, 0] = 0.0
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-(x @ w)))
+        grad = x.T @ (k - n * p) - reg @ w
+        hess = (x * (n * p * (1 - p))[:, None]).T @ x + reg
+        step = np.linalg.solve(hess, grad)
+        w = w + step
+        if np.max(np.abs(step)) < 1e-10:
+            break
+    return w
+
+
+def conformal_radius(errors: Sequence[float], coverage: float) -> float:
+    """The ⌈(m+1)·coverage⌉-th smallest of m absolute held-out errors (split-conformal): a new
+    method's error falls below it with probability ≥ ``coverage`` when methods are exchangeable;
+    infinite when m is too small for that coverage."""
+    e = np.sort(np.abs(np.asarray(errors, dtype=float)))
+    rank = math.ceil((len(e) + 1) * coverage)
+    return float(e[rank - 1]) if rank <= len(e) else float("inf")
+
+
+def _retention_counts(rows: Sequence[Mapping[str, Any]], hits: str) -> tuple[np.ndarray, np.ndarray]:
+    k = np.array([float(np.sum(r[hits])) for r in rows])
+    n = np.array([float(len(r[hits])) for r in rows])
+    return k, n
+
+
+def retention_fit(rows: Sequence[Mapping[str, Any]], hits: str = "gen_hits",
+                  features: Sequence[str] = RETENTION_FEATURES, coverage: float = 0.8,
+                  ridge: float = 1e-3) -> dict[str, Any]:
+    """Fit retention = σ(w₀ + Σ w·log feature) on ``rows`` (each with per-question ``hits`` on the
+    dense model's correct answers) and its interval radius from leave-one-method-out errors.
+    Returns a JSON-ready fit: weights, radius, the features' fitted range, and the LOMO figures."""
+    if len({r["method"] for r in rows}) < 3:
+        raise PrunelensError("a retention fit needs prunings of 3 or more methods")
+    x = _design(rows, features)
+    k, n = _retention_counts(rows, hits)
+    w = fit_logistic(x, k, n, ridge)
+    lomo = lomo_retention(rows, hits, features, ridge)
+    measured = k / n
+    errors = np.abs(np.array(lomo) - measured)
+    logs = x[:, 1:]
+    return {"features": list(features), "weights": w.tolist(), "coverage": coverage,
+            "radius": conformal_radius(errors, coverage),
+            "log_range": [[float(c.min()), float(c.max())] for c in logs.T],
+            "n_rows": len(rows), "methods": sorted({r["method"] for r in rows}),
+            "lomo_mae": float(errors.mean()), "lomo_predictions": [float(v) for v in lomo],
+            "measured": measured.tolist(), "specs": [r.get("spec", "") for r in rows]}
+
+
+def lomo_retention(rows: Sequence[Mapping[str, Any]], hits: str = "gen_hits",
+                   features: Sequence[str] = RETENTION_FEATURES, ridge: float = 1e-3) -> list[float]:
+    """Each row's retention predicted by a fit on the other methods' rows."""
+    x = _design(rows, features)
+    k, n = _retention_counts(rows, hits)
+    pred = np.empty(len(rows))
+    for m in sorted({r["method"] for r in rows}):
+        test = np.array([r["method"] == m for r in rows])
+        w = fit_logistic(x[~test], k[~test], n[~test], ridge)
+        pred[test] = 1 / (1 + np.exp(-(x[test] @ w)))
+    return pred.tolist()
+
+
+def interval_coverage(rows: Sequence[Mapping[str, Any]], hits: str = "gen_hits",
+                      features: Sequence[str] = RETENTION_FEATURES, coverage: float = 0.8,
+                      ridge: float = 1e-3) -> dict[str, Any]:
+    """Whether the stated coverage holds for methods never seen: each method is held out, the fit and
+    its radius (from the remaining methods' own leave-one-method-out errors) are made without it, and
+    its rows are checked against the interval. Returns the share covered and the mean width."""
+    k, n = _retention_counts(rows, hits)
+    inside, widths = [], []
+    for m in sorted({r["method"] for r in rows}):
+        train = [r for r in rows if r["method"] != m]
+        test_idx = [i for i, r in enumerate(rows) if r["method"] == m]
+        if len({r["method"] for r in train}) < 3:
+            continue
+        fit = retention_fit(train, hits, features, coverage, ridge)
+        for i in test_idx:
+            p, lo, hi, _ = predict_retention(fit, rows[i])
+            inside.append(lo <= k[i] / n[i] <= hi)
+            widths.append(hi - lo)
+    return {"coverage_stated": coverage, "coverage_held_out": float(np.mean(inside)) if inside else float("nan"),
+            "mean_width": float(np.mean(widths)) if widths else float("nan"), "n": len(inside)}
+
+
+def predict_retention(fit: Mapping[str, Any], signals: Mapping[str, float]) -> tuple[float, float, float, bool]:
+    """(predicted retention, interval low, high, whether the signals lie outside the fitted range)."""
+    logs = [math.log(max(float(signals[f]), 1e-6)) for f in fit["features"]]
+    z = fit["weights"][0] + sum(w * v for w, v in zip(fit["weights"][1:], logs, strict=True))
+    p = 1 / (1 + math.exp(-z))
+    r = fit["radius"]
+    outside = any(not lo <= v <= hi for v, (lo, hi) in zip(logs, fit["log_range"], strict=True))
+    return p, max(0.0, p - r), min(1.0, p + r), outside
+
+
+def retention_fit_for(model_info: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The shipped retention fit of this model (matched by preset or name), with the model it was
+    fitted on; None for a model no grid was measured on (``benchmarks/retention_validation.py``
+    shows the fit of one family does not transfer to another: MAE 0.17–0.34)."""
+    import json
+    from pathlib import Path
+
+    fits = json.loads((Path(__file__).with_name("retention_fits.json")).read_text())["fits"]
+    for key in (model_info.get("preset"), model_info.get("name")):
+        if key in fits:
+            return key, fits[key]
+    return None

@@ -3,7 +3,9 @@
 Asymmetric min-max uniform quantisation per output row and per group of ``group_size`` input
 columns (``-1``: one group per row), ``bits`` bits. RTN rounds each weight to the nearest level;
 GPTQ (Frantar et al. 2022) sweeps columns over the upper Cholesky factor of the inverse damped
-Hessian and pushes each column's rounding error onto the columns not yet quantised.
+Hessian and pushes each column's rounding error onto the columns not yet quantised; AWQ (Lin et al.
+2024) scales the input channels that carry large activations up before rounding (and back after),
+then clips each group's range, both chosen on calibration inputs.
 """
 
 from __future__ import annotations
@@ -108,3 +110,65 @@ def gptq_quantize(w: Tensor, h: Tensor, spec: QuantSpec, blocksize: int = 128,
             Err1[:, i] = err
         W[:, i2:].sub_(Err1 @ Hinv[i1:i2, i2:])
     return Q.to(w.dtype)
+
+
+def _output_error(x: Tensor, w: Tensor, w_new: Tensor) -> float:
+    """Mean squared error of the layer's outputs on the calibration rows x (n × in)."""
+    return float(((x @ (w_new - w).T) ** 2).mean())
+
+
+def awq_quantize(w: Tensor, x: Tensor, spec: QuantSpec, n_grid: int = 20, max_shrink: float = 0.5,
+                 clip: bool = True) -> Tensor:
+    """AWQ fake quantisation of W (out × in) from calibration inputs x (n × in), as AutoAWQ does it
+    for one linear layer:
+
+    1. scale search: s = mean|x|^α per input channel, normalised so that √(max s · min s) = 1, for
+       α on a grid of ``n_grid`` values in [0, 1); W' = Q(W·diag s)·diag(s)⁻¹ with the α whose outputs
+       x·W'ᵀ are closest to x·Wᵀ (α = 0 is RTN, so AWQ is never worse than RTN on these rows);
+    2. clip search: per output row and group, the weights are clamped to ±(1 − i/n_grid)·max|w| for
+       i < max_shrink·n_grid before rounding, keeping the clamp with the least output error of that
+       group's inputs.
+
+    AutoAWQ searches one α per set of linears sharing an input, because it folds 1/s into the
+    preceding norm; fake quantisation keeps 1/s in each weight, so α is searched per linear here.
+    """
+    W = w.detach().float()
+    X = x.detach().float().to(W.device)
+    act = X.abs().mean(0)
+    best, best_err = rtn_quantize(W, spec), float("inf")
+    best_s = torch.ones_like(act)
+    for i in range(n_grid):
+        a = i / n_grid
+        sc = act.pow(a).clamp(min=1e-4)
+        sc = sc / (sc.max() * sc.min()).sqrt()
+        cand = rtn_quantize(W * sc, spec) / sc
+        err = _output_error(X, W, cand)
+        if err < best_err:
+            best, best_err, best_s = cand, err, sc
+    if not clip:
+        return best.to(w.dtype)
+    return (_clip_search(W * best_s, X / best_s, spec, n_grid, max_shrink) / best_s).to(w.dtype)
+
+
+def _clip_search(w: Tensor, x: Tensor, spec: QuantSpec, n_grid: int, max_shrink: float) -> Tensor:
+    """RTN of w with each (row, group) clamped to the shrink of ±max|w| that least changes that group's
+    contribution to the outputs on x (AutoAWQ's auto_clip)."""
+    g = w.shape[1] if spec.group_size == -1 else spec.group_size
+    out = torch.empty_like(w)
+    for c in range(0, w.shape[1], g):
+        wg, xg = w[:, c:c + g], x[:, c:c + g]
+        ref = xg @ wg.T  # n × out: this group's share of the outputs
+        top = wg.abs().amax(1, keepdim=True)
+        best = torch.full((w.shape[0],), float("inf"), device=w.device)
+        chosen = torch.empty_like(wg)
+        for i in range(int(max_shrink * n_grid)):
+            lim = top * (1 - i / n_grid)
+            cw = torch.maximum(torch.minimum(wg, lim), -lim)
+            scale, zero, maxq = _params(cw, spec)
+            q = _fake_quant(cw, scale, zero, maxq)
+            err = ((xg @ q.T - ref) ** 2).mean(0)  # per output row
+            better = err < best
+            best = torch.where(better, err, best)
+            chosen[better] = q[better]
+        out[:, c:c + g] = chosen
+    return out

@@ -36,7 +36,7 @@ from prunelens.model.placement import (
     swapped,
 )
 from prunelens.prune.base import REGISTRY, Method, method_for, register
-from prunelens.prune.quant import QuantSpec, gptq_quantize, rtn_quantize
+from prunelens.prune.quant import QuantSpec, awq_quantize, gptq_quantize, rtn_quantize
 from prunelens.prune.sparse import Pattern, magnitude_mask, nm_violations, sparsegpt_prune, wanda_mask
 
 
@@ -59,9 +59,10 @@ class WeightMethod:
 @dataclass(frozen=True)
 class WeightMethodDef(Method):
     """A registered weight method: which statistics of its layers' inputs it needs (none, the
-    per-column squared norm, or the Hessian XᵀX) and the pure function that makes the new weight."""
+    per-column squared norm, the Hessian XᵀX, or a sample of the inputs) and the pure function that
+    makes the new weight."""
 
-    stats: str = "none"  # "none", "sq_norm" or "hessian"
+    stats: str = "none"  # "none", "sq_norm", "hessian" or "inputs"
     transform: Callable[[torch.Tensor, WeightMethod, _Stats | None], torch.Tensor] | None = None
 
 
@@ -112,6 +113,8 @@ for _m in (
                 transform=lambda w, m, s: rtn_quantize(w, m.quant)),
     QuantMethod("gptq", "quant", "GPTQ fake quantisation with error feedback", "gptq:w4g128", True,
                 stats="hessian", transform=lambda w, m, s: gptq_quantize(w, s.hessian(), m.quant)),
+    QuantMethod("awq", "quant", "activation-aware channel scaling and clipping, then rounding (AWQ)",
+                "awq:w4g128", True, stats="inputs", transform=lambda w, m, s: awq_quantize(w, s.acc, m.quant)),
 ):
     register(_m)
 
@@ -245,17 +248,34 @@ def _run_block(layer: nn.Module, h: torch.Tensor, kw: dict[str, Any], park: bool
     return out.to("cpu") if park else out
 
 
-class _Stats:
-    """Per-input statistics of a linear layer: ‖X_j‖² (Wanda) or XᵀX (SparseGPT/GPTQ)."""
+INPUT_ROWS = 2048
+"""Calibration rows a method that reads the inputs themselves (AWQ) keeps per linear layer."""
 
-    def __init__(self, need_hessian: bool):
-        self.need_hessian, self.n, self.acc = need_hessian, 0, None
+
+class _Stats:
+    """Per-input statistics of a linear layer: ‖X_j‖² (Wanda), XᵀX (SparseGPT/GPTQ), or a sample of
+    the input rows themselves, the first ``INPUT_ROWS`` (AWQ)."""
+
+    def __init__(self, kind: str):
+        self.kind, self.n, self.acc = kind, 0, None
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        part = x.T @ x if self.need_hessian else (x * x).sum(0)
-        self.acc = part if self.acc is None else self.acc.add_(part)
-        self.n += x.shape[0]
+        if self.kind == "inputs":
+            part = x[: max(0, INPUT_ROWS - self.n)]
+        else:
+            part = x.T @ x if self.kind == "hessian" else (x * x).sum(0)
+        self.merge(part, x.shape[0], copy=False)
+
+    def merge(self, part: torch.Tensor, rows: int, copy: bool = True) -> None:
+        """Fold in the statistics of ``rows`` more input rows (``part`` is copied unless ``copy`` is
+        False: shared statistics must not be accumulated into)."""
+        if self.kind == "inputs":
+            part = part[: max(0, INPUT_ROWS - (0 if self.acc is None else len(self.acc)))]
+            self.acc = (part.clone() if copy else part) if self.acc is None else torch.cat([self.acc, part])
+        else:
+            self.acc = (part.clone() if copy else part) if self.acc is None else self.acc.add_(part)
+        self.n += rows
 
     def hessian(self) -> torch.Tensor:
         """H = 2XᵀX/n, scaled in place (the accumulator is not used afterwards)."""
@@ -305,26 +325,23 @@ def sparsify(
         layer = adapter.layers[i]
         stats: dict[str, _Stats] = {}
         if calibrated and paths:
-            need_h = method.method.stats == "hessian"
+            kind = method.method.stats
             # q/k/v (and gate/up) receive one and the same input tensor: its statistics are
             # computed once. The memo holds the tensor itself, so that no later activation can
             # be allocated at the same address during this forward pass and be mistaken for it.
-            memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+            memo: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
             handles = []
             for p in paths:
-                stats[p] = _Stats(need_h)
+                stats[p] = _Stats(kind)
 
-                def hook(module, args, p=p, memo=memo, stats=stats, need_h=need_h):
+                def hook(module, args, p=p, memo=memo, stats=stats, kind=kind):
                     x = args[0]
                     key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
                     if key not in memo:
-                        tmp = _Stats(need_h)
+                        tmp = _Stats(kind)
                         tmp.add(x)
-                        memo[key] = (x, tmp.acc)
-                    part = memo[key][1]
-                    s = stats[p]
-                    s.acc = part.clone() if s.acc is None else s.acc.add_(part)
-                    s.n += x.reshape(-1, x.shape[-1]).shape[0]
+                        memo[key] = (x, tmp.acc, tmp.n)
+                    stats[p].merge(memo[key][1], memo[key][2])
 
                 handles.append(adapter.model.get_submodule(p).register_forward_pre_hook(hook))
             try:

@@ -243,6 +243,21 @@ def score_items(
     return pred, pred_norm
 
 
+def answer_flips(golds: Sequence[int], dense: Sequence[int], modified: Sequence[int]) -> dict[str, float]:
+    """Answer flips (Dutta et al. 2024, "Accuracy is Not All You Need"): the share of questions whose
+    correctness changes between the base and the compressed model, right→wrong plus wrong→right.
+    Accuracy can stay put while many answers flip both ways; flips track the KL, accuracy does not.
+    Also the share whose chosen option changes at all (a change between two wrong options counts)."""
+    if not len(golds) == len(dense) == len(modified) or not golds:
+        raise PrunelensError("flips need the same questions, with a gold answer and both models' choices")
+    n = len(golds)
+    rw = sum(d == g != m for g, d, m in zip(golds, dense, modified, strict=True))
+    wr = sum(m == g != d for g, d, m in zip(golds, dense, modified, strict=True))
+    changed = sum(d != m for d, m in zip(dense, modified, strict=True))
+    return {"flips": (rw + wr) / n, "right_to_wrong": rw / n, "wrong_to_right": wr / n, "changed": changed / n,
+            "n": n}
+
+
 def evaluate_mcq(
     lm: LoadedModel,
     task: str,

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from prunelens.data import iter_jsonl, read_text_file
 from prunelens.errors import PrunelensError
-from prunelens.metrics import chunked_nll, rows_per_chunk
+from prunelens.metrics import chunked_nll, kld_summary, rows_per_chunk, token_kld
 from prunelens.model.capture import capture
 from prunelens.model.loading import LoadedModel
 from prunelens.prune import view_of
@@ -42,6 +42,63 @@ def read_corpus(path: str | Path) -> str:
     return text
 
 
+def _windows(lm: LoadedModel, text: str, seq_len: int, max_windows: int | None) -> tuple[torch.Tensor, int]:
+    """The corpus tokenised once and cut into non-overlapping windows (n_windows × seq_len), and
+    the corpus's token count."""
+    if seq_len < 2:
+        raise PrunelensError(f"sequence length must be at least 2, got {seq_len}")
+    ids = lm.tokenizer(text, return_tensors="pt")["input_ids"][0]
+    n_windows = len(ids) // seq_len
+    if max_windows is not None:
+        if max_windows < 1:
+            raise PrunelensError(f"--max-windows must be at least 1, got {max_windows}")
+        n_windows = min(n_windows, max_windows)
+    if n_windows == 0:
+        raise PrunelensError(f"text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    return ids[: n_windows * seq_len].reshape(n_windows, seq_len), len(ids)
+
+
+def _final_states(lm: LoadedModel, x: torch.Tensor, modification: Any) -> torch.Tensor:
+    """Final-norm outputs of a window batch (the head is applied later, a chunk of positions at a time)."""
+    with view_of(lm.adapter, modification), capture(lm.adapter, ["final"]) as st:
+        lm.model(input_ids=x, use_cache=False, logits_to_keep=1)
+    return st["final"]
+
+
+@torch.inference_mode()
+def kl_statistics(
+    lm: LoadedModel,
+    text: str,
+    modification: Any,
+    seq_len: int = 1024,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The KL-divergence and token-probability statistics quantisation users read from llama.cpp
+    (``llama-perplexity --kl-divergence``), for the dense model against ``modification``, over the same
+    windows and positions as ``perplexity`` (every next-token position of each window; llama.cpp
+    scores the second half of each window only). Definitions: ``metrics.token_kld``/``kld_summary``."""
+    windows, _ = _windows(lm, text, seq_len, max_windows)
+    rows = rows_per_chunk(int(lm.model.config.get_text_config().vocab_size))
+    parts: dict[str, list[torch.Tensor]] = {}
+
+    def head(h: torch.Tensor) -> torch.Tensor:
+        return lm.adapter.head_logits(h).float()
+
+    for b0 in tqdm(range(0, len(windows), batch_size), desc="kl statistics", unit="batch", disable=not progress):
+        x = windows[b0:b0 + batch_size].to(lm.device)
+        hb, hm = _final_states(lm, x, None), _final_states(lm, x, modification)
+        hb, hm = hb[:, :-1].reshape(-1, hb.shape[-1]), hm[:, :-1].reshape(-1, hm.shape[-1])
+        t = x[:, 1:].reshape(-1)
+        for i in range(0, len(t), rows):
+            for k, v in token_kld(head(hb[i:i + rows]), head(hm[i:i + rows]), t[i:i + rows]).items():
+                parts.setdefault(k, []).append(v.cpu())
+    out = kld_summary({k: torch.cat(v) for k, v in parts.items()})
+    out.update(windows=len(windows), seq_len=seq_len)
+    return out
+
+
 @torch.inference_mode()
 def perplexity(
     lm: LoadedModel,
@@ -53,28 +110,27 @@ def perplexity(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Token-level perplexity over non-overlapping windows (the first ``max_windows`` if given)."""
-    if seq_len < 2:
-        raise PrunelensError(f"sequence length must be at least 2, got {seq_len}")
-    ids = lm.tokenizer(text, return_tensors="pt")["input_ids"][0]
-    n_windows = len(ids) // seq_len
-    if max_windows is not None:
-        if max_windows < 1:
-            raise PrunelensError(f"--max-windows must be at least 1, got {max_windows}")
-        n_windows = min(n_windows, max_windows)
-    if n_windows == 0:
-        raise PrunelensError(f"text has {len(ids)} tokens, fewer than one window of {seq_len}")
-    windows = ids[: n_windows * seq_len].reshape(n_windows, seq_len)
+    windows, corpus_tokens = _windows(lm, text, seq_len, max_windows)
     nll, count = 0.0, 0
     rows = rows_per_chunk(int(lm.model.config.get_text_config().vocab_size))
-    with view_of(lm.adapter, modification):
-        batches = range(0, n_windows, batch_size)
-        for b0 in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
-            x = windows[b0:b0 + batch_size].to(lm.device)
-            # the final-norm outputs, then the head a chunk of positions at a time: never
-            # batch × length × vocabulary logits at once
-            with capture(lm.adapter, ["final"]) as st:
-                lm.model(input_ids=x, use_cache=False, logits_to_keep=1)
-            nll += chunked_nll(lambda h: lm.adapter.head_logits(h).float(), st["final"][:, :-1], x[:, 1:], rows)
-            count += x[:, 1:].numel()
+    for b0 in tqdm(range(0, len(windows), batch_size), desc="perplexity", unit="batch", disable=not progress):
+        x = windows[b0:b0 + batch_size].to(lm.device)
+        # the final-norm outputs, then the head a chunk of positions at a time: never
+        # batch × length × vocabulary logits at once
+        h = _final_states(lm, x, modification)
+        nll += chunked_nll(lambda h: lm.adapter.head_logits(h).float(), h[:, :-1], x[:, 1:], rows)
+        count += x[:, 1:].numel()
     return {"perplexity": math.exp(nll / count), "nll_per_token": nll / count, "tokens": count,
-            "windows": n_windows, "seq_len": seq_len, "corpus_tokens": len(ids)}
+            "windows": len(windows), "seq_len": seq_len, "corpus_tokens": corpus_tokens}
+
+
+def kld_lines(k: dict[str, Any]) -> list[str]:
+    """``kl_statistics`` printed as llama.cpp prints them."""
+    return [f"Mean    KLD: {k['mean_kld']:10.6f} ± {k['mean_kld_se']:.6f}",
+            f"Maximum KLD: {k['max_kld']:10.6f}",
+            *[f"{q:5.1f}%  KLD: {k[f'kld_p{q:g}']:10.6f}" for q in (99.9, 99.0, 95.0, 90.0)],
+            f"Median  KLD: {k['kld_p50']:10.6f}",
+            f"Mean    Δp: {100 * k['mean_dp']:7.3f} ± {100 * k['mean_dp_se']:.3f} %",
+            f"RMS     Δp: {100 * k['rms_dp']:7.3f} ± {100 * k['rms_dp_se']:.3f} %",
+            f"Same top p: {100 * k['same_top']:7.3f} ± {100 * k['same_top_se']:.3f} %",
+            f"over {int(k['positions'])} positions in {k['windows']} windows of {k['seq_len']}"]

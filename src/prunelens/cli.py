@@ -46,19 +46,30 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     lm = options.load(args)
     plan = build(lm, recipe, cal, progress=not args.quiet)
     kw = dict(seq_len=args.seq_len, max_windows=args.max_windows, progress=not args.quiet)
-    dense = perplexity(lm, text, **kw)
-    mod = perplexity(lm, text, plan, **kw) if plan.label() != "dense" else dense
+    k = kl_statistics(lm, text, plan, **kw) if args.kld else None  # both perplexities come with it
+    dense = perplexity(lm, text, **kw) if k is None else _ppl_of(k, "base")
+    mod = (dense if plan.label() == "dense" else perplexity(lm, text, plan, **kw) if k is None
+           else _ppl_of(k, "mod"))
     res = {"model": lm.info["name"], "text": str(args.text), "modification": plan.to_dict(),
            "dense": dense, "modified": mod}
     print(f"{lm.info['name']}  {plan.label()}: perplexity {mod['perplexity']:.3f} "
           f"(dense {dense['perplexity']:.3f}) over {mod['tokens']} tokens in {mod['windows']} windows "
           f"of {args.seq_len}")
-    if args.kld:
-        k = res["kl_statistics"] = kl_statistics(lm, text, plan, **kw)
+    if k is not None:
+        res["kl_statistics"] = k
         print("\n".join(kld_lines(k)))
     if args.out:
         write_json(Path(args.out), res)
     return 0
+
+
+def _ppl_of(k: dict, side: str) -> dict:
+    """One side's perplexity record from ``kl_statistics`` (the same windows and positions)."""
+    import math
+
+    nll = math.log(k[f"ppl_{side}"])
+    return {"perplexity": k[f"ppl_{side}"], "nll_per_token": nll, "tokens": int(k["positions"]),
+            "windows": k["windows"], "seq_len": k["seq_len"]}
 
 
 def cmd_rank(args: argparse.Namespace) -> int:

@@ -230,7 +230,7 @@ def advise_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
         if key == "saved":
             ax.axvline(result["budget"], color="grey", lw=0.8, ls=":", label="budget")
         ax.set(xlabel=xlabel, ylabel=ylabel, ylim=(-0.02, 1.02))
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig_dir.mkdir(parents=True, exist_ok=True)
     path = fig_dir / "tradeoff.png"

@@ -24,7 +24,12 @@ from torch import nn
 
 from prunelens import options
 from prunelens.analyses.base import Analysis, register
-from prunelens.analyses.predictor import collapse_signals, predict_retention, retention_fit_for
+from prunelens.analyses.predictor import (
+    collapse_signals,
+    predict_retention,
+    retention_fit_for,
+    shipped_retention_fits,
+)
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
 from prunelens.prune.base import methods
@@ -340,14 +345,8 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
                      f"{fit['lomo_mae']:.2f}); * = signals outside the fitted range")
     else:
         lines.append("generative retention: no calibration for this model (fitted for "
-                     f"{', '.join(_fitted_models())}); run benchmarks/predictor_validation.py on it")
+                     f"{', '.join(sorted(shipped_retention_fits()))}); run benchmarks/predictor_validation.py on it")
     return [*lines, f"recommendation: {res['recommendation']}"]
-
-
-def _fitted_models() -> list[str]:
-    import json
-
-    return sorted(json.loads((Path(__file__).with_name("retention_fits.json")).read_text())["fits"])
 
 
 ANALYSIS = register(Analysis(

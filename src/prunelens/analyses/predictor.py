@@ -16,6 +16,7 @@ each signal, the risk and a fitted combination (leave-one-method-out) rank measu
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -314,14 +315,21 @@ def predict_retention(fit: Mapping[str, Any], signals: Mapping[str, float]) -> t
     return p, max(0.0, p - r), min(1.0, p + r), outside
 
 
+@functools.cache
+def shipped_retention_fits() -> dict[str, dict[str, Any]]:
+    """The retention fits shipped with the package, by model (``retention_fits.json``, written by
+    ``benchmarks/retention_validation.py``)."""
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(__file__).with_name("retention_fits.json")).read_text())["fits"]
+
+
 def retention_fit_for(model_info: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
     """The shipped retention fit of this model (matched by preset or name), with the model it was
     fitted on; None for a model no grid was measured on (``benchmarks/retention_validation.py``
     shows the fit of one family does not transfer to another: MAE 0.17–0.34)."""
-    import json
-    from pathlib import Path
-
-    fits = json.loads((Path(__file__).with_name("retention_fits.json")).read_text())["fits"]
+    fits = shipped_retention_fits()
     for key in (model_info.get("preset"), model_info.get("name")):
         if key in fits:
             return key, fits[key]

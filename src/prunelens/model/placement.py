@@ -191,11 +191,18 @@ def swapped(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> Iterator[N
             setattr(obj, attr, old)
 
 
+def _stored_weight(h: Any) -> tuple[Any, Any, str]:
+    """(the hook's weight map under any overlay, the loader behind it, the weight's key there):
+    accelerate keeps CPU-offloaded weights in the loader's ``state_dict`` and disk-offloaded ones
+    in its ``index``."""
+    wm = h.weights_map
+    root = wm.base if isinstance(wm, _Overlay) else wm
+    return root, getattr(root, "dataset", root), getattr(root, "prefix", "") + "weight"
+
+
 def _stored_on_disk(h: Any) -> tuple[bool, str | None]:
     """(whether the hook's stored weight is read from disk, the offload folder if one was given)."""
-    wm = h.weights_map
-    base = wm.base if isinstance(wm, _Overlay) else wm
-    loader, key = getattr(base, "dataset", base), getattr(base, "prefix", "") + "weight"
+    _, loader, key = _stored_weight(h)
     in_ram = key in getattr(loader, "state_dict", {})
     return (not in_ram and key in getattr(loader, "index", {})), getattr(loader, "save_folder", None)
 
@@ -235,12 +242,11 @@ def store_weight(module: nn.Module, new: torch.Tensor) -> torch.Tensor:
     if is_offloaded(module):
         h = _hook(module)
         kept = new if new.device.type == "cpu" else offload_copy(module, new)
-        base = h.weights_map
-        root = base.base if isinstance(base, _Overlay) else base
-        loader, key = getattr(root, "dataset", root), getattr(root, "prefix", "") + "weight"
+        root, loader, key = _stored_weight(h)
         if key in getattr(loader, "state_dict", {}):  # CPU offload: the old weight is freed
             loader.state_dict[key] = kept
             return kept
+        base = h.weights_map
         over = dict(base.over) if isinstance(base, _Overlay) else {}
         over["weight"] = kept
         h.weights_map = _Overlay(root, over)

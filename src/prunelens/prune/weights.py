@@ -261,15 +261,12 @@ class _Stats:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        if self.kind == "inputs":
-            part = x[: max(0, INPUT_ROWS - self.n)]
-        else:
-            part = x.T @ x if self.kind == "hessian" else (x * x).sum(0)
+        part = x if self.kind == "inputs" else x.T @ x if self.kind == "hessian" else (x * x).sum(0)
         self.merge(part, x.shape[0], copy=False)
 
     def merge(self, part: torch.Tensor, rows: int, copy: bool = True) -> None:
         """Fold in the statistics of ``rows`` more input rows (``part`` is copied unless ``copy`` is
-        False: shared statistics must not be accumulated into)."""
+        False: shared statistics must not be accumulated into); an input sample stops at ``INPUT_ROWS``."""
         if self.kind == "inputs":
             part = part[: max(0, INPUT_ROWS - (0 if self.acc is None else len(self.acc)))]
             self.acc = (part.clone() if copy else part) if self.acc is None else torch.cat([self.acc, part])

@@ -3,7 +3,8 @@ config, no download, under 8 minutes on one GPU. Prints its figures; exits non-z
 
 1. An 8B-shaped Llama in bf16: analysis tokens/s ÷ HF ``generate`` tokens/s for the same dense +
    pruned tokens (goal ≥ 0.8).
-2. Wanda and SparseGPT seconds per block (SparseGPT on the first blocks only).
+2. Wanda and SparseGPT seconds per block (SparseGPT on the first blocks only); issue 20's
+   baselines: OWL (all blocks), AWQ (first blocks), SLEB's greedy selection beside Block Influence.
 3. One device-map run with part of the model on the CPU (a shallower 8B-wide model saved to disk,
    loaded once whole on the GPU and once under a ``--max-memory``-style budget): the same tokens and
    metrics, since only the placement differs.
@@ -209,6 +210,40 @@ def check_pruning(lm, n: int, length: int, sparsegpt_blocks: int) -> dict:
     return out
 
 
+def check_baselines(lm, n: int, length: int, awq_blocks: int) -> dict:
+    """Issue 20's baselines at 8B shape: OWL (dense pre-pass + Wanda per block), AWQ on the first
+    blocks, and SLEB's greedy perplexity selection beside one-shot Block Influence."""
+    from prunelens.prune.base import method_for
+    from prunelens.prune.importance import select_drop
+    from prunelens.prune.weights import parse_weight_method, sparsify
+
+    g = torch.Generator().manual_seed(0)
+    calib = torch.randint(2, lm.model.config.vocab_size, (n, length), generator=g)
+    out: dict = {}
+    for spec, skip in (("owl:0.5", ()), ("awq:w4g128", tuple(str(i) for i in range(awq_blocks,
+                                                                                  lm.adapter.n_layers)))):
+        sync()
+        t0 = time.perf_counter()
+        patch = sparsify(lm.adapter, parse_weight_method(spec), calib, skip=skip, progress=False)
+        sync()
+        per = patch.report["seconds_per_block"]
+        done = per[:awq_blocks] if skip else per
+        out[spec] = {"seconds": time.perf_counter() - t0, "seconds_per_block": sum(done) / len(done),
+                     "blocks": len(done)}
+        if "owl" in patch.report:
+            sp = patch.report["owl"]["block_sparsity"]
+            out[spec]["block_sparsity_range"] = [min(sp), max(sp)]
+        del patch
+    small = calib[:8, :128]
+    for name, spec, metric in (("block_influence", "block:2", "cosine"), ("sleb", "sleb:2", "cosine")):
+        sync()
+        t0 = time.perf_counter()
+        plan = select_drop(lm, [method_for(spec).parse(spec)], metric=metric, calib=small)
+        sync()
+        out[name] = {"spec": spec, "seconds": time.perf_counter() - t0, "blocks": list(plan.block)}
+    return out
+
+
 def check_device_map(cfg, dev: torch.device, dtype: torch.dtype, texts: list[str], gpu_budget: str) -> dict:
     """The same checkpoint loaded twice, whole on one device and under a budget that puts part of it
     on the CPU: the analysis must agree (only the placement differs)."""
@@ -253,7 +288,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="a small config on the CPU: checks the script only")
     ap.add_argument("--out", help="write the figures as JSON (rewritten after each section)")
-    ap.add_argument("--skip", default="", help="comma-separated sections to leave out (pruning, device_map)")
+    ap.add_argument("--skip", default="", help="comma-separated sections to leave out (speed, generation, pruning, baselines, device_map)")
     ap.add_argument("--profile", help="also profile one analysis of 4 prompts; write the op table here")
     a = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
@@ -293,19 +328,21 @@ def main() -> int:
         "lm", build(cfg, dev, dtype)).model.parameters()) / 1e9})
     if "lm" in holder:
         lm = holder.pop("lm")
-        section("speed", lambda: check_speed(lm, texts, 64 if not a.tiny else 8, 16 if not a.tiny else 4))
+        if "speed" not in a.skip:
+            section("speed", lambda: check_speed(lm, texts, 64 if not a.tiny else 8, 16 if not a.tiny else 4))
         if "speed" in figures:
             sp = figures["speed"]
             print(f"analysis ÷ HF generate tokens/s: {sp['ratio']:.2f} (goal ≥ 0.8); "
                   f"{sp['analysis_tok_s']:.0f} vs {sp['hf_tok_s']:.0f} tok/s", flush=True)
-        if dev.type == "cuda":  # the profile's largest host cost: cuDNN's SDPA re-planning each step
+        if dev.type == "cuda" and "speed" not in a.skip:  # the largest host cost: cuDNN SDPA re-planning
             section("speed_without_cudnn_sdpa", lambda: _without_cudnn_sdpa(
                 lambda: check_speed(lm, texts, 64, 16)))
             if "speed_without_cudnn_sdpa" in figures:
                 sp = figures["speed_without_cudnn_sdpa"]
                 print(f"without cuDNN SDPA: analysis ÷ HF generate {sp['ratio']:.2f}; "
                       f"{sp['analysis_tok_s']:.0f} vs {sp['hf_tok_s']:.0f} tok/s", flush=True)
-        section("generation", lambda: check_generation(lm, 48 if not a.tiny else 6, 16 if not a.tiny else 4,
+        if "generation" not in a.skip:
+            section("generation", lambda: check_generation(lm, 48 if not a.tiny else 6, 16 if not a.tiny else 4,
                                                        128 if not a.tiny else 8))
         if "generation" in figures:
             ge = figures["generation"]
@@ -321,6 +358,12 @@ def main() -> int:
             if isinstance(r, dict):
                 print(f"{spec}: {r['seconds_per_block']:.2f} s per block over {r['blocks']} blocks "
                       f"(zeros {r['zero_frac']:.3f})", flush=True)
+        if "baselines" not in a.skip:
+            section("baselines", lambda: check_baselines(lm, 32 if not a.tiny else 4, 512 if not a.tiny else 16, 2))
+        for name, r in figures.get("baselines", {}).items():
+            if isinstance(r, dict):
+                print(f"{name}: {r['seconds']:.1f} s" + (f" ({r['seconds_per_block']:.2f} s per block)"
+                                                         if "seconds_per_block" in r else ""), flush=True)
         del lm
     if dev.type == "cuda":
         torch.cuda.empty_cache()

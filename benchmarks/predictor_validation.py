@@ -50,7 +50,10 @@ GRID = ("attn:2", "attn:4", "attn:6", "attn:8", "mlp:1", "mlp:2", "mlp:3", "bloc
 
 
 def method_of(spec: str) -> str:
-    """The family a spec belongs to (its amounts vary within it): the unit left out in validation."""
+    """The family a spec belongs to (its amounts vary within it): the unit left out in validation.
+    A recipe's family joins its parts' (``block+repair:linear``)."""
+    if "+" in spec:
+        return "+".join(method_of(p) if not p.startswith("repair") else p for p in spec.split("+"))
     head = spec.split(":")[0]
     if head in ("rtn", "gptq"):
         return head

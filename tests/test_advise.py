@@ -27,22 +27,23 @@ def test_candidates_meet_the_budget_on_a_tiny_model() -> None:
     from prunelens.model.arch import Adapter
     from prunelens.model.loading import LoadedModel
     from prunelens.prune.drop import DropPlan
-    from prunelens.prune.recipe import footprint, parse_drop
+    from prunelens.prune.base import method_for
+    from prunelens.prune.recipe import footprint
 
     model = tiny_model("llama")  # per layer: attention 3072 weights, MLP 6144, so 36864 in all
     lm = LoadedModel(model, _tiny_tokenizer(), Adapter(model), {"name": "tiny-llama"})
     assert adv._linear_params(lm)[0] == 36864
-    got = adv.candidates(lm, 0.25)  # 9216 weights: 3 attentions, 2 MLPs, 1 block
-    assert got == ["attn:3", "mlp:2", "block:1", "wanda:0.25", "wanda:2:4", "sparsegpt:0.25",
-                   "sparsegpt:2:4", "rtn:w4g128", "gptq:w4g128", "awq:w4g128"]
-    for spec in got[:3]:
-        req = parse_drop(spec)
+    got = adv.candidates(lm, 0.25)  # 9216 weights: 3 attentions, 2 MLPs, 1 block (by cosine or SLEB)
+    assert got == ["attn:3", "mlp:2", "block:1", "sleb:1", "wanda:0.25", "wanda:2:4", "sparsegpt:0.25",
+                   "sparsegpt:2:4", "owl:0.25", "owl-sparsegpt:0.25", "rtn:w4g128", "gptq:w4g128", "awq:w4g128"]
+    for spec in got[:4]:
+        req = method_for(spec).parse(spec)
         plan = DropPlan(**{req.kind: tuple(range(req.count))})
         assert footprint(lm, plan)["removed_share"] >= 0.25
     assert not any(s.startswith("attn:") for s in adv.candidates(lm, 0.26))  # would need all 4
     assert "block:3" in adv.candidates(lm, 0.6)
     assert not any(s.startswith("block:") for s in adv.candidates(lm, 0.9))
-    assert adv.candidates(lm, 0.8)[-1] == "sparsegpt:0.8"  # past 4-bit quantisation's saving
+    assert adv.candidates(lm, 0.8)[-1] == "owl-sparsegpt:0.8"  # past 4-bit quantisation's saving
 
 
 @pytest.mark.slow

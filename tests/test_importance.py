@@ -131,3 +131,46 @@ def test_kl_greedy_drops_silent_units_first_and_logs_the_order() -> None:
 
     rest = kl_scores(lm, DropPlan(mlp=(2, 6)), CALIB, "mlp", [i for i in range(N_LAYERS) if i not in (2, 6)])
     assert plan3.info["scores"]["mlp:3"]["order"][2] == min(rest, key=rest.__getitem__)
+
+
+def test_ppl_scores_are_the_calibration_perplexity_of_the_pruned_model() -> None:
+    """SLEB's score of a block is exp of transformers' own next-token loss with that block removed."""
+    from prunelens.prune.drop import pruned_view
+    from prunelens.prune.importance import greedy_scores
+
+    lm = _tiny(silent_attn=(1,), silent_mlp=(1,))
+    sc = greedy_scores(lm, DropPlan(), CALIB, "block", range(N_LAYERS), metric="ppl", batch_size=3)
+    for i in (1, 4):
+        with torch.no_grad(), pruned_view(lm.adapter, DropPlan(block=(i,))):
+            want = float(torch.exp(lm.model(CALIB, labels=CALIB).loss))
+        assert sc[i] == pytest.approx(want, rel=1e-5)
+    with torch.no_grad():  # a silent block leaves the dense perplexity
+        dense = float(torch.exp(lm.model(CALIB, labels=CALIB).loss))
+    assert sc[1] == pytest.approx(dense, rel=1e-5)
+
+
+def test_sleb_spec_removes_blocks_greedily_by_perplexity() -> None:
+    from prunelens.prune.base import method_for
+    from prunelens.prune.importance import greedy_scores
+    from prunelens.prune.recipe import Recipe
+
+    req = method_for("sleb:2").parse("sleb:2")
+    assert (req.kind, req.count, req.metric, str(req)) == ("block", 2, "ppl", "sleb:2")
+    with pytest.raises(PrunelensError, match="sleb:N"):
+        method_for("sleb@3").parse("sleb@3")
+    lm = _tiny()
+    # the calibration's metric is cosine: sleb overrides it, a plain block request keeps it
+    plan = select_drop(lm, Recipe.parse("sleb:2").drops, metric="cosine", calib=CALIB)
+    log = plan.info["scores"]["sleb:2"]
+    # as in SLEB's code, the first and last remaining blocks are never candidates
+    first = greedy_scores(lm, DropPlan(), CALIB, "block", range(1, N_LAYERS - 1), "ppl")
+    assert log["metric"] == "ppl" and log["order"][0] == min(first, key=first.__getitem__)
+    k = log["order"][0]
+    rest = greedy_scores(lm, DropPlan(block=(k,)), CALIB, "block",
+                         [i for i in range(1, N_LAYERS - 1) if i != k], "ppl")
+    assert log["order"][1] == min(rest, key=rest.__getitem__) and plan.block == tuple(sorted(log["order"]))
+    assert select_drop(lm, [parse_drop("block:1")], calib=CALIB).info["scores"]["block:1"]["metric"] == "cosine"
+    # the plain ppl importance ranks every block, ends included
+    lm_end = _tiny(silent_attn=(0,), silent_mlp=(0,))
+    assert select_drop(lm_end, [parse_drop("block:1")], metric="ppl", calib=CALIB).info["scores"]["block:1"][
+        "scores"].keys() == set(range(N_LAYERS))

@@ -29,8 +29,8 @@ def _weights(mod) -> dict[str, torch.Tensor]:
 
 
 def test_every_family_is_registered_and_listed() -> None:
-    assert {m.name for m in methods("drop")} == {"attn", "mlp", "block"}
-    assert {m.name for m in methods("prune")} == {"magnitude", "wanda", "sparsegpt"}
+    assert {m.name for m in methods("drop")} == {"attn", "mlp", "block", "sleb"}
+    assert {m.name for m in methods("prune")} == {"magnitude", "wanda", "sparsegpt", "owl", "owl-sparsegpt"}
     assert {m.name for m in methods("quant")} == {"rtn", "gptq", "awq"}
     assert {m.name for m in methods() if m.calibrated} >= {"wanda", "sparsegpt", "gptq", "awq", "attn"}
     text = methods_help()

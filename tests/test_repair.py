@@ -15,7 +15,7 @@ from prunelens.errors import PrunelensError
 from prunelens.model.placement import swapped
 from prunelens.prune.base import combine, method_for, view_of
 from prunelens.prune.drop import DropPlan
-from prunelens.prune.linfit import cosine_loss, cosine_map, diagonal_map, ridge_map
+from prunelens.prune.linfit import NormalEquations, cosine_loss, cosine_map, diagonal_map, ridge_map
 from prunelens.prune.recipe import Recipe, build, save_modified
 from prunelens.prune.repair import RepairPatch, Span, dropped_spans, fit_repair
 
@@ -82,6 +82,22 @@ def test_cosine_map_lowers_the_cosine_loss() -> None:
     t, info = cosine_map(x, y, ref, init)
     assert info["cosine_loss_after"] < 1e-6 < info["cosine_loss_before"]
     assert float(cosine_loss(x.double(), y.double(), ref.double(), t)) < 1e-6
+
+
+def test_cosine_map_moves_from_the_ridge_start_on_streams_of_large_norm() -> None:
+    """Residual streams of norm ~10⁴ make the gradient tiny: in float32 the line search stalled after
+    one step and returned the ridge solution (the SmolLM2 run where cosine == linear)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 16, generator=g) * 300
+    y = torch.randn(400, 16, generator=g) * 1e4
+    ref = (y + x @ torch.randn(16, 16, generator=g)) * (1 + torch.rand(400, 1, generator=g) * 3)
+    eq = NormalEquations()
+    eq.add(x, ref - y)
+    init = ridge_map(eq.xtx, eq.xtr)  # least squares: the cosine optimum differs (rows rescaled)
+    t, info = cosine_map(x, y, ref, init)
+    assert not info["cosine_fallback"] and info["lbfgs_iterations"] > 2
+    assert info["cosine_loss_after"] < 0.5 * info["cosine_loss_before"]
+    assert float((t - init).abs().max() / init.abs().max()) > 1e-2
 
 
 class _Reference:

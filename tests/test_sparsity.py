@@ -555,6 +555,63 @@ def test_calibration_is_sequential_through_the_pruned_blocks() -> None:
     assert differs  # the dense-activation masks would have been different
 
 
+def test_owl_allocation_is_the_reference_formula() -> None:
+    """Mean density is the target, the band is 2λ wide, more outliers → lower sparsity."""
+    from prunelens.prune.owl import outlier_ratio, owl_sparsities
+
+    s = owl_sparsities([1.0, 3.0, 2.0, 6.0], 0.7, 0.08)
+    assert sum(s) / 4 == pytest.approx(0.7, abs=1e-12)
+    assert max(s) - min(s) == pytest.approx(0.16, abs=1e-12)
+    assert s[3] == min(s) and s[0] == max(s) and s[1] < s[2]
+    # by hand: (D − 1)·0.16/5 = [0, .064, .032, .16], mean .064; density = that − .064 + .3
+    assert s == pytest.approx([0.764, 0.7, 0.732, 0.604], abs=1e-12)
+    assert owl_sparsities([2.0, 2.0], 0.5, 0.08) == [0.5, 0.5]  # no spread: uniform
+    assert owl_sparsities([1.0, 2.0], 0.05, 0.08) == pytest.approx([0.13, 0.01])  # reference: ≤ 0 → 0.01
+    # 2 of 8 scores exceed 3× the mean 1.25 (3.75): 25 %
+    assert outlier_ratio([torch.tensor([0.0, 0, 0, 0, 0, 0]), torch.tensor([5.0, 5.0])], 3.0) == 25.0
+
+
+def test_owl_prunes_each_block_with_wanda_at_its_ratio_from_dense_statistics() -> None:
+    from prunelens.prune.owl import outlier_ratio
+
+    model = _tiny_llama(layers=4, seed=3)
+    block = model.model.layers[1]
+    with torch.no_grad():  # outlier inputs into block 1 (raw outlier ratio 0.57 % → 4.3 %): it keeps the most
+        for m in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj, block.mlp.gate_proj,
+                  block.mlp.up_proj):
+            m.weight[:, :8].mul_(8)
+    ad = Adapter(model)
+    calib = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(2))
+    patch = sparsify(ad, weight_method("owl:0.6"), calib, batch_size=4, progress=False)
+    rep = patch.report["owl"]
+    sp = rep["block_sparsity"]
+    assert patch.label() == "owl:0.6" and sum(sp) / 4 == pytest.approx(0.6, abs=1e-9)
+    assert min(sp) == sp[1] and max(sp) - min(sp) == pytest.approx(0.16, abs=1e-9)
+    # the outlier ratios come from the dense model's activations
+    blocks = target_linears(ad)
+    acts = {p: torch.zeros(model.get_submodule(p).in_features) for ps in blocks for p in ps}
+    handles = [model.get_submodule(p).register_forward_pre_hook(_sq_norm_hook(acts[p])) for p in acts]
+    with torch.inference_mode():
+        for b in range(0, 6, 4):
+            model(input_ids=calib[b:b + 4], use_cache=False)
+    for hd in handles:
+        hd.remove()
+    for i, paths in enumerate(blocks):
+        scores = [model.get_submodule(p).weight.abs() * acts[p].sqrt() for p in paths]
+        assert rep["outlier_ratio_pct"][i] == pytest.approx(outlier_ratio(scores, 5.0), rel=1e-6)
+        for p in paths:  # every row of every layer loses exactly floor(cols · s_i) weights
+            w = patch.weights[p]
+            assert ((w == 0).sum(1) == math.floor(w.shape[1] * sp[i] + 1e-9)).all(), p
+    for p in blocks[0]:  # block 0 sees the dense input: Wanda's mask at block 0's ratio, exactly
+        w = model.get_submodule(p).weight
+        assert torch.equal(patch.weights[p], w.masked_fill(wanda_mask(w, acts[p], Pattern(ratio=sp[0])), 0))
+    with pytest.raises(PrunelensError, match="not N:M"):
+        weight_method("owl:2:4")
+    sg = sparsify(ad, weight_method("owl-sparsegpt:0.6"), calib, batch_size=4, progress=False)
+    assert sg.report["owl"]["block_sparsity"] == pytest.approx(sp)  # same dense pre-pass
+    assert sg.report["zero_frac"] == pytest.approx(0.6, abs=0.01)
+
+
 def test_pruned_in_place_model_can_be_fine_tuned() -> None:
     model = _tiny_llama()
     model.requires_grad_(True)

@@ -86,7 +86,8 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--importance", default="cosine", choices=list(METRICS),
                    help="ranking for KIND:N: cosine = 1-cos(in,out) (LLM-Drop / ShortGPT BI), "
                         "angular = best window of N consecutive blocks (Gromov et al.), "
-                        "kl = greedy on the final next-token KL (slower: one forward per unit and drop)")
+                        "kl = greedy on the final next-token KL (slower: one forward per unit and drop), "
+                        "ppl = greedy on calibration perplexity (SLEB for blocks; as slow as kl)")
     p.add_argument("--calib", help="calibration text (.txt or .jsonl with a 'text' field); "
                                    "default: a built-in sample")
     p.add_argument("--calib-samples", type=int,
@@ -103,9 +104,11 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                         "methods in order, each calibrated on the model as modified so far; or a YAML/JSON "
                         f"recipe file. Methods — {methods_help()}")
     p.add_argument("--drop", action=_AppendSpec, const="drop", metavar="SPEC",
-                   help="alias: a drop spec, KIND:N (N least important) or KIND@i,j (those layers)")
+                   help="alias: a drop spec, KIND:N (N least important) or KIND@i,j (those layers); "
+                        "sleb:N = N blocks removed one at a time by calibration perplexity")
     p.add_argument("--prune", action=_AppendSpec, const="prune", metavar="SPEC",
-                   help="alias: a sparsity spec, METHOD:RATIO or METHOD:N:M (e.g. wanda:0.5, sparsegpt:2:4)")
+                   help="alias: a sparsity spec, METHOD:RATIO or METHOD:N:M (e.g. wanda:0.5, sparsegpt:2:4, "
+                        "owl:0.7 = Wanda at OWL's outlier-weighted ratio per layer)")
     p.add_argument("--quant", action=_AppendSpec, const="quant", metavar="SPEC",
                    help="alias: a fake-quantisation spec, METHOD:wBITS[gGROUP][s] (e.g. gptq:w4g128)")
     p.add_argument("--repair", action=_AppendSpec, const="repair", metavar="SPEC",

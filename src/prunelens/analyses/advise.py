@@ -72,7 +72,7 @@ def candidates(lm: LoadedModel, budget: float) -> list[str]:
     n = lm.adapter.n_layers
     out = []
     for m in methods("drop"):
-        size = sum(per[m.name]) / n  # layers of one kind are alike in size in these families
+        size = sum(per[m.unit]) / n  # layers of one kind are alike in size in these families
         k = math.ceil(budget * total / size - 1e-9)
         if k < n:  # dropping every unit of a kind is not a pruning (the drop planner refuses it)
             out.append(m.amount_spec(str(k)))
@@ -80,7 +80,7 @@ def candidates(lm: LoadedModel, budget: float) -> list[str]:
     for m in methods("prune"):
         if m.calibrated:  # magnitude pruning is the baseline they beat, not a candidate
             out.append(m.amount_spec(f"{ratio:g}"))
-            if budget <= 0.5 and ratio != 0.5:
+            if budget <= 0.5 and ratio != 0.5 and getattr(m, "nm", False):
                 out.append(m.amount_spec("2:4"))
     if budget <= 0.72:  # 4-bit weights with a 16-bit scale and zero per 128: 4.25 of 16 bits
         out += [m.amount_spec("w4g128") for m in methods("quant")]

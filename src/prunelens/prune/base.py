@@ -1,8 +1,9 @@
 """What a pruning method is, and what it makes.
 
-A *method* is one small registered object (``attn``, ``mlp``, ``block``, ``magnitude``, ``wanda``,
-``sparsegpt``, ``rtn``, ``gptq``, ``repair``): its name, family, one-line help, how it parses its spec, whether
-it calibrates, and how a sweep turns an amount into a spec. The CLI help, ``sweep``, ``advise`` and
+A *method* is one small registered object (``attn``, ``mlp``, ``block``, ``sleb``, ``magnitude``,
+``wanda``, ``owl``, ``sparsegpt``, ``rtn``, ``gptq``, ``awq``, ``repair``): its name, family,
+one-line help, how it parses its spec, whether it calibrates, and how a sweep turns an amount into
+a spec. The CLI help, ``sweep``, ``advise`` and
 the recipe builder read the registry; a new method is one registered object plus its math.
 
 A *modification* is what building a method on a model gives: ``label()``, ``to_dict()``,
@@ -70,7 +71,7 @@ def register(method: Method) -> Method:
 
 def _load_builtin_methods() -> None:
     # the built-in methods register themselves when their modules are imported
-    from prunelens.prune import drop, repair, weights  # noqa: F401
+    from prunelens.prune import drop, owl, repair, weights  # noqa: F401
 
 
 def methods(family: str | None = None) -> list[Method]:

@@ -37,11 +37,17 @@ class DropRequest:
     kind: str
     count: int | None = None
     layers: tuple[int, ...] | None = None
+    #: the importance metric this request is ranked by, over the calibration's (``sleb:N``: ppl)
+    metric: str | None = None
+    #: the registered method's name when it is not the kind (``sleb``)
+    method: str | None = None
+    #: never rank the first and last remaining unit (SLEB's reference keeps them)
+    keep_ends: bool = False
 
     def __str__(self) -> str:
         if self.layers is not None:
-            return f"{self.kind}@{','.join(map(str, self.layers))}"
-        return f"{self.kind}:{self.count}"
+            return f"{self.method or self.kind}@{','.join(map(str, self.layers))}"
+        return f"{self.method or self.kind}:{self.count}"
 
     def check(self, n_layers: int) -> None:
         """The request fits a model of ``n_layers`` layers (one-line error otherwise)."""
@@ -87,8 +93,37 @@ class DropKind(Method):
         return super().amount_spec(amount)
 
 
+    @property
+    def unit(self) -> str:
+        """The kind of unit it removes (``attn``, ``mlp`` or ``block``)."""
+        return self.name
+
+
 for _k, _what in (("attn", "attention sublayers"), ("mlp", "MLP sublayers"), ("block", "whole blocks")):
     register(DropKind(_k, "drop", f"drop {_what}: KIND:N least important or KIND@i,j", f"{_k}:2", True))
+
+
+@dataclass(frozen=True)
+class SlebKind(DropKind):
+    """SLEB (Song et al. 2024): whole blocks removed one at a time, each time the block whose removal
+    leaves the lowest perplexity on the calibration text; as in the reference code, the first and
+    last remaining blocks are never candidates. ``block:N`` with ``--importance ppl`` (which ranks
+    every block), named so that sweeps and ``advise`` can set it beside one-shot cosine."""
+
+    def parse(self, spec: str) -> DropRequest:
+        m = re.match(r"^sleb:(\d+)$", spec.strip().replace(" ", ""))
+        if not m:
+            raise PrunelensError(f"malformed SLEB spec '{spec}': expected sleb:N (N blocks removed by "
+                                 "calibration perplexity, e.g. sleb:2)")
+        return DropRequest("block", count=int(m.group(1)), metric="ppl", method="sleb", keep_ends=True)
+
+    @property
+    def unit(self) -> str:
+        return "block"
+
+
+register(SlebKind("sleb", "drop", "SLEB: N blocks removed one at a time by calibration perplexity",
+                  "sleb:2", True))
 
 
 @dataclass(frozen=True)

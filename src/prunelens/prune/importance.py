@@ -11,6 +11,10 @@
   KL(p_pruned ‖ p_dense) over all calibration tokens at the output. Each step tries dropping every
   remaining unit on top of the units already chosen and keeps the one with the smallest KL.
   Costs (units × drops) forwards instead of one, and is always iterative.
+- ``ppl`` (SLEB, Song et al. 2024, for blocks; BlockPruner, Zhong et al. 2024, for sublayers): the
+  same greedy loop scored by the perplexity of the calibration text itself. It needs no dense
+  reference, so it also rewards a removal that happens to fit the calibration text better than
+  the dense model did — the difference from ``kl``, which only asks for agreement with the dense model.
 
 One-shot scores once and drops the n lowest; iterative re-scores after every drop.
 """
@@ -24,12 +28,13 @@ from typing import Any
 import torch
 
 from prunelens.errors import PrunelensError
-from prunelens.metrics import chunked_kl, cosine, rows_per_chunk
+from prunelens.metrics import chunked_kl, chunked_nll, cosine, rows_per_chunk
 from prunelens.model.capture import capture, resid_names
 from prunelens.model.loading import LoadedModel
 from prunelens.prune.drop import DropPlan, DropRequest, pruned_view
 
-METRICS = ("cosine", "angular", "kl")
+METRICS = ("cosine", "angular", "kl", "ppl")
+GREEDY = ("kl", "ppl")  # metrics that re-score every remaining unit after each removal
 
 
 def _stream_states(lm: LoadedModel, plan: DropPlan, calib: torch.Tensor, batch_size: int):
@@ -54,7 +59,7 @@ def unit_scores(lm: LoadedModel, plan: DropPlan, calib: torch.Tensor, kind: str,
             pre, post = st[f"resid.{i}"], st[f"resid.{i + 1}"]
             mid = st.get(f"mid.{i}", pre)
             a, b = {"attn": (pre, mid), "mlp": (mid, post), "block": (pre, post)}[kind]
-            sums[i] += (1.0 - cosine(a, b)).sum()
+            sums[i] += float((1.0 - cosine(a, b)).sum())  # a host float: the stream may be on a GPU
         count += pre.shape[0] * pre.shape[1]
     return {i: float(sums[i] / count) for i in range(n)}
 
@@ -69,18 +74,21 @@ def angular_scores(lm: LoadedModel, plan: DropPlan, calib: torch.Tensor, width: 
     for st in _stream_states(lm, plan, calib, batch_size):
         for s in starts:
             c = cosine(st[f"resid.{s}"][:, -1], st[f"resid.{s + width}"][:, -1]).clamp(-1, 1)
-            sums[s] += (torch.arccos(c) / math.pi).sum()
+            sums[s] += float((torch.arccos(c) / math.pi).sum())
         count += st["resid.0"].shape[0]
     return {s: float(sums[s] / count) for s in starts}
 
 
 @torch.inference_mode()
-def kl_scores(lm: LoadedModel, plan: DropPlan, calib: torch.Tensor, kind: str, candidates: Sequence[int],
-              batch_size: int = 4) -> dict[int, float]:
-    """Mean next-token KL(p_pruned ‖ p_dense), T = 1, over every calibration token, when ``plan``
-    plus unit i of ``kind`` is dropped, for each candidate i. Dense final hidden states are held one
-    batch at a time (batches outside, candidates inside), so memory does not grow with the text, and
-    the logits are made a chunk of positions at a time, so it does not grow with the vocabulary."""
+def greedy_scores(lm: LoadedModel, plan: DropPlan, calib: torch.Tensor, kind: str, candidates: Sequence[int],
+                  metric: str = "kl", batch_size: int = 4) -> dict[int, float]:
+    """Per candidate i, the calibration loss when ``plan`` plus unit i of ``kind`` is dropped:
+    ``kl`` = mean next-token KL(p_pruned ‖ p_dense), T = 1, over every token; ``ppl`` = perplexity
+    of the calibration text (next-token NLL, exponentiated). Dense final hidden states are held one
+    batch at a time (batches outside, candidates inside), so memory does not grow with the text,
+    and logits are made a chunk of positions at a time, so it does not grow with the vocabulary."""
+    if metric not in GREEDY:
+        raise PrunelensError(f"'{metric}' is not a greedy metric ({', '.join(GREEDY)})")
     sums = dict.fromkeys(candidates, 0.0)
     count = 0
     rows = rows_per_chunk(int(lm.model.config.get_text_config().vocab_size))
@@ -90,12 +98,23 @@ def kl_scores(lm: LoadedModel, plan: DropPlan, calib: torch.Tensor, kind: str, c
 
     for b0 in range(0, len(calib), batch_size):
         ids = calib[b0:b0 + batch_size].to(lm.device)
-        h_d = _final(lm, ids, DropPlan())  # the dense model
+        h_d = _final(lm, ids, DropPlan()) if metric == "kl" else None  # the dense model
         for i in candidates:
             h_p = _final(lm, ids, plan.with_unit(kind, i))
-            sums[i] += chunked_kl(head, h_p, h_d, rows)
-        count += ids.shape[0] * ids.shape[1]
+            if h_d is not None:
+                sums[i] += chunked_kl(head, h_p, h_d, rows)
+            else:
+                sums[i] += chunked_nll(head, h_p[:, :-1], ids[:, 1:], rows)
+        count += ids.shape[0] * (ids.shape[1] - (metric == "ppl"))
+    if metric == "ppl":
+        return {i: math.exp(v / count) for i, v in sums.items()}
     return {i: v / count for i, v in sums.items()}
+
+
+def kl_scores(lm: LoadedModel, plan: DropPlan, calib: torch.Tensor, kind: str, candidates: Sequence[int],
+              batch_size: int = 4) -> dict[int, float]:
+    """Mean next-token KL(p_pruned ‖ p_dense) per candidate (``greedy_scores`` with ``kl``)."""
+    return greedy_scores(lm, plan, calib, kind, candidates, "kl", batch_size)
 
 
 def _final(lm: LoadedModel, ids: torch.Tensor, plan: DropPlan) -> torch.Tensor:
@@ -135,6 +154,7 @@ def select_drop(
         req.check(n)
         if req.count == 0:
             continue
+        metric = req.metric or info["metric"]  # sleb:N is ranked by ppl whatever the calibration says
         if calib is None:
             raise PrunelensError(f"'{req}' needs calibration text to rank layers")
         if metric == "angular":
@@ -148,17 +168,18 @@ def select_drop(
             continue
         order: list[int] = []
         first: dict[int, float] | None = None
-        if metric == "kl":
+        if metric in GREEDY:
             for _ in range(req.count):
                 cand = _candidates(plan, req.kind, n)
+                cand = cand[1:-1] if req.keep_ends else cand
                 if not cand:
                     raise PrunelensError(f"not enough {req.kind} units left to drop {req.count}")
-                sc = kl_scores(lm, plan, calib, req.kind, cand, batch_size)
+                sc = greedy_scores(lm, plan, calib, req.kind, cand, metric, batch_size)
                 first = first or sc
                 pick = min(cand, key=sc.__getitem__)
                 plan = plan.with_unit(req.kind, pick)
                 order.append(pick)
-            scores_log[f"{req}"] = {"order": order, "scores": first}
+            scores_log[f"{req}"] = {"metric": metric, "order": order, "scores": first}
             continue
         steps = req.count if iterative else 1
         for _ in range(steps):
@@ -171,6 +192,6 @@ def select_drop(
             for i in picks:
                 plan = plan.with_unit(req.kind, i)
                 order.append(i)
-        scores_log[f"{req}"] = {"order": order, "scores": first}
+        scores_log[f"{req}"] = {"metric": metric, "order": order, "scores": first}
     info["scores"] = scores_log
     return DropPlan(plan.attn, plan.mlp, plan.block, info=info)

@@ -65,9 +65,17 @@ class WeightMethodDef(Method):
     stats: str = "none"  # "none", "sq_norm", "hessian" or "inputs"
     transform: Callable[[torch.Tensor, WeightMethod, _Stats | None], torch.Tensor] | None = None
 
+    def per_block(self, adapter: Adapter, method: WeightMethod, blocks: list[list[str]], hs: list[torch.Tensor],
+                  kwargs: list[list[dict[str, Any]]], park: bool) -> tuple[list[WeightMethod], dict[str, Any]]:
+        """The method each block is modified with, and what the report records of the choice: the
+        same everywhere, unless a method sets layer-wise amounts from the calibration (OWL)."""
+        return [method] * len(blocks), {}
+
 
 @dataclass(frozen=True)
 class SparsityMethod(WeightMethodDef):
+    nm: bool = True  # takes N:M patterns as well as ratios
+
     def parse(self, spec: str) -> WeightMethod:
         """``wanda:0.5`` (unstructured ratio) or ``sparsegpt:2:4`` (N:M, N kept of every M)."""
         parts = spec.strip().split(":")
@@ -241,7 +249,7 @@ def _block_inputs(adapter: Adapter, calib: torch.Tensor, batch_size: int, park: 
     return inputs, kwargs
 
 
-def _run_block(layer: nn.Module, h: torch.Tensor, kw: dict[str, Any], park: bool) -> torch.Tensor:
+def run_block(layer: nn.Module, h: torch.Tensor, kw: dict[str, Any], park: bool) -> torch.Tensor:
     """One block on one batch; with ``park`` its output returns to the CPU (the hook moved the input
     to the block's execution device)."""
     out = first_output(layer(h, **kw))
@@ -279,6 +287,38 @@ class _Stats:
         return self.acc.mul_(2.0 / max(self.n, 1))  # type: ignore[union-attr]
 
 
+def collect_stats(adapter: Adapter, layer: nn.Module, paths: list[str], hs: list[torch.Tensor],
+                   kwargs: list[dict[str, Any]], kind: str) -> dict[str, _Stats]:
+    """Statistics of each listed linear layer's input while ``layer`` runs on every batch of ``hs``."""
+    stats: dict[str, _Stats] = {}
+    # q/k/v (and gate/up) receive one and the same input tensor: its statistics are computed
+    # once. The memo holds the tensor itself, so that no later activation can be allocated at the
+    # same address during this forward pass and be mistaken for it.
+    memo: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
+    handles = []
+    for p in paths:
+        stats[p] = _Stats(kind)
+
+        def hook(module, args, p=p):
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+            if key not in memo:
+                tmp = _Stats(kind)
+                tmp.add(x)
+                memo[key] = (x, tmp.acc, tmp.n)
+            stats[p].merge(memo[key][1], memo[key][2])
+
+        handles.append(adapter.model.get_submodule(p).register_forward_pre_hook(hook))
+    try:
+        for b, h in enumerate(hs):
+            memo.clear()
+            layer(h, **kwargs[b])  # a device map's hook moves h
+    finally:
+        for hd in handles:
+            hd.remove()
+    return stats
+
+
 def _modify(method: WeightMethod, w: torch.Tensor, stats: _Stats | None) -> torch.Tensor:
     return method.method.transform(w, method, stats)  # type: ignore[misc]
 
@@ -314,52 +354,28 @@ def sparsify(
     rows: list[dict[str, Any]] = []
     timings: list[float] = []
     park = is_dispatched(adapter.model)
+    per_block, allocation = [method] * len(blocks), {}
     if calibrated:
         hs, kwargs = _block_inputs(adapter, calib, batch_size, park)  # type: ignore[arg-type]
+        per_block, allocation = method.method.per_block(adapter, method, blocks, hs, kwargs, park)
     bar = tqdm(total=len(blocks), desc=f"{method.label()}", unit="block", disable=not progress)
     for i, paths in enumerate(blocks):
         tb = time.perf_counter()
         layer = adapter.layers[i]
-        stats: dict[str, _Stats] = {}
-        if calibrated and paths:
-            kind = method.method.stats
-            # q/k/v (and gate/up) receive one and the same input tensor: its statistics are
-            # computed once. The memo holds the tensor itself, so that no later activation can
-            # be allocated at the same address during this forward pass and be mistaken for it.
-            memo: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
-            handles = []
-            for p in paths:
-                stats[p] = _Stats(kind)
-
-                def hook(module, args, p=p, memo=memo, stats=stats, kind=kind):
-                    x = args[0]
-                    key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
-                    if key not in memo:
-                        tmp = _Stats(kind)
-                        tmp.add(x)
-                        memo[key] = (x, tmp.acc, tmp.n)
-                    stats[p].merge(memo[key][1], memo[key][2])
-
-                handles.append(adapter.model.get_submodule(p).register_forward_pre_hook(hook))
-            try:
-                for b, h in enumerate(hs):
-                    memo.clear()
-                    layer(h, **kwargs[i][b])  # a device map's hook moves h
-            finally:
-                for hd in handles:
-                    hd.remove()
+        bm = per_block[i]
+        stats = collect_stats(adapter, layer, paths, hs, kwargs[i], bm.method.stats) if calibrated and paths else {}
         for p in paths:
             mod = adapter.model.get_submodule(p)
             with onloaded(mod):  # an offloaded layer's weight is read on its execution device
                 w = mod.weight.data
-                new[p] = _modify(method, w, stats.pop(p, None)).to(w.dtype)
-                rows.append(_report_row(p, w, new[p], method))
+                new[p] = _modify(bm, w, stats.pop(p, None)).to(w.dtype)
+                rows.append(_report_row(p, w, new[p], bm))
             if is_offloaded(mod):  # kept where the dense weight waits (CPU or disk), not on the compute device
                 new[p] = offload_copy(mod, new[p])
         if calibrated:  # the next block sees this block's modified outputs
-            patch = WeightPatch(method, {p: new[p] for p in paths})
+            patch = WeightPatch(bm, {p: new[p] for p in paths})
             with patch.view(adapter):
-                hs = [_run_block(layer, h, kwargs[i][b], park) for b, h in enumerate(hs)]
+                hs = [run_block(layer, h, kwargs[i][b], park) for b, h in enumerate(hs)]
         if inplace:  # write into the existing storage: memory stays at one model
             for p in paths:
                 new[p] = store_weight(adapter.model.get_submodule(p), new[p])
@@ -369,6 +385,7 @@ def sparsify(
     bar.close()
     patch = WeightPatch(method, new)
     patch.report = weight_report(adapter, rows, method)
+    patch.report.update(allocation)
     patch.report.update(seconds=time.perf_counter() - t0, seconds_per_block=timings,
                         skip=list(skip), calibration_batches=len(hs) if calibrated else 0,
                         inplace=inplace)

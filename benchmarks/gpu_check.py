@@ -288,7 +288,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="a small config on the CPU: checks the script only")
     ap.add_argument("--out", help="write the figures as JSON (rewritten after each section)")
-    ap.add_argument("--skip", default="", help="comma-separated sections to leave out (speed, generation, pruning, baselines, device_map)")
+    ap.add_argument("--skip", default="", help="comma-separated sections to leave out "
+                    "(speed, generation, pruning, baselines, device_map)")
     ap.add_argument("--profile", help="also profile one analysis of 4 prompts; write the op table here")
     a = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")

@@ -26,8 +26,8 @@ def test_candidates_meet_the_budget_on_a_tiny_model() -> None:
 
     from prunelens.model.arch import Adapter
     from prunelens.model.loading import LoadedModel
-    from prunelens.prune.drop import DropPlan
     from prunelens.prune.base import method_for
+    from prunelens.prune.drop import DropPlan
     from prunelens.prune.recipe import footprint
 
     model = tiny_model("llama")  # per layer: attention 3072 weights, MLP 6144, so 36864 in all

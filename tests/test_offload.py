@@ -76,7 +76,7 @@ def test_layer_drop_analysis_is_the_same_under_offload(pair) -> None:
         assert type(m).__name__ not in ("SkippedAttention", "SkippedBlock")
 
 
-@pytest.mark.parametrize("spec", ["wanda:0.5", "sparsegpt:2:4", "gptq:w4g16", "awq:w4g16"])
+@pytest.mark.parametrize("spec", ["wanda:0.5", "sparsegpt:2:4", "gptq:w4g16", "awq:w4g16", "owl:0.5"])
 def test_calibrated_methods_give_the_same_weights_block_by_block(pair, spec: str) -> None:
     _, dense, big = pair
     m = parse_weight_method(spec)
@@ -85,7 +85,7 @@ def test_calibrated_methods_give_the_same_weights_block_by_block(pair, spec: str
     assert pa.weights.keys() == pb.weights.keys()
     for k in pa.weights:
         assert torch.allclose(pa.weights[k], pb.weights[k].to(pa.weights[k].device), atol=1e-6, rtol=0), k
-        if spec.startswith(("wanda", "sparsegpt")):  # the same mask
+        if spec.startswith(("wanda", "sparsegpt", "owl")):  # the same mask
             assert torch.equal(pa.weights[k] == 0, pb.weights[k] == 0), k
     # offloaded layers' new weights wait on the CPU, and the patch view reaches them through the
     # hooks: the patched logits agree too, and the stored dense weights are untouched
@@ -135,10 +135,10 @@ def test_pruning_in_place_under_disk_offload_keeps_new_weights_out_of_the_heap(p
 
 
 def test_importance_scores_and_the_counterfactual_are_the_same_under_offload(pair) -> None:
-    """Importance scoring (cosine, angular, KL) and the one-layer-at-a-time counterfactual run whole
+    """Importance scoring (cosine, angular, KL, SLEB's perplexity) and the one-layer-at-a-time counterfactual run whole
     forwards and single blocks through accelerate's hooks: the numbers equal the in-memory ones."""
     from prunelens.analyses.counterfactual import CounterfactualSettings, counterfactual
-    from prunelens.prune.importance import angular_scores, kl_scores, unit_scores
+    from prunelens.prune.importance import angular_scores, greedy_scores, kl_scores, unit_scores
 
     _, dense, big = pair
     calib = _calib()
@@ -148,6 +148,9 @@ def test_importance_scores_and_the_counterfactual_are_the_same_under_offload(pai
     a = kl_scores(dense, DropPlan(attn=(0,)), calib, "block", [1, 2, 3])
     b = kl_scores(big, DropPlan(attn=(0,)), calib, "block", [1, 2, 3])
     assert a.keys() == b.keys() and all(abs(a[i] - b[i]) <= 1e-12 + 1e-9 * a[i] for i in a) and min(a.values()) > 0
+    a = greedy_scores(dense, DropPlan(), calib, "block", [0, 1, 2, 3], "ppl")  # SLEB's score
+    b = greedy_scores(big, DropPlan(), calib, "block", [0, 1, 2, 3], "ppl")
+    assert a.keys() == b.keys() and all(abs(a[i] - b[i]) <= 1e-9 * a[i] for i in a)
     s = CounterfactualSettings(kinds=("attn", "mlp", "block"), chat_template=False, batch_size=2)
     ca = counterfactual(dense, PROMPTS, s, progress=False)
     cb = counterfactual(big, PROMPTS, s, progress=False)

@@ -192,21 +192,32 @@ class _null:
         return False
 
 
-def check_pruning(lm, n: int, length: int, sparsegpt_blocks: int) -> dict:
+def _calib(lm, n: int, length: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(2, lm.model.config.vocab_size, (n, length), generator=g)
+
+
+def _timed_sparsify(lm, spec: str, calib: torch.Tensor, first_blocks: int | None = None) -> tuple[dict, dict]:
+    """One weight method on every block (or the first ``first_blocks``): its wall time, mean seconds
+    per modified block, and the report."""
     from prunelens.prune.weights import parse_weight_method, sparsify
 
-    g = torch.Generator().manual_seed(0)
-    calib = torch.randint(2, lm.model.config.vocab_size, (n, length), generator=g)
+    skip = tuple(str(i) for i in range(first_blocks, lm.adapter.n_layers)) if first_blocks else ()
+    sync()
+    t0 = time.perf_counter()
+    report = sparsify(lm.adapter, parse_weight_method(spec), calib, skip=skip, progress=False).report
+    sync()
+    done = report["seconds_per_block"][:first_blocks] if first_blocks else report["seconds_per_block"]
+    return {"seconds": time.perf_counter() - t0, "seconds_per_block": sum(done) / len(done),
+            "blocks": len(done)}, report
+
+
+def check_pruning(lm, n: int, length: int, sparsegpt_blocks: int) -> dict:
+    calib = _calib(lm, n, length)
     out = {}
-    for spec, skip in (("wanda:0.5", ()), ("sparsegpt:0.5", tuple(str(i) for i in range(sparsegpt_blocks,
-                                                                                       lm.adapter.n_layers)))):
-        sync()
-        patch = sparsify(lm.adapter, parse_weight_method(spec), calib, skip=skip, progress=False)
-        per = patch.report["seconds_per_block"]
-        done = per[:sparsegpt_blocks] if skip else per
-        out[spec] = {"seconds_per_block": sum(done) / len(done), "blocks": len(done),
-                     "zero_frac": patch.report["zero_frac"]}
-        del patch
+    for spec, first in (("wanda:0.5", None), ("sparsegpt:0.5", sparsegpt_blocks)):
+        fig, report = _timed_sparsify(lm, spec, calib, first)
+        out[spec] = {**fig, "zero_frac": report["zero_frac"]}
     return out
 
 
@@ -215,25 +226,14 @@ def check_baselines(lm, n: int, length: int, awq_blocks: int) -> dict:
     blocks, and SLEB's greedy perplexity selection beside one-shot Block Influence."""
     from prunelens.prune.base import method_for
     from prunelens.prune.importance import select_drop
-    from prunelens.prune.weights import parse_weight_method, sparsify
 
-    g = torch.Generator().manual_seed(0)
-    calib = torch.randint(2, lm.model.config.vocab_size, (n, length), generator=g)
+    calib = _calib(lm, n, length)
     out: dict = {}
-    for spec, skip in (("owl:0.5", ()), ("awq:w4g128", tuple(str(i) for i in range(awq_blocks,
-                                                                                  lm.adapter.n_layers)))):
-        sync()
-        t0 = time.perf_counter()
-        patch = sparsify(lm.adapter, parse_weight_method(spec), calib, skip=skip, progress=False)
-        sync()
-        per = patch.report["seconds_per_block"]
-        done = per[:awq_blocks] if skip else per
-        out[spec] = {"seconds": time.perf_counter() - t0, "seconds_per_block": sum(done) / len(done),
-                     "blocks": len(done)}
-        if "owl" in patch.report:
-            sp = patch.report["owl"]["block_sparsity"]
+    for spec, first in (("owl:0.5", None), ("awq:w4g128", awq_blocks)):
+        out[spec], report = _timed_sparsify(lm, spec, calib, first)
+        if "owl" in report:
+            sp = report["owl"]["block_sparsity"]
             out[spec]["block_sparsity_range"] = [min(sp), max(sp)]
-        del patch
     small = calib[:8, :128]
     for name, spec, metric in (("block_influence", "block:2", "cosine"), ("sleb", "sleb:2", "cosine")):
         sync()

@@ -90,7 +90,8 @@ def test_explicit_layers_need_no_calibration_and_counts_are_bounded() -> None:
         select_drop(lm, [parse_drop("attn:2")], metric="magic", calib=CALIB)
 
 
-@pytest.mark.parametrize("spec", ["attn", "attn:", "attn:x", "mlp@", "mlp@1,,2", "block@1,1", "ffn:2"])
+@pytest.mark.parametrize("spec", ["attn", "attn:", "attn:x", "mlp@", "mlp@1,,2", "block@1,1", "ffn:2", "wanda:0.5",
+                                  "sleb@3"])
 def test_malformed_drop_specs(spec: str) -> None:
     with pytest.raises(PrunelensError):
         parse_drop(spec)
@@ -156,6 +157,7 @@ def test_sleb_spec_removes_blocks_greedily_by_perplexity() -> None:
 
     req = method_for("sleb:2").parse("sleb:2")
     assert (req.kind, req.count, req.metric, str(req)) == ("block", 2, "ppl", "sleb:2")
+    assert parse_drop("sleb:2") == req  # the public parser takes every registered drop kind
     with pytest.raises(PrunelensError, match="sleb:N"):
         method_for("sleb@3").parse("sleb@3")
     lm = _tiny()

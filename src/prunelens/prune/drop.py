@@ -23,7 +23,7 @@ from torch import nn
 
 from prunelens.errors import PrunelensError
 from prunelens.model.arch import Adapter, get_module, set_module
-from prunelens.prune.base import Method, register
+from prunelens.prune.base import REGISTRY, Method, method_name, register
 
 KINDS = ("attn", "mlp", "block")
 # Layer indices are 0-based positions in the original (dense) model's layer list.
@@ -61,14 +61,25 @@ class DropRequest:
 _SPEC = re.compile(r"^(attn|mlp|block)(?::(\d+)|@(\d+(?:,\d+)*))$")
 
 
+def _malformed(spec: str) -> PrunelensError:
+    return PrunelensError(f"malformed drop spec '{spec}': expected KIND:N or KIND@i,j,... with KIND in "
+                          f"{'/'.join(KINDS)} (e.g. attn:4, mlp@3,7, block:2), or sleb:N")
+
+
 def parse_drop(spec: str) -> DropRequest:
-    """Parse ``attn:4`` (drop the 4 least important) or ``mlp@3,7`` (drop layers 3 and 7)."""
+    """Parse any registered drop spec: ``attn:4`` (drop the 4 least important), ``mlp@3,7`` (drop
+    layers 3 and 7), ``sleb:2``; a one-line error for anything else, weight specs included."""
+    method = REGISTRY.get(method_name(spec))
+    if not isinstance(method, DropKind):
+        raise _malformed(spec)
+    return method.parse(spec)
+
+
+def _parse_kind(spec: str) -> DropRequest:
+    """``attn:4`` or ``mlp@3,7``: one of the plain kinds."""
     m = _SPEC.match(spec.strip().replace(" ", ""))
     if not m:
-        raise PrunelensError(
-            f"malformed drop spec '{spec}': expected KIND:N or KIND@i,j,... with KIND in "
-            f"{'/'.join(KINDS)} (e.g. attn:4, mlp@3,7, block:2)"
-        )
+        raise _malformed(spec)
     kind, count, layers = m.groups()
     if layers is not None:
         idx = tuple(int(x) for x in layers.split(","))
@@ -84,14 +95,13 @@ class DropKind(Method):
     chosen by count (ranked by importance on calibration text) or by index."""
 
     def parse(self, spec: str) -> DropRequest:
-        return parse_drop(spec)
+        return _parse_kind(spec)
 
     def amount_spec(self, amount: str) -> str:
         """A sweep amount is a number of units."""
         if not amount.isdigit():
             raise PrunelensError(f"amount '{amount}' for {self.name} drops must be a whole number of layers")
         return super().amount_spec(amount)
-
 
     @property
     def unit(self) -> str:

@@ -17,6 +17,7 @@ the target sparsity, which holds for the decoder stacks prunelens supports.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,15 +28,18 @@ from prunelens.model.arch import Adapter
 from prunelens.model.placement import onloaded
 from prunelens.prune.base import register
 from prunelens.prune.sparse import Pattern
-from prunelens.prune.weights import SparsityMethod, WeightMethod, collect_stats, run_block
+from prunelens.prune.weights import SparsityMethod, WeightMethod, collect_stats
 
 
-def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
+def outlier_ratio(scores: Callable[[], Iterable[torch.Tensor]], m: float) -> float:
     """Share (in %) of all the scores above ``m`` times their mean (OWL's layerwise outlier
-    distribution for one block)."""
-    total = sum(s.numel() for s in scores)
-    mean = sum(float(s.double().sum()) for s in scores) / max(total, 1)
-    return 100.0 * sum(int((s > m * mean).sum()) for s in scores) / max(total, 1)
+    distribution for one block). ``scores()`` yields them, and is called twice — once for the mean,
+    once for the count — so the scores need never be held at once."""
+    total, acc = 0, 0.0
+    for s in scores():
+        total, acc = total + s.numel(), acc + float(s.double().sum())
+    mean = acc / max(total, 1)
+    return 100.0 * sum(int((s > m * mean).sum()) for s in scores()) / max(total, 1)
 
 
 def owl_sparsities(ratios: list[float], target: float, lam: float) -> list[float]:
@@ -50,20 +54,17 @@ def owl_sparsities(ratios: list[float], target: float, lam: float) -> list[float
 
 
 def _block_outlier_ratio(adapter: Adapter, paths: list[str], stats: dict[str, Any], m: float) -> float:
-    """``outlier_ratio`` of one block's Wanda scores, on the weights' own device and streamed: a
-    first pass for the mean, a second for the count, never holding the block's scores at once
-    (an 8B block's would be 0.9 GB; moving them to the host made OWL's pre-pass 40 s on an H200)."""
+    """``outlier_ratio`` of one block's Wanda scores, made on the weights' own device one layer at a
+    time (an 8B block's would be 0.9 GB; moving them to the host made OWL's pre-pass 40 s on an H200)."""
 
-    def scores():
+    def scores() -> Iterator[torch.Tensor]:
         for p in paths:
             mod = adapter.model.get_submodule(p)
             with onloaded(mod):
                 w = mod.weight.detach()
                 yield w.abs().float() * stats[p].acc.to(w.device).clamp_min(0).sqrt()
 
-    total = sum(s.numel() for s in (adapter.model.get_submodule(p).weight for p in paths))
-    mean = sum(float(s.double().sum()) for s in scores()) / max(total, 1)
-    return 100.0 * sum(int((s > m * mean).sum()) for s in scores()) / max(total, 1)
+    return outlier_ratio(scores, m)
 
 
 @dataclass(frozen=True)
@@ -86,9 +87,10 @@ class OwlMethod(SparsityMethod):
         ratios = []
         for i, paths in enumerate(blocks):
             layer = adapter.layers[i]
-            stats = collect_stats(adapter, layer, paths, hs, kwargs[i], "sq_norm") if paths else {}
+            outs: list[torch.Tensor] = []  # the dense block's outputs, from the same forward pass
+            stats = collect_stats(adapter, layer, paths, hs, kwargs[i], "sq_norm", outs, park)
             ratios.append(_block_outlier_ratio(adapter, paths, stats, self.m) if paths else 0.0)
-            hs = [run_block(layer, h, kwargs[i][b], park) for b, h in enumerate(hs)]  # dense outputs
+            hs = outs
         sparsity = owl_sparsities(ratios, method.pattern.ratio, self.lam)  # type: ignore[union-attr,arg-type]
         per = [WeightMethod(self.base, Pattern(ratio=s)) for s in sparsity]
         return per, {"owl": {"base": self.base, "m": self.m, "lambda": self.lam,

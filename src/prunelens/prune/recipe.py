@@ -22,7 +22,7 @@ from prunelens.data import calibration_ids, read_text_file
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
 from prunelens.prune.base import Composite, Modification, combine, method_for, view_of
-from prunelens.prune.drop import DropPlan, DropRequest, save_pruned
+from prunelens.prune.drop import DropPlan, DropRequest, parse_drop, save_pruned
 from prunelens.prune.importance import METRICS
 from prunelens.prune.importance import select_drop as _select_drop
 
@@ -59,7 +59,7 @@ class Recipe:
 
     @property
     def drops(self) -> list[DropRequest]:
-        return [method_for(s).parse(s) for s in self.specs if method_for(s).family == "drop"]
+        return [parse_drop(s) for s in self.specs if method_for(s).family == "drop"]
 
     @property
     def weight_specs(self) -> list[str]:
@@ -188,7 +188,7 @@ def select_drop(lm: LoadedModel, *specs: str | DropRequest, calibration: Calibra
     ``batch_size``) override fields of ``calibration``, for notebook use.
     """
     cal = _calibration(calibration, kw)
-    requests = [method_for(s).parse(s) if isinstance(s, str) else s for s in specs]
+    requests = [parse_drop(s) if isinstance(s, str) else s for s in specs]
     ids, record = cal.ids(lm, DROP_CALIB) if any(r.count for r in requests) else (None, None)
     plan = _select_drop(lm, requests, cal.importance, cal.iterative, ids, cal.batch_size)
     if record is not None:

@@ -288,8 +288,11 @@ class _Stats:
 
 
 def collect_stats(adapter: Adapter, layer: nn.Module, paths: list[str], hs: list[torch.Tensor],
-                   kwargs: list[dict[str, Any]], kind: str) -> dict[str, _Stats]:
-    """Statistics of each listed linear layer's input while ``layer`` runs on every batch of ``hs``."""
+                  kwargs: list[dict[str, Any]], kind: str, outputs: list[torch.Tensor] | None = None,
+                  park: bool = False) -> dict[str, _Stats]:
+    """Statistics of each listed linear layer's input while ``layer`` runs on every batch of ``hs``;
+    with ``outputs``, the layer's outputs of that same pass are appended to it (as ``run_block``
+    returns them), for a caller that needs both and would otherwise run the layer twice."""
     stats: dict[str, _Stats] = {}
     # q/k/v (and gate/up) receive one and the same input tensor: its statistics are computed
     # once. The memo holds the tensor itself, so that no later activation can be allocated at the
@@ -312,7 +315,10 @@ def collect_stats(adapter: Adapter, layer: nn.Module, paths: list[str], hs: list
     try:
         for b, h in enumerate(hs):
             memo.clear()
-            layer(h, **kwargs[b])  # a device map's hook moves h
+            if outputs is None:
+                layer(h, **kwargs[b])  # a device map's hook moves h
+            else:
+                outputs.append(run_block(layer, h, kwargs[b], park))
     finally:
         for hd in handles:
             hd.remove()

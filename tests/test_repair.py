@@ -185,7 +185,7 @@ def test_repair_composes_in_recipes_and_refuses_what_it_cannot_do(tmp_path: Path
         with pytest.raises(PrunelensError, match="malformed repair spec"):
             Recipe.parse(bad)
     lm = tiny_lm("llama")
-    with pytest.raises(PrunelensError, match="put a drop before it"):
+    with pytest.raises(PrunelensError, match="put a drop or a weight method before it"):
         build(lm, "repair:linear", progress=False)
     # a pruned-then-repaired model is fitted toward the dense model, with the pruned weight merged
     mod = build(lm, "block@2+wanda:0.5+repair:scale", progress=False)
@@ -225,3 +225,59 @@ def test_repair_lowers_the_next_token_kl_on_the_real_model(real_lm) -> None:
         with view_of(lm.adapter, mod):
             kls[name] = float(kl_div(dense, lm.model(test).logits.double().log_softmax(-1)).mean())
     assert kls["repaired"] < 0.8 * kls["drop"], kls
+
+
+def test_scale_correction_after_a_weight_method_is_the_per_channel_fit_and_keeps_sparsity() -> None:
+    """wanda:0.5+repair:scale corrects every pruned sublayer's output toward the dense stream right
+    after it; the first one's scale is the closed-form per-channel regression on captured activations."""
+    from prunelens.prune.recipe import prune_weights
+    from prunelens.prune.repair import weight_spans
+
+    lm = tiny_lm("llama")
+    model, ad = lm.model, lm.adapter
+    ids, test = _ids(), _ids(seed=5)
+    wanda = prune_weights(lm, "wanda:0.5", progress=False)
+    assert weight_spans(ad, wanda, DropPlan()) == [Span(c, c) for c in range(1, 2 * ad.n_layers + 1)]
+    patch = fit_repair(ad, wanda, "repair:scale", ids)
+    assert [m.module for m in patch.maps][:2] == ["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"]
+    assert patch.maps[0].span.name() == "attn.0"
+    # closed form for attn.0: x = its pruned output, r = dense stream after it − (stream − x)
+    cap: dict[str, torch.Tensor] = {}
+    o_proj = model.get_submodule("model.layers.0.self_attn.o_proj")
+    h = o_proj.register_forward_hook(lambda m, a, o: cap.__setitem__("x", o.reshape(-1, o.shape[-1])))
+    h2 = ad.pre_mlp_norm(0).register_forward_pre_hook(
+        lambda m, a: cap.__setitem__("s", a[0].reshape(-1, a[0].shape[-1])))
+    model(ids)
+    dense_stream = cap["s"].clone()
+    with view_of(ad, wanda):
+        model(ids)
+    h.remove(), h2.remove()
+    x, r = cap["x"].double(), (dense_stream - (cap["s"] - cap["x"])).double()
+    want = (x * r).sum(0) / (x * x).sum(0)
+    assert torch.allclose(patch.maps[0].s.double(), want, rtol=1e-4, atol=1e-6)
+    for m in patch.maps:
+        assert m.stats["stream_error_after"] <= m.stats["stream_error_before"] + 1e-9
+        pruned = wanda.weights[m.module]
+        assert ((m.weight == 0) >= (pruned == 0)).all()  # a scale keeps every pruned zero
+    # merged equals the stand-in, and the corrected model is closer to dense on held-out ids
+    mod = combine([wanda, patch])
+    with view_of(ad, mod):
+        merged = model(test).logits
+    with view_of(ad, combine([wanda, patch.hooked()])):
+        hooked = model(test).logits
+    assert torch.allclose(merged, hooked, atol=1e-4)
+    dense = model(test).logits
+    with view_of(ad, wanda):
+        plain = model(test).logits
+    assert (merged - dense).pow(2).mean() < (plain - dense).pow(2).mean()
+
+
+def test_dense_maps_after_a_weight_method_are_refused() -> None:
+    lm = tiny_lm("llama")
+    for mode in ("linear", "cosine"):
+        with pytest.raises(PrunelensError, match="undoing it"):
+            build(lm, f"wanda:0.5+repair:{mode}", progress=False)
+    # with a drop as well, the drop's span is fitted and the pruned sublayers left alone
+    mod = build(lm, "block@2+wanda:0.5+repair:linear", progress=False)
+    (rp,) = [p for p in mod.parts() if isinstance(p, RepairPatch)]
+    assert [m.span for m in rp.maps] == [Span(4, 6)]

@@ -14,6 +14,11 @@ Modes (``repair:MODE[:RIDGE]``): ``linear`` (ridge least squares, ReplaceMe's ls
 channel: keeps a sparse projection sparse) and ``bias`` (scale and bias per channel; the bias has no
 place in a plain Llama/Qwen checkpoint, so it is analysed, not saved). Spans are fitted in order,
 each on the model as modified and repaired so far, toward the dense model's stream.
+
+After a weight method (Wanda, SparseGPT, a quantiser), ``scale`` and ``bias`` also correct every kept
+sublayer whose weights it changed, as a zero-length span: its own output, per channel, toward the
+dense stream right after it (bias correction as in quantisation). ``linear`` and ``cosine`` leave those
+alone: a dense map merged into a sparse projection would undo the pruning.
 """
 
 from __future__ import annotations
@@ -73,7 +78,8 @@ class RepairMethod(Method):
 
 
 register(RepairMethod("repair", "repair", "fit a map for each dropped span, merged into the projection before "
-                      "it (ReplaceMe): repair:linear|cosine|scale|bias", "repair:linear", True))
+                      "it (ReplaceMe), and with scale/bias a per-channel correction of each weight-pruned "
+                      "sublayer: repair:linear|cosine|scale|bias", "repair:linear", True))
 
 
 # --- spans of the residual stream ----------------------------------------------------------------
@@ -97,6 +103,9 @@ class Span:
     def name(self) -> str:
         def point(p: int) -> str:
             return f"resid.{p // 2}" if p % 2 == 0 else f"mid.{p // 2}"
+        if self.start == self.end:  # a kept, weight-modified sublayer's own output
+            kind, i = self.source  # type: ignore[misc]
+            return f"{kind}.{i}"
         return f"{point(self.start)}..{point(self.end)}"
 
 
@@ -116,6 +125,26 @@ def dropped_spans(plan: DropPlan) -> list[Span]:
         else:
             spans.append(Span(c, c + 1))
     return spans
+
+
+def weight_spans(adapter: Adapter, modification: Modification | None, plan: DropPlan) -> list[Span]:
+    """Zero-length spans for the kept sublayers whose weights a weight method changed (Wanda, SparseGPT,
+    a quantiser): each one's own output is corrected toward the dense stream right after it, the
+    training-free analogue of quantisation bias correction. Sublayers that are dropped, or that already
+    feed a dropped span (their map covers them), get none."""
+    from prunelens.prune.weights import WeightPatch
+
+    paths = {p for part in (modification.parts() if modification is not None else [])
+             if isinstance(part, WeightPatch) for p in part.weights}
+    taken = {s.start for s in dropped_spans(plan)}
+    cells = {2 * i for i in (*plan.attn, *plan.block)} | {2 * i + 1 for i in (*plan.mlp, *plan.block)}
+    out = []
+    for i in range(adapter.n_layers):
+        for c, kind in ((2 * i, "attn"), (2 * i + 1, "mlp")):
+            prefix = adapter.sublayer_path(kind, i) + "."
+            if c not in cells and c + 1 not in taken and any(p.startswith(prefix) for p in paths):
+                out.append(Span(c + 1, c + 1))
+    return out
 
 
 def mapped_module(adapter: Adapter, kind: str, i: int) -> tuple[str, bool]:
@@ -294,9 +323,17 @@ def fit_repair(adapter: Adapter, modification: Modification | None, spec: Repair
         plan = DropPlan(attn=tuple(sorted({*plan.attn, *d.attn})), mlp=tuple(sorted({*plan.mlp, *d.mlp})),
                         block=tuple(sorted({*plan.block, *d.block})))
     spans = dropped_spans(plan)
+    corrected = weight_spans(adapter, modification, plan)
+    if spec.mode in ("scale", "bias"):
+        spans = sorted([*spans, *corrected], key=lambda s: (s.start, s.end))
+    elif corrected and not spans:
+        raise PrunelensError(f"{spec.label()} would merge a dense map into the projections the weight method "
+                             "pruned or quantised, undoing it: after a weight method use repair:scale or "
+                             "repair:bias (per-channel correction)")
     if not spans:
-        raise PrunelensError(f"{spec.label()} repairs layer drops: put a drop before it in the recipe "
-                             "(e.g. block:4+repair:linear)")
+        raise PrunelensError(f"{spec.label()} repairs layer drops or weight-modified sublayers: put a drop or a "
+                             "weight method before it in the recipe (e.g. block:4+repair:linear, "
+                             "wanda:0.5+repair:scale)")
     t0 = time.perf_counter()
     fitted = [s for s in spans if s.source is not None]
     skipped = [s.name() for s in spans if s.source is None]
@@ -365,4 +402,4 @@ def _fit_span(spec: RepairSpec, span: Span, path: str, xs: list[torch.Tensor], y
 
 
 __all__ = ["MODES", "RepairPatch", "RepairSpec", "Span", "SpanMap", "dropped_spans", "fit_repair",
-           "mapped_module"]
+           "mapped_module", "weight_spans"]

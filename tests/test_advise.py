@@ -33,9 +33,15 @@ def test_candidates_meet_the_budget_on_a_tiny_model() -> None:
     model = tiny_model("llama")  # per layer: attention 3072 weights, MLP 6144, so 36864 in all
     lm = LoadedModel(model, _tiny_tokenizer(), Adapter(model), {"name": "tiny-llama"})
     assert adv._linear_params(lm)[0] == 36864
-    got = adv.candidates(lm, 0.25)  # 9216 weights: 3 attentions, 2 MLPs, 1 block (by cosine or SLEB)
+    got = adv.candidates(lm, 0.25, repair=False)  # 9216 weights: 3 attentions, 2 MLPs, 1 block (cosine or SLEB)
     assert got == ["attn:3", "mlp:2", "block:1", "sleb:1", "wanda:0.25", "wanda:2:4", "sparsegpt:0.25",
                    "sparsegpt:2:4", "owl:0.25", "owl-sparsegpt:0.25", "rtn:w4g128", "gptq:w4g128", "awq:w4g128"]
+    # by default each drop comes with a linear repair and unstructured Wanda/SparseGPT with a scale one
+    assert adv.candidates(lm, 0.25) == [
+        "attn:3", "attn:3+repair:linear", "mlp:2", "mlp:2+repair:linear", "block:1", "block:1+repair:linear",
+        "sleb:1", "wanda:0.25", "wanda:0.25+repair:scale", "wanda:2:4", "sparsegpt:0.25",
+        "sparsegpt:0.25+repair:scale", "sparsegpt:2:4", "owl:0.25", "owl-sparsegpt:0.25", "rtn:w4g128",
+        "gptq:w4g128", "awq:w4g128"]
     for spec in got[:4]:
         req = method_for(spec).parse(spec)
         plan = DropPlan(**{req.kind: tuple(range(req.count))})
@@ -46,12 +52,29 @@ def test_candidates_meet_the_budget_on_a_tiny_model() -> None:
     assert adv.candidates(lm, 0.8)[-1] == "owl-sparsegpt:0.8"  # past 4-bit quantisation's saving
 
 
+def test_repair_gain_is_measured_against_the_same_pruning_unrepaired() -> None:
+    assert adv.unrepaired("block:4+repair:linear") == "block:4"
+    assert adv.unrepaired("block:2+wanda:0.5+repair:scale") == "block:2+wanda:0.5"
+    assert adv.unrepaired("block:4") is None
+    rows = [{"spec": "block:4", "risk": 0.9, "signals": {"tf_kl": 1.0}, "retention": {"predicted": 0.2}},
+            {"spec": "block:4+repair:linear", "risk": 0.8, "signals": {"tf_kl": 0.7},
+             "retention": {"predicted": 0.25}},
+            {"spec": "attn:2+repair:linear", "risk": 0.5, "signals": {"tf_kl": 0.3}}]  # its base was not scored
+    adv.repair_gains(rows)
+    g = rows[1]["repair_gain"]
+    assert g["of"] == "block:4" and g == pytest.approx({"of": "block:4", "tf_kl": 0.3, "risk": 0.1,
+                                                        "retention": 0.05})
+    assert "repair_gain" not in rows[0] and "repair_gain" not in rows[2]
+    assert adv.gain_text(g) == "vs block:4: KL -0.300, risk -0.100, retention +0.05"
+
+
 @pytest.mark.slow
 def test_advise_ranks_real_candidates_by_risk(tmp_path: Path) -> None:
     from prunelens.cli import main
 
     out = tmp_path / "adv"
-    rc = main(["advise", "--budget", "3%", "--use", "multiple-choice", "--candidates", "attn:4,rtn:w4g128",
+    rc = main(["advise", "--budget", "3%", "--use", "multiple-choice", "--candidates",
+               "attn:4,attn:4+repair:linear,rtn:w4g128",
                "--steps", "8", "--out", str(out), "--quiet"])
     assert rc == 0 and (out / "report.html").is_file()
     res = json.loads((out / "results.json").read_text())
@@ -65,6 +88,11 @@ def test_advise_ranks_real_candidates_by_risk(tmp_path: Path) -> None:
         assert r["decode_speedup"] > 0
     by = {r["spec"]: r for r in rows}
     assert by["rtn:w4g128"]["saved"] == pytest.approx(1 - 4.25 / 16, abs=0.01)  # 4 bits + scale/zero per 128
+    # the repaired drop saves what the drop saves and carries its measured gain over it
+    rep, base = by["attn:4+repair:linear"], by["attn:4"]
+    assert rep["saved"] == pytest.approx(base["saved"])
+    assert rep["repair_gain"]["tf_kl"] == pytest.approx(base["signals"]["tf_kl"] - rep["signals"]["tf_kl"])
+    assert rep["signals"]["tf_kl"] != base["signals"]["tf_kl"]
     assert res["recommendation"].startswith(f"for multiple-choice use at a 3% saving: {rows[0]['spec']}")
     # the default model has a retention calibration: every row carries a prediction with its interval,
     # the page draws the trade-off figure and says what the number means
@@ -76,6 +104,7 @@ def test_advise_ranks_real_candidates_by_risk(tmp_path: Path) -> None:
     assert (out / "figures" / "tradeoff.png").is_file()
     page = (out / "report.html").read_text()
     assert "Evidence" in page and "free-generation answers" in page and "data:image/png" in page
+    assert "vs attn:4: KL" in page
     assert "predicted generative retention" in res["recommendation"]
 
 

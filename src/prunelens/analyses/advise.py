@@ -8,6 +8,11 @@ candidates are ranked by predicted risk: one-step disagreement for multiple choi
 disagreement over an answer for generation, and 1 − cos of the final hidden state (what an embedder
 pools) for retrieval. Each row also carries the measured greedy-decoding speed-up of the modified
 model against the dense one on this machine and the memory it would take.
+
+Each drop and each unstructured Wanda / SparseGPT candidate also comes repaired (``+repair:linear``
+after a drop, ReplaceMe; ``+repair:scale`` after a weight method, per-channel correction): a repair
+adds no memory, so the question is only whether it lowers the risk, and each repaired row shows its
+measured gain over the same pruning unrepaired.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ from prunelens.prune.base import methods
 SCHEMA = "prunelens.advise/1"
 USES = ("generative", "multiple-choice", "retrieval")
 DECODE_REPEATS = 3
+REPAIRS = {"attn": "repair:linear", "mlp": "repair:linear", "block": "repair:linear",
+           "wanda": "repair:scale", "sparsegpt": "repair:scale"}
+"""The repair each family's candidate is also offered with: a dense map after a drop, a per-channel
+scale after a weight method (a dense map would undo its sparsity)."""
 BUDGET_SLACK = 0.005
 """A candidate within half a point of the budget meets it: zeros the dense (GGUF) weights already
 hold are not counted as saved, so Wanda at exactly 25 % saves 24.97 %."""
@@ -66,8 +75,9 @@ def _linear_params(lm: LoadedModel) -> tuple[int, dict[str, list[int]]]:
     return sum(per["block"]), per
 
 
-def candidates(lm: LoadedModel, budget: float) -> list[str]:
-    """One spec per family that saves at least ``budget`` of the decoder's linear-weight memory."""
+def candidates(lm: LoadedModel, budget: float, repair: bool = True) -> list[str]:
+    """One spec per family that saves at least ``budget`` of the decoder's linear-weight memory, each
+    followed by its repaired form where ``REPAIRS`` has one for the family (unless ``repair`` is False)."""
     total, per = _linear_params(lm)
     n = lm.adapter.n_layers
     out = []
@@ -75,16 +85,49 @@ def candidates(lm: LoadedModel, budget: float) -> list[str]:
         size = sum(per[m.unit]) / n  # layers of one kind are alike in size in these families
         k = math.ceil(budget * total / size - 1e-9)
         if k < n:  # dropping every unit of a kind is not a pruning (the drop planner refuses it)
-            out.append(m.amount_spec(str(k)))
+            out += _with_repair(m.name, m.amount_spec(str(k)), repair)
     ratio = math.ceil(budget * 20 - 1e-9) / 20  # the budget rounded up to 5 %
     for m in methods("prune"):
         if m.calibrated:  # magnitude pruning is the baseline they beat, not a candidate
-            out.append(m.amount_spec(f"{ratio:g}"))
+            out += _with_repair(m.name, m.amount_spec(f"{ratio:g}"), repair)
             if budget <= 0.5 and ratio != 0.5 and getattr(m, "nm", False):
                 out.append(m.amount_spec("2:4"))
     if budget <= 0.72:  # 4-bit weights with a 16-bit scale and zero per 128: 4.25 of 16 bits
         out += [m.amount_spec("w4g128") for m in methods("quant")]
     return out
+
+
+def _with_repair(name: str, spec: str, repair: bool) -> list[str]:
+    return [spec, f"{spec}+{REPAIRS[name]}"] if repair and name in REPAIRS else [spec]
+
+
+def unrepaired(spec: str) -> str | None:
+    """The spec without its repair steps (None when it has none): the row a repaired one is measured
+    against."""
+    steps = spec.split("+")
+    kept = [s for s in steps if not s.strip().startswith("repair")]
+    return "+".join(kept) if kept and len(kept) < len(steps) else None
+
+
+def repair_gains(rows: Sequence[dict[str, Any]]) -> None:
+    """Adds ``repair_gain`` to each repaired row whose unrepaired form was scored too: what the repair
+    bought (positive = better) in teacher-forced KL, risk and predicted retention."""
+    by = {r["spec"]: r for r in rows}
+    for r in rows:
+        base = by.get(unrepaired(r["spec"]) or "")
+        if base is None:
+            continue
+        gain = {"of": base["spec"], "tf_kl": base["signals"]["tf_kl"] - r["signals"]["tf_kl"],
+                "risk": base["risk"] - r["risk"]}
+        if "retention" in r and "retention" in base:
+            gain["retention"] = r["retention"]["predicted"] - base["retention"]["predicted"]
+        r["repair_gain"] = gain
+
+
+def gain_text(g: dict[str, Any]) -> str:
+    """'vs block:4: KL -0.120, risk -0.010, retention +0.03' (signed as the repaired minus the plain)."""
+    return (f"vs {g['of']}: KL {-g['tf_kl']:+.3f}, risk {-g['risk']:+.3f}"
+            + (f", retention {g['retention']:+.2f}" if "retention" in g else ""))
 
 
 @torch.inference_mode()
@@ -123,8 +166,9 @@ def risk_for(use: str, sig: dict[str, float], rk: dict[str, float]) -> float:
 
 def advise(lm: LoadedModel, budget: float, use: str, prompts: Sequence[str],
            specs: Sequence[str] | None = None, calib: str | Path | None = None, calib_samples: int = 16,
-           steps: int = 32, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Every candidate built, scored and timed; rows ranked by predicted risk for ``use``."""
+           steps: int = 32, seed: int = 0, progress: bool = True, repair: bool = True) -> dict[str, Any]:
+    """Every candidate built, scored and timed; rows ranked by predicted risk for ``use``; repaired
+    rows carry their gain over the unrepaired pruning."""
     from tqdm.auto import tqdm
 
     from prunelens.model.memory import release_freed_memory
@@ -133,7 +177,7 @@ def advise(lm: LoadedModel, budget: float, use: str, prompts: Sequence[str],
 
     if use not in USES:
         raise PrunelensError(f"unknown use '{use}'; choose {', '.join(USES)}")
-    specs = list(specs) if specs else candidates(lm, budget)
+    specs = list(specs) if specs else candidates(lm, budget, repair)
     calibrated = retention_fit_for(lm.info)
     prompt_ids = encode_prompts(lm.tokenizer, prompts[:1])[0]
     decode_seconds(lm, None, prompt_ids, steps, repeats=1)  # warm-up, untimed
@@ -163,6 +207,7 @@ def advise(lm: LoadedModel, budget: float, use: str, prompts: Sequence[str],
         rows.append(row)
         del mod
         release_freed_memory()
+    repair_gains(rows)
     rows.sort(key=lambda r: (not r["meets_budget"], r["risk"], -r["saved"]))
     fit_info = ({"fitted_on": calibrated[0], "coverage": calibrated[1]["coverage"],
                  "lomo_mae": calibrated[1]["lomo_mae"], "grid": calibrated[1]["grid"]}
@@ -247,7 +292,7 @@ def advise_html(result: dict[str, Any], figs: list[Path]) -> str:
     from prunelens.render import esc, html_page, html_table, img
 
     fit = result.get("retention_fit")
-    keys = ("spec", "retention", "risk", "saved", "decode ×", "tf KL", "tf top-1", "agree run")
+    keys = ("spec", "retention", "risk", "saved", "decode ×", "tf KL", "tf top-1", "agree run", "repair gain")
 
     def cell(v: Any) -> str:  # None: a value JSON cannot hold (an infinite agreeing run)
         return "—" if v is None else v if isinstance(v, str) else f"{v:.3g}"
@@ -256,7 +301,8 @@ def advise_html(result: dict[str, Any], figs: list[Path]) -> str:
              "retention": retention_text(r["retention"]) if "retention" in r else None,
              "risk": r["risk"], "saved": f"{r['saved']:.1%}", "decode ×": r["decode_speedup"],
              "tf KL": r["signals"]["tf_kl"], "tf top-1": 1 - r["signals"]["tf_top1_disagree"],
-             "agree run": r["agreeing_tokens"]} for r in result["rows"]]
+             "agree run": r["agreeing_tokens"],
+             "repair gain": gain_text(r["repair_gain"]) if "repair_gain" in r else None} for r in result["rows"]]
     best = next((r for r in result["rows"] if r["meets_budget"]), None)
     evidence = []
     if best is not None:
@@ -302,6 +348,8 @@ def _arguments(ad: argparse.ArgumentParser) -> None:
     ad.add_argument("--steps", type=int, default=32, help="decoding steps per prompt (default 32)")
     ad.add_argument("--calib", help="calibration text for drop ranking and weight methods")
     ad.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default 16)")
+    ad.add_argument("--no-repair", action="store_true", help="leave out the repaired candidates "
+                    "(drop+repair:linear, wanda/sparsegpt+repair:scale)")
     options.add_output_args(ad, "runs/<time>-<model>-advise")
 
 
@@ -321,7 +369,7 @@ def _run(args: argparse.Namespace) -> int:
     check_out_dir(out, args.overwrite)
     lm = options.load(args)
     res = advise(lm, budget, args.use, prompts, specs, args.calib, args.calib_samples, args.steps, args.seed,
-                 progress=not args.quiet)
+                 progress=not args.quiet, repair=not args.no_repair)
     return ANALYSIS.finish(res, out, args.overwrite)
 
 
@@ -339,6 +387,9 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
                      f"{r['agreeing_tokens']:9.1f}  {keep:22s} "
                      f"{r['risk_generative']:.3f} / {r['risk_multiple_choice']:.3f} / "
                      f"{r['risk_retrieval']:.4f}{flag}")
+    for r in res["rows"]:
+        if "repair_gain" in r:
+            lines.append(f"repair gain of {r['spec']} {gain_text(r['repair_gain'])} (negative = repair helps)")
     if fit:
         lines.append(f"generative retention: share of the dense model's right free-generation answers kept, "
                      f"{fit['coverage']:.0%} interval, fitted on {fit['fitted_on']} (held-out-method MAE "

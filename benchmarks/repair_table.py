@@ -47,8 +47,9 @@ def rows_of(grid: Path) -> tuple[dict, list[dict]]:
 
 def table(res: dict, rows: list[dict]) -> str:
     d = res["dense"]
+    arc = "not measured (--mcq-limit 0)" if d["mcq_acc"] is None else f"{d['mcq_acc']:.3f}"
     lines = [f"{res['model'].get('preset') or res['model'].get('name')}: dense perplexity {d['ppl']:.2f}, "
-             f"ARC-Easy {d['mcq_acc']:.3f}; retention over the {res['subset_size']} questions right in both "
+             f"ARC-Easy {arc}; retention over the {res['subset_size']} questions right in both "
              "formats (± one standard error)", "",
              "| recipe | TF KL | FR disagree | WikiText-2 ppl | ARC-Easy acc | MC retention | generative retention "
              "| predicted from KL [80 %] |", "|---|---|---|---|---|---|---|---|"]
@@ -56,7 +57,8 @@ def table(res: dict, rows: list[dict]) -> str:
         p = r["predicted"]
         pred = f"{p[0]:.2f} [{p[1]:.2f}, {p[2]:.2f}]" + (" (outside fit)" if p[3] else "") if p else "—"
         lines.append(f"| {r['spec']} | {r['tf_kl']:.3f} | {r['fr_disagree']:.3f} | {r['ppl']:.1f} | "
-                     f"{r['arc_acc']:.3f} ± {r['arc_se']:.3f} | {r['mcq']:.2f} ± {r['mcq_se']:.2f} | "
+                     + ("— | " if r["arc_acc"] is None else f"{r['arc_acc']:.3f} ± {r['arc_se']:.3f} | ")
+                     + f"{r['mcq']:.2f} ± {r['mcq_se']:.2f} | "
                      f"{r['gen']:.2f} ± {r['gen_se']:.2f} | {pred} |")
     return "\n".join(lines)
 
@@ -65,9 +67,11 @@ def figure(rows: list[dict], title: str, path: Path) -> None:
     drops = list(dict.fromkeys(r["drop"] for r in rows))
     variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
     by = {(r["drop"], r["variant"]): r for r in rows}
+    acc = (("arc_acc", "arc_se", "ARC-Easy accuracy (log-likelihood)", False)
+           if all(r["arc_acc"] is not None for r in rows) else
+           ("mcq", "mcq_se", "MC retention (dense-correct ARC)", False))
     panels = [("tf_kl", None, "teacher-forced KL (chat prompts)", True),
-              ("ppl", None, "WikiText-2 perplexity", True),
-              ("arc_acc", "arc_se", "ARC-Easy accuracy (log-likelihood)", False),
+              ("ppl", None, "WikiText-2 perplexity", True), acc,
               ("gen", "gen_se", "generative retention (dense-correct ARC)", False)]
     fig, axes = subplots(1, 4, figsize=(16, 3.8))
     width = 0.8 / max(len(variants), 1)

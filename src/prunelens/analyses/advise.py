@@ -104,8 +104,11 @@ def _with_repair(name: str, spec: str, repair: bool) -> list[str]:
 def unrepaired(spec: str) -> str | None:
     """The spec without its repair steps (None when it has none): the row a repaired one is measured
     against."""
-    steps = spec.split("+")
-    kept = [s for s in steps if not s.strip().startswith("repair")]
+    from prunelens.prune.base import method_for
+    from prunelens.prune.recipe import Recipe
+
+    steps = Recipe.parse(spec).specs
+    kept = [s for s in steps if method_for(s).family != "repair"]
     return "+".join(kept) if kept and len(kept) < len(steps) else None
 
 

@@ -109,17 +109,15 @@ class Span:
         return f"{point(self.start)}..{point(self.end)}"
 
 
+def dropped_cells(plan: DropPlan) -> set[int]:
+    """Stream cells of the dropped units: attention i is cell 2i, MLP i cell 2i+1, block i both."""
+    return {2 * i for i in (*plan.attn, *plan.block)} | {2 * i + 1 for i in (*plan.mlp, *plan.block)}
+
+
 def dropped_spans(plan: DropPlan) -> list[Span]:
     """Maximal runs of dropped units, in stream order."""
-    cells: set[int] = set()
-    for i in plan.attn:
-        cells.add(2 * i)
-    for i in plan.mlp:
-        cells.add(2 * i + 1)
-    for i in plan.block:
-        cells.update((2 * i, 2 * i + 1))
     spans: list[Span] = []
-    for c in sorted(cells):
+    for c in sorted(dropped_cells(plan)):
         if spans and spans[-1].end == c:
             spans[-1] = Span(spans[-1].start, c + 1)
         else:
@@ -127,7 +125,8 @@ def dropped_spans(plan: DropPlan) -> list[Span]:
     return spans
 
 
-def weight_spans(adapter: Adapter, modification: Modification | None, plan: DropPlan) -> list[Span]:
+def weight_spans(adapter: Adapter, modification: Modification | None, plan: DropPlan,
+                 drops: Sequence[Span] | None = None) -> list[Span]:
     """Zero-length spans for the kept sublayers whose weights a weight method changed (Wanda, SparseGPT,
     a quantiser): each one's own output is corrected toward the dense stream right after it, the
     training-free analogue of quantisation bias correction. Sublayers that are dropped, or that already
@@ -136,8 +135,8 @@ def weight_spans(adapter: Adapter, modification: Modification | None, plan: Drop
 
     paths = {p for part in (modification.parts() if modification is not None else [])
              if isinstance(part, WeightPatch) for p in part.weights}
-    taken = {s.start for s in dropped_spans(plan)}
-    cells = {2 * i for i in (*plan.attn, *plan.block)} | {2 * i + 1 for i in (*plan.mlp, *plan.block)}
+    taken = {s.start for s in (dropped_spans(plan) if drops is None else drops)}
+    cells = dropped_cells(plan)
     out = []
     for i in range(adapter.n_layers):
         for c, kind in ((2 * i, "attn"), (2 * i + 1, "mlp")):
@@ -323,7 +322,7 @@ def fit_repair(adapter: Adapter, modification: Modification | None, spec: Repair
         plan = DropPlan(attn=tuple(sorted({*plan.attn, *d.attn})), mlp=tuple(sorted({*plan.mlp, *d.mlp})),
                         block=tuple(sorted({*plan.block, *d.block})))
     spans = dropped_spans(plan)
-    corrected = weight_spans(adapter, modification, plan)
+    corrected = weight_spans(adapter, modification, plan, spans)
     if spec.mode in ("scale", "bias"):
         spans = sorted([*spans, *corrected], key=lambda s: (s.start, s.end))
     elif corrected and not spans:
@@ -401,5 +400,5 @@ def _fit_span(spec: RepairSpec, span: Span, path: str, xs: list[torch.Tensor], y
     return m
 
 
-__all__ = ["MODES", "RepairPatch", "RepairSpec", "Span", "SpanMap", "dropped_spans", "fit_repair",
+__all__ = ["MODES", "RepairPatch", "RepairSpec", "Span", "SpanMap", "dropped_cells", "dropped_spans", "fit_repair",
            "mapped_module", "weight_spans"]

@@ -216,3 +216,27 @@ def test_placement_options_and_their_errors(pair, tmp_path: Path, capsys: pytest
         runs.append(json.loads((tmp_path / name / "results.json").read_text()))
     assert runs[1]["model"]["device_map"] and not runs[0]["model"].get("device_map")
     assert json.dumps(runs[0]["stepwise"], sort_keys=True) == json.dumps(runs[1]["stepwise"], sort_keys=True)
+
+
+@pytest.mark.parametrize("spec", ["block@2+attn@1+repair:linear", "wanda:0.5+repair:scale"])
+def test_repair_is_fitted_block_by_block_the_same_under_offload(pair, spec: str) -> None:
+    """The streamed repair fit runs blocks one at a time with their offload hooks: the same maps, merged
+    weights parked on the CPU for offloaded projections, and the same repaired logits."""
+    from prunelens.prune.base import view_of
+    from prunelens.prune.recipe import build
+    from prunelens.prune.repair import RepairPatch
+
+    _, dense, big = pair
+    mods = [build(lm, spec, progress=False) for lm in (dense, big)]
+    pa, pb = ([p for p in m.parts() if isinstance(p, RepairPatch)][0] for m in mods)
+    assert [m.span for m in pa.maps] == [m.span for m in pb.maps] and len(pa.maps) >= 2
+    for a, b in zip(pa.maps, pb.maps, strict=True):
+        fa, fb = (a.t, b.t) if a.t is not None else (a.s, b.s)
+        assert torch.allclose(fa, fb, atol=1e-5, rtol=1e-4), a.span
+        if is_offloaded(big.model.get_submodule(b.module)):
+            assert b.weight.device.type == "cpu"
+    assert any(is_offloaded(big.model.get_submodule(b.module)) for b in pb.maps)
+    ids = _calib()
+    with torch.no_grad(), view_of(dense.adapter, mods[0]), view_of(big.adapter, mods[1]):
+        za, zb = dense.model(input_ids=ids).logits, big.model(input_ids=ids).logits
+    assert torch.allclose(za, zb, atol=1e-4, rtol=1e-4)

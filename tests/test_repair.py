@@ -17,7 +17,7 @@ from prunelens.prune.base import combine, method_for, view_of
 from prunelens.prune.drop import DropPlan
 from prunelens.prune.linfit import NormalEquations, cosine_loss, cosine_map, diagonal_map, ridge_map
 from prunelens.prune.recipe import Recipe, build, save_modified
-from prunelens.prune.repair import RepairPatch, Span, dropped_spans, fit_repair
+from prunelens.prune.repair import RepairPatch, Span, dropped_spans, fit_by_full_passes, fit_repair
 
 
 @pytest.fixture(autouse=True)
@@ -281,3 +281,27 @@ def test_dense_maps_after_a_weight_method_are_refused() -> None:
     mod = build(lm, "block@2+wanda:0.5+repair:linear", progress=False)
     (rp,) = [p for p in mod.parts() if isinstance(p, RepairPatch)]
     assert [m.span for m in rp.maps] == [Span(4, 6)]
+
+
+@pytest.mark.parametrize(("drops", "weights", "mode"), [
+    (DropPlan(block=(1, 2)), None, "linear"),  # one span across two blocks, its source two blocks back
+    (DropPlan(attn=(2,), mlp=(1,)), None, "linear"),  # mlp 1 + attn 2: source attention 1, end mid-block 2
+    (DropPlan(attn=(1,), mlp=(2,)), "wanda:0.5", "scale"),  # drops interleaved with sublayers' own corrections
+    (DropPlan(attn=(3,)), "wanda:0.5", "bias"),
+])
+def test_the_streamed_fit_equals_fitting_each_span_on_full_passes(drops: DropPlan, weights: str | None,
+                                                                    mode: str) -> None:
+    """fit_repair runs each block once (twice for a corrected attention) instead of one full pass per span;
+    its maps must equal the span-by-span definition."""
+    from prunelens.prune.recipe import prune_weights
+
+    lm = tiny_lm("llama")
+    mod = combine([drops, prune_weights(lm, weights, progress=False)]) if weights else drops
+    ids = _ids()
+    patch = fit_repair(lm.adapter, mod, f"repair:{mode}", ids)
+    want = fit_by_full_passes(lm.adapter, mod, f"repair:{mode}", ids)
+    assert [m.span for m in patch.maps] == [m.span for m in want.maps]
+    assert len(want.maps) >= (1 if weights is None else 4)
+    for m, r in zip(patch.maps, want.maps, strict=True):
+        got, w = (m.t, r.t) if m.t is not None else (m.s, r.s)
+        assert torch.allclose(got, w, rtol=1e-3, atol=1e-4), (m.span, (got - w).abs().max())

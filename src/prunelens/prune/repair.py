@@ -24,6 +24,7 @@ alone: a dense map merged into a sparse projection would undo the pruning.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -35,9 +36,10 @@ from torch import nn
 from prunelens.errors import PrunelensError
 from prunelens.model.arch import Adapter
 from prunelens.model.capture import first_output
-from prunelens.model.placement import execution_device, is_offloaded, onloaded, swapped
-from prunelens.prune.base import Method, Modification, combine, register, view_of
-from prunelens.prune.drop import DropPlan
+from prunelens.model.memory import release_freed_memory
+from prunelens.model.placement import execution_device, is_dispatched, is_offloaded, onloaded, swapped
+from prunelens.prune.base import Method, Modification, register, view_of
+from prunelens.prune.drop import DropPlan, merge
 from prunelens.prune.linfit import (
     NormalEquations,
     cosine_map,
@@ -307,20 +309,68 @@ def _collect(adapter: Adapter, ids: torch.Tensor, batch_size: int, points: Seque
     return out
 
 
-def fit_repair(adapter: Adapter, modification: Modification | None, spec: RepairSpec | str, ids: torch.Tensor,
-               batch_size: int = 4, reference: Modification | None = None, progress: bool = False) -> RepairPatch:
-    """Fit ``spec`` for every dropped span of ``modification`` on calibration ``ids``, toward the model
-    under ``reference`` (default: dense). Spans starting at the embedding are left alone (noted)."""
+def _reference_pass(adapter: Adapter, ids: torch.Tensor, batch_size: int, points: Sequence[int]
+                    ) -> tuple[list[dict[Any, torch.Tensor]], list[list[dict[str, Any]]]]:
+    """One pass of the reference model: its stream at ``points`` per batch, and the keyword arguments
+    (positions, masks) each block receives up to the last point, for running blocks one at a time."""
+    last_block = (max(points) - 1) // 2
+    kwargs: list[list[dict[str, Any]]] = [[] for _ in range(last_block + 1)]
+
+    def record(i: int):
+        def hook(module, args, kw):
+            kwargs[i].append({k: v for k, v in kw.items() if k != "hidden_states"})
+        return hook
+
+    handles = [adapter.layers[i].register_forward_pre_hook(record(i), with_kwargs=True)
+               for i in range(last_block + 1)]
+    try:
+        targets = _collect(adapter, ids, batch_size, points)
+    finally:
+        for h in handles:
+            h.remove()
+    return targets, kwargs
+
+
+def _block_zero_inputs(adapter: Adapter, ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """The stream entering block 0, per batch (the embedding's output; nothing else runs)."""
+    out: list[torch.Tensor] = []
+
+    def hook(module, args, kw):
+        out.append(args[0] if args else kw["hidden_states"])
+        raise _Stop
+
+    handle = adapter.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for b0 in range(0, len(ids), batch_size):
+                with contextlib.suppress(_Stop):
+                    adapter.model(input_ids=ids[b0:b0 + batch_size].to(execution_device(adapter.model)),
+                                  use_cache=False)
+    finally:
+        handle.remove()
+    return out
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().to("cpu").reshape(-1, t.shape[-1])
+
+
+def _corrected(h: torch.Tensor, x: torch.Tensor, m: SpanMap) -> torch.Tensor:
+    """The stream ``h`` with the source output ``x`` (flat, float32) inside it replaced by its map."""
+    delta = (m.apply(x.double()).float() - x).reshape(h.shape)
+    return h + delta.to(h.device, h.dtype)
+
+
+def _plan(adapter: Adapter, modification: Modification | None, spec: RepairSpec | str
+          ) -> tuple[RepairSpec, list[Span]]:
+    """The parsed spec and the spans it fits, in stream order; refuses what it cannot repair."""
     from prunelens.prune.base import method_for
 
     if isinstance(spec, str):
         spec = method_for(spec).parse(spec)
     assert isinstance(spec, RepairSpec)
     drops = [p for p in (modification.parts() if modification is not None else []) if isinstance(p, DropPlan)]
-    plan = DropPlan()
-    for d in drops:
-        plan = DropPlan(attn=tuple(sorted({*plan.attn, *d.attn})), mlp=tuple(sorted({*plan.mlp, *d.mlp})),
-                        block=tuple(sorted({*plan.block, *d.block})))
+    plan = functools.reduce(merge, drops, DropPlan())
     spans = dropped_spans(plan)
     corrected = weight_spans(adapter, modification, plan, spans)
     if spec.mode in ("scale", "bias"):
@@ -333,26 +383,53 @@ def fit_repair(adapter: Adapter, modification: Modification | None, spec: Repair
         raise PrunelensError(f"{spec.label()} repairs layer drops or weight-modified sublayers: put a drop or a "
                              "weight method before it in the recipe (e.g. block:4+repair:linear, "
                              "wanda:0.5+repair:scale)")
+    return spec, spans
+
+
+def fit_repair(adapter: Adapter, modification: Modification | None, spec: RepairSpec | str, ids: torch.Tensor,
+               batch_size: int = 4, reference: Modification | None = None, progress: bool = False) -> RepairPatch:
+    """Fit ``spec`` for every dropped span of ``modification`` on calibration ``ids``, toward the model
+    under ``reference`` (default: dense). Spans starting at the embedding are left alone (noted).
+
+    Streamed, block by block as Wanda's calibration is: one pass of the reference model, then each
+    block of the modified model runs once on the stream as repaired so far (twice where a kept
+    attention sublayer is itself corrected), so the cost is linear in depth. A span's map is fitted
+    where its end is reached and applied to the carried stream at once: nothing kept lies between the
+    source and the end, so the stream there is y + x and becomes y + map(x)."""
+    spec, spans = _plan(adapter, modification, spec)
     t0 = time.perf_counter()
     fitted = [s for s in spans if s.source is not None]
     skipped = [s.name() for s in spans if s.source is None]
-    with view_of(adapter, reference):
-        targets = _collect(adapter, ids, batch_size, [s.end for s in fitted]) if fitted else []
     maps: list[SpanMap] = []
-    for span in fitted:
+    if fitted:
+        with torch.no_grad():
+            maps = _fit_streamed(adapter, modification, spec, ids, batch_size, reference, fitted, progress)
+    report = {"seconds": time.perf_counter() - t0, "calibration_tokens": int(ids.numel()),
+              "skipped_spans": skipped}
+    return RepairPatch(spec, maps, report)
+
+
+def _fit_streamed(adapter: Adapter, modification: Modification | None, spec: RepairSpec, ids: torch.Tensor,
+                  batch_size: int, reference: Modification | None, fitted: list[Span], progress: bool
+                  ) -> list[SpanMap]:
+    """The maps of ``fitted`` spans, in stream order (see ``fit_repair``)."""
+    from prunelens.prune.weights import run_block
+
+    park = is_dispatched(adapter.model)
+    with view_of(adapter, reference):
+        targets, kwargs = _reference_pass(adapter, ids, batch_size, sorted({s.end for s in fitted}))
+    refs = {s.end: [t[s.end] for t in targets] for s in fitted}
+    del targets
+    maps: list[SpanMap] = []
+    pending: dict[Span, list[torch.Tensor]] = {}  # source outputs of spans whose end is still ahead
+
+    def fit(span: Span, xs: list[torch.Tensor], streams: list[torch.Tensor]) -> SpanMap:
         kind, i = span.source  # type: ignore[misc]
         path, mergeable = mapped_module(adapter, kind, i)
-        so_far = RepairPatch(spec, list(maps))
-        with view_of(adapter, combine([modification, so_far]) if modification is not None else so_far):
-            got = _collect(adapter, ids, batch_size, [span.end], [path])
-        xs = [g[path] for g in got]
-        ys = [g[span.end] - g[path] for g in got]
-        refs = [t[span.end] for t in targets]
-        m = _fit_span(spec, span, path, xs, ys, refs)
+        m = _fit_span(spec, span, path, xs, [s - x for s, x in zip(streams, xs, strict=True)], refs[span.end])
         if mergeable:
             mod = adapter.model.get_submodule(path)
-            # the weight as modified so far (e.g. a pruning's swapped-in sparse weight), on its execution device
-            with view_of(adapter, modification), onloaded(mod):
+            with onloaded(mod):  # the weight as modified (inside the modification's view), on its device
                 w = mod.weight.data
                 new = merged_weight(w, m.t) if m.t is not None else scaled_weight(w, m.s)  # type: ignore[arg-type]
             # an offloaded weight's replacement waits on the CPU, as the stored one does
@@ -361,9 +438,93 @@ def fit_repair(adapter: Adapter, modification: Modification | None, spec: Repair
         if progress:
             print(f"repair: {span.name()} via {path}: stream error {m.stats['stream_error_before']:.4f} -> "
                   f"{m.stats['stream_error_after']:.4f}")
-    report = {"seconds": time.perf_counter() - t0, "calibration_tokens": int(ids.numel()),
-              "skipped_spans": skipped}
-    return RepairPatch(spec, maps, report)
+        return m
+
+    last_block = (max(s.end for s in fitted) - 1) // 2
+    with view_of(adapter, modification):
+        hs = _block_zero_inputs(adapter, ids, batch_size)
+        if park:
+            hs = [h.to("cpu") for h in hs]
+        for i in range(last_block + 1):
+            ending = [s for s in fitted if s.end in (2 * i + 1, 2 * i + 2)]
+            # spans whose every cell from the start through the end is dropped: the stream there is the
+            # block's input (block i is skipped up to the end), so they are fitted before it runs
+            for s in (s for s in ending if s.start <= 2 * i):
+                m = fit(s, pending[s], [_flat(h) for h in hs])
+                hs = [_corrected(h, x, m) for h, x in zip(hs, pending.pop(s), strict=True)]
+            attn_src = next((s for s in fitted if s.start == 2 * i + 1), None)  # attention i is the source
+            mlp_src = next((s for s in fitted if s.start == 2 * i + 2), None)  # MLP i is the source
+            attn_path = mapped_module(adapter, "attn", i)[0] if attn_src else None
+            mlp_path = mapped_module(adapter, "mlp", i)[0] if mlp_src else None
+            layer = adapter.layers[i]
+            own = attn_src is not None and attn_src.end == 2 * i + 1  # attention i's own output is corrected
+
+            def run(attn_map: SpanMap | None, layer=layer, i=i, hs=hs, attn_path=attn_path, mlp_path=mlp_path,
+                    own=own):
+                """Block i on every batch; the outputs of the sources in it and, for attention's own
+                correction, the stream between the sublayers."""
+                cap: dict[str, list[torch.Tensor]] = {"attn": [], "mid": [], "mlp": []}
+                handles = []
+                if attn_map is not None:  # registered first: the capture below sees the mapped output
+                    handles.append(adapter.model.get_submodule(attn_path).register_forward_hook(
+                        lambda mod, a, o: attn_map.apply(first_output(o))))
+                if attn_path:
+                    handles.append(adapter.model.get_submodule(attn_path).register_forward_hook(
+                        lambda mod, a, o: cap["attn"].append(_flat(first_output(o)))))
+                if own and attn_map is None:
+                    handles.append(adapter.pre_mlp_norm(i).register_forward_pre_hook(
+                        lambda mod, a: cap["mid"].append(_flat(a[0]))))
+                if mlp_path:
+                    handles.append(adapter.model.get_submodule(mlp_path).register_forward_hook(
+                        lambda mod, a, o: cap["mlp"].append(_flat(first_output(o)))))
+                try:
+                    return [run_block(layer, h, kwargs[i][b], park) for b, h in enumerate(hs)], cap
+                finally:
+                    for h in handles:
+                        h.remove()
+
+            out, cap = run(None)
+            if own:  # fit it on the stream between the sublayers, then run the block again with the map
+                # on it, so that the MLP sees the corrected stream
+                out, cap = run(fit(attn_src, cap["attn"], cap["mid"]))  # type: ignore[arg-type]
+            if attn_src is not None and attn_src.end > 2 * i + 1:  # MLP i is dropped: x waits for the end
+                pending[attn_src] = cap["attn"]
+            if mlp_src is not None:
+                pending[mlp_src] = cap["mlp"]
+            for s in (s for s in ending if s.start > 2 * i and s in pending):  # ends at this block's output
+                m = fit(s, pending[s], [_flat(h) for h in out])
+                out = [_corrected(h, x, m) for h, x in zip(out, pending.pop(s), strict=True)]
+            hs = out
+            release_freed_memory()
+    return maps
+
+
+def fit_by_full_passes(adapter: Adapter, modification: Modification | None, spec: RepairSpec | str,
+                       ids: torch.Tensor, batch_size: int = 4, reference: Modification | None = None) -> RepairPatch:
+    """The definition, one span at a time: a full pass of the modified model with the maps fitted so
+    far merged, reading the source's output and the stream at the span's end, fitted toward the
+    reference stream. Quadratic in depth; kept as the check of ``fit_repair`` (tests, bench_repair)."""
+    from prunelens.prune.base import combine
+
+    spec, spans = _plan(adapter, modification, spec)
+    fitted = [s for s in spans if s.source is not None]
+    with torch.no_grad():
+        with view_of(adapter, reference):
+            targets = _collect(adapter, ids, batch_size, [s.end for s in fitted])
+        maps: list[SpanMap] = []
+        for span in fitted:
+            path, mergeable = mapped_module(adapter, *span.source)  # type: ignore[misc]
+            so_far = RepairPatch(spec, list(maps))
+            with view_of(adapter, combine([modification, so_far]) if modification is not None else so_far):
+                got = _collect(adapter, ids, batch_size, [span.end], [path])
+            m = _fit_span(spec, span, path, [g[path] for g in got], [g[span.end] - g[path] for g in got],
+                          [t[span.end] for t in targets])
+            if mergeable:
+                with view_of(adapter, modification), onloaded(mod := adapter.model.get_submodule(path)):
+                    w = mod.weight.data
+                    m.weight = merged_weight(w, m.t) if m.t is not None else scaled_weight(w, m.s)  # type: ignore[arg-type]
+            maps.append(m)
+    return RepairPatch(spec, maps)
 
 
 def _fit_span(spec: RepairSpec, span: Span, path: str, xs: list[torch.Tensor], ys: list[torch.Tensor],
@@ -400,5 +561,6 @@ def _fit_span(spec: RepairSpec, span: Span, path: str, xs: list[torch.Tensor], y
     return m
 
 
-__all__ = ["MODES", "RepairPatch", "RepairSpec", "Span", "SpanMap", "dropped_cells", "dropped_spans", "fit_repair",
+__all__ = ["MODES", "RepairPatch", "RepairSpec", "Span", "SpanMap", "dropped_cells", "dropped_spans",
+           "fit_by_full_passes", "fit_repair",
            "mapped_module", "weight_spans"]

@@ -35,7 +35,7 @@ from prunelens.analyses.cells import CellCache, data_hashes, environment, model_
 from prunelens.analyses.paired import PairedSetup, both_formats, paired_questions
 from prunelens.analyses.predictor import collapse_signals, validate
 from prunelens.model.memory import release_freed_memory
-from prunelens.prune.recipe import Calibration, build, footprint
+from prunelens.prune.recipe import Calibration, build, footprint, split_specs
 from prunelens.render import subplots
 from prunelens.runs import write_json
 from prunelens.tasks.mcq import evaluate_mcq
@@ -54,7 +54,7 @@ def method_of(spec: str) -> str:
     A recipe's family joins its parts' (``block+repair:linear``)."""
     if "+" in spec:
         return "+".join(method_of(p) if not p.startswith("repair") else p for p in spec.split("+"))
-    head = spec.split(":")[0]
+    head = spec.split(":")[0].split("@")[0]
     if head in ("rtn", "gptq"):
         return head
     return f"{head}-nm" if spec.count(":") == 2 else head
@@ -117,7 +117,7 @@ def main() -> None:
     prompts = builtin_prompts()
 
     rows = []
-    for spec in [s for s in args.grid.split(",") if s]:
+    for spec in split_specs(args.grid):
         key = "".join(c if c.isalnum() else "_" for c in spec)
         if cache.has(key):
             rows.append(cache.load(key))
@@ -131,7 +131,7 @@ def main() -> None:
         ppl = perplexity(lm, text, mod, 512, args.ppl_windows, progress=False)["perplexity"]
         acc = (evaluate_mcq(lm, "arc_easy", data, args.mcq_limit, args.seed, mod, progress=False).acc
                if args.mcq_limit else None)
-        row = {"spec": spec, "method": method_of(spec), **sig, "risk": rk,
+        row = {"spec": spec, "label": mod.label(), "method": method_of(spec), **sig, "risk": rk,
                "gen_drop": 1 - sum(side["gen_hits"]) / len(subset),
                "mcq_drop": 1 - sum(side["mcq_hits"]) / len(subset),
                "gen_hits": side["gen_hits"], "mcq_hits": side["mcq_hits"],

@@ -18,7 +18,7 @@ from prunelens.cli import build_parser
 from prunelens.errors import PrunelensError
 from prunelens.prune.base import REGISTRY, methods, methods_help
 from prunelens.prune.drop import DropPlan
-from prunelens.prune.recipe import Calibration, Recipe, build, prune_weights, select_drop
+from prunelens.prune.recipe import Calibration, Recipe, build, prune_weights, select_drop, split_specs
 from prunelens.prune.weights import WeightPatch, parse_weight_method
 
 CAL = Calibration(samples=4, seq_len=32)
@@ -48,6 +48,15 @@ def test_recipe_parses_plus_lists_and_files(tmp_path: Path) -> None:
     assert Recipe.parse(str(j), "rtn:w4").specs == ("block@1", "magnitude:2:4", "rtn:w4")
     r = Recipe.parse("wanda:0.5+attn:2")
     assert [str(d) for d in r.drops] == ["attn:2"] and r.weight_specs == ["wanda:0.5"]
+
+
+def test_a_list_of_recipes_keeps_layer_lists_whole() -> None:
+    assert split_specs("block@1,2,attn:4") == ["block@1,2", "attn:4"]
+    assert split_specs("block@13,14+repair:linear, wanda:0.5,attn@2,3") == [
+        "block@13,14+repair:linear", "wanda:0.5", "attn@2,3"]
+    # a number after a spec without a layer list is its own (malformed) item, not swallowed
+    assert split_specs("block:2,3") == ["block:2", "3"]
+    assert split_specs("attn@1+repair:scale,2") == ["attn@1+repair:scale", "2"]
 
 
 @pytest.mark.parametrize("bad, message", [

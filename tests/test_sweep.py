@@ -12,12 +12,16 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import tiny_lm
 
 import prunelens.analyses.sweep as sweep_mod
-from prunelens.analyses.sweep import SweepSpec, parse_amounts, relative_drop, run_sweep
+from prunelens.analyses.sweep import SweepSpec, parse_amounts, relative_drop, run_sweep, spec_for
 from prunelens.analyses.sweep_view import table1
 from prunelens.cli import main
 from prunelens.errors import PrunelensError
+from prunelens.prune.base import view_of
+from prunelens.prune.recipe import build
 from prunelens.tasks.registry import TaskOptions, TaskScore, task_kind
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -127,10 +131,32 @@ def test_amounts_are_checked_per_method() -> None:
     assert parse_amounts("attn-drop", "0,2,4") == ["0", "2", "4"]
     assert parse_amounts("wanda", "0,0.5,2:4") == ["0", "0.5", "2:4"]
     assert parse_amounts("gptq", "0,4,w3g64") == ["0", "4", "w3g64"]
+    # recipe steps after '+': a repaired model beside the same pruning unrepaired
+    assert parse_amounts("block", "0,2,2+repair:scale") == ["0", "2", "2+repair:scale"]
+    assert spec_for("wanda", "2:4+repair:scale") == "wanda:2:4+repair:scale"
     for method, text in [("attn-drop", "0,x"), ("attn-drop", "0,0"), ("wanda", "0,1.5"), ("foo", "1"),
-                         ("gptq", "0,w99")]:
+                         ("gptq", "0,w99"), ("block", "0,2+"), ("block", "0,2+repair:nope"),
+                         ("block", "0,+repair:scale"), ("block", "0,2+repair:scale+repair:scale")]:
         with pytest.raises(PrunelensError):
             parse_amounts(method, text)
+
+
+def test_a_repaired_amount_builds_the_repaired_recipe() -> None:
+    """The sweep builds '2+repair:scale' as the recipe block:2+repair:scale (same weights, same
+    logits), which differs from the unrepaired amount."""
+    lm = tiny_lm("llama")
+    spec = _spec(method="block", amounts=("0", "2", "2+repair:scale"))
+    test = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(3))
+
+    def logits(mod) -> torch.Tensor:
+        with torch.no_grad(), view_of(lm.adapter, mod):
+            return lm.model(test).logits
+
+    swept = logits(sweep_mod._build(lm, spec, "2+repair:scale", False))
+    direct = logits(build(lm, "block:2+repair:scale", progress=False))
+    plain = logits(sweep_mod._build(lm, spec, "2", False))
+    assert torch.allclose(swept, direct, atol=1e-6)
+    assert (swept - plain).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize(

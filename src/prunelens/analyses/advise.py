@@ -357,11 +357,11 @@ def _arguments(ad: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from prunelens.prune.recipe import Calibration, Recipe
+    from prunelens.prune.recipe import Calibration, Recipe, split_specs
     from prunelens.runs import check_out_dir, default_run_dir
 
     budget = parse_budget(args.budget)
-    specs = [s.strip() for s in args.candidates.split(",") if s.strip()] if args.candidates else None
+    specs = split_specs(args.candidates) if args.candidates else None
     for s in specs or ():
         Recipe.parse(s)
     options.positive("--steps", args.steps)

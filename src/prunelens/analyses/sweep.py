@@ -61,7 +61,8 @@ def parse_amounts(method: str, text: str) -> list[str]:
     """Amount strings for a method; "0" (or "dense") is the unmodified model.
 
     Layer drops: counts (``0,2,4``). Sparsity: ratios or N:M (``0,0.3,0.5,2:4``). Quantisation:
-    bit widths with an optional group (``0,8,4,w4g128``).
+    bit widths with an optional group (``0,8,4,w4g128``). An amount may carry further recipe steps
+    after ``+`` (``8+repair:scale``), so a repaired model sits beside the same pruning unrepaired.
     """
     sweep_method(method)
     amounts = [a.strip() for a in text.split(",") if a.strip()]
@@ -75,10 +76,19 @@ def parse_amounts(method: str, text: str) -> list[str]:
 
 
 def spec_for(method: str, amount: str) -> str | None:
-    """The recipe spec of one amount (None for dense), as the method itself maps amounts."""
+    """The recipe spec of one amount (None for dense), as the method itself maps amounts; steps
+    after a ``+`` are appended as they are (the recipe checks them)."""
     if amount in ("0", "dense"):
         return None
-    return sweep_method(method).amount_spec(amount)
+    head, plus, steps = amount.partition("+")
+    spec = sweep_method(method).amount_spec(head.strip())
+    if not plus:
+        return spec
+    if not steps.strip():
+        raise PrunelensError(f"amount '{amount}' has no recipe step after '+'")
+    from prunelens.prune.recipe import Recipe
+
+    return "+".join(Recipe.parse(spec, steps).specs)
 
 
 @dataclass(frozen=True)
@@ -289,7 +299,9 @@ def _arguments(sw: argparse.ArgumentParser) -> None:
                     help="a registered method: attn, mlp, block (amounts = layer counts; attn-drop etc. also "
                          "accepted), magnitude, wanda, sparsegpt (ratios or N:M), rtn, gptq (bits, e.g. 4 or "
                          "w4g128)")
-    sw.add_argument("--amounts", required=True, help="comma-separated, 0 = dense (e.g. 0,2,4,6,8)")
+    sw.add_argument("--amounts", required=True,
+                    help="comma-separated, 0 = dense (e.g. 0,2,4,6,8); steps after + are added to that "
+                         "amount's recipe (8+repair:scale)")
     options.add_calibration_args(sw)
     options.add_task_args(sw)
     sw.add_argument("--out", help="sweep directory (default runs/sweep-<model>-<method>); rerun to resume")

@@ -77,6 +77,21 @@ class Recipe:
         return bool(self.specs)
 
 
+def split_specs(text: str) -> list[str]:
+    """Recipes from a comma-separated list. A layer list's commas stay in its spec: a piece that is
+    only layer numbers (``14``, ``3-5``) belongs to the ``KIND@…`` spec before it, since no spec is
+    a bare number (``block@1,2,attn:4`` is two recipes)."""
+    out: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        if out and "@" in out[-1].rsplit("+", 1)[-1] and piece.split("+", 1)[0].replace("-", "").isdigit():
+            out[-1] += "," + piece
+        else:
+            out.append(piece)
+    return out
+
+
 def _is_recipe_file(s: str) -> bool:
     return s.lower().endswith((".yaml", ".yml", ".json"))
 

@@ -35,6 +35,7 @@ from prunelens.analyses.cells import CellCache, data_hashes, environment, model_
 from prunelens.analyses.paired import PairedSetup, both_formats, paired_questions
 from prunelens.analyses.predictor import collapse_signals, validate
 from prunelens.model.memory import release_freed_memory
+from prunelens.prune.base import method_name
 from prunelens.prune.recipe import Calibration, build, footprint, split_specs
 from prunelens.render import subplots
 from prunelens.runs import write_json
@@ -54,7 +55,7 @@ def method_of(spec: str) -> str:
     A recipe's family joins its parts' (``block+repair:linear``)."""
     if "+" in spec:
         return "+".join(method_of(p) if not p.startswith("repair") else p for p in spec.split("+"))
-    head = spec.split(":")[0].split("@")[0]
+    head = method_name(spec)
     if head in ("rtn", "gptq"):
         return head
     return f"{head}-nm" if spec.count(":") == 2 else head

@@ -57,7 +57,7 @@ class Analysis:
 REGISTRY: dict[str, Analysis] = {}
 
 # the modules that register the built-in analyses, in the order the CLI lists them
-BUILTIN = ("trace", "counterfactual", "compare", "subspace", "paired", "sweep", "advise")
+BUILTIN = ("trace", "counterfactual", "compare", "subspace", "paired", "sweep", "families", "advise")
 
 
 def register(analysis: Analysis) -> Analysis:

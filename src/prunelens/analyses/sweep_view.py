@@ -132,30 +132,42 @@ def _x(amount: str, i: int) -> float:
         return float(i)  # N:M or wBgG amounts: plot in the given order
 
 
+def _rel_se(row: dict[str, Any], dense: float | None) -> float:
+    """The pruned score's standard error on the relative scale (0 where unknown, e.g. perplexity)."""
+    se = row["stderr"]
+    if not dense or se is None or not math.isfinite(se) or row["kind"] == PERPLEXITY:
+        return 0.0
+    return se / dense
+
+
 def figure1(result: SweepResult, path: Path) -> Path:
     """Score relative to dense vs amount: generative tasks left, non-generative right."""
     amounts = list(result.spec.amounts)
     rs = rows(result)
     numeric = all(is_number(a) or a == "dense" for a in amounts)
     xs = {a: (0.0 if a == "dense" else _x(a, i)) if numeric else float(i) for i, a in enumerate(amounts)}
+    dense = _dense_amount(amounts)
     fig, axes = subplots(1, 2, figsize=(11, 4), sharey=True)
     panels = (("generative (free-running decoding)", lambda k: k in GEN_KINDS),
               ("non-generative (one step / one representation)", lambda k: k not in GEN_KINDS))
     for ax, (title, keep) in zip(axes, panels, strict=True):
-        tasks = dict.fromkeys(r["task"] for r in rs if keep(r["kind"]))
-        for t in tasks:
-            pts = [(xs[r["amount"]], 1 - r["relative_drop"]) for r in rs
+        drawn = False
+        for t in dict.fromkeys(r["task"] for r in rs if keep(r["kind"])):
+            base = next((r["score"] for r in rs if r["task"] == t and r["amount"] == dense), None)
+            pts = [(xs[r["amount"]], 1 - r["relative_drop"], _rel_se(r, base)) for r in rs
                    if r["task"] == t and r["relative_drop"] is not None]
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=t)
+                x, y, e = zip(*pts, strict=True)
+                ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=t)
+                drawn = True
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(f"{result.spec.method} amount")
         if not numeric:
             ax.set_xticks(list(xs.values()), amounts)
-        if tasks:
+        if drawn:
             ax.legend(fontsize=8)
-    axes[0].set_ylabel("score relative to dense")
+    axes[0].set_ylabel("score relative to dense (± SE)")
     fig.suptitle(f"{result.spec.model}: {result.spec.method}", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

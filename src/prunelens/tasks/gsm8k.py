@@ -35,6 +35,17 @@ def normalise(num: str) -> float | None:
         return None
 
 
+def matches(answer: float | None, target: float | None) -> bool:
+    """An extracted answer counts when it equals the normalised target (floats: 0.1+0.2 is 0.3)."""
+    return answer is not None and target is not None and math.isclose(answer, target)
+
+
+def sample_hit(sample: dict[str, Any]) -> float:
+    """1.0 when a saved sample's flexible answer is right: per-question outcomes of an old run are
+    recomputed from what it kept, so two runs on the same questions can be compared pairwise."""
+    return float(matches(sample.get("flexible"), normalise(str(sample["target"]))))
+
+
 def extract_strict(text: str) -> float | None:
     m = _STRICT.search(text)
     return normalise(m.group(1)) if m else None
@@ -96,8 +107,8 @@ def evaluate_gsm8k(lm: LoadedModel, data_dir: str | Path | None, limit: int | No
     for i, text in zip(chosen, outs, strict=True):
         target = normalise(rows[i]["target"])
         flex, strict = extract_flexible(text), extract_strict(text)
-        hits.append(float(flex is not None and target is not None and math.isclose(flex, target)))
-        hits_strict.append(float(strict is not None and target is not None and math.isclose(strict, target)))
+        hits.append(float(matches(flex, target)))
+        hits_strict.append(float(matches(strict, target)))
         formatted.append(float(strict is not None))
         samples.append({"index": i, "target": rows[i]["target"], "output": text, "flexible": flex,
                         "strict": strict})

@@ -243,6 +243,26 @@ def check_task(name: str, data_dir: str | Path | None) -> dict[str, str]:
     return get_task(name).check(data_dir)
 
 
+def item_hits(task: str, metric: str, details: dict[str, Any]) -> dict[Any, float] | None:
+    """Per-question outcomes (1 right, 0 wrong) of a finished task, keyed by question, read from its
+    saved details; None where the task keeps no per-question record (perplexity, retrieval,
+    fidelity, task configs). Two runs on the same seeded questions then compare pairwise, whose
+    standard error is far below that of two independent scores."""
+    kind = TASKS[task].kind if task in TASKS else None
+    if kind == MULTIPLE_CHOICE and {"indices", "golds"} <= details.keys():
+        preds = details.get("predictions_norm" if metric == "acc_norm" else "predictions")
+        if preds is None:
+            return None
+        return {i: float(p == g) for i, p, g in zip(details["indices"], preds, details["golds"], strict=True)}
+    if task == "gsm8k" and "samples" in details:
+        from prunelens.tasks.gsm8k import sample_hit
+
+        return {s["index"]: sample_hit(s) for s in details["samples"]}
+    if kind == GENERATIVE and "samples" in details and all("status" in s for s in details["samples"]):
+        return {s["task_id"]: float(s["status"] == "passed") for s in details["samples"]}
+    return None
+
+
 def run_task(lm: LoadedModel, name: str, data_dir: str | Path | None, options: TaskOptions = TaskOptions(),
              modification: Any = None) -> TaskScore:
     """Score one task on the dense model (``modification=None``) or a modified one."""

@@ -206,9 +206,9 @@ def reading(rows: list[dict[str, Any]]) -> list[str]:
                 se = math.hypot(att["generative_se"] or 0.0, r["generative_se"] or 0.0)
                 verdict = ("holds" if d > 2 * se else "fails (the reverse)" if d < -2 * se
                            else "is not resolved")
-                out.append(f"{a} layers: attention drop keeps {_pct(att['generative'])} of generative scores vs "
-                           f"{_pct(r['generative'])} for {NAMES.get(fam, fam)} — 'attention more robust' {verdict} "
-                           f"(difference {d:+.0%} ± {se:.0%}).")
+                out.append(f"{a} layers: generative scores change by {_pct(att['generative'])} after attention "
+                           f"drop, {_pct(r['generative'])} after {NAMES.get(fam, fam)} — "
+                           f"'attention more robust' {verdict} (difference {d:+.0%} ± {se:.0%}).")
     for r in numeric:
         if r["gap"] is None or r["gap_se"] is None:
             continue

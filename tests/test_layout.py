@@ -71,7 +71,7 @@ def test_every_analysis_is_registered_with_a_page() -> None:
     found = analyses()
     assert len(found) == len(BUILTIN)
     assert {a.name for a in found} == {"analyze", "counterfactual", "compare", "subspace", "paired", "sweep",
-                                       "advise"}
+                                       "families", "advise"}
     for a in found:
         assert a.html is not None or a.rebuild is not None, a.name
         assert a.schema and a.schema.startswith("prunelens."), a.name

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from prunelens.analyses.base import Analysis, register
-from prunelens.analyses.sweep import SweepResult, load_sweep
+from prunelens.analyses.sweep import SweepResult, is_dense, load_sweep
 from prunelens.analyses.sweep_view import GEN_KINDS
 from prunelens.errors import PrunelensError
 from prunelens.render import esc, html_page, img, subplots
 from prunelens.runs import atomic_write_text, read_json
+from prunelens.tasks.data import stderr_of_mean
 from prunelens.tasks.registry import PERPLEXITY, item_hits
 
 SCHEMA = "prunelens.families/1"
@@ -46,10 +47,6 @@ class Change:
     paired: bool
 
 
-def _is_dense(amount: str) -> bool:
-    return amount in ("0", "dense")
-
-
 def _shared(manifest: dict[str, Any]) -> dict[str, Any]:
     ident = dict(manifest["identity"])
     for k in PER_FAMILY:
@@ -68,10 +65,11 @@ def load_families(dirs: list[Path]) -> list[tuple[SweepResult, dict[str, Any]]]:
             raise PrunelensError(f"'{d}' is not a sweep directory (no sweep.json)")
         out.append((load_sweep(d), read_json(d / "sweep.json")))
     first_sweep, first = out[0]
+    want = _shared(first)
     for sw, m in out[1:]:
-        if _shared(m) != _shared(first):
-            diff = sorted(k for k in _shared(m).keys() | _shared(first).keys()
-                          if _shared(m).get(k) != _shared(first).get(k))
+        have = _shared(m)
+        if have != want:
+            diff = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
             raise PrunelensError(f"sweeps '{first_sweep.out_dir}' and '{sw.out_dir}' differ in {', '.join(diff)}; "
                                  "families must share the model, task options and data")
         for task, files in m.get("data", {}).items():
@@ -85,7 +83,7 @@ def _dense_cells(sweeps: list[SweepResult]) -> dict[str, dict[str, Any]]:
     dense: dict[str, dict[str, Any]] = {}
     for sw in sweeps:
         for c in sw.cells:
-            if _is_dense(c["amount"]):
+            if is_dense(c["amount"]):
                 dense.setdefault(c["task"], c)
     return dense
 
@@ -99,10 +97,7 @@ def relative_change(cell: dict[str, Any], dense: dict[str, Any]) -> tuple[float,
     a = item_hits(cell["task"], cell["metric"], cell.get("details", {}))
     b = item_hits(dense["task"], dense["metric"], dense.get("details", {}))
     if a is not None and b is not None and a.keys() == b.keys() and len(a) > 1:
-        diffs = [a[k] - b[k] for k in a]
-        mean = sum(diffs) / len(diffs)
-        var = sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1)
-        return change, math.sqrt(var / len(diffs)) / d0, True
+        return change, stderr_of_mean([a[k] - b[k] for k in a]) / d0, True
     se = cell.get("stderr")
     return change, (se / d0 if se is not None and math.isfinite(se) else math.nan), False
 
@@ -167,7 +162,7 @@ def markdown_table1(rows: list[dict[str, Any]]) -> str:
     lines = ["| family | amount | generative: mean change vs dense | non-generative: mean change vs dense "
              "| generative − non-generative |", "|---|---|---|---|---|"]
     for r in rows:
-        if _is_dense(r["amount"]):
+        if is_dense(r["amount"]):
             continue
         lines.append(f"| {NAMES.get(r['family'], r['family'])} | {r['amount']} | "
                      f"{_pct(r['generative'], r['generative_se'])} | "
@@ -185,7 +180,7 @@ def markdown_tasks(cs: list[Change]) -> str:
             vals = []
             for a in amounts:
                 c = by.get(a)
-                vals.append("—" if c is None else f"{c.score:.3f}" if _is_dense(a)
+                vals.append("—" if c is None else f"{c.score:.3f}" if is_dense(a)
                             else f"{c.score:.3f} ({_pct(c.change)})")
             lines.append(f"| {NAMES.get(fam, fam)} | {task} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
@@ -194,7 +189,7 @@ def markdown_tasks(cs: list[Change]) -> str:
 def reading(rows: list[dict[str, Any]]) -> list[str]:
     """The paper's two claims, checked at two standard errors on the data at hand."""
     out = []
-    numeric = [r for r in rows if not _is_dense(r["amount"]) and math.isfinite(_amount_key(r["amount"])[0])]
+    numeric = [r for r in rows if not is_dense(r["amount"]) and math.isfinite(_amount_key(r["amount"])[0])]
     for a in sorted({r["amount"] for r in numeric}, key=_amount_key):
         here = {r["family"]: r for r in numeric if r["amount"] == a and r["generative"] is not None}
         if "attn" in here and len(here) > 1:
@@ -254,7 +249,7 @@ def families_result(dirs: list[Path]) -> dict[str, Any]:
     found = load_families(dirs)
     sweeps = [s for s, _ in found]
     cs = changes(sweeps)
-    if not any(_is_dense(s) for sw in sweeps for s in sw.spec.amounts):
+    if not any(is_dense(s) for sw in sweeps for s in sw.spec.amounts):
         raise PrunelensError("families: no sweep has a dense cell (amount 0); add 0 to one sweep's --amounts")
     return {"schema": SCHEMA, "model": sweeps[0].spec.model, "sweeps": [str(d) for d in dirs],
             "families": [s.spec.method for s in sweeps], "changes": [c.__dict__ for c in cs],

@@ -75,10 +75,15 @@ def parse_amounts(method: str, text: str) -> list[str]:
     return amounts
 
 
+def is_dense(amount: str) -> bool:
+    """Amount 0 (or ``dense``) is the unpruned model, whatever the method."""
+    return amount in ("0", "dense")
+
+
 def spec_for(method: str, amount: str) -> str | None:
     """The recipe spec of one amount (None for dense), as the method itself maps amounts; steps
     after a ``+`` are appended as they are (the recipe checks them)."""
-    if amount in ("0", "dense"):
+    if is_dense(amount):
         return None
     head, plus, steps = amount.partition("+")
     spec = sweep_method(method).amount_spec(head.strip())

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prunelens.analyses.sweep import SCHEMA, SweepResult, relative_drop
+from prunelens.analyses.sweep import SCHEMA, SweepResult, is_dense, relative_drop
 from prunelens.data import is_number
 from prunelens.render import esc, html_page, img, subplots
 from prunelens.runs import atomic_write_text, write_json
@@ -25,7 +25,7 @@ def _grid(result: SweepResult) -> tuple[list[str], list[str], dict[tuple[str, st
 
 
 def _dense_amount(amounts: list[str]) -> str | None:
-    return next((a for a in amounts if a in ("0", "dense")), None)
+    return next((a for a in amounts if is_dense(a)), None)
 
 
 def rows(result: SweepResult) -> list[dict[str, Any]]:
@@ -186,7 +186,7 @@ def _md_to_html_table(md: str) -> str:
 def reading(result: SweepResult) -> list[str]:
     out = []
     for r in table1(result):
-        if r["amount"] in ("0", "dense") or r["generative_worse"] is None:
+        if is_dense(r["amount"]) or r["generative_worse"] is None:
             continue
         gen = _f(-r["generative_drop"], True)
         non = _f(-r["non_generative_drop"], True)

@@ -226,6 +226,8 @@ def figure(result: dict[str, Any], fig_dir: Path) -> list[Path]:
         for fam in dict.fromkeys(r["family"] for r in rows):
             pts = sorted((_amount_key(r["amount"])[0], 1 + r[key], r[f"{key}_se"] or 0.0) for r in rows
                           if r["family"] == fam and r[key] is not None)
+            if pts and pts[0][0] != 0:
+                pts.insert(0, (0.0, 1.0, 0.0))  # the dense model is every family's start
             if pts:
                 x, y, e = zip(*pts, strict=True)
                 ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=NAMES.get(fam, fam))

@@ -331,3 +331,15 @@ def test_claims_of_live_workers_are_kept_and_of_dead_ones_retaken(tmp_path: Path
     lock.unlink()
     cell.write_text("{}")
     assert not claim(cell)  # finished cells are never claimed
+
+
+def test_cache_accepts_a_directory_another_worker_is_opening_and_refuses_foreign_files(tmp_path: Path) -> None:
+    from prunelens.analyses.cells import CellCache
+
+    out = tmp_path / "sweep"
+    (out / "cells").mkdir(parents=True)  # another worker's open(): cells made, manifest being written
+    (out / ".sweep.json.123.abcd.tmp").write_text("{")
+    CellCache(out, "sweep.json", "sweep", {"a": 1})
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(PrunelensError, match="is not empty and is not a prunelens sweep"):
+        CellCache(out, "sweep.json", "sweep", {"a": 1})

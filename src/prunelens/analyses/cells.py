@@ -91,9 +91,22 @@ class CellCache:
             if diff:
                 raise PrunelensError(f"'{self.out}' holds a {what} with different settings ({diff}); for "
                                      "other settings or prompts use another --out, or --overwrite")
-        elif self.out.is_dir() and any(self.out.iterdir()) and not self.manifest.is_file() and not adopt:
+        elif self.out.is_dir() and not adopt and not self.manifest.is_file() and self._foreign():
             raise PrunelensError(f"'{self.out}' is not empty and is not a prunelens {what} directory")
         self.overwrite = overwrite
+
+    def _foreign(self) -> bool:
+        """Whether ``out`` holds anything but what another worker's ``open`` is writing right now (an
+        empty cells folder, the manifest's temp file): racing workers must not refuse each other."""
+        for q in self.out.iterdir():
+            if q.name == self.cells and q.is_dir() and not any(q.iterdir()):
+                continue
+            if q.name.startswith(f".{self.manifest.name}.") and q.name.endswith(".tmp"):
+                continue
+            if q.name == self.manifest.name:
+                continue
+            return True
+        return False
 
     def open(self, **manifest: Any) -> CellCache:
         """Create the directory (emptied first with ``overwrite``) and write the manifest."""

@@ -147,10 +147,16 @@ def read_json(path: Path) -> Any:
         raise PrunelensError(f"cannot read '{path}': {e.strerror or e}") from None
 
 
+def is_write_temp(name: str, target: str) -> bool:
+    """Whether a file name is ``atomic_write_text``'s temp file for ``target`` (another writer's,
+    mid-write), so directory checks can tell it from a foreign file."""
+    return name.startswith(f".{target}.") and name.endswith(".tmp")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Temp file in the same directory + os.replace, so readers never see half a report."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # see is_write_temp
     # os.open with 0o666 honours the umask (mkstemp would leave the report readable by its owner only)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:

@@ -25,7 +25,7 @@ from typing import Any
 
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import file_sha256
-from prunelens.runs import check_writable_parent, json_safe, read_json, write_json
+from prunelens.runs import check_writable_parent, is_write_temp, json_safe, read_json, write_json
 
 
 def environment(device: str | None = None, dtype: str | None = None) -> dict[str, Any]:
@@ -101,9 +101,7 @@ class CellCache:
         for q in self.out.iterdir():
             if q.name == self.cells and q.is_dir() and not any(q.iterdir()):
                 continue
-            if q.name.startswith(f".{self.manifest.name}.") and q.name.endswith(".tmp"):
-                continue
-            if q.name == self.manifest.name:
+            if q.name == self.manifest.name or is_write_temp(q.name, self.manifest.name):
                 continue
             return True
         return False

@@ -55,17 +55,22 @@ def workload(lm: Any, n: int, data_dir: str | None, seed: int) -> list[dict[str,
     return out
 
 
-def run_prunelens(lm: Any, work: list[dict[str, Any]], batch: int, engine: str) -> tuple[list[str], int, float]:
+def run_prunelens(lm: Any, work: list[dict[str, Any]], batch: int, engine: str
+                  ) -> tuple[list[str], list[int], dict[str, float]]:
+    """Texts, new tokens per prompt and seconds per task: the lengths show the tail a batch
+    cannot share (one long row decodes alone), the per-task walls where the time went."""
     from prunelens.model.runtime import generate_full
 
-    texts, tokens, t0 = [""] * len(work), 0, time.perf_counter()
+    texts, lengths, walls = [""] * len(work), [0] * len(work), {}
     for task in ("gsm8k", "humaneval"):
         idx = [i for i, w in enumerate(work) if w["task"] == task]
+        t0 = time.perf_counter()
         gens = generate_full(lm, [work[i]["ids"] for i in idx], work[idx[0]]["max_new"], work[idx[0]]["stop"],
                              None, batch, False, task, engine=engine)
+        walls[task] = time.perf_counter() - t0
         for i, g in zip(idx, gens, strict=True):
-            texts[i], tokens = g.text, tokens + len(g.ids)
-    return texts, tokens, time.perf_counter() - t0
+            texts[i], lengths[i] = g.text, len(g.ids)
+    return texts, lengths, walls
 
 
 def run_hf(lm: Any, work: list[dict[str, Any]]) -> tuple[list[str], int, float]:
@@ -122,11 +127,17 @@ def main() -> None:
                            "threads": torch.get_num_threads(), "torch": torch.__version__,
                            "machine": platform.processor() or platform.machine(),
                            "date": time.strftime("%Y-%m-%d")}
-    ours, tokens, t_ours = run_prunelens(lm, work, a.batch_size, "continuous")
-    res["continuous"] = {"tokens": tokens, "seconds": round(t_ours, 2), "tok_s": round(tokens / t_ours, 2)}
+    ours, lengths, walls = run_prunelens(lm, work, a.batch_size, "continuous")
+    tokens, t_ours = sum(lengths), sum(walls.values())
+    res["continuous"] = {"tokens": tokens, "seconds": round(t_ours, 2), "tok_s": round(tokens / t_ours, 2),
+                         "seconds_per_task": {k: round(v, 2) for k, v in walls.items()},
+                         "new_tokens": {t: [n for n, w in zip(lengths, work, strict=True) if w["task"] == t]
+                                        for t in walls},
+                         "prompt_tokens": {t: [len(w["ids"]) for w in work if w["task"] == t] for t in walls}}
     print(f"prunelens continuous: {tokens} tokens in {t_ours:.1f} s = {tokens / t_ours:.2f} tok/s", flush=True)
     if "static" not in skip:
-        st, st_tokens, t_st = run_prunelens(lm, work, a.batch_size, "static")
+        st, st_lengths, st_walls = run_prunelens(lm, work, a.batch_size, "static")
+        st_tokens, t_st = sum(st_lengths), sum(st_walls.values())
         res["static"] = {"tokens": st_tokens, "seconds": round(t_st, 2), "same_texts": st == ours,
                          "wall_ratio": round(t_ours / t_st, 3)}
         print(f"(c) static engine: {t_st:.1f} s; continuous ÷ static wall {t_ours / t_st:.3f}; "

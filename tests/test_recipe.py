@@ -17,7 +17,7 @@ from prunelens import options
 from prunelens.cli import build_parser
 from prunelens.errors import PrunelensError
 from prunelens.prune.base import REGISTRY, methods, methods_help
-from prunelens.prune.drop import DropPlan
+from prunelens.prune.drop import DropPlan, parse_drop
 from prunelens.prune.recipe import Calibration, Recipe, build, prune_weights, select_drop, split_specs
 from prunelens.prune.weights import WeightPatch, parse_weight_method
 
@@ -57,6 +57,18 @@ def test_a_list_of_recipes_keeps_layer_lists_whole() -> None:
     # a number after a spec without a layer list is its own (malformed) item, not swallowed
     assert split_specs("block:2,3") == ["block:2", "3"]
     assert split_specs("attn@1+repair:scale,2") == ["attn@1+repair:scale", "2"]
+    assert split_specs("block@14-17,attn@1,3-4+repair:linear,mlp:2") == [
+        "block@14-17", "attn@1,3-4+repair:linear", "mlp:2"]
+
+
+def test_layer_ranges_expand_inclusively() -> None:
+    assert parse_drop("block@14-17").layers == (14, 15, 16, 17)
+    assert parse_drop("attn@9,2-3").layers == (2, 3, 9)
+    assert parse_drop("mlp@5-5").layers == (5,)
+    for bad, message in [("block@5-3", "runs backwards"), ("attn@2,1-3", "repeats a layer"),
+                         ("block@3-", "malformed drop spec"), ("block@-3", "malformed drop spec")]:
+        with pytest.raises(PrunelensError, match=message):
+            parse_drop(bad)
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -134,9 +134,13 @@ def test_amounts_are_checked_per_method() -> None:
     # recipe steps after '+': a repaired model beside the same pruning unrepaired
     assert parse_amounts("block", "0,2,2+repair:scale") == ["0", "2", "2+repair:scale"]
     assert spec_for("wanda", "2:4+repair:scale") == "wanda:2:4+repair:scale"
+    # fixed layers, so only the repair's calibration changes between sweeps
+    assert parse_amounts("attn", "4,@23-26,@3;7+repair:linear") == ["4", "@23-26", "@3;7+repair:linear"]
+    assert spec_for("attn", "@3;7+repair:linear") == "attn@3,7+repair:linear"
     for method, text in [("attn-drop", "0,x"), ("attn-drop", "0,0"), ("wanda", "0,1.5"), ("foo", "1"),
                          ("gptq", "0,w99"), ("block", "0,2+"), ("block", "0,2+repair:nope"),
-                         ("block", "0,+repair:scale"), ("block", "0,2+repair:scale+repair:scale")]:
+                         ("block", "0,+repair:scale"), ("block", "0,2+repair:scale+repair:scale"),
+                         ("block", "@"), ("block", "@4-2"), ("wanda", "@3")]:
         with pytest.raises(PrunelensError):
             parse_amounts(method, text)
 
@@ -157,6 +161,8 @@ def test_a_repaired_amount_builds_the_repaired_recipe() -> None:
     plain = logits(sweep_mod._build(lm, spec, "2", False))
     assert torch.allclose(swept, direct, atol=1e-6)
     assert (swept - plain).abs().max() > 1e-3
+    fixed = logits(sweep_mod._build(lm, spec, "@1-2+repair:scale", False))
+    assert torch.allclose(fixed, logits(build(lm, "block@1,2+repair:scale", progress=False)), atol=1e-6)
 
 
 @pytest.mark.parametrize(

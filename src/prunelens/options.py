@@ -104,7 +104,7 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                         "methods in order, each calibrated on the model as modified so far; or a YAML/JSON "
                         f"recipe file. Methods — {methods_help()}")
     p.add_argument("--drop", action=_AppendSpec, const="drop", metavar="SPEC",
-                   help="alias: a drop spec, KIND:N (N least important) or KIND@i,j (those layers); "
+                   help="alias: a drop spec, KIND:N (N least important) or KIND@i,j (those layers; i-j a range); "
                         "sleb:N = N blocks removed one at a time by calibration perplexity")
     p.add_argument("--prune", action=_AppendSpec, const="prune", metavar="SPEC",
                    help="alias: a sparsity spec, METHOD:RATIO or METHOD:N:M (e.g. wanda:0.5, sparsegpt:2:4, "

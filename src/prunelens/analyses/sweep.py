@@ -305,8 +305,8 @@ def _arguments(sw: argparse.ArgumentParser) -> None:
                          "accepted), magnitude, wanda, sparsegpt (ratios or N:M), rtn, gptq (bits, e.g. 4 or "
                          "w4g128)")
     sw.add_argument("--amounts", required=True,
-                    help="comma-separated, 0 = dense (e.g. 0,2,4,6,8); steps after + are added to that "
-                         "amount's recipe (8+repair:scale)")
+                    help="comma-separated, 0 = dense (e.g. 0,2,4,6,8); for drops also fixed layers "
+                         "(@23-26, @3;7); steps after + are added to that amount's recipe (8+repair:scale)")
     options.add_calibration_args(sw)
     options.add_task_args(sw)
     sw.add_argument("--out", help="sweep directory (default runs/sweep-<model>-<method>); rerun to resume")

@@ -58,12 +58,13 @@ class DropRequest:
                                  f"(need 0 <= N < {n_layers})")
 
 
-_SPEC = re.compile(r"^(attn|mlp|block)(?::(\d+)|@(\d+(?:,\d+)*))$")
+_ITEM = r"\d+(?:-\d+)?"
+_SPEC = re.compile(rf"^(attn|mlp|block)(?::(\d+)|@({_ITEM}(?:,{_ITEM})*))$")
 
 
 def _malformed(spec: str) -> PrunelensError:
     return PrunelensError(f"malformed drop spec '{spec}': expected KIND:N or KIND@i,j,... with KIND in "
-                          f"{'/'.join(KINDS)} (e.g. attn:4, mlp@3,7, block:2), or sleb:N")
+                          f"{'/'.join(KINDS)} (e.g. attn:4, mlp@3,7, block@14-17), or sleb:N")
 
 
 def parse_drop(spec: str) -> DropRequest:
@@ -76,13 +77,18 @@ def parse_drop(spec: str) -> DropRequest:
 
 
 def _parse_kind(spec: str) -> DropRequest:
-    """``attn:4`` or ``mlp@3,7``: one of the plain kinds."""
+    """``attn:4``, ``mlp@3,7`` or ``block@14-17`` (an inclusive range): one of the plain kinds."""
     m = _SPEC.match(spec.strip().replace(" ", ""))
     if not m:
         raise _malformed(spec)
     kind, count, layers = m.groups()
     if layers is not None:
-        idx = tuple(int(x) for x in layers.split(","))
+        idx: tuple[int, ...] = ()
+        for item in layers.split(","):
+            lo, _, hi = item.partition("-")
+            if hi and int(hi) < int(lo):
+                raise PrunelensError(f"drop spec '{spec}': range {item} runs backwards")
+            idx += tuple(range(int(lo), int(hi or lo) + 1))
         if len(set(idx)) != len(idx):
             raise PrunelensError(f"drop spec '{spec}' repeats a layer index")
         return DropRequest(kind, layers=tuple(sorted(idx)))
@@ -98,9 +104,16 @@ class DropKind(Method):
         return _parse_kind(spec)
 
     def amount_spec(self, amount: str) -> str:
-        """A sweep amount is a number of units."""
+        """A sweep amount is a number of units, ranked on the calibration text, or fixed layers
+        ``@23-26`` / ``@3;7`` (``;`` because ``,`` separates amounts), so a sweep can hold the
+        layers still while something else, such as the calibration of a repair, changes."""
+        if amount.startswith("@"):
+            spec = f"{self.name}@{amount[1:].replace(';', ',')}"
+            self.parse(spec)
+            return spec
         if not amount.isdigit():
-            raise PrunelensError(f"amount '{amount}' for {self.name} drops must be a whole number of layers")
+            raise PrunelensError(f"amount '{amount}' for {self.name} drops must be a whole number of layers "
+                                 f"or fixed layers such as @23-26")
         return super().amount_spec(amount)
 
     @property
@@ -110,7 +123,7 @@ class DropKind(Method):
 
 
 for _k, _what in (("attn", "attention sublayers"), ("mlp", "MLP sublayers"), ("block", "whole blocks")):
-    register(DropKind(_k, "drop", f"drop {_what}: KIND:N least important or KIND@i,j", f"{_k}:2", True))
+    register(DropKind(_k, "drop", f"drop {_what}: KIND:N least important, KIND@i,j or KIND@i-j", f"{_k}:2", True))
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -79,13 +80,13 @@ class Recipe:
 
 def split_specs(text: str) -> list[str]:
     """Recipes from a comma-separated list. A layer list's commas stay in its spec: a piece that is
-    only a layer number (``14``) belongs to the ``KIND@…`` spec before it, since no spec is a bare
-    number (``block@1,2,attn:4`` is two recipes)."""
+    only a layer number or range (``14``, ``14-17``) belongs to the ``KIND@…`` spec before it, since
+    no spec is a bare number (``block@1,2,attn:4`` is two recipes)."""
     out: list[str] = []
     for piece in (p.strip() for p in text.split(",")):
         if not piece:
             continue
-        if out and "@" in out[-1].rsplit("+", 1)[-1] and piece.split("+", 1)[0].isdigit():
+        if out and "@" in out[-1].rsplit("+", 1)[-1] and re.fullmatch(r"\d+(-\d+)?", piece.split("+", 1)[0]):
             out[-1] += "," + piece
         else:
             out.append(piece)

@@ -16,29 +16,25 @@ import json
 import sys
 from pathlib import Path
 
+from prunelens.analyses.families import paired_differences
 from prunelens.errors import PrunelensError
 from prunelens.tasks.data import stderr_of_mean
-from prunelens.tasks.registry import item_hits
 
 
-def _hits(path: Path) -> tuple[dict, dict]:
-    cell = json.loads(path.read_text())
-    hits = item_hits(cell["task"], cell["metric"], cell.get("details", {}))
-    if hits is None:
-        raise PrunelensError(f"{path}: task {cell['task']} keeps no per-problem record")
-    return cell, hits
+def _cell(path: Path) -> dict:
+    return json.loads(path.read_text())
 
 
 def paired_rows(base: Path, others: list[Path]) -> list[dict]:
     """One row per cell: its label, score ± se and the paired difference from ``base``."""
-    b_cell, b = _hits(base)
+    b_cell = _cell(base)
     rows = [{"label": b_cell["label"], "sweep": base.parent.parent.name, "task": b_cell["task"],
              "score": b_cell["score"], "stderr": b_cell["stderr"], "n": b_cell["n"]}]
     for p in others:
-        cell, h = _hits(p)
-        if cell["task"] != b_cell["task"] or h.keys() != b.keys():
-            raise PrunelensError(f"{p} and {base} are not the same problems of one task")
-        d = [h[k] - b[k] for k in b]
+        cell = _cell(p)
+        d = paired_differences(cell, b_cell) if cell["task"] == b_cell["task"] else None
+        if d is None:
+            raise PrunelensError(f"{p} and {base} are not per-problem records of the same problems of one task")
         rows.append({"label": cell["label"], "sweep": p.parent.parent.name, "task": cell["task"],
                      "score": cell["score"], "stderr": cell["stderr"], "n": cell["n"],
                      "diff": sum(d) / len(d), "diff_stderr": stderr_of_mean(d),

@@ -88,16 +88,25 @@ def _dense_cells(sweeps: list[SweepResult]) -> dict[str, dict[str, Any]]:
     return dense
 
 
+def paired_differences(cell: dict[str, Any], base: dict[str, Any]) -> list[float] | None:
+    """Per-problem outcome of ``cell`` minus that of ``base``, or None unless both keep per-problem
+    records of the same problems (then the pair's noise cancels problem by problem)."""
+    a = item_hits(cell["task"], cell["metric"], cell.get("details", {}))
+    b = item_hits(base["task"], base["metric"], base.get("details", {}))
+    if a is None or b is None or a.keys() != b.keys():
+        return None
+    return [a[k] - b[k] for k in a]
+
+
 def relative_change(cell: dict[str, Any], dense: dict[str, Any]) -> tuple[float, float, bool]:
     """(score/dense − 1, its standard error, paired?) for two cells of one task."""
     d0 = dense["score"]
     if not d0:
         return math.nan, math.nan, False
     change = cell["score"] / d0 - 1.0
-    a = item_hits(cell["task"], cell["metric"], cell.get("details", {}))
-    b = item_hits(dense["task"], dense["metric"], dense.get("details", {}))
-    if a is not None and b is not None and a.keys() == b.keys() and len(a) > 1:
-        return change, stderr_of_mean([a[k] - b[k] for k in a]) / d0, True
+    d = paired_differences(cell, dense)
+    if d is not None and len(d) > 1:
+        return change, stderr_of_mean(d) / d0, True
     se = cell.get("stderr")
     return change, (se / d0 if se is not None and math.isfinite(se) else math.nan), False
 

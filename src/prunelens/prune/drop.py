@@ -58,8 +58,9 @@ class DropRequest:
                                  f"(need 0 <= N < {n_layers})")
 
 
-_ITEM = r"\d+(?:-\d+)?"
-_SPEC = re.compile(rf"^(attn|mlp|block)(?::(\d+)|@({_ITEM}(?:,{_ITEM})*))$")
+#: one item of a layer list: an index or an inclusive range (``14``, ``14-17``)
+LAYER_ITEM = r"\d+(?:-\d+)?"
+_SPEC = re.compile(rf"^(attn|mlp|block)(?::(\d+)|@({LAYER_ITEM}(?:,{LAYER_ITEM})*))$")
 
 
 def _malformed(spec: str) -> PrunelensError:

@@ -23,7 +23,7 @@ from prunelens.data import calibration_ids, read_text_file
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
 from prunelens.prune.base import Composite, Modification, combine, method_for, view_of
-from prunelens.prune.drop import DropPlan, DropRequest, parse_drop, save_pruned
+from prunelens.prune.drop import LAYER_ITEM, DropPlan, DropRequest, parse_drop, save_pruned
 from prunelens.prune.importance import METRICS
 from prunelens.prune.importance import select_drop as _select_drop
 
@@ -86,7 +86,7 @@ def split_specs(text: str) -> list[str]:
     for piece in (p.strip() for p in text.split(",")):
         if not piece:
             continue
-        if out and "@" in out[-1].rsplit("+", 1)[-1] and re.fullmatch(r"\d+(-\d+)?", piece.split("+", 1)[0]):
+        if out and "@" in out[-1].rsplit("+", 1)[-1] and re.fullmatch(LAYER_ITEM, piece.split("+", 1)[0]):
             out[-1] += "," + piece
         else:
             out.append(piece)

@@ -24,7 +24,7 @@ import torch
 
 def _setup(model: str, drop: str):
     import prunelens as pl
-    from prunelens.model.runtime import encode_prompts, left_pad
+    from prunelens.model.tokens import encode_prompts, left_pad
 
     lm = pl.load_model(model)
     plan = pl.select_drop(lm, *drop.split("+"))

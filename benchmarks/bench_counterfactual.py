@@ -19,7 +19,7 @@ import torch
 from prunelens import builtin_prompts, load_model
 from prunelens.analyses.counterfactual import CounterfactualSettings, counterfactual, single_layer
 from prunelens.metrics import hidden_metrics, logit_metrics
-from prunelens.model.runtime import encode_prompts, left_pad, pad_id
+from prunelens.model.tokens import encode_prompts, left_pad, pad_id
 from prunelens.prune import view_of
 
 

@@ -33,7 +33,9 @@ from typing import Any
 
 import torch
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from prunelens.testing import shared_data_dir
+
+DATA = shared_data_dir()
 
 
 def workload(lm: Any, n: int, data_dir: str | None, seed: int) -> list[dict[str, Any]]:
@@ -59,7 +61,7 @@ def run_prunelens(lm: Any, work: list[dict[str, Any]], batch: int, engine: str
                   ) -> tuple[list[str], list[int], dict[str, float]]:
     """Texts, new tokens per prompt and seconds per task: the lengths show the tail a batch
     cannot share (one long row decodes alone), the per-task walls where the time went."""
-    from prunelens.model.runtime import generate_full
+    from prunelens.model.generation import generate_full
 
     texts, lengths, walls = [""] * len(work), [0] * len(work), {}
     for task in ("gsm8k", "humaneval"):
@@ -74,7 +76,7 @@ def run_prunelens(lm: Any, work: list[dict[str, Any]], batch: int, engine: str
 
 
 def run_hf(lm: Any, work: list[dict[str, Any]]) -> tuple[list[str], int, float]:
-    from prunelens.model.runtime import cut_at_stop
+    from prunelens.model.generation import cut_at_stop
 
     tok, texts, tokens, t0 = lm.tokenizer, [], 0, time.perf_counter()
     eos = lm.model.generation_config.eos_token_id

@@ -55,9 +55,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from prunelens.testing import shared_data_dir
+
 HERE = Path(__file__).resolve().parent
 TASK_DIR = HERE / "lmeval_tasks"
-DEFAULT_DATA = HERE.parent.parent / "shared" / "data"
+DEFAULT_DATA = shared_data_dir()
 
 
 def _timed(fn: Callable[..., Any], sink: list[float], out: list[Any] | None = None) -> Callable[..., Any]:
@@ -79,11 +81,11 @@ def write_subset(
 ) -> tuple[Path, list[int]]:
     """Write the rows prunelens would sample into dest/<task file name>; return it and the indices."""
     from prunelens.data import iter_jsonl
-    from prunelens.tasks.data import data_file, sample_indices
+    from prunelens.tasks.data import sample_indices
     from prunelens.tasks.mcq import MCQ_TASKS
 
     t = MCQ_TASKS[task]
-    src = data_file(t.source, data_dir)
+    src = t.source.file(data_dir)
     rows = [row for _, row in iter_jsonl(src)]
     idx = sample_indices(len(rows), limit, seed)
     name = src.name[:-3] if src.name.endswith(".gz") else src.name
@@ -225,7 +227,7 @@ def _main(a: argparse.Namespace, tmp: Path) -> None:
     from lm_eval.tasks import TaskManager
 
     import prunelens.tasks.mcq as mcq
-    from prunelens.model.loading import load_model
+    from prunelens.prune.checkpoint import load_model
 
     logging.getLogger("lm-eval").setLevel(logging.WARNING)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)

@@ -120,7 +120,7 @@ def check_generation(lm, n: int, batch: int, max_new: int) -> dict:
     """The generation engine every generative task uses, on the device: continuous vs static batches
     vs HF ``generate`` (batched, same batch size), ragged prompt lengths and ragged ends (2 % of the
     vocabulary made end-of-sequence tokens, for both sides, so rows stop at different steps)."""
-    from prunelens.model.runtime import decode_attention, generate_full
+    from prunelens.model.generation import decode_attention, generate_full
 
     vocab = lm.model.config.vocab_size
     g = torch.Generator().manual_seed(1)
@@ -248,8 +248,8 @@ def check_device_map(cfg, dev: torch.device, dtype: torch.dtype, texts: list[str
     """The same checkpoint loaded twice, whole on one device and under a budget that puts part of it
     on the CPU: the analysis must agree (only the placement differs)."""
     from prunelens.analyses.trace import AnalysisSettings, analyze
-    from prunelens.model.loading import load_model
     from prunelens.model.placement import Placement
+    from prunelens.prune.checkpoint import load_model
     from prunelens.prune.drop import DropPlan
 
     lm = build(cfg, dev, dtype)

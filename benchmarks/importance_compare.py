@@ -26,9 +26,10 @@ from prunelens.analyses.cells import CellCache, data_hashes, environment, model_
 from prunelens.tasks.mcq import evaluate_mcq
 from prunelens.tasks.perplexity import perplexity
 from prunelens.tasks.sources import load_rows
+from prunelens.testing import shared_data_dir
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parent.parent / "shared" / "data"
+DATA = shared_data_dir()
 
 
 def main() -> None:

@@ -23,8 +23,9 @@ from prunelens.prune.recipe import prune_weights
 from prunelens.runs import write_json
 from prunelens.tasks.perplexity import perplexity
 from prunelens.tasks.sources import load_rows
+from prunelens.testing import shared_data_dir
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = shared_data_dir()
 METHODS = ("wanda", "owl", "sparsegpt", "owl-sparsegpt")
 
 

@@ -43,8 +43,9 @@ from prunelens.tasks.mcq import evaluate_mcq
 from prunelens.tasks.perplexity import perplexity
 from prunelens.tasks.registry import check_task
 from prunelens.tasks.sources import load_rows
+from prunelens.testing import shared_data_dir
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = shared_data_dir()
 GRID = ("attn:2", "attn:4", "attn:6", "attn:8", "mlp:1", "mlp:2", "mlp:3", "block:1", "block:2", "block:3",
         "magnitude:0.2", "magnitude:0.3", "wanda:0.3", "wanda:0.5", "wanda:2:4", "sparsegpt:0.5",
         "rtn:w4g128", "rtn:w3g128")

@@ -36,8 +36,9 @@ from prunelens.tasks.mcq import answer_flips, evaluate_mcq
 from prunelens.tasks.perplexity import kl_statistics
 from prunelens.tasks.registry import check_task
 from prunelens.tasks.sources import load_rows
+from prunelens.testing import shared_data_dir
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = shared_data_dir()
 PROXIES = ("flips", "mean_kld", "kld_p50", "kld_p99", "not_same_top", "rms_dp")
 
 

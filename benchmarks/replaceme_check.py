@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from prunelens.testing import shared_data_dir
+
 DEVICE = "cpu"
 
 
@@ -168,41 +170,15 @@ def synthetic(lst: ReferenceLstsq, ill: bool, seed: int = 0) -> None:
 # --- real activations -------------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    pass
-
-
 def capture_span(lm, ids: torch.Tensor, s: int, e: int, batch: int = 4) -> list[dict]:
     """Dense model: the MLP output of block s-1 (hook on ``layer.mlp``, as the reference), the streams
     resid.s (= block s-1's output), mid.s-1 and resid.e (the reference stream at the span's end)."""
-    from prunelens.model.capture import capture
+    from prunelens.model.replay import stream_points
 
-    ad = lm.adapter
-    mlp = lm.model.get_submodule(ad.sublayer_path("mlp", s - 1))
-    got: list[dict] = []
-    cur: dict = {}
-    h1 = mlp.register_forward_hook(lambda m, a, o: cur.__setitem__("mlp", o.detach().clone()))
-
-    def stop(m, a, o):
-        raise _Stop
-
-    h2 = None
-    try:
-        with torch.no_grad(), capture(ad, [f"resid.{s}", f"mid.{s - 1}", f"resid.{e}"]) as store:
-            h2 = ad.layers[e - 1].register_forward_hook(stop)  # after capture's hook on the same layer
-            for b0 in range(0, len(ids), batch):
-                cur = {}
-                try:
-                    lm.model(input_ids=ids[b0:b0 + batch], use_cache=False)
-                except _Stop:
-                    pass
-                cur.update({k: v.clone() for k, v in store.items()})
-                got.append(cur)
-    finally:
-        h1.remove()
-        if h2 is not None:
-            h2.remove()
-    return got
+    mlp = lm.adapter.sublayer_path("mlp", s - 1)
+    names = {mlp: "mlp", 2 * s: f"resid.{s}", 2 * s - 1: f"mid.{s - 1}", 2 * e: f"resid.{e}"}
+    got = stream_points(lm.adapter, ids, batch, [2 * s, 2 * s - 1, 2 * e], [mlp], convert=lambda t: t.detach().clone())
+    return [{names[k]: v for k, v in g.items()} for g in got]
 
 
 def diagnose_cosine(x, y, ref, init) -> tuple[torch.Tensor, dict]:
@@ -317,7 +293,7 @@ def real(lst: ReferenceLstsq, ref: Path, s: int, n_seq: int, seq_len: int, calib
     t_ridge = prunelens_ridge(x, r_pl, DEFAULT_RIDGE)
     t_cos, info = diagnose_cosine(x, y, h_n, t_ridge)
     ev = info.pop("evaluated")
-    print("\n  prunelens cosine_map diagnosis (init = ridge solution, as _fit_span):")
+    print("\n  prunelens cosine_map diagnosis (init = ridge solution, as fit_span):")
     for k, v in info.items():
         print(f"    {k:26s} {v:.6g}" if isinstance(v, float) else f"    {k:26s} {v}")
     print(f"    loss evaluations ({len(ev)}): {' '.join(f'{v:.9f}' for v in ev)}")
@@ -351,7 +327,7 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=20, help="first dropped block (2 are dropped)")
     ap.add_argument("--n-seq", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--calib", default=str(Path(__file__).resolve().parents[2] / "shared/data/c4_calibration.jsonl"))
+    ap.add_argument("--calib", default=str(shared_data_dir() / "c4_calibration.jsonl"))
     ap.add_argument("--skip-real", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

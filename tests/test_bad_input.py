@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny
 
 from prunelens.cli import main
+from prunelens.testing import save_tiny
 
 # placeholders: MODEL (tiny saved model), NAN (the same with a NaN weight), LATIN1 (a file that is
 # not UTF-8), DATA_LATIN1 / DATA_BADGZ (data dirs whose task file is not UTF-8 / not gzip),
@@ -43,6 +43,19 @@ CASES = [
       "--out", "OUT"], "does not exist"),
     (["sweep", "--model", "MODEL", "--method", "attn", "--amounts", "0,40", "--tasks", "fidelity",
       "--out", "OUT"], "cannot drop 40 attn units"),
+    # the checks before any work, on the tiny saved model (4 layers)
+    (["analyze", "--model", "/no/such/model", "--out", "OUT"], "does not exist"),
+    (["analyze", "--model", "not-a-preset", "--out", "OUT"], "unknown model"),
+    (["analyze", "--model", "MODEL", "--drop", "attn:4", "--out", "OUT"], "need 0 <= N < 4"),
+    (["analyze", "--model", "MODEL", "--drop", "attn:-1", "--out", "OUT"], "malformed drop spec"),
+    (["analyze", "--model", "MODEL", "--drop", "attn=4", "--out", "OUT"], "malformed drop spec"),
+    (["analyze", "--model", "MODEL", "--drop", "block@4", "--out", "OUT"], "layers 0..3"),
+    (["analyze", "--model", "MODEL", "--temps", "0", "--out", "OUT"], "temperature must be positive"),
+    (["analyze", "--model", "MODEL", "--temps=-1", "--out", "OUT"], "temperature must be positive"),
+    (["analyze", "--model", "MODEL", "--steps", "0", "--out", "OUT"], "--steps must be at least 1"),
+    (["analyze", "--model", "MODEL", "--prompts", "EMPTY", "--out", "OUT"], "is empty"),
+    (["analyze", "--model", "MODEL", "--prompts", "BADJSON", "--out", "OUT"], "badjson.jsonl:2: not valid JSON"),
+    (["report", "/no/such/run"], "does not exist"),
 ]
 
 
@@ -60,7 +73,10 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> dict[str,
     existing = root / "existing.json"
     existing.write_text("{}")
     (root / "adir").mkdir()
-    return {"MODEL": str(tiny_dir), "NAN": str(save_tiny(root / "nan", nan=True)), "LATIN1": str(latin1),
+    (root / "empty.txt").write_text("\n\n")
+    (root / "badjson.jsonl").write_text('{"prompt": "ok"}\n{"prompt": \n')
+    return {"EMPTY": str(root / "empty.txt"), "BADJSON": str(root / "badjson.jsonl"),
+            "MODEL": str(tiny_dir), "NAN": str(save_tiny(root / "nan", nan=True)), "LATIN1": str(latin1),
             "DATA_LATIN1": str(d1), "DATA_BADGZ": str(d2), "FILE": str(existing), "DIR": str(root / "adir")}
 
 

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from prunelens import DropPlan, PrunelensError, load_model, pruned_view, save_pruned, select_drop
 from prunelens.cli import main
+from prunelens.testing import shared_data_dir
 
 pytestmark = pytest.mark.slow  # the real bundled model
 
@@ -108,38 +109,6 @@ def test_saved_checkpoint_reloads_in_plain_transformers(lm, tmp_path: Path) -> N
         save_pruned(again.adapter, DropPlan(), tmp_path / "again", again.tokenizer)
 
 
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["analyze", "--model", "/no/such/model"], "does not exist"),
-        (["analyze", "--model", "not-a-preset"], "unknown model"),
-        (["analyze", "--drop", "attn:30"], "need 0 <= N < 30"),
-        (["analyze", "--drop", "attn:-1"], "malformed drop spec"),
-        (["analyze", "--drop", "attn=4"], "malformed drop spec"),
-        (["analyze", "--drop", "block@30"], "layers 0..29"),
-        (["analyze", "--temps", "0"], "temperature must be positive"),
-        (["analyze", "--temps=-1"], "temperature must be positive"),
-        (["analyze", "--steps", "0"], "--steps must be at least 1"),
-        (["analyze", "--prompts", "EMPTY"], "is empty"),
-        (["analyze", "--prompts", "BADJSON"], "BADJSON.jsonl:2: not valid JSON"),
-        (["report", "/no/such/run"], "does not exist"),
-    ],
-)
-def test_bad_input_is_one_line_and_leaves_no_run(
-    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    (tmp_path / "EMPTY.txt").write_text("\n\n")
-    (tmp_path / "BADJSON.jsonl").write_text('{"prompt": "ok"}\n{"prompt": \n')
-    files = {"EMPTY": tmp_path / "EMPTY.txt", "BADJSON": tmp_path / "BADJSON.jsonl"}
-    argv = [str(files.get(a, a)) for a in argv]
-    out = tmp_path / "run"
-    rc = main([*argv, "--out", str(out)] if argv[0] == "analyze" else argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2
-    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
-    assert not out.exists()
-
-
 def test_same_seed_gives_identical_results(lm) -> None:
     from prunelens import AnalysisSettings, analyze
 
@@ -158,7 +127,7 @@ def test_same_seed_gives_identical_results(lm) -> None:
     assert run() == run()
 
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = shared_data_dir()
 
 
 def test_analyze_with_a_weight_method_end_to_end(tmp_path: Path) -> None:

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 from prunelens.cli import main
+from prunelens.testing import shared_data_dir
 
 pytestmark = pytest.mark.slow  # the real bundled model
 
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = shared_data_dir()
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is absent")
 
 

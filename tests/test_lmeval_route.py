@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 
+from prunelens.testing import shared_data_dir
+
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'prunelens[lmeval]')")
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = shared_data_dir()
 
 TASK_YAML = """
 task: pl_arc_subset

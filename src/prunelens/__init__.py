@@ -12,11 +12,13 @@ Notebook use::
 """
 
 from prunelens.analyses.sweep import SweepSpec, run_sweep  # noqa: E402
-from prunelens.analyses.trace import AnalysisSettings, analyze  # noqa: E402
+from prunelens.analyses.trace import AnalysisSettings, TraceSettings, analyze  # noqa: E402
+from prunelens.analyses.trace import write_trace_run as write_run  # noqa: E402  (a trace's run directory)
 from prunelens.data import builtin_prompts, read_texts  # noqa: E402
 from prunelens.errors import PrunelensError  # noqa: E402
-from prunelens.model.loading import PRESETS, LoadedModel, load_model  # noqa: E402
-from prunelens.prune.drop import DropPlan, parse_drop, pruned_view, save_pruned  # noqa: E402
+from prunelens.model.loading import PRESETS, LoadedModel  # noqa: E402
+from prunelens.prune.checkpoint import load_model, save_pruned  # noqa: E402
+from prunelens.prune.drop import DropPlan, parse_drop, pruned_view  # noqa: E402
 from prunelens.prune.recipe import (  # noqa: E402
     Calibration,
     Recipe,
@@ -26,12 +28,11 @@ from prunelens.prune.recipe import (  # noqa: E402
     save_modified,
     select_drop,
 )
-from prunelens.runs import write_run  # noqa: E402
 from prunelens.tasks.registry import TaskOptions, run_task  # noqa: E402
 from prunelens.version import __version__  # noqa: E402,F401
 
 __all__ = [
-    "AnalysisSettings", "DropPlan", "LoadedModel", "PRESETS", "PrunelensError", "analyze",
+    "AnalysisSettings", "TraceSettings", "DropPlan", "LoadedModel", "PRESETS", "PrunelensError", "analyze",
     "builtin_prompts", "load_model", "parse_drop", "pruned_view", "read_texts", "save_pruned",
     "select_drop", "write_run", "SweepSpec", "run_sweep", "TaskOptions", "run_task", "Calibration", "Recipe",
     "build", "footprint", "prune_weights", "save_modified",

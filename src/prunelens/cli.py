@@ -12,13 +12,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from prunelens import options
+from prunelens.analyses.base import analyses, for_run
+from prunelens.analyses.reports import combined_report, rebuild_report
+from prunelens.data import calibration_ids
 from prunelens.errors import PrunelensError
+from prunelens.model.loading import PRESETS
+from prunelens.prune.drop import DropPlan
+from prunelens.prune.importance import unit_scores
+from prunelens.prune.recipe import build, save_modified
+from prunelens.runs import check_out_file, read_json, write_json
+from prunelens.tasks.mcq import answer_flips
+from prunelens.tasks.perplexity import kl_statistics, kld_lines, perplexity, read_corpus
+from prunelens.tasks.registry import run_task
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from prunelens.prune.recipe import build, save_modified
-
     recipe, cal = options.recipe(args), options.calibration(args)
     if not recipe:
         raise PrunelensError("nothing to do: give --recipe, --drop, --prune or --quant")
@@ -32,10 +43,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_ppl(args: argparse.Namespace) -> int:
-    from prunelens.prune.recipe import build
-    from prunelens.runs import check_out_file, write_json
-    from prunelens.tasks.perplexity import kl_statistics, kld_lines, perplexity, read_corpus
-
     recipe, cal = options.recipe(args), options.calibration(args)
     text = read_corpus(args.text)
     if args.out:
@@ -65,7 +72,6 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
 def _ppl_of(k: dict, side: str) -> dict:
     """One side's perplexity record from ``kl_statistics`` (the same windows and positions)."""
-    import math
 
     nll = math.log(k[f"ppl_{side}"])
     return {"perplexity": k[f"ppl_{side}"], "nll_per_token": nll, "tokens": int(k["positions"]),
@@ -73,12 +79,6 @@ def _ppl_of(k: dict, side: str) -> dict:
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
-    import torch
-
-    from prunelens.data import calibration_ids
-    from prunelens.prune.drop import DropPlan
-    from prunelens.prune.importance import unit_scores
-
     lm = options.load(args)
     ids = calibration_ids(lm.tokenizer, args.calib, args.calib_samples, args.calib_len, args.seed)
     with torch.inference_mode():
@@ -110,11 +110,6 @@ def _score_line(task: str, dense: Any, mod: Any, label: str) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from prunelens.prune.recipe import build
-    from prunelens.runs import check_out_file, write_json
-    from prunelens.tasks.mcq import answer_flips
-    from prunelens.tasks.registry import run_task
-
     recipe, cal = options.recipe(args), options.calibration(args)
     tasks, opts = options.task_setup(args)
     if args.out:
@@ -143,8 +138,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _print_summary(run_dir: Path) -> None:
     """The summary lines of a saved run, as its command printed them (when the analysis has some)."""
-    from prunelens.analyses.base import for_run
-    from prunelens.runs import read_json
 
     found = for_run(run_dir)
     if found is not None and found.summary is not None and (run_dir / "results.json").is_file():
@@ -152,9 +145,6 @@ def _print_summary(run_dir: Path) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from prunelens.analyses.reports import combined_report, rebuild_other_report
-    from prunelens.runs import check_out_file
-
     dirs = [Path(r) for r in args.runs]
     for d in dirs:
         if not d.is_dir():
@@ -167,7 +157,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     _print_summary(dirs[0])
     out = Path(args.out) if args.out else dirs[0] / "report.html"
     if out == dirs[0] / "report.html":
-        other = rebuild_other_report(dirs[0])
+        other = rebuild_report(dirs[0])
         if other is not None:
             print(other)
             return 0
@@ -176,16 +166,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from prunelens.model.loading import PRESETS
-
     for name, p in PRESETS.items():
         print(f"{name:22s} {p.description}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from prunelens.analyses.base import analyses
-
     ap = argparse.ArgumentParser(prog="prunelens", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
     commands: dict[str, Any] = {}

@@ -24,7 +24,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without lm-eval
     raise ImportError("prunelens.lmeval needs lm-evaluation-harness: pip install lm-eval") from e
 
-from prunelens.model.loading import load_model
+from prunelens.prune.checkpoint import load_model
 from prunelens.prune.recipe import Calibration, Recipe, build
 
 

@@ -13,11 +13,17 @@ import math
 from pathlib import Path
 from typing import Any
 
+from prunelens.data import builtin_prompts, read_texts
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import DEFAULT_MODEL
+from prunelens.model.placement import placement as make
 from prunelens.prune.base import methods_help
+from prunelens.prune.checkpoint import load_model
 from prunelens.prune.importance import METRICS
-from prunelens.prune.recipe import Calibration, Recipe
+from prunelens.prune.recipe import Calibration, Recipe, build
+from prunelens.runs import check_writable_parent
+from prunelens.tasks.config import load_config
+from prunelens.tasks.registry import TaskOptions, check_task, tasks_help
 
 
 def temperatures(s: str) -> tuple[float, ...]:
@@ -60,15 +66,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def placement(args: argparse.Namespace):
-    from prunelens.model.placement import placement as make
-
     return make(getattr(args, "device_map", None), getattr(args, "max_memory", None),
                 getattr(args, "offload_dir", None))
 
 
 def load(args: argparse.Namespace):
-    from prunelens.model.loading import load_model
-
     return load_model(args.model, args.device, args.dtype, args.trust_remote_code, placement=placement(args))
 
 
@@ -139,18 +141,15 @@ def calibration(args: argparse.Namespace) -> Calibration:
 
 def recipe(args: argparse.Namespace) -> Recipe:
     """The command's recipe, each alias checked against its family (before any model loads)."""
-    from prunelens.prune.base import method_for
-
-    specs = []
+    steps = []
     for flag, value in args.recipe:
         r = Recipe.parse(value)
         if flag != "recipe":
-            for s in r.specs:
-                family = method_for(s).family
-                if family != flag:
-                    raise PrunelensError(f"'{s}' is a {family} spec; pass it to --{family} or --recipe")
-        specs.extend(r.specs)
-    return Recipe.parse(specs)
+            for s in r.steps:
+                if s.family != flag:
+                    raise PrunelensError(f"'{s.text}' is a {s.family} spec; pass it to --{s.family} or --recipe")
+        steps.extend(r.steps)
+    return Recipe.parse(steps)  # parsed already: only the duplicates are checked
 
 
 def method_recipes(args: argparse.Namespace) -> dict[str, Recipe]:
@@ -164,14 +163,10 @@ def method_recipes(args: argparse.Namespace) -> dict[str, Recipe]:
 
 
 def build_methods(lm, recipes: dict[str, Recipe], cal: Calibration, progress: bool) -> dict[str, Any]:
-    from prunelens.prune.recipe import build
-
     return {label: build(lm, r, cal, progress=progress) for label, r in recipes.items()}
 
 
 def check_checkpoint_dir(out: Path, overwrite: bool) -> None:
-    from prunelens.runs import check_writable_parent
-
     if out.exists() and not out.is_dir():
         raise PrunelensError(f"'{out}' exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -180,8 +175,6 @@ def check_checkpoint_dir(out: Path, overwrite: bool) -> None:
 
 
 def add_task_args(p: argparse.ArgumentParser) -> None:
-    from prunelens.tasks.registry import tasks_help
-
     p.add_argument("--tasks", required=True, help=f"comma-separated: {tasks_help()}")
     p.add_argument("--data-dir", help="directory with the tasks' local data files (docs/tasks.md); a task whose "
                    "file is not there loads its Hub dataset")
@@ -202,7 +195,6 @@ def add_task_args(p: argparse.ArgumentParser) -> None:
 
 def task_setup(args: argparse.Namespace) -> tuple[list[str], Any]:
     """Task names (each checked, data included) and TaskOptions, before any model is loaded."""
-    from prunelens.tasks.registry import TaskOptions, check_task
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
@@ -228,18 +220,14 @@ def task_setup(args: argparse.Namespace) -> tuple[list[str], Any]:
 
 def prompt_texts(path: str) -> list[str]:
     """Prompts of a .txt/.jsonl file, or of a task config .yaml (each row's zero-shot prompt)."""
-    from prunelens.data import read_texts
 
     if path.lower().endswith((".yaml", ".yml")):
-        from prunelens.tasks.config import load_config
-
         return load_config(path).prompts()
     return read_texts(path, "prompt")
 
 
 def prompts(args: argparse.Namespace) -> list[str]:
     """--prompts (or the built-in set), cut to --limit."""
-    from prunelens.data import builtin_prompts
 
     out = prompt_texts(args.prompts) if args.prompts else builtin_prompts()
     if getattr(args, "limit", None) is not None:

@@ -78,17 +78,14 @@ def default_run_dir(model: str, label: str, root: str | Path = "runs") -> Path:
     return Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{safe}"
 
 
-def write_run(result: dict[str, Any], out_dir: str | Path, overwrite: bool = False,
-              figures: Callable[[dict[str, Any], Path], list[Path]] | None = None,
-              html: Callable[[dict[str, Any], list[Path]], str] | None = None) -> Path:
+def write_run(result: dict[str, Any], out_dir: str | Path, overwrite: bool = False, *,
+              figures: Callable[[dict[str, Any], Path], list[Path]],
+              html: Callable[[dict[str, Any], list[Path]], str]) -> Path:
     """Write results.json, figures/*.png and report.html into ``out_dir`` atomically.
 
-    ``figures``/``html`` render other result types (default: the analysis report).
+    The caller's analysis draws the run: ``figures`` writes the PNGs into the folder it is given
+    and returns them, ``html`` makes the page from the result and those figures.
     """
-    from prunelens.analyses.trace_view import make_figures, render_html
-
-    figures = figures or make_figures
-    html = html or (lambda r, f: render_html([(r, f)]))
     out = Path(out_dir)
     check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from prunelens import options
 from prunelens.analyses.base import Analysis, register
@@ -36,8 +37,15 @@ from prunelens.analyses.predictor import (
     shipped_retention_fits,
 )
 from prunelens.errors import PrunelensError
+from prunelens.model.kvcache import forward_cached
 from prunelens.model.loading import LoadedModel
+from prunelens.model.memory import release_freed_memory
+from prunelens.model.tokens import encode_prompts
+from prunelens.model.views import view_of
 from prunelens.prune.base import methods
+from prunelens.prune.recipe import Calibration, Recipe, build, footprint, split_specs
+from prunelens.render import esc, html_page, html_table, img, subplots
+from prunelens.runs import check_out_dir, default_run_dir
 
 SCHEMA = "prunelens.advise/1"
 USES = ("generative", "multiple-choice", "retrieval")
@@ -104,11 +112,8 @@ def _with_repair(name: str, spec: str, repair: bool) -> list[str]:
 def unrepaired(spec: str) -> str | None:
     """The spec without its repair steps (None when it has none): the row a repaired one is measured
     against."""
-    from prunelens.prune.base import method_for
-    from prunelens.prune.recipe import Recipe
-
-    steps = Recipe.parse(spec).specs
-    kept = [s for s in steps if method_for(s).family != "repair"]
+    steps = Recipe.parse(spec).steps
+    kept = [s.text for s in steps if s.family != "repair"]
     return "+".join(kept) if kept and len(kept) < len(steps) else None
 
 
@@ -141,9 +146,6 @@ def decode_seconds(lm: LoadedModel, modification: Any, prompt_ids: list[int], to
     look faster than the dense one."""
     from transformers import DynamicCache
 
-    from prunelens.model.runtime import forward_cached
-    from prunelens.prune import view_of
-
     ids = torch.tensor([prompt_ids], device=lm.device)
     best = float("inf")
     with view_of(lm.adapter, modification):
@@ -172,12 +174,6 @@ def advise(lm: LoadedModel, budget: float, use: str, prompts: Sequence[str],
            steps: int = 32, seed: int = 0, progress: bool = True, repair: bool = True) -> dict[str, Any]:
     """Every candidate built, scored and timed; rows ranked by predicted risk for ``use``; repaired
     rows carry their gain over the unrepaired pruning."""
-    from tqdm.auto import tqdm
-
-    from prunelens.model.memory import release_freed_memory
-    from prunelens.model.runtime import encode_prompts
-    from prunelens.prune.recipe import Calibration, build, footprint
-
     if use not in USES:
         raise PrunelensError(f"unknown use '{use}'; choose {', '.join(USES)}")
     specs = list(specs) if specs else candidates(lm, budget, repair)
@@ -260,8 +256,6 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 def advise_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
     """Predicted quality (with its interval) against memory saved and against measured speed-up, the
     Pareto front of each marked: the trade-off the recommendation is taken from, in one picture."""
-    from prunelens.render import subplots
-
     rows = result["rows"]
     if not rows:
         return []
@@ -292,8 +286,6 @@ def advise_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
 
 
 def advise_html(result: dict[str, Any], figs: list[Path]) -> str:
-    from prunelens.render import esc, html_page, html_table, img
-
     fit = result.get("retention_fit")
     keys = ("spec", "retention", "risk", "saved", "decode ×", "tf KL", "tf top-1", "agree run", "repair gain")
 
@@ -357,9 +349,6 @@ def _arguments(ad: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from prunelens.prune.recipe import Calibration, Recipe, split_specs
-    from prunelens.runs import check_out_dir, default_run_dir
-
     budget = parse_budget(args.budget)
     specs = split_specs(args.candidates) if args.candidates else None
     for s in specs or ():

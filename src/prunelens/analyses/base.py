@@ -5,6 +5,9 @@ which checks the arguments, loads the model, computes, writes the run directory 
 summary lines), and its view (``figures`` and ``html`` re-drawn from a saved result, so
 ``prunelens report`` can rebuild any run). A run directory is recognised by the ``schema`` its
 results.json records, or by a ``marker`` file for directory-level runs (a sweep's sweep.json).
+
+Adding an analysis is one module in this package that calls ``register`` (it is found by
+discovery) plus its test; the table below only fixes the order in which the CLI lists the built-in ones.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prunelens.runs import read_json
+from prunelens.registry import Registry
+from prunelens.runs import read_json, write_run
 
 Result = dict[str, Any]
 
@@ -31,13 +35,13 @@ class Analysis:
     html: Callable[[Result, list[Path]], str] | None = None
     summary: Callable[[Result], list[str]] | None = None  # the lines the command prints, from a saved result
     marker: str | None = None  # a file naming a run directory of this analysis (sweep.json)
-    rebuild: Callable[[Path], str] | None = None  # the page of a directory-level run, from its files
+    rebuild: Callable[[Path], str] | None = None  # the page of a saved run, from its files
+    combine: Callable[[list[Path]], str] | None = None  # one page for several of its runs side by side
 
     def finish(self, result: Result, out: Path, overwrite: bool) -> int:
         """The end every run shares: write the run directory with this analysis' view, print its
         summary lines and where the report is."""
-        from prunelens.runs import write_run
-
+        assert self.html is not None, f"analysis {self.name!r} has no page to write"
         write_run(result, out, overwrite=overwrite, figures=self.figures or (lambda r, d: []), html=self.html)
         if self.summary is not None:
             print("\n".join(self.summary(result)))
@@ -54,26 +58,24 @@ class Analysis:
         return self.html(result, figs)
 
 
-REGISTRY: dict[str, Analysis] = {}
-
-# the modules that register the built-in analyses, in the order the CLI lists them
+# the built-in analyses in the order the CLI lists them; each module registers itself on import
 BUILTIN = ("trace", "counterfactual", "compare", "subspace", "paired", "sweep", "families", "advise")
+_COMMANDS = {"trace": "analyze"}  # module -> subcommand, where they differ
+
+ANALYSES: Registry[Analysis] = Registry(
+    "analysis", lazy={_COMMANDS.get(m, m): f"prunelens.analyses.{m}:ANALYSIS" for m in BUILTIN},
+    discover=("prunelens.analyses",))
 
 
 def register(analysis: Analysis) -> Analysis:
-    if analysis.name in REGISTRY:
-        raise ValueError(f"analysis {analysis.name!r} is registered twice")
-    REGISTRY[analysis.name] = analysis
+    """Add an analysis under its subcommand name (a second one of the same name is an error)."""
+    ANALYSES.register(analysis.name, analysis)
     return analysis
 
 
 def analyses() -> list[Analysis]:
-    import importlib
-
-    for mod in BUILTIN:
-        importlib.import_module(f"prunelens.analyses.{mod}")
-    order = {f"prunelens.analyses.{m}": i for i, m in enumerate(BUILTIN)}
-    return sorted(REGISTRY.values(), key=lambda a: order.get(a.run.__module__, len(order)))
+    """Every analysis, built-in ones first in the CLI's order, then any others in discovery order."""
+    return ANALYSES.values()
 
 
 def for_run(run_dir: str | Path) -> Analysis | None:

@@ -26,14 +26,13 @@ from typing import Any
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import file_sha256
 from prunelens.runs import check_writable_parent, is_write_temp, json_safe, read_json, write_json
+from prunelens.version import __version__
 
 
 def environment(device: str | None = None, dtype: str | None = None) -> dict[str, Any]:
     """Versions and numerics that change results: prunelens, torch, transformers, device, dtype."""
     import torch
     import transformers
-
-    from prunelens.version import __version__
 
     return {"prunelens": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "device": device, "dtype": dtype}

@@ -21,20 +21,19 @@ import numpy as np
 from prunelens import options
 from prunelens.analyses.base import Analysis, register
 from prunelens.analyses.cells import CellCache, data_hashes, environment, model_fingerprint
-from prunelens.analyses.trace import AnalysisSettings, analyze
-from prunelens.analyses.trace_view import load_result
+from prunelens.analyses.trace import TraceSettings, analyze, load_result, write_trace_run
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
 from prunelens.model.memory import release_freed_memory
-from prunelens.prune.recipe import Calibration
+from prunelens.prune.recipe import Calibration, Recipe, build, footprint
 from prunelens.render import esc, html_page, img, subplots
-from prunelens.runs import atomic_write_text, read_json, write_json, write_run
+from prunelens.runs import atomic_write_text, read_json, write_json
 
 SCHEMA = "prunelens.compare/1"
 CURVES = ("kl", "cos_p", "top1_agree")
 
 
-def identity(settings: AnalysisSettings, prompts: Sequence[str], calibration: Calibration,
+def identity(settings: TraceSettings, prompts: Sequence[str], calibration: Calibration,
              model: str, device: str | None = None, dtype: str | None = None) -> dict[str, Any]:
     """Everything that changes a compared method's numbers (the cell cache's identity)."""
     digest = hashlib.sha256("\x00".join(prompts).encode()).hexdigest()[:16]
@@ -47,13 +46,11 @@ def identity(settings: AnalysisSettings, prompts: Sequence[str], calibration: Ca
             "environment": environment(device, dtype), "model_files": model_fingerprint(model)}
 
 
-def compare_methods(lm: LoadedModel, specs: Sequence[str], prompts: Sequence[str], settings: AnalysisSettings,
+def compare_methods(lm: LoadedModel, specs: Sequence[str], prompts: Sequence[str], settings: TraceSettings,
                     out_dir: str | Path, calibration: Calibration | None = None, progress: bool = True,
                     device: str | None = None, dtype: str | None = None) -> dict[str, Any]:
     """Analyse each recipe on the same prompts; each finished method is a cached run directory, so
     a rerun with more methods analyses only the new ones."""
-    from prunelens.prune.recipe import Recipe, build, footprint
-
     if not specs:
         raise PrunelensError("give at least one --method")
     recipes = {s: Recipe.parse(s) for s in specs}
@@ -73,7 +70,7 @@ def compare_methods(lm: LoadedModel, specs: Sequence[str], prompts: Sequence[str
             mod = build(lm, recipe, cal, progress=progress)
             result = analyze(lm, mod, prompts, settings, progress=progress)
             result["footprint"] = footprint(lm, mod)
-            write_run(result, run_dir, overwrite=True)
+            write_trace_run(result, run_dir, overwrite=True)
             del mod
             release_freed_memory()
         t = f"{settings.temperatures[0]:g}"
@@ -169,7 +166,7 @@ def _arguments(co: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     options.method_recipes(args)
-    settings = AnalysisSettings(temperatures=options.temperatures(args.temps),
+    settings = TraceSettings(temperatures=options.temperatures(args.temps),
                                 max_new_tokens=options.positive("--steps", args.steps),
                                 batch_size=options.positive("--batch-size", args.batch_size),
                                 chat_template=not args.no_chat_template, seed=args.seed)
@@ -200,7 +197,7 @@ def _rebuild(run_dir: Path) -> str:
     return compare_html(combined, compare_figure(combined, run_dir / "figures"))
 
 
-register(Analysis("compare", "step-wise KL / cos(p) of several pruning and quantisation methods on the same "
-                  "prompts, in one figure (resumable)", _arguments, _run, schema=SCHEMA,
-                  figures=compare_figure, html=compare_html, summary=summary_lines, marker="compare.json",
-                  rebuild=_rebuild))
+ANALYSIS = register(Analysis(
+    "compare", "step-wise KL / cos(p) of several pruning and quantisation methods on the same prompts, in one "
+    "figure (resumable)", _arguments, _run, schema=SCHEMA, figures=compare_figure, html=compare_html,
+    summary=summary_lines, marker="compare.json", rebuild=_rebuild))

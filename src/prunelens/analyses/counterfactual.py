@@ -18,9 +18,8 @@ orthogonal deviation, which is why z stays nearly parallel.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,13 +33,16 @@ from prunelens.analyses.base import Analysis, register
 from prunelens.errors import PrunelensError
 from prunelens.metrics import hidden_metrics, logit_metrics
 from prunelens.model.arch import Adapter
-from prunelens.model.capture import capture, first_output
+from prunelens.model.capture import capture
 from prunelens.model.loading import LoadedModel
-from prunelens.model.runtime import encode_prompts, left_pad, pad_id
+from prunelens.model.replay import recording_blocks, run_block, run_from
+from prunelens.model.tokens import encode_prompts, left_pad, pad_id
 from prunelens.prune import Modification, view_of
 from prunelens.prune.drop import KINDS, DropPlan
-from prunelens.prune.weights import WeightPatch
+from prunelens.prune.recipe import Calibration, prune_weights
+from prunelens.prune.weights import WeightPatch, parse_weight_method
 from prunelens.render import esc, html_page, img, subplots
+from prunelens.runs import check_out_dir, default_run_dir
 
 SCHEMA = "prunelens.counterfactual/1"
 
@@ -71,34 +73,6 @@ def single_layer(kind: str, i: int, adapter: Adapter, patch: WeightPatch | None 
     return DropPlan(**{kind: (i,)})
 
 
-@contextlib.contextmanager
-def record_block_calls(adapter: Adapter) -> Iterator[tuple[list[torch.Tensor], list[dict[str, Any]]]]:
-    """Record each block's input hidden states and keyword arguments during the next forward."""
-    inputs: list[torch.Tensor] = [None] * adapter.n_layers  # type: ignore[list-item]
-    kwargs: list[dict[str, Any]] = [{} for _ in range(adapter.n_layers)]
-
-    def hook(i: int):
-        def fn(module, args, kw):
-            inputs[i] = args[0] if args else kw["hidden_states"]
-            kwargs[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
-        return fn
-
-    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True)
-               for i, layer in enumerate(adapter.layers)]
-    try:
-        yield inputs, kwargs
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _run_from(adapter: Adapter, start: int, x: torch.Tensor,
-              kwargs: Sequence[dict[str, Any]]) -> torch.Tensor:
-    for j in range(start, adapter.n_layers):
-        x = first_output(adapter.layers[j](x, **kwargs[j]))
-    return x
-
-
 def _means(m: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v.mean()) for k, v in m.items()}
 
@@ -108,7 +82,7 @@ def counterfactual(lm: LoadedModel, prompts: Sequence[str], settings: Counterfac
                    patch: WeightPatch | None = None, progress: bool = True) -> dict[str, Any]:
     """Per layer and kind: similarity of h, z, p when only that layer is replaced."""
     settings = settings or CounterfactualSettings()
-    adapter, model = lm.adapter, lm.model
+    adapter = lm.adapter
     extra = ("weights",) if patch is not None and "weights" not in settings.kinds else ()
     kinds = tuple(settings.kinds) + extra
     for k in kinds:
@@ -126,16 +100,9 @@ def counterfactual(lm: LoadedModel, prompts: Sequence[str], settings: Counterfac
                desc="counterfactual", unit="layer", disable=not progress)
     for b0 in range(0, len(encoded), settings.batch_size):
         ids, mask = left_pad(encoded[b0:b0 + settings.batch_size], pad_id(lm), lm.device)
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
         valid = mask.bool()
         t0 = time.perf_counter()
-        with record_block_calls(adapter) as (inputs, kwargs), capture(adapter, [f"resid.{L}"]) as store:
-            model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                  logits_to_keep=1)
-        x_last = store[f"resid.{L}"]  # dense output of the last block
-        dense_out = [*inputs[1:], x_last]  # dense output of block i = input of block i + 1
-        h_d = adapter.final_norm(x_last)[valid]
-        z_d = adapter.final_logits(x_last)[valid].float()
+        inputs, kwargs, dense_out, h_d, z_d = _dense_pass(lm, ids, mask)
         t_dense += time.perf_counter() - t0
         w = int(valid.sum())
         n_tok += w
@@ -144,32 +111,16 @@ def counterfactual(lm: LoadedModel, prompts: Sequence[str], settings: Counterfac
             for i in range(L):
                 mod = single_layer(kind, i, adapter, patch)
                 with view_of(adapter, mod):
-                    out_i = first_output(adapter.layers[i](inputs[i], **kwargs[i]))
-                x = _run_from(adapter, i + 1, out_i, kwargs)
-                local = hidden_metrics(dense_out[i][valid], out_i[valid])
-                hm = hidden_metrics(h_d, adapter.final_norm(x)[valid])
-                z_p = adapter.final_logits(x)[valid].float()
-                zm = hidden_metrics(z_d, z_p)
-                pm = logit_metrics(z_d, z_p, (T,), 10, light=True, chunk_rows=64)
-                row = {"cos_local": local["cos"], "orth_frac_local": local["orth_frac"],
-                       "cos_h": hm["cos"], "orth_frac_h": hm["orth_frac"], "rel_l2_h": hm["rel_l2"],
-                       "cos_z": zm["cos"], "orth_frac_z": zm["orth_frac"], "rel_l2_z": zm["rel_l2"],
-                       "cos_zc": pm["cos_zc"], "cos_p": pm[f"cos_p@{T:g}"], "kl": pm[f"kl@{T:g}"],
-                       "top1_agree": pm["top1_agree"]}
+                    out_i = run_block(adapter.layers[i], inputs[i], kwargs[i])
+                x = run_from(adapter, i + 1, out_i, kwargs)
+                row = _layer_row(adapter, dense_out[i][valid], out_i[valid], h_d, z_d, x, valid, T)
                 acc = sums[kind][i]
                 for k, v in row.items():
                     acc[k] = acc.get(k, 0.0) + float(v.sum())
                 bar.update(1)
         t_cf += time.perf_counter() - t0
     bar.close()
-    per_kind: dict[str, dict[str, list[float]]] = {}
-    for kind in kinds:
-        rows = [{k: v / n_tok for k, v in acc.items()} for acc in sums[kind]]
-        cols = {k: [r[k] for r in rows] for k in rows[0]}
-        cols["layer"] = list(range(L))
-        cols["head_attenuation"] = [z / h if h > 0 else None for z, h in
-                                    zip(cols["orth_frac_z"], cols["orth_frac_h"], strict=True)]
-        per_kind[kind] = cols
+    per_kind = {kind: _columns(sums[kind], n_tok) for kind in kinds}
     per_layer = len(kinds) * L * t_dense
     return {
         "schema": SCHEMA,
@@ -182,6 +133,49 @@ def counterfactual(lm: LoadedModel, prompts: Sequence[str], settings: Counterfac
                    # vs. recomputing the whole model for every (kind, layer): the prefix-reuse gain
                    "ratio_to_dense_forward_per_layer": t_cf / per_layer if per_layer else None},
     }
+
+
+def _dense_pass(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> tuple[Any, ...]:
+    """One dense forward of a batch: every block's input and keyword arguments, every block's output,
+    and h and z of the valid tokens."""
+    adapter, L = lm.adapter, lm.adapter.n_layers
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    valid = mask.bool()
+    with recording_blocks(adapter, inputs_of=range(L)) as calls, capture(adapter, [f"resid.{L}"]) as store:
+        lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1)
+    inputs, kwargs = [c[-1] for c in calls.inputs], [c[-1] for c in calls.kwargs]
+    x_last = store[f"resid.{L}"]  # dense output of the last block
+    dense_out = [*inputs[1:], x_last]  # dense output of block i = input of block i + 1
+    h_d = adapter.final_norm(x_last)[valid]
+    z_d = adapter.final_logits(x_last)[valid].float()
+    return inputs, kwargs, dense_out, h_d, z_d
+
+
+def _layer_row(adapter: Adapter, dense_local: torch.Tensor, local: torch.Tensor, h_d: torch.Tensor,
+               z_d: torch.Tensor, x: torch.Tensor, valid: torch.Tensor, T: float) -> dict[str, torch.Tensor]:
+    """One replaced layer against the dense model, per valid token: right after the layer (``local``),
+    at the final norm (h), after the LM head (z) and in p; ``x`` is the last block's output (the head
+    runs on the whole padded batch, then the padding is dropped, as the dense side did)."""
+    lm_ = hidden_metrics(dense_local, local)
+    hm = hidden_metrics(h_d, adapter.final_norm(x)[valid])
+    z_p = adapter.final_logits(x)[valid].float()
+    zm = hidden_metrics(z_d, z_p)
+    pm = logit_metrics(z_d, z_p, (T,), 10, light=True, chunk_rows=64)
+    return {"cos_local": lm_["cos"], "orth_frac_local": lm_["orth_frac"],
+            "cos_h": hm["cos"], "orth_frac_h": hm["orth_frac"], "rel_l2_h": hm["rel_l2"],
+            "cos_z": zm["cos"], "orth_frac_z": zm["orth_frac"], "rel_l2_z": zm["rel_l2"],
+            "cos_zc": pm["cos_zc"], "cos_p": pm[f"cos_p@{T:g}"], "kl": pm[f"kl@{T:g}"],
+            "top1_agree": pm["top1_agree"]}
+
+
+def _columns(sums: list[dict[str, float]], n_tok: int) -> dict[str, list[Any]]:
+    """Per-layer token sums of one kind as per-layer means, one column per metric."""
+    rows = [{k: v / n_tok for k, v in acc.items()} for acc in sums]
+    cols: dict[str, list[Any]] = {k: [r[k] for r in rows] for k in rows[0]}
+    cols["layer"] = list(range(len(sums)))
+    cols["head_attenuation"] = [z / h if h > 0 else None for z, h in
+                                zip(cols["orth_frac_z"], cols["orth_frac_h"], strict=True)]
+    return cols
 
 
 def _summary(per_kind: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
@@ -316,10 +310,6 @@ def _arguments(cf: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from prunelens.prune.recipe import Calibration, prune_weights
-    from prunelens.prune.weights import parse_weight_method
-    from prunelens.runs import check_out_dir, default_run_dir
-
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     for k in kinds:
         if k not in KINDS:
@@ -327,8 +317,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.prune and args.quant:
         raise PrunelensError("use either --prune or --quant, not both")
     spec = args.prune or args.quant
-    if spec:
-        parse_weight_method(spec)
+    method = parse_weight_method(spec) if spec else None  # parsed once, before the model loads
     options.temperatures(str(args.temperature))
     prompts = options.prompts(args)
     options.positive("--batch-size", args.batch_size)
@@ -338,7 +327,7 @@ def _run(args: argparse.Namespace) -> int:
     if out is not None:
         check_out_dir(out, args.overwrite)
     lm = options.load(args)
-    patch = prune_weights(lm, spec, cal, progress=not args.quiet) if spec else None
+    patch = prune_weights(lm, method, cal, progress=not args.quiet) if method else None
     settings = CounterfactualSettings(kinds=kinds, temperature=args.temperature, batch_size=args.batch_size,
                                       chat_template=not args.no_chat_template)
     result = counterfactual(lm, prompts, settings, patch, progress=not args.quiet)

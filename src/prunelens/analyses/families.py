@@ -294,12 +294,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     result = families_result([Path(d) for d in args.sweeps])
     out = Path(args.out)
-    code = FAMILIES.finish(result, out, overwrite=args.overwrite)
+    code = ANALYSIS.finish(result, out, overwrite=args.overwrite)
     atomic_write_text(out / "table1.md", markdown_table1(result["table1"]))
     atomic_write_text(out / "tasks.md", markdown_tasks([Change(**c) for c in result["changes"]]))
     return code
 
 
-FAMILIES = register(Analysis("families", "the paper's Figure 1 / Table 1 across pruning families, from saved "
+ANALYSIS = register(Analysis("families", "the paper's Figure 1 / Table 1 across pruning families, from saved "
                              "sweeps (nothing recomputed)", _arguments, _run, schema=SCHEMA, figures=figure,
                              html=html, summary=summary))

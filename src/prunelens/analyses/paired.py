@@ -33,10 +33,14 @@ from prunelens import options
 from prunelens.analyses.base import Analysis, register
 from prunelens.analyses.subspace import chance_agreement, choice_shares
 from prunelens.errors import PrunelensError
+from prunelens.model.generation import generate, next_token_logits
 from prunelens.model.loading import LoadedModel
-from prunelens.model.runtime import generate, next_token_logits, render
-from prunelens.render import subplots
+from prunelens.model.tokens import render
+from prunelens.render import esc, html_page, html_table, img, subplots
+from prunelens.runs import check_out_dir, default_run_dir
+from prunelens.tasks.config import config_task
 from prunelens.tasks.data import sample_indices
+from prunelens.tasks.gsm8k import evaluate_gsm8k, normalise
 from prunelens.tasks.loglik import Request, score_requests
 from prunelens.tasks.paired import LETTERS, gsm8k_options, match_choice, paired_gap
 from prunelens.tasks.sources import Rows, load_rows
@@ -64,8 +68,6 @@ class PairedQuestion:
 def check_paired_task(task: str, data_dir: str | Path | None) -> Rows:
     """The task's rows (a local file or the Hub), or a one-line error naming what is wrong."""
     if task.lower().endswith((".yaml", ".yml")):
-        from prunelens.tasks.config import config_task
-
         cfg = config_task(task).config
         if cfg.kind != "multiple_choice":
             raise PrunelensError(f"paired task '{task}' is a {cfg.kind} config; paired needs multiple-choice data")
@@ -83,8 +85,6 @@ def paired_questions(task: str, data_dir: str | Path | None, limit: int | None, 
     data = check_paired_task(task, data_dir)
     rows, path = data.rows, data.origin
     if task == "gsm8k":
-        from prunelens.tasks.gsm8k import normalise
-
         if shots < 0 or shots >= len(rows):
             raise PrunelensError(f"--shots must be in 0..{len(rows) - 1}, got {shots}")
         pool = list(range(shots, len(rows)))
@@ -158,8 +158,6 @@ class PairedSetup:
 
 def _gsm8k_generative(lm: LoadedModel, s: PairedSetup, qs: Sequence[PairedQuestion],
                       modification: Any) -> list[float]:
-    from prunelens.tasks.gsm8k import evaluate_gsm8k
-
     res = evaluate_gsm8k(lm, s.data_dir, s.limit, s.seed, s.shots, modification, s.batch_size, 256,
                          s.chat_template, s.progress)
     by_index = {x["index"]: x for x in res.samples}
@@ -304,8 +302,6 @@ def paired_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
 
 
 def paired_html(result: dict[str, Any], figs: list[Path]) -> str:
-    from prunelens.render import esc, html_page, html_table, img
-
     keys = ("method", "mcq_pruned", "gen_pruned", "mcq_drop", "gen_drop", "gap", "ci_low", "ci_high",
             "mcq_agree", "mcq_chance_agree", "gen_answered")
 
@@ -350,8 +346,6 @@ def _arguments(pa: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from prunelens.runs import check_out_dir, default_run_dir
-
     recipes = options.method_recipes(args)
     check_paired_task(args.task, args.data_dir)
     options.positive("--limit", args.limit)

@@ -22,9 +22,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
-from prunelens.analyses.trace import AnalysisSettings, analyze, summarize
+from prunelens.analyses.trace import TraceSettings, analyze, summarize
 from prunelens.errors import PrunelensError
+from prunelens.metrics import spearman as rank_spearman
 from prunelens.model.loading import LoadedModel
 
 ANSWER_TOKENS = 32
@@ -73,7 +75,7 @@ def collapse_signals(lm: LoadedModel, modification: Any, prompts: Sequence[str],
                      batch_size: int = 8, chat_template: bool = True, progress: bool = False
                      ) -> tuple[dict[str, float], dict[str, float]]:
     """Signals and predicted risks of one modification on a small prompt set (no labels needed)."""
-    settings = AnalysisSettings(max_new_tokens=steps, batch_size=batch_size, chat_template=chat_template,
+    settings = TraceSettings(max_new_tokens=steps, batch_size=batch_size, chat_template=chat_template,
                                 logit_lens=False)
     sig = signals_from_result(analyze(lm, modification, prompts, settings, progress=progress))
     return sig, risk(sig)
@@ -84,13 +86,9 @@ def collapse_signals(lm: LoadedModel, modification: Any, prompts: Sequence[str],
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's rank correlation of two equal-length series (nan when either is constant)."""
-    import torch
-
-    from prunelens.metrics import spearman as _spearman
-
     if len(x) != len(y) or len(x) < 3:
         raise PrunelensError("Spearman's correlation needs the same 3 or more points on both sides")
-    return _spearman(torch.tensor(list(x), dtype=torch.float64), torch.tensor(list(y), dtype=torch.float64))
+    return rank_spearman(torch.tensor(list(x), dtype=torch.float64), torch.tensor(list(y), dtype=torch.float64))
 
 
 def _features(rows: Sequence[Mapping[str, float]], names: Sequence[str]) -> np.ndarray:

@@ -18,12 +18,14 @@ from prunelens import options
 from prunelens.analyses.base import Analysis, register
 from prunelens.errors import PrunelensError
 from prunelens.metrics import logit_metrics, subspace_metrics
+from prunelens.model.generation import next_token_logits
 from prunelens.model.loading import LoadedModel
-from prunelens.model.runtime import next_token_logits
-from prunelens.render import subplots
+from prunelens.render import esc, html_page, html_table, img, subplots
+from prunelens.runs import check_out_dir, default_run_dir
 from prunelens.tasks.data import sample_indices
 from prunelens.tasks.loglik import split_tokens
 from prunelens.tasks.mcq import MCQ_TASKS
+from prunelens.tasks.registry import check_task
 
 SCHEMA = "prunelens.subspace/1"
 
@@ -136,8 +138,6 @@ def subspace_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
 
 
 def subspace_html(result: dict[str, Any], figs: list[Path]) -> str:
-    from prunelens.render import esc, html_page, html_table, img
-
     keys = ("method", "full_kl", "sub_kl", "full_cos_p", "sub_cos", "full_top1_agree", "sub_agree",
             "chance_agree", "mass_dense", "mass_pruned", "acc_dense", "acc_pruned")
     def cell(v: Any) -> str:
@@ -169,9 +169,6 @@ def _arguments(ss: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from prunelens.runs import check_out_dir, default_run_dir
-    from prunelens.tasks.registry import check_task
-
     recipes = options.method_recipes(args)
     options.positive("--limit", args.limit)
     options.positive("--batch-size", args.batch_size)

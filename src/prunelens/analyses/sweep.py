@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import functools
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +26,26 @@ from prunelens.analyses.cells import (
     CellCache,
     claim,
     claimed_by,
-    data_hashes,
-    environment,
     first_difference,
     in_shard,
-    model_fingerprint,
     parse_shard,
     release,
 )
+from prunelens.analyses.sweep_data import (  # noqa: F401  (SweepSpec, SweepResult, is_dense: public here too)
+    SCHEMA,
+    SweepResult,
+    SweepSpec,
+    cell_path,
+    is_dense,
+    load_cell,
+    relative_drop,
+)
+from prunelens.analyses.sweep_view import markdown_table, markdown_table1, reading, write_outputs
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
-from prunelens.prune.base import REGISTRY, Method, methods
+from prunelens.prune.base import METHODS, Method, methods
+from prunelens.prune.checkpoint import load_model
+from prunelens.prune.recipe import Calibration, Recipe, build, footprint
 from prunelens.runs import read_json, write_json
 from prunelens.tasks.registry import TaskOptions, check_task, run_task, task_kind
 
@@ -47,14 +55,11 @@ ALIASES = {"attn-drop": "attn", "mlp-drop": "mlp", "block-drop": "block"}
 
 def sweep_method(name: str) -> Method:
     """The registered method a sweep's ``--method`` names (``attn``, ``wanda``, ``gptq``, …)."""
-    found = REGISTRY.get(ALIASES.get(name, name)) if methods() else None
-    if found is None:
+    key = ALIASES.get(name, name)
+    if key not in METHODS:
         names = [*ALIASES, *(m.name for m in methods())]
         raise PrunelensError(f"unknown sweep method '{name}'; methods: {', '.join(names)}")
-    return found
-
-
-SCHEMA = "prunelens.sweep/1"
+    return METHODS[key]
 
 
 def parse_amounts(method: str, text: str) -> list[str]:
@@ -75,74 +80,30 @@ def parse_amounts(method: str, text: str) -> list[str]:
     return amounts
 
 
-def is_dense(amount: str) -> bool:
-    """Amount 0 (or ``dense``) is the unpruned model, whatever the method."""
-    return amount in ("0", "dense")
-
-
-def spec_for(method: str, amount: str) -> str | None:
-    """The recipe spec of one amount (None for dense), as the method itself maps amounts; steps
-    after a ``+`` are appended as they are (the recipe checks them)."""
+@functools.cache
+def recipe_for(method: str, amount: str) -> Recipe | None:
+    """The recipe of one amount (None for dense), as the method itself maps amounts; steps after a
+    ``+`` are appended as they are (the recipe checks them). Parsed once per amount: checking the
+    amounts, checking them against the model and building each cell reuse it."""
     if is_dense(amount):
         return None
     head, plus, steps = amount.partition("+")
-    spec = sweep_method(method).amount_spec(head.strip())
+    step = sweep_method(method).amount_step(head.strip())
     if not plus:
-        return spec
+        return Recipe((step,))
     if not steps.strip():
         raise PrunelensError(f"amount '{amount}' has no recipe step after '+'")
-    from prunelens.prune.recipe import Recipe
-
-    return "+".join(Recipe.parse(spec, steps).specs)
+    return Recipe.parse(step, steps)
 
 
-@dataclass(frozen=True)
-class SweepSpec:
-    """What a sweep measures; everything but ``amounts`` and ``tasks`` must match to resume."""
-
-    model: str
-    method: str
-    amounts: tuple[str, ...]
-    tasks: tuple[str, ...]
-    data_dir: str | None
-    options: TaskOptions = TaskOptions()
-    importance: str = "cosine"
-    calib: str | None = None
-    calib_samples: int | None = None
-    calib_len: int | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
-
-    def identity(self) -> dict[str, Any]:
-        """Everything but amounts, tasks and where the data lies; the data's content is checked per
-        task (``data`` in the manifest), so tasks can be added on resume."""
-        d = asdict(self)
-        for k in ("amounts", "tasks", "data_dir"):
-            d.pop(k)
-        d["environment"] = environment(self.device, self.dtype)
-        d["model_files"] = model_fingerprint(self.model)
-        d["calib_files"] = data_hashes([self.calib] if self.calib else [])
-        d["options"].pop("progress")
-        d["options"]["prompts"] = list(d["options"]["prompts"]) if d["options"]["prompts"] else None
-        return d
-
-
-@dataclass
-class SweepResult:
-    spec: SweepSpec
-    cells: list[dict[str, Any]] = field(default_factory=list)
-    out_dir: Path | None = None
-
-
-def cell_path(out: Path, amount: str, task: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{amount}--{task}")
-    return out / "cells" / f"{safe}.json"
+def spec_for(method: str, amount: str) -> str | None:
+    """The recipe spec of one amount as text (None for dense)."""
+    recipe = recipe_for(method, amount)
+    return None if recipe is None else recipe.label()
 
 
 def _build(lm: LoadedModel, spec: SweepSpec, amount: str, progress: bool):
-    from prunelens.prune.recipe import Calibration, build
-
-    s = spec_for(spec.method, amount)
+    s = recipe_for(spec.method, amount)
     if s is None:
         return None
     cal = Calibration(spec.calib, spec.calib_samples, spec.calib_len, spec.options.seed, spec.importance)
@@ -158,18 +119,38 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, lm: LoadedModel | Callable[[
     are skipped, so concurrent workers on one directory compute every cell once. The outputs then
     cover the cells finished so far; ``prunelens report DIR`` rebuilds them once all are in.
     """
-    from prunelens.analyses.sweep_view import write_outputs
-    from prunelens.model.loading import load_model
-    from prunelens.prune.recipe import Recipe, footprint
-
     out = Path(out_dir)
     for a in spec.amounts:
         spec_for(spec.method, a)
     if overwrite and shard is not None:
         raise PrunelensError("--overwrite with --shard would let one shard delete the others' cells; "
                              "clear the directory once before starting the shards")
-    # data content per task (file name or Hub dataset -> hash): a resumed sweep may add tasks, never
-    # swap a task's data
+    cache, data, old = _open_cache(spec, out, overwrite)
+    grid = [(a, t) for a in spec.amounts for t in spec.tasks]
+    mine = [c for i, c in enumerate(grid) if in_shard(i, shard)]
+    todo = [(a, t) for a, t in mine if overwrite or not cell_path(out, a, t).is_file()]
+    if todo:  # the model loads, and every amount fits it, before anything is written
+        lm = _load_checked(spec, lm)
+    cache.open(schema=SCHEMA, model=spec.model, method=spec.method, amounts=list(spec.amounts),
+               tasks=list(spec.tasks), data_dir=spec.data_dir, data={**old, **data})
+    skipped = _compute_cells(spec, out, lm, grid, len(mine), todo, progress)
+    cells = [load_cell(cell_path(out, a, t)) for a, t in grid if cell_path(out, a, t).is_file()]
+    result = SweepResult(spec, cells, out)
+    if cells:
+        write_outputs(result)
+    if progress and len(cells) < len(grid):
+        held = [f"{a}/{t} ({w})" for a, t in grid if (w := claimed_by(cell_path(out, a, t)))]
+        print(f"sweep: {len(cells)} of {len(grid)} cells finished"
+              + (f"; held by other workers: {', '.join(held)}" if held else "")
+              + (f"; skipped (claimed elsewhere): {', '.join(skipped)}" if skipped else "")
+              + f"; `prunelens report {out}` rebuilds the outputs once all are in", file=sys.stderr)
+    return result
+
+
+def _open_cache(spec: SweepSpec, out: Path, overwrite: bool) -> tuple[CellCache, dict[str, Any], dict[str, Any]]:
+    """The sweep's cell cache, each task's data hashes now and those its manifest recorded; a task
+    whose data changed is refused (a resumed sweep may add tasks, never swap a task's data)."""
+    # data content per task (file name or Hub dataset -> hash)
     data = {t: check_task(t, spec.data_dir) for t in spec.tasks}
     cache = CellCache(out, "sweep.json", "sweep", spec.identity(), overwrite)
     old = read_json(cache.manifest).get("data", {}) if cache.manifest.is_file() and not overwrite else {}
@@ -179,22 +160,28 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, lm: LoadedModel | Callable[[
             raise PrunelensError(f"'{out}' holds a sweep with different settings: its {t} cells were computed "
                                  f"on other data ({first_difference(old[t], hashes)}); use another --out or "
                                  "--overwrite")
-    grid = [(a, t) for a in spec.amounts for t in spec.tasks]
-    mine = [c for i, c in enumerate(grid) if in_shard(i, shard)]
-    todo = [(a, t) for a, t in mine if overwrite or not cell_path(out, a, t).is_file()]
-    if todo:  # the model loads, and every amount fits it, before anything is written
-        lm = lm() if callable(lm) else (lm or load_model(spec.model))
-        if hasattr(lm, "adapter"):
-            for a in spec.amounts:
-                s = spec_for(spec.method, a)
-                if s is not None:
-                    Recipe.parse(s).check(lm.adapter.n_layers)
-    cache.open(schema=SCHEMA, model=spec.model, method=spec.method, amounts=list(spec.amounts),
-               tasks=list(spec.tasks), data_dir=spec.data_dir, data={**old, **data})
+    return cache, data, old
+
+
+def _load_checked(spec: SweepSpec, lm: LoadedModel | Callable[[], LoadedModel] | None) -> Any:
+    """The model (loaded now if it was not given), every amount checked to fit it."""
+    lm = lm() if callable(lm) else (lm or load_model(spec.model))
+    if hasattr(lm, "adapter"):
+        for a in spec.amounts:
+            r = recipe_for(spec.method, a)
+            if r is not None:
+                r.check(lm.adapter.n_layers)
+    return lm
+
+
+def _compute_cells(spec: SweepSpec, out: Path, lm: Any, grid: list[tuple[str, str]], n_mine: int,
+                   todo: list[tuple[str, str]], progress: bool) -> list[str]:
+    """Compute and write the ``todo`` cells in order (one build per amount); returns the cells
+    skipped because another worker had claimed them."""
     clock = _Clock(out, grid)
     if progress and todo:
         print(f"sweep: {len(todo)} of {len(grid)} cells to compute{clock.eta(todo)}", file=sys.stderr)
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="sweep cells", unit="cell",
+    bar = tqdm(total=n_mine, initial=n_mine - len(todo), desc="sweep cells", unit="cell",
                disable=not progress, position=0)
     current: tuple[str, Any, float, dict[str, float]] | None = None
     skipped: list[str] = []
@@ -207,20 +194,9 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, lm: LoadedModel | Callable[[
         try:
             if current is None or current[0] != amount:
                 current = None  # release the previous amount's patched weights before building the next
-                t0 = time.perf_counter()
-                mod = _build(lm, spec, amount, progress)
-                fp = footprint(lm, mod) if mod is not None else {"removed_share": 0.0, "bits_per_weight": 16.0,
-                                                                     "memory_vs_bf16": 1.0}
-                current = (amount, mod, time.perf_counter() - t0, fp)
-            _, mod, build_s, fp = current
+                current = _built(spec, lm, amount, progress)
             bar.set_postfix_str(f"{amount} {task}")
-            t0 = time.perf_counter()
-            score = run_task(lm, task, spec.data_dir, spec.options, mod)
-            cell = {"amount": amount, "task": task, "kind": score.kind, "method": spec.method,
-                    "modification": mod.to_dict() if mod is not None else {"label": "dense"},
-                    "label": mod.label() if mod is not None else "dense", **score.to_dict(),
-                    "footprint": fp, "seconds": time.perf_counter() - t0, "build_seconds": build_s,
-                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            cell = _cell(spec, lm, amount, task, current)
             write_json(path, cell)
         finally:
             release(path)
@@ -230,17 +206,29 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, lm: LoadedModel | Callable[[
             bar.write(f"sweep: {amount}/{task} took {cell['seconds']:.0f} s; "
                       f"{len(todo) - n - 1} cells left{clock.eta(todo[n + 1:])}")
     bar.close()
-    cells = [load_cell(cell_path(out, a, t)) for a, t in grid if cell_path(out, a, t).is_file()]
-    result = SweepResult(spec, cells, out)
-    if cells:
-        write_outputs(result)
-    if progress and len(cells) < len(grid):
-        held = [f"{a}/{t} ({w})" for a, t in grid if (w := claimed_by(cell_path(out, a, t)))]
-        print(f"sweep: {len(cells)} of {len(grid)} cells finished"
-              + (f"; held by other workers: {', '.join(held)}" if held else "")
-              + (f"; skipped (claimed elsewhere): {', '.join(skipped)}" if skipped else "")
-              + f"; `prunelens report {out}` rebuilds the outputs once all are in", file=sys.stderr)
-    return result
+    return skipped
+
+
+def _built(spec: SweepSpec, lm: Any, amount: str, progress: bool) -> tuple[str, Any, float, dict[str, float]]:
+    """One amount's modification, with the seconds it took to build and its footprint."""
+    t0 = time.perf_counter()
+    mod = _build(lm, spec, amount, progress)
+    fp = footprint(lm, mod) if mod is not None else {"removed_share": 0.0, "bits_per_weight": 16.0,
+                                                         "memory_vs_bf16": 1.0}
+    return amount, mod, time.perf_counter() - t0, fp
+
+
+def _cell(spec: SweepSpec, lm: Any, amount: str, task: str,
+          current: tuple[str, Any, float, dict[str, float]]) -> dict[str, Any]:
+    """One (amount, task) cell: the task's score with the amount's modification, and how it was made."""
+    _, mod, build_s, fp = current
+    t0 = time.perf_counter()
+    score = run_task(lm, task, spec.data_dir, spec.options, mod)
+    return {"amount": amount, "task": task, "kind": score.kind, "method": spec.method,
+            "modification": mod.to_dict() if mod is not None else {"label": "dense"},
+            "label": mod.label() if mod is not None else "dense", **score.to_dict(),
+            "footprint": fp, "seconds": time.perf_counter() - t0, "build_seconds": build_s,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 class _Clock:
@@ -271,26 +259,6 @@ class _Clock:
         return f", about {when} by the cells done so far"
 
 
-def load_cell(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PrunelensError(f"cannot read sweep cell '{path}': {e}") from None
-
-
-def relative_drop(dense: float | None, score: float | None, lower_is_better: bool = False) -> float | None:
-    """(dense − score) / dense; undefined when the dense score is 0 (or missing).
-
-    For perplexity (lower is better) 1/perplexity is the score: the drop is 1 − dense/perplexity,
-    so "score relative to dense" is dense/perplexity in both cases.
-    """
-    if dense is None or score is None or dense == 0:
-        return None
-    if lower_is_better:
-        return 1.0 - dense / score if score else None
-    return (dense - score) / dense
-
-
 def kinds_of(tasks: Sequence[str]) -> dict[str, str]:
     return {t: task_kind(t) for t in tasks}
 
@@ -317,8 +285,6 @@ def _arguments(sw: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from prunelens.analyses.sweep_view import markdown_table, markdown_table1, reading
-
     amounts = parse_amounts(args.method, args.amounts)
     shard = parse_shard(args.shard)
     tasks, opts = options.task_setup(args)
@@ -354,11 +320,9 @@ def load_sweep(d: Path) -> SweepResult:
 
 
 def _rebuild(d: Path) -> str:
-    from prunelens.analyses.sweep_view import write_outputs
-
     write_outputs(load_sweep(d))
     return (d / "report.html").read_text(encoding="utf-8")
 
 
-register(Analysis("sweep", "scores over pruning amounts: Figure-1 plot, tables and report (resumable)",
-                  _arguments, _run, schema=SCHEMA, marker="sweep.json", rebuild=_rebuild))
+ANALYSIS = register(Analysis("sweep", "scores over pruning amounts: Figure-1 plot, tables and report (resumable)",
+                             _arguments, _run, schema=SCHEMA, marker="sweep.json", rebuild=_rebuild))

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prunelens.analyses.sweep import SCHEMA, SweepResult, is_dense, relative_drop
+from prunelens.analyses.sweep_data import SCHEMA, SweepResult, is_dense, relative_drop
 from prunelens.data import is_number
 from prunelens.render import esc, html_page, img, subplots
 from prunelens.runs import atomic_write_text, write_json

@@ -1,7 +1,8 @@
 """The one place that knows where each architecture keeps its parts.
 
 Everything else in prunelens speaks the canonical names used here (layers, attn, mlp, final
-norm, LM head, ...). Adding an architecture is one entry in ``ARCHS`` plus one tiny-config test.
+norm, LM head, ...). Adding an architecture is one ``ARCHS.register`` line (with an ``ArchSpec`` if
+its module paths differ from Llama's) plus its tiny config in ``prunelens.testing.ARCH_KW``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from prunelens.errors import PrunelensError
+from prunelens.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -54,25 +56,17 @@ _PHI3 = ArchSpec(
     linears=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 )
 
-ARCHS: dict[str, ArchSpec] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "qwen3": _LLAMA,
-    "gemma": _LLAMA,
-    "gemma2": _GEMMA_SANDWICH,
-    "gemma3_text": _GEMMA_SANDWICH,
-    "phi3": _PHI3,
-}
+ARCHS: Registry[ArchSpec] = Registry("architecture")
+for _name, _spec in (("llama", _LLAMA), ("mistral", _LLAMA), ("qwen2", _LLAMA), ("qwen3", _LLAMA),
+                     ("gemma", _LLAMA), ("gemma2", _GEMMA_SANDWICH), ("gemma3_text", _GEMMA_SANDWICH),
+                     ("phi3", _PHI3)):
+    ARCHS.register(_name, _spec)
 
 
 def spec_for(model_type: str) -> ArchSpec:
-    try:
-        return ARCHS[model_type]
-    except KeyError:
-        raise PrunelensError(
-            f"unsupported architecture '{model_type}'; supported: {', '.join(sorted(ARCHS))}"
-        ) from None
+    if model_type not in ARCHS:
+        raise PrunelensError(f"unsupported architecture '{model_type}'; supported: {', '.join(sorted(ARCHS))}")
+    return ARCHS.get(model_type)
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:

@@ -325,13 +325,12 @@ def load_model(
     """Load a causal LM for analysis (eval mode, no grad needed).
 
     ``name`` is a preset (see ``PRESETS``), a local HF directory, a ``.gguf`` file, or a hub id
-    (needs network). A checkpoint saved by prunelens has its dropped sublayers skipped again.
+    (needs network). The model as saved: ``prune.checkpoint.load_model`` also skips the dropped
+    sublayers of a checkpoint saved by prunelens (``prunelens.load_model`` is that one).
     ``placement`` spreads the model over devices, CPU and disk with accelerate (``--device-map``,
     ``--max-memory``, ``--offload-dir``); without it the whole model goes to ``device``.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from prunelens.prune.drop import install_permanently, plan_from_config
 
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     src, info = resolve_source(name)
@@ -354,10 +353,6 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     adapter = Adapter(model)
-    plan = plan_from_config(model.config)
-    if plan is not None and not plan.empty:
-        install_permanently(adapter, plan)
-        info["skipped_from_checkpoint"] = plan.to_dict()
     n_params = sum(p.numel() for p in model.parameters())
     info.update(name=name, source=str(src), model_type=adapter.model_type,
                 n_layers=adapter.n_layers, hidden_size=int(model.config.hidden_size),

@@ -1,15 +1,19 @@
-"""Pruning and quantisation methods, each a registered object (``base``), and the one recipe
-builder every command uses (``recipe``). Layer drops live in ``drop`` (chosen by ``importance``),
-weight methods in ``weights`` (math in ``sparse`` and ``quant``, and the sequential calibration
-pipeline), OWL's layer-wise ratios in ``owl``, training-free repairs in ``repair``."""
+"""Pruning and quantisation methods, each a registered object (``base.METHODS``), and the one recipe
+builder every command uses (``recipe``). Layer drops live in ``drop`` (their plan and view in
+``plan``, chosen by ``importance``, saved and reloaded by ``checkpoint``), weight methods in
+``weights`` (math in ``sparse`` and ``quant``, and the sequential calibration pipeline), OWL's
+layer-wise ratios in ``owl``, training-free repairs in ``repair`` (spans in ``repair_spans``, the
+fit in ``repair_fit``, the streamed pass in ``repair_stream``)."""
 
 from __future__ import annotations
 
 from prunelens.prune.base import (
+    METHODS,
     REGISTRY,
     Composite,
     Method,
     Modification,
+    Spec,
     combine,
     method_for,
     methods,
@@ -17,5 +21,5 @@ from prunelens.prune.base import (
     view_of,
 )
 
-__all__ = ["REGISTRY", "Composite", "Method", "Modification", "combine", "method_for", "methods", "register",
-           "view_of"]
+__all__ = ["METHODS", "REGISTRY", "Composite", "Method", "Modification", "Spec", "combine", "method_for", "methods",
+           "register", "view_of"]

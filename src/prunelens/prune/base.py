@@ -2,9 +2,10 @@
 
 A *method* is one small registered object (``attn``, ``mlp``, ``block``, ``sleb``, ``magnitude``,
 ``wanda``, ``owl``, ``sparsegpt``, ``rtn``, ``gptq``, ``awq``, ``repair``): its name, family,
-one-line help, how it parses its spec, whether it calibrates, and how a sweep turns an amount into
-a spec. The CLI help, ``sweep``, ``advise`` and
-the recipe builder read the registry; a new method is one registered object plus its math.
+one-line help, how it parses its spec (into a ``Spec``), whether it calibrates, and how a sweep
+turns an amount into a spec. The CLI help, ``sweep``, ``advise`` and the recipe builder read the
+registry (``METHODS``, a ``prunelens.registry.Registry``); a new method is one object plus its math,
+added with ``register`` or as a lazy ``"module:attribute"`` entry.
 
 A *modification* is what building a method on a model gives: ``label()``, ``to_dict()``,
 ``validate(n_layers)`` and ``view(adapter)`` (a context manager inside which the model computes as
@@ -17,30 +18,23 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from prunelens.errors import PrunelensError
 from prunelens.model.arch import Adapter
+from prunelens.model.views import Modification, view_of  # noqa: F401  (re-exported: the protocol lives in model)
+from prunelens.prune.plan import DropPlan
+from prunelens.registry import Registry
 
 FAMILIES = ("drop", "prune", "quant", "repair")
-
-
-class Modification(Protocol):
-    #: views are entered in this order (weight patches before module swaps, see ``Composite``)
-    view_order: ClassVar[int]
-
-    def label(self) -> str: ...
-    def to_dict(self) -> dict[str, Any]: ...
-    def validate(self, n_layers: int) -> None: ...
-    def view(self, adapter: Adapter) -> contextlib.AbstractContextManager[None]: ...
-    def parts(self) -> list[Modification]: ...
 
 
 @dataclass(frozen=True)
 class Method:
     """One registered method. ``parse`` validates a spec (one-line error) and returns its
-    parameters; ``amount_spec`` maps a sweep amount (``4``, ``0.5``, ``2:4``, ``w4g128``) to a spec."""
+    parameters; ``amount_step`` maps a sweep amount (``4``, ``0.5``, ``2:4``, ``w4g128``) to a parsed
+    spec (``amount_spec`` to its text)."""
 
     name: str
     family: str
@@ -51,32 +45,74 @@ class Method:
     def parse(self, spec: str) -> Any:
         raise NotImplementedError
 
+    def step(self, text: str) -> Spec:
+        """``text`` parsed by this method (one-line error when malformed)."""
+        return Spec(text, self, self.parse(text))
+
+    def amount_step(self, amount: str) -> Spec:
+        """The parsed spec of a sweep amount."""
+        return self.step(f"{self.name}:{amount}")
+
     def amount_spec(self, amount: str) -> str:
-        spec = f"{self.name}:{amount}"
-        self.parse(spec)
-        return spec
+        return self.amount_step(amount).text
 
 
-REGISTRY: dict[str, Method] = {}
+@dataclass(frozen=True)
+class Spec:
+    """One parsed step of a recipe: the method it names, what that method's ``parse`` made of it
+    (a ``DropRequest``, ``WeightMethod`` or ``RepairSpec``), and its text, kept for labels and JSON.
+    Specs compare by their text, as the strings of a recipe did."""
+
+    text: str
+    method: Method = field(compare=False, repr=False)
+    value: Any = field(compare=False, repr=False)
+
+    @classmethod
+    def parse(cls, text: str) -> Spec:
+        """The spec ``text`` names (one-line error for an unknown method or a malformed spec)."""
+        return method_for(text).step(text)
+
+    @property
+    def family(self) -> str:
+        return self.method.family
+
+    def __str__(self) -> str:
+        return self.text
+
+
+#: every method by name, in the order the CLI help and ``advise`` list them. The built-ins are lazy
+#: ``"module:attribute"`` entries, so listing names imports nothing and no method module has to be
+#: imported here (they import this one); a plug-in adds itself with ``register``.
+METHODS: Registry[Method] = Registry("method", lazy={
+    "attn": "prunelens.prune.drop:ATTN",
+    "mlp": "prunelens.prune.drop:MLP",
+    "block": "prunelens.prune.drop:BLOCK",
+    "sleb": "prunelens.prune.drop:SLEB",
+    "magnitude": "prunelens.prune.weights:MAGNITUDE",
+    "wanda": "prunelens.prune.weights:WANDA",
+    "sparsegpt": "prunelens.prune.weights:SPARSEGPT",
+    "rtn": "prunelens.prune.weights:RTN",
+    "gptq": "prunelens.prune.weights:GPTQ",
+    "awq": "prunelens.prune.weights:AWQ",
+    "owl": "prunelens.prune.owl:OWL",
+    "owl-sparsegpt": "prunelens.prune.owl:OWL_SPARSEGPT",
+    "repair": "prunelens.prune.repair:REPAIR",
+})
+REGISTRY = METHODS  # the older name
 
 
 def register(method: Method) -> Method:
+    """Add a method (a plug-in's); its family must be one of ``FAMILIES``."""
     if method.family not in FAMILIES:
         raise ValueError(f"unknown family {method.family!r}")
-    if method.name in REGISTRY:
+    if method.name in METHODS:
         raise ValueError(f"method {method.name!r} is registered twice")
-    REGISTRY[method.name] = method
+    METHODS.register(method.name, method)
     return method
 
 
-def _load_builtin_methods() -> None:
-    # the built-in methods register themselves when their modules are imported
-    from prunelens.prune import drop, owl, repair, weights  # noqa: F401
-
-
 def methods(family: str | None = None) -> list[Method]:
-    _load_builtin_methods()
-    return [m for m in REGISTRY.values() if family is None or m.family == family]
+    return [m for m in METHODS.values() if family is None or m.family == family]
 
 
 def method_name(spec: str) -> str:
@@ -88,12 +124,11 @@ def method_name(spec: str) -> str:
 def method_for(spec: str) -> Method:
     """The registered method a spec names (``attn:4`` → attn), with a one-line error listing
     every method when it names none."""
-    _load_builtin_methods()
     name = method_name(spec)
-    if name not in REGISTRY:
+    if name not in METHODS:
         listing = "; ".join(f"{f}: {', '.join(m.name for m in methods(f))}" for f in FAMILIES)
         raise PrunelensError(f"unknown method '{name}' in '{spec.strip()}' ({listing})")
-    return REGISTRY[name]
+    return METHODS[name]
 
 
 def methods_help() -> str:
@@ -135,15 +170,8 @@ class Composite:
             yield
 
 
-def view_of(adapter: Adapter, modification: Modification | None) -> contextlib.AbstractContextManager[None]:
-    """The modification's view, or the dense model unchanged when there is none."""
-    return modification.view(adapter) if modification is not None else contextlib.nullcontext()
-
-
 def combine(parts: Sequence[Modification]) -> Modification:
     """One modification from several; parts that change nothing are left out."""
-    from prunelens.prune.drop import DropPlan
-
     kept = [q for p in parts for q in p.parts() if not getattr(q, "empty", False)]
     if not kept:
         return DropPlan()

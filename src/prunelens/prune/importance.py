@@ -154,44 +154,63 @@ def select_drop(
         req.check(n)
         if req.count == 0:
             continue
-        metric = req.metric or info["metric"]  # sleb:N is ranked by ppl whatever the calibration says
         if calib is None:
             raise PrunelensError(f"'{req}' needs calibration text to rank layers")
-        if metric == "angular":
-            if req.kind != "block":
-                raise PrunelensError("the angular metric ranks windows of whole blocks; use block:N")
-            sc = angular_scores(lm, plan, calib, req.count, batch_size)
-            start = min(sc, key=sc.__getitem__)
-            for i in range(start, start + req.count):
-                plan = plan.with_unit("block", i)
-            scores_log[f"{req}"] = {"window_start": start, "scores": sc}
-            continue
-        order: list[int] = []
-        first: dict[int, float] | None = None
-        if metric in GREEDY:
-            for _ in range(req.count):
-                cand = _candidates(plan, req.kind, n)
-                cand = cand[1:-1] if req.keep_ends else cand
-                if not cand:
-                    raise PrunelensError(f"not enough {req.kind} units left to drop {req.count}")
-                sc = greedy_scores(lm, plan, calib, req.kind, cand, metric, batch_size)
-                first = first or sc
-                pick = min(cand, key=sc.__getitem__)
-                plan = plan.with_unit(req.kind, pick)
-                order.append(pick)
-            scores_log[f"{req}"] = {"metric": metric, "order": order, "scores": first}
-            continue
-        steps = req.count if iterative else 1
-        for _ in range(steps):
-            sc = unit_scores(lm, plan, calib, req.kind, batch_size)
-            first = first or sc
-            cand = sorted(_candidates(plan, req.kind, n), key=sc.__getitem__)
-            if len(cand) < (1 if iterative else req.count):
-                raise PrunelensError(f"not enough {req.kind} units left to drop {req.count}")
-            picks = cand[:1] if iterative else cand[:req.count]
-            for i in picks:
-                plan = plan.with_unit(req.kind, i)
-                order.append(i)
-        scores_log[f"{req}"] = {"metric": metric, "order": order, "scores": first}
+        chosen = req.metric or metric  # sleb:N is ranked by ppl whatever the calibration says
+        ranked = _RANKERS.get(chosen, _rank_by_scores)
+        plan, scores_log[f"{req}"] = ranked(lm, plan, req, chosen, iterative, calib, batch_size)
     info["scores"] = scores_log
     return DropPlan(plan.attn, plan.mlp, plan.block, info=info)
+
+
+def _rank_angular(lm: LoadedModel, plan: DropPlan, req: DropRequest, metric: str, iterative: bool,
+                  calib: torch.Tensor, batch_size: int) -> tuple[DropPlan, dict[str, Any]]:
+    """The window of ``req.count`` consecutive blocks whose ends are closest in angle (Gromov et al.)."""
+    if req.kind != "block":
+        raise PrunelensError("the angular metric ranks windows of whole blocks; use block:N")
+    sc = angular_scores(lm, plan, calib, req.count, batch_size)  # type: ignore[arg-type]
+    start = min(sc, key=sc.__getitem__)
+    for i in range(start, start + req.count):  # type: ignore[operator]
+        plan = plan.with_unit("block", i)
+    return plan, {"window_start": start, "scores": sc}
+
+
+def _rank_greedy(lm: LoadedModel, plan: DropPlan, req: DropRequest, metric: str, iterative: bool,
+                 calib: torch.Tensor, batch_size: int) -> tuple[DropPlan, dict[str, Any]]:
+    """Units removed one at a time, each time the one whose removal hurts ``metric`` least."""
+    n = lm.adapter.n_layers
+    order: list[int] = []
+    first: dict[int, float] | None = None
+    for _ in range(req.count):  # type: ignore[arg-type]
+        cand = _candidates(plan, req.kind, n)
+        cand = cand[1:-1] if req.keep_ends else cand
+        if not cand:
+            raise PrunelensError(f"not enough {req.kind} units left to drop {req.count}")
+        sc = greedy_scores(lm, plan, calib, req.kind, cand, metric, batch_size)
+        first = first or sc
+        pick = min(cand, key=sc.__getitem__)
+        plan = plan.with_unit(req.kind, pick)
+        order.append(pick)
+    return plan, {"metric": metric, "order": order, "scores": first}
+
+
+def _rank_by_scores(lm: LoadedModel, plan: DropPlan, req: DropRequest, metric: str, iterative: bool,
+                    calib: torch.Tensor, batch_size: int) -> tuple[DropPlan, dict[str, Any]]:
+    """The least important units by one scoring pass (or, ``iterative``, one unit per pass)."""
+    n = lm.adapter.n_layers
+    order: list[int] = []
+    first: dict[int, float] | None = None
+    for _ in range(req.count if iterative else 1):  # type: ignore[arg-type]
+        sc = unit_scores(lm, plan, calib, req.kind, batch_size)
+        first = first or sc
+        cand = sorted(_candidates(plan, req.kind, n), key=sc.__getitem__)
+        if len(cand) < (1 if iterative else req.count):  # type: ignore[operator]
+            raise PrunelensError(f"not enough {req.kind} units left to drop {req.count}")
+        picks = cand[:1] if iterative else cand[:req.count]
+        for i in picks:
+            plan = plan.with_unit(req.kind, i)
+            order.append(i)
+    return plan, {"metric": metric, "order": order, "scores": first}
+
+
+_RANKERS = {"angular": _rank_angular, **{m: _rank_greedy for m in GREEDY}}

@@ -26,7 +26,6 @@ import torch
 from prunelens.errors import PrunelensError
 from prunelens.model.arch import Adapter
 from prunelens.model.placement import onloaded
-from prunelens.prune.base import register
 from prunelens.prune.sparse import Pattern
 from prunelens.prune.weights import SparsityMethod, WeightMethod, collect_stats
 
@@ -97,6 +96,10 @@ class OwlMethod(SparsityMethod):
                              "outlier_ratio_pct": ratios, "block_sparsity": sparsity}}
 
 
-for _base, _name in (("wanda", "owl"), ("sparsegpt", "owl-sparsegpt")):
-    register(OwlMethod(_name, "prune", f"{_base} at per-layer ratios set by outlier shares (OWL)",
-                       f"{_name}:0.7", True, stats="sq_norm", base=_base))
+def _owl(name: str, base: str) -> OwlMethod:
+    return OwlMethod(name, "prune", f"{base} at per-layer ratios set by outlier shares (OWL)", f"{name}:0.7", True,
+                     stats="sq_norm", base=base)
+
+
+# registered lazily by name in ``base.METHODS``
+OWL, OWL_SPARSEGPT = _owl("owl", "wanda"), _owl("owl-sparsegpt", "sparsegpt")

@@ -2,11 +2,13 @@
 the lm-eval model type use.
 
 A recipe is an ordered list of specs (``attn:4``, ``mlp@3,7``, ``wanda:0.5``, ``sparsegpt:2:4``,
-``gptq:w4g128``, ``repair:linear``), written on the command line (repeated flags, or joined by ``+``) or in a YAML /
-JSON file (a list of specs, or ``{"recipe": [...]}``). The composition rule is fixed and
-documented: **drops first** (all drop specs ranked together, in order), **then weight methods and repairs in
-their order**, each calibrated on the model as modified so far (layers already dropped are neither
-seen nor touched; a repair fits the drops toward the dense model). A spec may not appear twice.
+``gptq:w4g128``, ``repair:linear``), written on the command line (repeated flags, or joined by ``+``)
+or in a YAML / JSON file (a list of specs, or ``{"recipe": [...]}``), and parsed once when read: a
+``Recipe`` holds ``Spec`` objects (method, parsed value, text), so nothing downstream parses a string
+again. The composition rule is fixed and documented: **drops first** (all drop specs ranked together,
+in order), **then weight methods and repairs in their order**, each calibrated on the model as
+modified so far (layers already dropped are neither seen nor touched; a repair fits the drops toward
+the dense model). A spec may not appear twice.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from prunelens.data import calibration_ids, read_text_file
+from prunelens.data import calibration_ids, read_text_file, read_texts
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
-from prunelens.prune.base import Composite, Modification, combine, method_for, view_of
-from prunelens.prune.drop import LAYER_ITEM, DropPlan, DropRequest, parse_drop, save_pruned
+from prunelens.prune.base import Composite, Modification, Spec, combine, view_of
+from prunelens.prune.checkpoint import save_pruned
+from prunelens.prune.drop import LAYER_ITEM, DropPlan, DropRequest, parse_drop
 from prunelens.prune.importance import METRICS
 from prunelens.prune.importance import select_drop as _select_drop
+from prunelens.prune.repair import RepairPatch, RepairSpec, fit_repair
+from prunelens.prune.weights import WeightMethod, WeightPatch, parse_weight_method, sparsify
 
 # calibration defaults when none are given: layer ranking needs little text, weight methods more
 DROP_CALIB = (8, 128)
@@ -34,37 +39,56 @@ WEIGHT_CALIB = (32, 256)
 
 @dataclass(frozen=True)
 class Recipe:
-    """An ordered list of checked specs."""
+    """An ordered list of parsed specs (``Spec``: method, parsed value and text), parsed once when the
+    recipe is read; given as strings, they are parsed on construction."""
 
-    specs: tuple[str, ...] = ()
+    steps: tuple[Spec, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(s, Spec) for s in self.steps):
+            object.__setattr__(self, "steps", tuple(s if isinstance(s, Spec) else Spec.parse(s) for s in self.steps))
 
     @classmethod
-    def parse(cls, *items: str | Sequence[str]) -> Recipe:
-        """Specs from strings (each may join several with ``+``) or lists of strings; a string
-        naming an existing .yaml/.yml/.json file is read as a recipe file."""
-        specs: list[str] = []
+    def parse(cls, *items: str | Spec | Sequence[str | Spec]) -> Recipe:
+        """Specs from strings (each may join several with ``+``), parsed specs (kept as they are) or
+        lists of either; a string naming an existing .yaml/.yml/.json file is read as a recipe file."""
+        given: list[str | Spec] = []
         for item in items:
-            for s in ([item] if isinstance(item, str) else list(item)):
-                if _is_recipe_file(s):
-                    specs.extend(read_recipe_file(s).specs)
+            for s in ([item] if isinstance(item, str | Spec) else list(item)):
+                if isinstance(s, Spec):
+                    given.append(s)
+                elif _is_recipe_file(s):
+                    given.extend(read_recipe_file(s).steps)
                 else:
-                    specs.extend(p.strip() for p in s.split("+") if p.strip())
+                    given.extend(p.strip() for p in s.split("+") if p.strip())
+        steps: list[Spec] = []
         seen: set[str] = set()
-        for s in specs:
-            method_for(s).parse(s)  # one-line error for a malformed spec
-            key = s.replace(" ", "")
+        for s in given:
+            step = s if isinstance(s, Spec) else Spec.parse(s)  # one-line error for a malformed spec
+            key = step.text.replace(" ", "")
             if key in seen:
-                raise PrunelensError(f"'{s}' appears twice in the recipe")
+                raise PrunelensError(f"'{step.text}' appears twice in the recipe")
             seen.add(key)
-        return cls(tuple(specs))
+            steps.append(step)
+        return cls(tuple(steps))
+
+    @property
+    def specs(self) -> tuple[str, ...]:
+        """The specs' texts."""
+        return tuple(s.text for s in self.steps)
 
     @property
     def drops(self) -> list[DropRequest]:
-        return [parse_drop(s) for s in self.specs if method_for(s).family == "drop"]
+        return [s.value for s in self.steps if s.family == "drop"]
+
+    @property
+    def weight_steps(self) -> list[Spec]:
+        """The weight methods and repairs, in order."""
+        return [s for s in self.steps if s.family != "drop"]
 
     @property
     def weight_specs(self) -> list[str]:
-        return [s for s in self.specs if method_for(s).family != "drop"]
+        return [s.text for s in self.weight_steps]
 
     def label(self) -> str:
         return "+".join(self.specs) or "dense"
@@ -75,7 +99,7 @@ class Recipe:
             r.check(n_layers)
 
     def __bool__(self) -> bool:
-        return bool(self.specs)
+        return bool(self.steps)
 
 
 def split_specs(text: str) -> list[str]:
@@ -143,8 +167,6 @@ class Calibration:
             if v is not None and v < 1:
                 raise PrunelensError(f"{name} must be at least 1, got {v}")
         if self.path:
-            from prunelens.data import read_texts
-
             read_texts(self.path, "calibration")
 
     def ids(self, lm: LoadedModel, defaults: tuple[int, int]):
@@ -167,26 +189,24 @@ def build(lm: LoadedModel, recipe: Recipe | str | Sequence[str], calibration: Ca
     parts: list[Modification] = []
     if recipe.drops:
         parts.append(select_drop(lm, *recipe.drops, calibration=cal))
-    specs = recipe.weight_specs
+    steps = recipe.weight_steps
     # a repair fits toward the dense model, so the weight methods before it must leave it dense
-    last_repair = max((k for k, s in enumerate(specs) if method_for(s).family == "repair"), default=-1)
-    for k, spec in enumerate(specs):
-        if method_for(spec).family == "repair":
-            parts.append(repair(lm, combine(parts) if parts else None, spec, calibration=cal, progress=progress))
+    last_repair = max((k for k, s in enumerate(steps) if s.family == "repair"), default=-1)
+    for k, step in enumerate(steps):
+        if step.family == "repair":
+            parts.append(repair(lm, combine(parts) if parts else None, step.value, calibration=cal, progress=progress))
             continue
         with view_of(lm.adapter, combine(parts) if parts else None):
-            parts.append(prune_weights(lm, spec, calibration=cal, progress=progress,
+            parts.append(prune_weights(lm, step.value, calibration=cal, progress=progress,
                                        inplace=inplace and k > last_repair))
     return combine(parts)
 
 
-def repair(lm: LoadedModel, modification: Modification | None, spec: str = "repair:linear",
-           calibration: Calibration | None = None, progress: bool = True, **kw: Any):
+def repair(lm: LoadedModel, modification: Modification | None, spec: str | RepairSpec = "repair:linear",
+           calibration: Calibration | None = None, progress: bool = True, **kw: Any) -> RepairPatch:
     """Fit a training-free repair (``"repair:linear"``, ``"repair:cosine"``, ``"repair:scale"``,
     ``"repair:bias"``) of the layer drops in ``modification``, toward the dense model; returns a
     ``RepairPatch`` (use ``combine([modification, patch])``). Keywords override ``calibration``."""
-    from prunelens.prune.repair import fit_repair
-
     cal = _calibration(calibration, kw)
     ids, record = cal.ids(lm, WEIGHT_CALIB)
     patch = fit_repair(lm.adapter, modification, spec, ids, batch_size=cal.batch_size, progress=progress)
@@ -212,15 +232,13 @@ def select_drop(lm: LoadedModel, *specs: str | DropRequest, calibration: Calibra
     return plan
 
 
-def prune_weights(lm: LoadedModel, spec: str, calibration: Calibration | None = None, inplace: bool = False,
-                  progress: bool = True, **kw: Any):
+def prune_weights(lm: LoadedModel, spec: str | WeightMethod, calibration: Calibration | None = None,
+                  inplace: bool = False, progress: bool = True, **kw: Any) -> WeightPatch:
     """Sparsify (``"wanda:0.5"``, ``"sparsegpt:2:4"``, ``"magnitude:0.5"``) or fake-quantise
     (``"gptq:w4g128"``, ``"rtn:w8"``) every decoder linear layer; returns a ``WeightPatch``.
     The model stays dense unless ``inplace``. Keywords override fields of ``calibration``."""
-    from prunelens.prune.weights import parse_weight_method, sparsify
-
     cal = _calibration(calibration, kw)
-    method = parse_weight_method(spec)
+    method = spec if isinstance(spec, WeightMethod) else parse_weight_method(spec)
     ids, record = cal.ids(lm, WEIGHT_CALIB) if method.method.calibrated else (None, None)
     patch = sparsify(lm.adapter, method, ids, skip=cal.skip, inplace=inplace, progress=progress)
     if record is not None:
@@ -262,5 +280,5 @@ def footprint(lm: LoadedModel, modification: Modification) -> dict[str, float]:
     return {"removed_share": share, "bits_per_weight": bits, "memory_vs_bf16": (1 - share) * bits / 16}
 
 
-__all__ = ["Calibration", "Composite", "Recipe", "build", "footprint", "prune_weights", "read_recipe_file",
+__all__ = ["Calibration", "Composite", "Recipe", "Spec", "build", "footprint", "prune_weights", "read_recipe_file",
            "repair", "save_modified", "select_drop"]

@@ -24,10 +24,8 @@ from tqdm.auto import tqdm
 
 from prunelens.errors import PrunelensError
 from prunelens.model.arch import Adapter
-from prunelens.model.capture import first_output
 from prunelens.model.memory import release_freed_memory
 from prunelens.model.placement import (
-    execution_device,
     is_dispatched,
     is_offloaded,
     offload_copy,
@@ -35,7 +33,8 @@ from prunelens.model.placement import (
     store_weight,
     swapped,
 )
-from prunelens.prune.base import REGISTRY, Method, method_for, register
+from prunelens.model.replay import forward_batches, recording_blocks, run_block
+from prunelens.prune.base import METHODS, Method, Spec, method_for
 from prunelens.prune.quant import QuantSpec, awq_quantize, gptq_quantize, rtn_quantize
 from prunelens.prune.sparse import Pattern, magnitude_mask, nm_violations, sparsegpt_prune, wanda_mask
 
@@ -53,7 +52,7 @@ class WeightMethod:
 
     @property
     def method(self) -> WeightMethodDef:
-        return REGISTRY[self.name]  # type: ignore[return-value]
+        return METHODS[self.name]  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -104,27 +103,24 @@ class QuantMethod(WeightMethodDef):
         bits, group, sym = m.groups()
         return WeightMethod(self.name, quant=QuantSpec(int(bits), int(group) if group else -1, bool(sym)))
 
-    def amount_spec(self, amount: str) -> str:
+    def amount_step(self, amount: str) -> Spec:
         """A sweep amount is a bit width (``4`` means w4, per row) or a full ``w4g128``."""
-        return super().amount_spec(amount if amount.startswith("w") else "w" + amount)
+        return super().amount_step(amount if amount.startswith("w") else "w" + amount)
 
 
-for _m in (
-    SparsityMethod("magnitude", "prune", "smallest |W| removed per layer", "magnitude:0.5", False,
-                   transform=lambda w, m, s: w.masked_fill(magnitude_mask(w, m.pattern), 0)),
-    SparsityMethod("wanda", "prune", "smallest |W|·‖X‖ removed per output row (Wanda)", "wanda:0.5", True,
-                   stats="sq_norm",
-                   transform=lambda w, m, s: w.masked_fill(wanda_mask(w, s.acc, m.pattern), 0)),
-    SparsityMethod("sparsegpt", "prune", "OBS pruning with weight updates (SparseGPT)", "sparsegpt:2:4", True,
-                   stats="hessian", transform=lambda w, m, s: sparsegpt_prune(w, s.hessian(), m.pattern)),
-    QuantMethod("rtn", "quant", "round-to-nearest fake quantisation", "rtn:w8", False,
-                transform=lambda w, m, s: rtn_quantize(w, m.quant)),
-    QuantMethod("gptq", "quant", "GPTQ fake quantisation with error feedback", "gptq:w4g128", True,
-                stats="hessian", transform=lambda w, m, s: gptq_quantize(w, s.hessian(), m.quant)),
-    QuantMethod("awq", "quant", "activation-aware channel scaling and clipping, then rounding (AWQ)",
-                "awq:w4g128", True, stats="inputs", transform=lambda w, m, s: awq_quantize(w, s.acc, m.quant)),
-):
-    register(_m)
+# registered lazily by name in ``base.METHODS``
+MAGNITUDE = SparsityMethod("magnitude", "prune", "smallest |W| removed per layer", "magnitude:0.5", False,
+                           transform=lambda w, m, s: w.masked_fill(magnitude_mask(w, m.pattern), 0))
+WANDA = SparsityMethod("wanda", "prune", "smallest |W|·‖X‖ removed per output row (Wanda)", "wanda:0.5", True,
+                       stats="sq_norm", transform=lambda w, m, s: w.masked_fill(wanda_mask(w, s.acc, m.pattern), 0))
+SPARSEGPT = SparsityMethod("sparsegpt", "prune", "OBS pruning with weight updates (SparseGPT)", "sparsegpt:2:4",
+                           True, stats="hessian", transform=lambda w, m, s: sparsegpt_prune(w, s.hessian(), m.pattern))
+RTN = QuantMethod("rtn", "quant", "round-to-nearest fake quantisation", "rtn:w8", False,
+                  transform=lambda w, m, s: rtn_quantize(w, m.quant))
+GPTQ = QuantMethod("gptq", "quant", "GPTQ fake quantisation with error feedback", "gptq:w4g128", True,
+                   stats="hessian", transform=lambda w, m, s: gptq_quantize(w, s.hessian(), m.quant))
+AWQ = QuantMethod("awq", "quant", "activation-aware channel scaling and clipping, then rounding (AWQ)",
+                  "awq:w4g128", True, stats="inputs", transform=lambda w, m, s: awq_quantize(w, s.acc, m.quant))
 
 
 def parse_weight_method(spec: str) -> WeightMethod:
@@ -138,7 +134,7 @@ def parse_weight_method(spec: str) -> WeightMethod:
 def _parse_family(spec: str, family: str, what: str) -> WeightMethod:
     method = method_for(spec)
     if method.family != family:
-        names = ", ".join(m.name for m in REGISTRY.values() if m.family == family)
+        names = ", ".join(m.name for m in METHODS.values() if m.family == family)
         raise PrunelensError(f"unknown {what} method '{method.name}'; choose from {names}")
     return method.parse(spec)
 
@@ -213,47 +209,16 @@ def _is_linear(adapter: Adapter, path: str) -> bool:
 # --- calibration plumbing ----------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    pass
-
-
-def _block_inputs(adapter: Adapter, calib: torch.Tensor, batch_size: int, park: bool):
+def _block_inputs(adapter: Adapter, calib: torch.Tensor, batch_size: int, park: bool
+                  ) -> tuple[list[torch.Tensor], list[list[dict[str, Any]]]]:
     """Hidden states entering block 0 per batch (on the CPU with ``park``), and the keyword arguments
-    each block receives."""
-    layers, n = adapter.layers, adapter.n_layers
-    inputs: list[torch.Tensor] = []
-    kwargs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
-
-    def record(i: int):
-        def hook(module, args, kw):
-            if i == 0:
-                inputs.append(args[0] if args else kw["hidden_states"])
-            kwargs[i].append({k: v for k, v in kw.items() if k != "hidden_states"})
-            if i == n - 1:
-                raise _Stop
-        return hook
-
-    handles = [layers[i].register_forward_pre_hook(record(i), with_kwargs=True) for i in range(n)]
-    try:
-        for b0 in range(0, len(calib), batch_size):
-            try:
-                adapter.model(input_ids=calib[b0:b0 + batch_size].to(execution_device(adapter.model)),
-                              use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
+    each block receives; each pass stops as the last block is entered."""
+    with recording_blocks(adapter, stop_at=adapter.n_layers - 1) as calls:
+        forward_batches(adapter, calib, batch_size)
+    inputs = calls.inputs[0]
     if park:  # big models: activations wait on the CPU, not the compute device
         inputs = [x.to("cpu") for x in inputs]
-    return inputs, kwargs
-
-
-def run_block(layer: nn.Module, h: torch.Tensor, kw: dict[str, Any], park: bool) -> torch.Tensor:
-    """One block on one batch; with ``park`` its output returns to the CPU (the hook moved the input
-    to the block's execution device)."""
-    out = first_output(layer(h, **kw))
-    return out.to("cpu") if park else out
+    return inputs, calls.kwargs
 
 
 INPUT_ROWS = 2048
@@ -329,6 +294,32 @@ def _modify(method: WeightMethod, w: torch.Tensor, stats: _Stats | None) -> torc
     return method.method.transform(w, method, stats)  # type: ignore[misc]
 
 
+def _check_columns(adapter: Adapter, method: WeightMethod, blocks: list[list[str]]) -> None:
+    """Fail before any work on a layer whose input width the pattern or the groups do not divide."""
+    for paths in blocks:
+        for p in paths:
+            cols = adapter.model.get_submodule(p).weight.shape[1]
+            if method.pattern is not None:
+                method.pattern.check_columns(cols, p)
+            else:
+                method.quant.check_columns(cols, p)  # type: ignore[union-attr]
+
+
+def _new_weights(adapter: Adapter, paths: list[str], method: WeightMethod, stats: dict[str, _Stats],
+                 rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """One block's new weights by path (a report row appended for each); ``stats`` are used up."""
+    new: dict[str, torch.Tensor] = {}
+    for p in paths:
+        mod = adapter.model.get_submodule(p)
+        with onloaded(mod):  # an offloaded layer's weight is read on its execution device
+            w = mod.weight.data
+            new[p] = _modify(method, w, stats.pop(p, None)).to(w.dtype)
+            rows.append(_report_row(p, w, new[p], method))
+        if is_offloaded(mod):  # kept where the dense weight waits (CPU or disk), not on the compute device
+            new[p] = offload_copy(mod, new[p])
+    return new
+
+
 @torch.no_grad()  # not inference_mode: the new weights must stay usable for fine-tuning
 def sparsify(
     adapter: Adapter,
@@ -345,13 +336,7 @@ def sparsify(
     save); otherwise the model stays dense and the patch holds the new weights.
     """
     blocks = target_linears(adapter, skip)
-    for paths in blocks:  # fail before any work on an incompatible shape
-        for p in paths:
-            cols = adapter.model.get_submodule(p).weight.shape[1]
-            if method.pattern is not None:
-                method.pattern.check_columns(cols, p)
-            else:
-                method.quant.check_columns(cols, p)  # type: ignore[union-attr]
+    _check_columns(adapter, method, blocks)
     calibrated = method.method.calibrated
     if calibrated and calib is None:
         raise PrunelensError(f"{method.name} needs calibration text")
@@ -370,14 +355,7 @@ def sparsify(
         layer = adapter.layers[i]
         bm = per_block[i]
         stats = collect_stats(adapter, layer, paths, hs, kwargs[i], bm.method.stats) if calibrated and paths else {}
-        for p in paths:
-            mod = adapter.model.get_submodule(p)
-            with onloaded(mod):  # an offloaded layer's weight is read on its execution device
-                w = mod.weight.data
-                new[p] = _modify(bm, w, stats.pop(p, None)).to(w.dtype)
-                rows.append(_report_row(p, w, new[p], bm))
-            if is_offloaded(mod):  # kept where the dense weight waits (CPU or disk), not on the compute device
-                new[p] = offload_copy(mod, new[p])
+        new.update(_new_weights(adapter, paths, bm, stats, rows))
         if calibrated:  # the next block sees this block's modified outputs
             patch = WeightPatch(bm, {p: new[p] for p in paths})
             with patch.view(adapter):

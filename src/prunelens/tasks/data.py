@@ -1,5 +1,5 @@
-"""Task data: the one table of data file names, checked JSONL rows, seeded question samples and the
-standard error of a mean."""
+"""Task data helpers: checked JSONL rows, seeded question samples and the standard error of a mean.
+(A dataset's file names live on its ``Source``, in the task module that reads it.)"""
 
 from __future__ import annotations
 
@@ -48,37 +48,3 @@ def stderr_of_mean(x: Sequence[float]) -> float:
         return float("nan")
     m = sum(x) / n
     return math.sqrt(sum((v - m) ** 2 for v in x) / (n - 1) / n)
-
-
-# Every task's data file names, first found wins (the shared data directory's names first).
-DATA_FILES: dict[str, tuple[str, ...]] = {
-    "arc_easy": ("arc_easy_test.jsonl",),
-    "arc_challenge": ("arc_challenge_test.jsonl",),
-    "piqa": ("piqa_validation.jsonl",),
-    "boolq": ("boolq_validation.jsonl",),
-    "winogrande": ("winogrande_dev.jsonl",),
-    "hellaswag": ("hellaswag_validation.jsonl", "hellaswag_val.jsonl"),
-    "mmlu": ("mmlu_test.jsonl.gz", "mmlu_test.jsonl"),
-    "mmlu_dev": ("mmlu_dev.jsonl",),
-    "gsm8k": ("gsm8k_test.jsonl",),
-    "mbpp": ("mbpp.jsonl",),
-    "mbpp_sanitized": ("mbpp_sanitized.jsonl",),
-    "humaneval": ("HumanEval.jsonl.gz", "HumanEval.jsonl", "humaneval.jsonl"),
-    "wikitext": ("wikitext2_raw_test.jsonl",),
-}
-
-
-def find_data_file(key: str, data_dir: str | Path | None) -> Path | None:
-    """The first of ``DATA_FILES[key]`` present in ``data_dir`` (None when none is)."""
-    if data_dir is None:
-        return None
-    return next((Path(data_dir) / n for n in DATA_FILES[key] if (Path(data_dir) / n).is_file()), None)
-
-
-def data_file(key: str, data_dir: str | Path | None, task: str | None = None) -> Path:
-    """Like ``find_data_file``, with a one-line error naming the missing file."""
-    path = find_data_file(key, data_dir)
-    if path is None:
-        who = task or f"task '{key}'"
-        raise PrunelensError(f"{who} needs {' or '.join(DATA_FILES[key])} in {data_dir}, which is absent")
-    return path

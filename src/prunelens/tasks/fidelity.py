@@ -4,16 +4,21 @@ No labels needed, so it works on any prompt set: both models decode greedily fro
 prompts, and each pruned output is compared with the dense one by token agreement (position by
 position), the first step where they differ, ROUGE-L F1 over words, and the repetition rate of each
 output (the share of repeated 4-grams; degenerate loops are a typical failure of pruned models).
+The ``fidelity`` task (the built-in prompts, or ``--prompts``) registers itself at the end.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from prunelens.data import builtin_prompts
+from prunelens.model.generation import generate_full
 from prunelens.model.loading import LoadedModel
-from prunelens.model.runtime import encode_prompts, generate_full
+from prunelens.model.tokens import encode_prompts
+from prunelens.tasks.base import FIDELITY, Task, TaskOptions, TaskScore, register
 from prunelens.tasks.data import stderr_of_mean
 from prunelens.tasks.scoring import first_divergence, repetition_rate, rouge_l, token_agreement
 
@@ -69,3 +74,16 @@ def evaluate_fidelity(lm: LoadedModel, prompts: Sequence[str], modification: Any
         n, max_new_tokens, sum(rl) / n, stderr_of_mean(rl), sum(agree) / n, 1 - len(diverged) / n,
         _median(diverged), sum(s["repetition_dense"] for s in samples) / n,
         sum(s["repetition_modified"] for s in samples) / n, samples)
+
+
+def _evaluate(lm: LoadedModel, task: Task, data_dir: str | Path | None, o: TaskOptions,
+              modification: Any) -> TaskScore:
+    prompts = list(o.prompts) if o.prompts else builtin_prompts()
+    if o.limit is not None:
+        prompts = prompts[:o.limit]
+    f = evaluate_fidelity(lm, prompts, modification, o.new_tokens(task), o.batch_size, o.chat_template, o.progress)
+    return TaskScore(task.name, task.kind, task.metric, f.rouge_l, f.rouge_l_stderr, f.n, f.to_dict())
+
+
+register(Task("fidelity", FIDELITY, "rouge_l", "agreement with the dense model's own generations (no labels)",
+              _evaluate, max_new_tokens=64))

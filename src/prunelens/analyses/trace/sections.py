@@ -1,0 +1,127 @@
+"""The per-run sections of a trace page: the prompts and both greedy texts, how the modification
+chose its layers, and what weight methods did to each module."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from prunelens.render import esc, fmt, num
+
+
+def _split_common(a: str, b: str) -> int:
+    """Length of the shared prefix, backed off to a word start so a split word is shown whole."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    if n < min(len(a), len(b)):
+        while n > 0 and a[n - 1].isalnum():
+            n -= 1
+    return n
+
+
+def _text_cell(text: str, common: int) -> str:
+    """Escaped text; the part after the shared prefix is highlighted."""
+    return (f'<td class="text">{esc(text[:common])}'
+            + (f'<span class="diff">{esc(text[common:])}</span>' if text[common:] else "") + "</td>")
+
+
+def prompt_table(result: dict[str, Any]) -> str:
+    pp = result.get("per_prompt")
+    if not isinstance(pp, list) or not pp:
+        return ""
+    rows = []
+    for i, p in enumerate(pp, 1):
+        if not isinstance(p, dict):
+            continue
+        dense, pruned = str(p.get("dense_text", "")), str(p.get("pruned_text", ""))
+        c = _split_common(dense, pruned)
+        fd = p.get("first_divergence")
+        rows.append(f'<tr><td class="num">{i}</td><td class="text">{esc(p.get("prompt", ""))}</td>'
+                    f"{_text_cell(dense, c)}{_text_cell(pruned, c)}"
+                    f'<td class="num">{esc("—" if fd is None else fd)}</td></tr>')
+    return ('<table class="prompts"><tr><th>#</th><th>prompt</th><th>dense (greedy)</th>'
+            "<th>pruned (greedy)</th><th>first divergence</th></tr>" + "".join(rows) + "</table>"
+            '<div class="muted">Highlighted: text after the longest common prefix.</div>')
+
+
+def kv_table(d: dict[str, Any]) -> str:
+    rows = []
+    for k, v in d.items():
+        val = json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else str(v)
+        rows.append(f'<tr><th>{esc(k)}</th><td class="text">{esc(val)}</td></tr>')
+    return f"<table>{''.join(rows)}</table>"
+
+
+def _layer_key(kv: tuple[str, Any]) -> tuple[bool, int, str]:
+    """Numeric layer keys in numeric order (JSON turned them into strings), others after."""
+    k = kv[0]
+    return (not k.isdigit(), int(k) if k.isdigit() else 0, k)
+
+
+def _pruning_parts(result: dict[str, Any]) -> list[dict[str, Any]]:
+    p = result.get("pruning") or {}
+    parts = p.get("parts")
+    return [q for q in parts if isinstance(q, dict)] if isinstance(parts, list) else [p]
+
+
+_WEIGHT_KEYS = ("label", "pattern", "target_sparsity", "zero_frac", "dense_zero_frac",
+                "added_frac_of_dense_nonzeros", "nm_violations", "quant", "bits_per_weight", "effective_mb",
+                "fp16_mb", "n_modules", "n_weights", "seconds", "calibration", "skip")
+
+
+def weights_section(result: dict[str, Any]) -> str:
+    """Sparsity / quantisation report of weight modifications: overall numbers, then per module."""
+    out = []
+    for part in _pruning_parts(result):
+        if part.get("kind") != "weights":
+            continue
+        top = {k: part[k] for k in _WEIGHT_KEYS if k in part}
+        out.append(kv_table(top))
+        layers = part.get("layers")
+        if isinstance(layers, list) and layers:
+            cols = [c for c in ("module", "numel", "dense_zero_frac", "zero_frac",
+                                "added_frac_of_dense_nonzeros", "nm_violations") if c in layers[0]]
+            head = "".join(f"<th>{esc(c)}</th>" for c in cols)
+            body = "".join("<tr>" + "".join(
+                f"<td>{esc(fmt(r.get(c)) if isinstance(r.get(c), float) else r.get(c))}</td>" for c in cols)
+                + "</tr>" for r in layers)
+            out.append(f"<details><summary>per module ({len(layers)})</summary><div class=\"scroll\">"
+                       f"<table><tr>{head}</tr>{body}</table></div></details>")
+    return "".join(out)
+
+
+def selection_section(result: dict[str, Any]) -> str:
+    """Importance metric, order and per-layer scores, dropped layers highlighted."""
+    p = result.get("pruning") or {}
+    sel = p.get("selection") or next(
+        (q.get("selection") for q in _pruning_parts(result) if q.get("selection")), None)
+    if not isinstance(sel, dict) or not sel:
+        return '<p class="muted">No selection info (layers given explicitly or not recorded).</p>'
+    top = {k: v for k, v in sel.items() if k != "scores"}
+    parts = [kv_table(top)] if top else []
+    scores = sel.get("scores")
+    if isinstance(scores, dict):
+        for req, info in scores.items():
+            if not isinstance(info, dict):
+                continue
+            kind = str(req).split(":", 1)[0].split("@", 1)[0]
+            dropped = {int(i) for i in (p.get(kind) or []) if num(i) is not None}
+            head = f"<h4>{esc(req)}</h4>"
+            extra = {k: v for k, v in info.items() if k != "scores"}
+            if extra:
+                pairs = " · ".join(f"{esc(k)}: <b>{esc(v)}</b>" for k, v in extra.items())
+                head += f"<div>{pairs}</div>"
+            sc = info.get("scores")
+            if isinstance(sc, dict) and sc:
+                items = sorted(((str(k), num(v)) for k, v in sc.items()), key=_layer_key)
+                cls = ['class="num drop"' if k.isdigit() and int(k) in dropped else 'class="num"'
+                       for k, _ in items]
+                r1 = "".join(f"<td {c}>{esc(k)}</td>" for c, (k, _) in zip(cls, items, strict=True))
+                r2 = "".join(f"<td {c}>{esc(fmt(v))}</td>" for c, (_, v) in zip(cls, items, strict=True))
+                head += (f'<div class="scroll"><table><tr><th>layer</th>{r1}</tr>'
+                         f"<tr><th>score</th>{r2}</tr></table></div>")
+            parts.append(head)
+    return "".join(parts)

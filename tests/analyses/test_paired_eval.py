@@ -1,0 +1,124 @@
+"""Format-paired evaluation wired to a model: question building, answer reading, subset selection,
+and an end-to-end run on the bundled model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import prunelens.analyses.paired as pe
+from prunelens.errors import PrunelensError
+from prunelens.tasks.paired import gsm8k_distractors
+from prunelens.testing import shared_data_dir
+
+DATA = shared_data_dir()
+
+
+def _jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_free_answer_reads_the_whole_text_then_its_first_line() -> None:
+    choices = ["seed", "spore", "pollen"]
+    assert pe.free_answer("A plant grows from a seed.", choices) == 0
+    # the whole reply names two options (an explanation); its first line names one
+    assert pe.free_answer("pollen\n\nUnlike a seed or a spore, ...", choices) == 2
+    assert pe.free_answer("B", choices) == 1  # a bare letter
+    assert pe.free_answer("seed or spore?", choices) is None  # names two: no answer
+    assert pe.free_answer("I do not know.", choices) is None
+
+
+def test_questions_of_arc_and_gsm8k(tmp_path: Path) -> None:
+    _jsonl(tmp_path / "arc_easy_test.jsonl", [
+        {"question": f" Q{i}? ", "choices": ["a", "b", "c"], "answer": i % 3} for i in range(10)])
+    qs = pe.paired_questions("arc_easy", tmp_path, limit=4, seed=1)
+    assert len(qs) == 4 and [q.index for q in qs] == sorted(q.index for q in qs)
+    assert all(q.question == f"Q{q.index}?" and q.gold == q.index % 3 and q.target is None for q in qs)
+    assert pe.mcq_prompt(qs[0]) == (f"Q{qs[0].index}?\nA. a\nB. b\nC. c\n"
+                                    "Answer with the letter of the correct option.")
+
+    _jsonl(tmp_path / "gsm8k_test.jsonl", [
+        {"question": f"q{i}", "answer": f"... #### {10 + i}", "target": str(10 + i)} for i in range(12)])
+    gq = pe.paired_questions("gsm8k", tmp_path, limit=None, seed=0, shots=2)
+    assert [q.index for q in gq] == list(range(2, 12))  # the exemplars are never asked
+    for q in gq:
+        assert q.target == 10 + q.index and q.choices[q.gold] == str(10 + q.index)
+        wrong = [str(int(x)) for x in gsm8k_distractors(q.target)]
+        assert sorted(q.choices) == sorted([str(10 + q.index), *wrong])
+    assert {q.gold for q in gq} == {0, 1, 2, 3}  # the gold letter cycles
+
+
+def test_bad_paired_input_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(PrunelensError, match="unknown paired task 'hellaswag'"):
+        pe.check_paired_task("hellaswag", tmp_path)
+    with pytest.raises(PrunelensError, match="needs arc_easy_test.jsonl"):
+        pe.check_paired_task("arc_easy", tmp_path)
+    _jsonl(tmp_path / "arc_easy_test.jsonl", [{"question": "Q", "choices": ["a", "b"], "answer": 2}])
+    with pytest.raises(PrunelensError, match=r"row 1: answer index 2"):
+        pe.paired_questions("arc_easy", tmp_path, None, 0)
+    _jsonl(tmp_path / "gsm8k_test.jsonl", [{"question": "q", "answer": "a", "target": "many"}] * 3)
+    with pytest.raises(PrunelensError, match="target 'many' is not a number"):
+        pe.paired_questions("gsm8k", tmp_path, None, 0, shots=1)
+
+
+def test_dense_correct_keeps_questions_right_in_both_formats(monkeypatch, tmp_path: Path) -> None:
+    qs = [pe.PairedQuestion(i, f"q{i}", ("a", "b"), 0) for i in range(6)]
+    monkeypatch.setattr(pe, "paired_questions", lambda *a, **k: qs)
+    # dense: right in MCQ on 0-3, in generation on 1-4, so both on 1, 2, 3
+    outcomes = {"dense": ([1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0]),
+                "m": ([1, 1, 0, 1, 1, 1], [1, 0, 0, 1, 0, 1])}
+    seen = {}
+
+    def fake_side(lm, s, questions, mod, label):
+        seen[label] = [q.index for q in questions]
+        mcq, gen = outcomes[label]
+        idx = [q.index for q in questions]
+        return {"mcq_choice": [1 - mcq[i] for i in idx], "mcq_hits": [float(mcq[i]) for i in idx],
+                "gen_answer": [0 if gen[i] else None for i in idx], "gen_hits": [float(gen[i]) for i in idx],
+                "gen_text": [""] * len(idx), "mcq_shares": [0.5, 0.5]}
+
+    monkeypatch.setattr(pe, "both_formats", fake_side)
+    lm = SimpleNamespace(info={"name": "stand-in"})  # both_formats is replaced: no model is run
+    res = pe.paired_eval(lm, "arc_easy", tmp_path, {"m": object()}, limit=6, select="dense-correct",
+                         progress=False)  # type: ignore[arg-type]
+    assert seen == {"dense": [0, 1, 2, 3, 4, 5], "m": [1, 2, 3]}
+    assert (res["pool"], res["n"]) == (6, 3)
+    assert res["dense_pool"]["mcq_acc"] == pytest.approx(4 / 6) and res["dense"]["mcq_acc"] == 1.0
+    r = res["methods"][0]
+    # on 1, 2, 3 the method keeps MCQ on 1 and 3 (drop 1/3), generation on 3 only (drop 2/3)
+    assert r["mcq_drop"] == pytest.approx(1 / 3) and r["gen_drop"] == pytest.approx(2 / 3)
+    assert r["gap"] == pytest.approx(-1 / 3) and r["ci_low"] <= r["gap"] <= r["ci_high"]
+    outcomes["dense"] = ([0] * 6, [1] * 6)
+    with pytest.raises(PrunelensError, match="none of the 6 questions right in both formats"):
+        pe.paired_eval(lm, "arc_easy", tmp_path, {}, limit=6, select="dense-correct", progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is absent")
+def test_paired_on_the_real_model_pairs_dense_with_itself_exactly() -> None:
+    from prunelens import load_model, select_drop
+
+    lm = load_model("smollm2-135m")
+    mods = {"dense-again": None, "block@3,9,15": select_drop(lm, "block@3,9,15")}
+    res = pe.paired_eval(lm, "arc_easy", DATA, mods, limit=12, seed=3, style="cloze", progress=False)
+    same, pruned = res["methods"]
+    assert res["n"] == res["pool"] == 12 and res["chance"] == pytest.approx(
+        sum(1 / len(q["choices"]) for q in res["questions"]) / 12)
+    # the unmodified model reads the same in both formats: nothing drops, every choice agrees
+    assert (same["mcq_drop"], same["gen_drop"], same["gap"], same["mcq_agree"]) == (0.0, 0.0, 0.0, 1.0)
+    assert same["per_question"]["gen_text"] == res["dense"]["per_question"]["gen_text"]
+    # three blocks dropped change what the model says and chooses
+    assert pruned["per_question"]["gen_text"] != res["dense"]["per_question"]["gen_text"]
+    assert pruned["gap"] == pytest.approx(pruned["mcq_drop"] - pruned["gen_drop"])
+    golds = [q["gold"] for q in res["questions"]]
+    hits = [float(c == g) for c, g in zip(res["dense"]["per_question"]["mcq_choice"], golds, strict=True)]
+    assert res["dense"]["mcq_acc"] == pytest.approx(sum(hits) / 12)
+    # letters style: one step over the option letters, every choice a valid position
+    let = pe.paired_eval(lm, "arc_easy", DATA, {}, limit=6, seed=3, style="letters", progress=False)
+    assert let["methods"] == [] and len(let["dense"]["per_question"]["mcq_choice"]) == 6
+    assert all(0 <= c < len(q["choices"]) for c, q in zip(let["dense"]["per_question"]["mcq_choice"],
+                                                          let["questions"], strict=True))

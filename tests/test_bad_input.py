@@ -15,7 +15,7 @@ from prunelens.testing import save_tiny
 # not UTF-8), DATA_LATIN1 / DATA_BADGZ (data dirs whose task file is not UTF-8 / not gzip),
 # FILE (an existing file), DIR (an existing directory), OUT (a path that must not appear)
 CASES = [
-    (["analyze", "--model", "NAN", "--steps", "1", "--out", "OUT"], "NaN or infinite weights"),
+    (["analyze", "--model", "NAN", "--drop", "attn@1", "--steps", "1", "--out", "OUT"], "NaN or infinite weights"),
     (["eval", "--model", "NAN", "--tasks", "fidelity", "--limit", "1"], "NaN or infinite weights"),
     (["analyze", "--model", "MODEL", "--drop", "attn@3", "--drop", "attn@3", "--out", "OUT"], "appears twice"),
     (["analyze", "--model", "MODEL", "--prune", "magnitude:0:4", "--out", "OUT"], "1 <= N <= M"),
@@ -44,8 +44,8 @@ CASES = [
     (["sweep", "--model", "MODEL", "--method", "attn", "--amounts", "0,40", "--tasks", "fidelity",
       "--out", "OUT"], "cannot drop 40 attn units"),
     # the checks before any work, on the tiny saved model (4 layers)
-    (["analyze", "--model", "/no/such/model", "--out", "OUT"], "does not exist"),
-    (["analyze", "--model", "not-a-preset", "--out", "OUT"], "unknown model"),
+    (["analyze", "--model", "/no/such/model", "--drop", "attn@1", "--out", "OUT"], "does not exist"),
+    (["analyze", "--model", "not-a-preset", "--drop", "attn@1", "--out", "OUT"], "unknown model"),
     (["analyze", "--model", "MODEL", "--drop", "attn:4", "--out", "OUT"], "need 0 <= N < 4"),
     (["analyze", "--model", "MODEL", "--drop", "attn:-1", "--out", "OUT"], "malformed drop spec"),
     (["analyze", "--model", "MODEL", "--drop", "attn=4", "--out", "OUT"], "malformed drop spec"),
@@ -56,6 +56,80 @@ CASES = [
     (["analyze", "--model", "MODEL", "--prompts", "EMPTY", "--out", "OUT"], "is empty"),
     (["analyze", "--model", "MODEL", "--prompts", "BADJSON", "--out", "OUT"], "badjson.jsonl:2: not valid JSON"),
     (["report", "/no/such/run"], "does not exist"),
+    # issue 42 §2: crafted or truncated run folders, read back by report and families
+    (["report", "RUN_SWEEP_EMPTY"], "sweep.json': field 'model' is missing"),
+    (["families", "RUN_SWEEP_EMPTY", "--out", "OUT"], "sweep.json': field 'model' is missing"),
+    (["report", "RUN_CELL_EMPTY"], "0--fidelity.json': field 'amount' is missing"),
+    (["families", "RUN_CELL_EMPTY", "--out", "OUT"], "0--fidelity.json': field 'amount' is missing"),
+    (["report", "RUN_CELL_BADSCORE"], "field 'score' must be a number"),
+    (["report", "RUN_NO_KEYS"], "results.json': field 'model' is missing"),
+    (["report", "RUN_NO_KEYS", "RUN_SWEEP_EMPTY", "--out", "OUT"], "field 'model' is missing"),
+    (["report", "RUN_BAD_TYPE"], "field 'n_prompts' must be an integer"),
+    (["report", "RUN_NOT_OBJECT"], "is not a prunelens analysis result"),
+    (["report", "RUN_CELL_LIST"], "0--fidelity.json': the file must be an object"),
+    (["report", "RUN_SYMLINK_FIG"], "is not a regular file inside the run folder"),
+    # issue 42 §3-4: writes that look complete, silent wrong results
+    (["prune", "--model", "MODEL", "--drop", "attn@1", "--out", "DATA_LATIN1", "--overwrite"],
+     "holds no model checkpoint; not overwriting it"),
+    (["advise", "--model", "MODEL", "--budget", "10%", "--use", "generative", "--candidates", ",",
+      "--out", "OUT"], "names no candidate"),
+    (["advise", "--model", "MODEL", "--budget", "10%", "--use", "generative", "--candidates", " , ,",
+      "--out", "OUT"], "names no candidate"),
+    (["ppl", "--model", "MODEL", "--text", "FILE", "--kld"], "nothing to do"),
+    (["analyze", "--model", "MODEL", "--out", "OUT"], "nothing to do"),
+    (["analyze", "--model", "MODEL", "--steps", "1", "--out", "OUT"], "nothing to do"),
+    (["analyze", "--model", "MODEL", "--prune", "magnitude:0.5", "--prune-skip", "9", "--out", "OUT"],
+     "--prune-skip '9' matches no linear layer"),
+    (["analyze", "--model", "MODEL", "--prune", "magnitude:0.5", "--prune-skip", "0", "--prune-skip",
+      "*.mlp.down_prj", "--out", "OUT"], "--prune-skip '*.mlp.down_prj' matches no linear layer"),
+    (["prune", "--model", "MODEL", "--drop", "attn@1", "--prune-skip", "0", "--out", "OUT"], "the recipe has none"),
+    (["analyze", "--model", "MODEL", "--drop", "attn@1", "--device-map", "BADMAP", "--out", "OUT"],
+     "no module named 'model.layerz.0'"),
+    (["analyze", "--model", "MODEL", "--drop", "attn@1", "--temps", "1e-300", "--out", "OUT"], "is below 0.001"),
+    (["analyze", "--model", "MODEL", "--drop", "attn@1", "--temps", "1,0.0001", "--out", "OUT"], "is below 0.001"),
+    (["analyze", "--model", "MODEL", "--recipe", "block@2+repair:linear:0:strict", "--calib-samples", "1",
+      "--calib-len", "4", "--out", "OUT"], "raises the next-token KL"),
+    (["analyze", "--model", "MODEL", "--recipe", "block@2+repair:linear:inf", "--out", "OUT"], "malformed repair spec"),
+    # issue 42 §5: malformed configs and options
+    (["eval", "--model", "MODEL", "--tasks", "CFG_IGNORE"], "ignore regex '([' is invalid"),
+    (["eval", "--model", "MODEL", "--tasks", "CFG_GROUP"], "extract group 2 is not a group of regex 'a(b)'"),
+    (["eval", "--model", "MODEL", "--tasks", "CFG_REGEX_NUMBER"], "extract regex must be a text (quote it), got 5"),
+    (["eval", "--model", "MODEL", "--tasks", "CFG_IGNORE_NUMBER"], "ignore regex must be a text (quote it), got 5"),
+    (["eval", "--model", "MODEL", "--tasks", "CFG_FEWSHOT"], "num_fewshot must be a whole number >= 0, got 'two'"),
+    (["eval", "--model", "MODEL", "--tasks", "CFG_DATA_FILES"], "data_files must name a file, a list of files"),
+    (["eval", "--model", "MODEL", "--tasks", "CFG_MAX_NEW"], "max_new_tokens must be a whole number >= 1, got 'lots'"),
+    (["eval", "--model", "MODEL", "--tasks", "CFG_UNTIL"], "until must be a stop string or a list of non-empty"),
+    (["eval", "--model", "MODEL", "--tasks", "CFG_FLAG"], "ignore_case must be true or false, got 'maybe'"),
+    (["eval", "--model", "MODEL", "--tasks", "CFG_TEMPLATE"], "fewshot_target: template error"),
+    (["eval", "--model", "MODEL", "--tasks", "CFG_CYCLE"], "is refused: an alias in it refers to a node"),
+    (["sweep", "--model", "MODEL", "--method", "attn", "--amounts", "0,1", "--tasks", "CFG_SELECT", "--out", "OUT"],
+     "extract select must be one of first, last, got 'middle'"),
+    (["ppl", "--model", "MODEL", "--text", "SHORT", "--drop", "attn:1", "--offload-dir", "FILE"],
+     "existing.json' exists and is not a directory"),
+    (["eval", "--model", "MODEL", "--tasks", "fidelity", "--offload-dir", "/proc/prunelens-x"],
+     "cannot write to --offload-dir '/proc/prunelens-x'"),
+    (["counterfactual", "--model", "MODEL", "--kinds", "", "--out", "OUT"], "--kinds '' names no kind"),
+    (["counterfactual", "--model", "MODEL", "--kinds", " , ", "--out", "OUT"], "names no kind; give one or more of"),
+    (["ppl", "--model", "MODEL", "--text", "SHORT", "--drop", "attn:1", "--kld", "--seq-len", "2", "--max-windows",
+      "1"], "KL statistics need at least 2 predicted tokens"),
+    (["ppl", "--model", "MODEL", "--text", "SHORT", "--drop", "attn:1", "--kld", "--seq-len", "2"],
+     "1 window(s) of 2 tokens predict 1: use --seq-len 3 or more"),
+    # issue 42 §6: what a new user trips over
+    (["analyze", "--model", "MODEL", "--recipe", "wandaa:0.5", "--out", "OUT"], "did you mean 'wanda'?"),
+    (["compare", "--model", "MODEL", "--recipe", "atn:1", "--out", "OUT"], "did you mean 'attn'?"),
+    (["eval", "--model", "MODEL", "--task", "arc_esy"], "unknown task 'arc_esy'; did you mean 'arc_easy'?"),
+    (["subspace", "--model", "MODEL", "--tasks", "mmlux", "--recipe", "attn:1", "--out", "OUT"],
+     "did you mean 'mmlu'?"),
+    (["paired", "--model", "MODEL", "--tasks", "arc_easyy", "--recipe", "attn:1", "--out", "OUT"],
+     "unknown paired task 'arc_easyy'; did you mean 'arc_easy'?"),
+    (["paired", "--model", "MODEL", "--tasks", "arc_easy", "--method", "attn:1", "--max-new-tokens", "0",
+      "--out", "OUT"], "--max-new-tokens must be at least 1"),
+    (["sweep", "--model", "MODEL", "--method", "wandaa", "--amounts", "0,1", "--tasks", "fidelity",
+      "--out", "OUT"], "unknown sweep method 'wandaa'; did you mean 'wanda'?"),
+    (["advise", "--model", "MODEL", "--budget", "15", "--use", "generative", "--out", "OUT"],
+     "did you mean '15%'?"),
+    (["advise", "--model", "MODEL", "--budget", "20%", "--use", "generative", "--recipe", "gptqq:w4",
+      "--out", "OUT"], "did you mean 'gptq'?"),
 ]
 
 
@@ -75,9 +149,64 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> dict[str,
     (root / "adir").mkdir()
     (root / "empty.txt").write_text("\n\n")
     (root / "badjson.jsonl").write_text('{"prompt": "ok"}\n{"prompt": \n')
+    (root / "badmap.json").write_text(json.dumps({"": "cpu", "model.layerz.0": "cpu"}))  # a typo'd module
+    runs = _crafted_runs(root, latin1)
+    runs.update(_bad_configs(root))
     return {"EMPTY": str(root / "empty.txt"), "BADJSON": str(root / "badjson.jsonl"),
+            "BADMAP": str(root / "badmap.json"),
             "MODEL": str(tiny_dir), "NAN": str(save_tiny(root / "nan", nan=True)), "LATIN1": str(latin1),
-            "DATA_LATIN1": str(d1), "DATA_BADGZ": str(d2), "FILE": str(existing), "DIR": str(root / "adir")}
+            "DATA_LATIN1": str(d1), "DATA_BADGZ": str(d2), "FILE": str(existing), "DIR": str(root / "adir"),
+            **runs}
+
+
+def _crafted_runs(root: Path, target: Path) -> dict[str, str]:
+    """Run folders a careless or hostile user could hand to report/families (issue 42 §2)."""
+    def run(name: str, files: dict[str, object]) -> str:
+        for rel, content in files.items():
+            (root / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / name / rel).write_text(json.dumps(content))
+        return str(root / name)
+
+    manifest = {"model": "m", "method": "attn", "amounts": ["0"], "tasks": ["fidelity"], "data_dir": None,
+                "identity": {"options": {}, "importance": "cosine", "calib": None, "calib_samples": None,
+                             "calib_len": None}}
+    cell = {"amount": "0", "task": "fidelity", "kind": "fidelity", "metric": "m", "label": "dense", "n": 1}
+    out = {"RUN_SWEEP_EMPTY": run("sweep-empty", {"sweep.json": {}}),
+           "RUN_CELL_EMPTY": run("cell-empty", {"sweep.json": manifest, "cells/0--fidelity.json": {}}),
+           "RUN_CELL_BADSCORE": run("cell-badscore", {"sweep.json": manifest,
+                                                      "cells/0--fidelity.json": {**cell, "score": "<b>1</b>"}}),
+           "RUN_NO_KEYS": run("no-keys", {"results.json": {"schema": "prunelens.paired/1"}}),
+           "RUN_BAD_TYPE": run("bad-type", {"results.json": {
+               "schema": "prunelens.advise/1", "model": {}, "use": "chat", "budget": 0.1,
+               "n_prompts": "<script>alert(1)</script>", "recommendation": "r", "rows": []}}),
+           "RUN_CELL_LIST": run("cell-list", {"sweep.json": manifest, "cells/0--fidelity.json": [cell]}),
+           "RUN_NOT_OBJECT": run("not-object", {"results.json": ["prunelens.paired/1"]}),
+           "RUN_SYMLINK_FIG": run("symlink-fig", {"results.json": {"schema": "prunelens.analysis/1"}})}
+    (root / "symlink-fig" / "figures").mkdir()
+    (root / "symlink-fig" / "figures" / "layerwise.png").symlink_to(target)
+    return out
+
+
+def _bad_configs(root: Path) -> dict[str, str]:
+    """Malformed task configs (CFG_*, over one data file) and SHORT, a two-token text (issue 42 §5)."""
+    d = root / "configs"
+    d.mkdir()
+    (d / "d.jsonl").write_text('{"q": "w3 w4", "a": "w5"}\n{"q": "w4", "a": "w6"}\n')
+    gen = "kind: generate\ndata_files: d.jsonl\nprompt: '{{q}}'\ntarget: a\n"
+    bad = {"IGNORE": "ignore: '(['", "GROUP": "extract: {regex: 'a(b)', group: 2}",
+           "REGEX_NUMBER": "extract: {regex: 5}", "IGNORE_NUMBER": "ignore: [',', 5]", "FEWSHOT": "num_fewshot: two",
+           "MAX_NEW": "max_new_tokens: lots", "UNTIL": "until: [Answer, 3]", "FLAG": "ignore_case: maybe",
+           "SELECT": "extract: {regex: a, select: middle}", "TEMPLATE": "fewshot_target: '{{ a '",
+           "CYCLE": "description: &a [*a]"}
+    out = {f"CFG_{k}": str(_text(d / f"{k.lower()}.yaml", f"{gen}{v}\n")) for k, v in bad.items()}
+    out["CFG_DATA_FILES"] = str(_text(d / "data_files.yaml", gen.replace("d.jsonl", "5")))
+    out["SHORT"] = str(_text(root / "short.txt", "w3 w4\n"))
+    return out
+
+
+def _text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
 
 
 @pytest.mark.parametrize(("argv", "message"), CASES, ids=[" ".join(a[:2]) + f" {i}" for i, (a, _) in
@@ -96,7 +225,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(argv: list[str], message: str,
 
 
 def _quiet(command: str) -> int:
-    return 0 if command in ("report", "prune") else 1
+    return 0 if command in ("report", "prune", "families") else 1
 
 
 def test_the_main_job_runs_prompt_sets_larger_than_a_batch(tiny_dir: Path, tmp_path: Path,

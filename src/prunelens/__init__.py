@@ -9,7 +9,12 @@ Notebook use::
     result = pl.analyze(lm, plan, pl.builtin_prompts())
     pl.write_run(result, "runs/attn4")                 # results.json, figures/, report.html
     pl.run_task(lm, "humaneval", None, pl.TaskOptions(limit=20), plan)   # pass@1 of the pruned model
+
+With lm-evaluation-harness installed, ``import prunelens`` also registers its ``prunelens`` model type
+(``lm_eval.simple_evaluate(model="prunelens", model_args="pretrained=...,prune=attn:4")``).
 """
+
+import importlib.util
 
 from prunelens.analyses.sweep import SweepSpec, run_sweep  # noqa: E402
 from prunelens.analyses.trace import AnalysisSettings, TraceSettings, analyze  # noqa: E402
@@ -30,6 +35,25 @@ from prunelens.prune.recipe import (  # noqa: E402
 )
 from prunelens.tasks.registry import TaskOptions, run_task  # noqa: E402
 from prunelens.version import __version__  # noqa: E402,F401
+
+
+def _register_with_lm_eval() -> None:
+    """Make ``lm_eval.simple_evaluate(model="prunelens")`` work after ``import prunelens``: lm-eval
+    has no plugin discovery, so its registry gets a lazy ``"module:attribute"`` entry. Only
+    lm-eval's small registry modules load here; its model code and ``prunelens.lmeval`` load on
+    first use, and nothing at all happens where lm-eval is not installed."""
+    try:
+        if importlib.util.find_spec("lm_eval") is None:
+            return
+        import lm_eval.models  # noqa: F401  lm-eval's own lazy table first, or it would skip filling it
+        from lm_eval.api.registry import model_registry
+    except Exception:  # noqa: BLE001 - a broken lm-eval must not break `import prunelens`
+        return
+    if "prunelens" not in model_registry:
+        model_registry.register("prunelens", target="prunelens.lmeval:PrunelensLM")
+
+
+_register_with_lm_eval()
 
 __all__ = [
     "AnalysisSettings", "TraceSettings", "DropPlan", "LoadedModel", "PRESETS", "PrunelensError", "analyze",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +24,16 @@ from prunelens.model.loading import PRESETS
 from prunelens.prune.drop import DropPlan
 from prunelens.prune.importance import unit_scores
 from prunelens.prune.recipe import build, save_modified
-from prunelens.runs import check_out_file, read_json, write_json
+from prunelens.runs import check_out_file, write_json
 from prunelens.tasks.mcq import answer_flips
-from prunelens.tasks.perplexity import kl_statistics, kld_lines, perplexity, read_corpus
-from prunelens.tasks.registry import run_task
+from prunelens.tasks.paired import PairedTest, paired_test
+from prunelens.tasks.perplexity import check_kld_windows, kl_statistics, kld_lines, perplexity, read_corpus
+from prunelens.tasks.registry import get_task, run_task
+from prunelens.version import __version__
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    recipe, cal = options.recipe(args), options.calibration(args)
-    if not recipe:
-        raise PrunelensError("nothing to do: give --recipe, --drop, --prune or --quant")
+    recipe, cal = options.required_recipe(args), options.calibration(args)
     out = Path(args.out)
     options.check_checkpoint_dir(out, args.overwrite)
     lm = options.load(args)
@@ -43,13 +44,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_ppl(args: argparse.Namespace) -> int:
-    recipe, cal = options.recipe(args), options.calibration(args)
+    recipe = (options.required_recipe(args, "--kld compares the modified model with the dense one") if args.kld
+              else options.recipe(args))
+    cal = options.calibration(args)
     text = read_corpus(args.text)
     if args.out:
         check_out_file(Path(args.out), args.overwrite)
     options.positive("--seq-len", args.seq_len)
     if args.max_windows is not None:
         options.positive("--max-windows", args.max_windows)
+        if args.kld:  # the window count is known before the model loads
+            check_kld_windows(args.max_windows, args.seq_len)
     lm = options.load(args)
     plan = build(lm, recipe, cal, progress=not args.quiet)
     kw = dict(seq_len=args.seq_len, max_windows=args.max_windows, progress=not args.quiet)
@@ -109,6 +114,15 @@ def _score_line(task: str, dense: Any, mod: Any, label: str) -> str:
     return f"{head}  {label} {one(mod)}  relative change {rel:+.1%}{extra}"
 
 
+def _paired(task: str, dense: Any, mod: Any) -> PairedTest | None:
+    """The paired test (modified − dense, McNemar) where the task (a config too) keeps per-item outcomes."""
+    hits = get_task(task).hits
+    if hits is None:
+        return None
+    a, b = hits(dense.metric, dense.details), hits(mod.metric, mod.details)
+    return paired_test(a, b) if a and b is not None and a.keys() == b.keys() else None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     recipe, cal = options.recipe(args), options.calibration(args)
     tasks, opts = options.task_setup(args)
@@ -127,9 +141,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             row["flips"] = answer_flips(dense.details["golds"], dense.details[pred], mod.details[pred])
         if dense.task != t:  # a task config: its file
             row["config"] = t
+        test = _paired(t, dense, mod) if modified else None
+        row["paired"] = None if test is None else asdict(test)
         rows.append(row)
         print(_score_line(dense.task, dense, mod, plan.label())
               + (f"  flips {row['flips']['flips']:.1%}" if "flips" in row else ""), flush=True)
+        if modified:
+            print(f"{'':16s} " + (test.line() if test is not None
+                                  else "no per-item outcomes: no paired test for this task"), flush=True)
     if args.out:
         write_json(Path(args.out), {"model": lm.info, "modification": plan.to_dict(), "limit": args.limit,
                                     "seed": args.seed, "tasks": rows})
@@ -141,7 +160,7 @@ def _print_summary(run_dir: Path) -> None:
 
     found = for_run(run_dir)
     if found is not None and found.summary is not None and (run_dir / "results.json").is_file():
-        print("\n".join(found.summary(read_json(run_dir / "results.json"))))
+        print("\n".join(found.summary(found.saved(run_dir))))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -173,6 +192,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="prunelens", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=f"prunelens {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     commands: dict[str, Any] = {}
 
@@ -228,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("eval", "task scores of the dense and the modified model side by side", eval_args, cmd_eval)
     add("report", "rebuild the HTML report from saved run directories", report_args, cmd_report)
     add("models", "list the bundled model presets", lambda p: None, cmd_models)
-    return ap
+    return options.fill_help(ap)
 
 
 def main(argv: list[str] | None = None) -> int:

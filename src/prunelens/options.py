@@ -25,6 +25,10 @@ from prunelens.runs import check_writable_parent
 from prunelens.tasks.config import load_config
 from prunelens.tasks.registry import TaskOptions, check_task, tasks_help
 
+# below this, z/T turns a 0.1-nat logit gap into 100 nats: the distribution is numerically one-hot
+# (float32's exp underflows past ~-103) and a temperature says nothing a greedy argmax does not
+MIN_TEMPERATURE = 1e-3
+
 
 def temperatures(s: str) -> tuple[float, ...]:
     try:
@@ -36,6 +40,10 @@ def temperatures(s: str) -> tuple[float, ...]:
     for t in temps:
         if not (t > 0 and math.isfinite(t)):
             raise PrunelensError(f"temperature must be positive, got {t:g}")
+        if t < MIN_TEMPERATURE:
+            raise PrunelensError(f"temperature {t:g} is below {MIN_TEMPERATURE:g}: softmax(z/T) is then one-hot "
+                                 "for any logit gap above 0.1 (e^-100) and its KL is infinite or NaN; use "
+                                 f"{MIN_TEMPERATURE:g} or more")
     return temps
 
 
@@ -54,7 +62,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"preset, local HF directory, .gguf file or hub id (default {DEFAULT_MODEL})")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of every sample drawn: calibration windows, and the seeded sample of questions "
+                        "--limit takes (default 0)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code from the hub (off by default)")
     big = p.add_argument_group("models larger than one device (accelerate's big-model inference)")
@@ -71,7 +81,24 @@ def placement(args: argparse.Namespace):
 
 
 def load(args: argparse.Namespace):
-    return load_model(args.model, args.device, args.dtype, args.trust_remote_code, placement=placement(args))
+    """The model, its --device-map checked against it before any work."""
+    where = placement(args)
+    lm = load_model(args.model, args.device, args.dtype, args.trust_remote_code, placement=where)
+    check_device_map(lm.model, where.device_map, getattr(args, "device_map", None))
+    return lm
+
+
+def check_device_map(model: Any, device_map: Any, source: str | None) -> None:
+    """A device map's names must be the model's modules (or parameters): accelerate ignores one it
+    does not know, so a typo would leave that module wherever the rest went, without a word."""
+    if not isinstance(device_map, dict):
+        return
+    known = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
+    unknown = [k for k in device_map if k not in known]
+    if unknown:
+        example = next((n for n, _ in model.named_modules() if n.count(".") == 2), "model.layers.0")
+        raise PrunelensError(f"--device-map {source}: no module named {', '.join(map(repr, unknown[:3]))}"
+                             f"{' …' if len(unknown) > 3 else ''} in this model (names as in '{example}')")
 
 
 class _AppendSpec(argparse.Action):
@@ -124,8 +151,9 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_method_args(p: argparse.ArgumentParser) -> None:
-    """--method (repeatable, one recipe each) and how the methods are calibrated."""
-    p.add_argument("--method", action="append", default=[], metavar="RECIPE", required=True,
+    """--recipe (alias --method; repeatable, one modification each) and how they are calibrated."""
+    p.add_argument("--recipe", "--method", dest="method", action="append", default=[], metavar="RECIPE",
+                   required=True,
                    help="repeatable, one modification each: a spec (attn:4, wanda:0.5, gptq:w4g128), specs "
                         "joined by '+' (attn:2+wanda:0.5) or a YAML/JSON recipe file")
     add_calibration_args(p)
@@ -152,12 +180,24 @@ def recipe(args: argparse.Namespace) -> Recipe:
     return Recipe.parse(steps)  # parsed already: only the duplicates are checked
 
 
+NOTHING_TO_DO = "nothing to do: give --recipe, --drop, --prune or --quant"
+
+
+def required_recipe(args: argparse.Namespace, why: str = "") -> Recipe:
+    """``recipe``, refused when empty: a command whose answer compares the model with its modified
+    self would otherwise compare it with itself and report a perfect match."""
+    r = recipe(args)
+    if not r:
+        raise PrunelensError(NOTHING_TO_DO + (f" ({why})" if why else ""))
+    return r
+
+
 def method_recipes(args: argparse.Namespace) -> dict[str, Recipe]:
-    """--method values by their text, each parsed (duplicates refused)."""
+    """--recipe (--method) values by their text, each parsed (duplicates refused)."""
     out: dict[str, Recipe] = {}
     for m in args.method:
         if m in out:
-            raise PrunelensError(f"--method {m} is given twice")
+            raise PrunelensError(f"--recipe {m} is given twice")
         out[m] = Recipe.parse(m)
     return out
 
@@ -167,21 +207,25 @@ def build_methods(lm, recipes: dict[str, Recipe], cal: Calibration, progress: bo
 
 
 def check_checkpoint_dir(out: Path, overwrite: bool) -> None:
+    """A checkpoint replaces its folder whole (``runs.atomic_dir``), so --overwrite only ever
+    replaces a model checkpoint, never a folder of other files."""
     if out.exists() and not out.is_dir():
         raise PrunelensError(f"'{out}' exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise PrunelensError(f"output directory '{out}' is not empty (use --overwrite)")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise PrunelensError(f"'{out}' is not empty and holds no model checkpoint; not overwriting it")
     check_writable_parent(out)
 
 
 def add_task_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tasks", required=True, help=f"comma-separated: {tasks_help()}")
+    p.add_argument("--tasks", "--task", dest="tasks", required=True, help=f"comma-separated: {tasks_help()}")
     p.add_argument("--data-dir", help="directory with the tasks' local data files (docs/tasks.md); a task whose "
                    "file is not there loads its Hub dataset")
     p.add_argument("--limit", type=int, help="a seeded sample of N questions per task")
     p.add_argument("--generative-limit", type=int, metavar="N",
                    help="a different limit for gsm8k/humaneval/mbpp (they cost far more per question)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="questions or prompts per forward pass (default 8)")
     p.add_argument("--shots", type=int, default=5, help="GSM8K exemplars (default 5)")
     p.add_argument("--max-new-tokens", type=int,
                    help="generation limit (default: gsm8k 256, humaneval/mbpp 512, fidelity 64)")
@@ -190,7 +234,7 @@ def add_task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pooling", default="mean", choices=["mean", "last"], help="retrieval embedding pooling")
     p.add_argument("--prompts", help="fidelity prompts (.txt one per line, .jsonl, or a task config .yaml); "
                    "default: built-in set")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def task_setup(args: argparse.Namespace) -> tuple[list[str], Any]:
@@ -233,6 +277,35 @@ def prompts(args: argparse.Namespace) -> list[str]:
     if getattr(args, "limit", None) is not None:
         out = out[:positive("--limit", args.limit)]
     return out
+
+
+#: the help of flags many commands share, given where a command adds one without its own help;
+#: ``%(default)s`` is each command's own default. ``fill_help`` is called once on the whole parser.
+SHARED_HELP = {
+    "--batch-size": "prompts or questions per forward pass (default %(default)s)",
+    "--quiet": "no progress bars",
+    "--no-chat-template": "send the bare prompts instead of the tokenizer's chat template",
+    "--overwrite": "replace an existing output",
+    "--temperature": "softmax temperature of the compared next-token distributions (default %(default)s)",
+    "--temps": "temperatures, comma-separated, e.g. 1,0.5 (default %(default)s)",
+    "--steps": "decoding steps per prompt (default %(default)s)",
+    "--limit": "use only the first N prompts",
+    "--calib": "calibration text (.txt or .jsonl with a 'text' field); default: a built-in sample",
+    "--calib-samples": "calibration windows (default %(default)s)",
+    "--calib-len": "tokens per calibration window (default %(default)s)",
+    "--kind": "which units: attn, mlp or block (default %(default)s)",
+}
+
+
+def fill_help(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Give every option of every subcommand that has no help its shared help (``SHARED_HELP``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                fill_help(sub)
+        elif not action.help:
+            action.help = next((SHARED_HELP[o] for o in action.option_strings if o in SHARED_HELP), None)
+    return parser
 
 
 def add_output_args(p: argparse.ArgumentParser, default: str) -> None:

@@ -88,6 +88,11 @@ class Registry(Generic[T]):
     def unknown(self, name: str) -> str:
         """The one-line error for a name that is not registered."""
         names = self.names()
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        return f"unknown {self.kind} '{name}'{hint} (known: {', '.join(names)})"
+        return f"unknown {self.kind} '{name}'{did_you_mean(name, names)} (known: {', '.join(names)})"
+
+
+def did_you_mean(name: str, names: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest known name, or ``""``: the one hint every unknown-name
+    error (registries, recipe methods, sweep methods, paired tasks) gives."""
+    close = difflib.get_close_matches(name, list(names), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""

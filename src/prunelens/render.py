@@ -5,9 +5,12 @@ from __future__ import annotations
 import base64
 import html
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from prunelens.errors import PrunelensError
 
 DPI = 110
 
@@ -78,26 +81,72 @@ details{margin:.5em 0}summary{cursor:pointer;font-weight:600}
 """
 
 
-def esc(x: Any) -> str:
-    return html.escape(str(x), quote=True)
+class Markup(str):
+    """Text that is already HTML built by this kit (escaped values inside our own tags): ``esc``
+    passes it through unchanged, so escaping twice never shows ``&amp;lt;``."""
+
+
+def esc(x: Any) -> Markup:
+    """The one escaping rule: every value a page shows goes through here (or ``val``), whatever its
+    type, since a saved result read back may hold markup in any field."""
+    return x if isinstance(x, Markup) else Markup(html.escape(str(x), quote=True))
+
+
+def text(x: Any, spec: str = "", missing: str = "—") -> str:
+    """A saved value as plain text: a real number formatted with ``spec``, None as ``missing``,
+    anything else (a crafted string, a list where a number belongs) as it is, never a crash."""
+    if x is None:
+        return missing
+    if spec and isinstance(x, (int, float)) and not isinstance(x, bool):
+        return format(x, spec)
+    return str(x)
+
+
+def val(x: Any, spec: str = "", missing: str = "—") -> Markup:
+    """A saved value for a page: ``text`` escaped, the way every value reaches HTML."""
+    return esc(text(x, spec, missing))
 
 
 def html_page(title: str, *parts: str) -> str:
-    """A self-contained report page (inline CSS; figures come inline through ``img``)."""
+    """A self-contained report page (inline CSS; figures come inline through ``img``); the title is
+    escaped here, the parts are HTML built with ``esc``/``val``."""
     return "\n".join(["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-                      f"<title>{title}</title><style>{CSS}</style></head><body>", *parts, "</body></html>"])
+                      f"<title>{esc(title)}</title><style>{CSS}</style></head><body>", *parts, "</body></html>"])
 
 
-def html_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], cell: Any) -> str:
+def html_table(rows: Sequence[Any], keys: Sequence[str], cell: Any = val) -> str:
     """One row per dict, one column per key, each value through ``cell`` and escaped."""
     head = "".join(f"<th>{esc(k)}</th>" for k in keys)
-    body = "".join("<tr>" + "".join(f"<td>{esc(cell(r.get(k)))}</td>" for k in keys) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{esc(cell(r.get(k) if isinstance(r, dict) else None))}</td>"
+                                    for k in keys) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def img(path: Path) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return f'<img alt="{esc(Path(path).stem)}" src="data:image/png;base64,{data}">'
+    """A PNG inlined as a data URI: only a regular file reached without a symlink (neither the file
+    nor its folder), so a crafted run folder cannot pull another file into the page."""
+    p = Path(path)
+    if p.is_symlink() or p.parent.is_symlink() or not p.is_file():
+        raise PrunelensError(f"figure '{p}' is not a regular file inside the run folder (a symlink?); "
+                             "remove it and rebuild the report")
+    data = base64.b64encode(p.read_bytes()).decode("ascii")
+    return f'<img alt="{esc(p.stem)}" src="data:image/png;base64,{data}">'
+
+
+def save_figure(fig: Any, path: Path, dpi: int = DPI) -> Path:
+    """Write a figure as a new file renamed into place: a symlink planted at ``path`` is replaced,
+    never written through, and a symlinked folder is refused (as ``img`` refuses to read it)."""
+    p = Path(path)
+    if p.parent.is_symlink():
+        raise PrunelensError(f"figure folder '{p.parent}' is a symlink; figures are written only inside "
+                             "the run folder")
+    tmp = p.with_name(f".{p.stem}.{os.getpid()}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return p
 
 
 def subplots(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6.0, 4.0),

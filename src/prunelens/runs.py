@@ -13,7 +13,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +41,19 @@ def write_json(path: Path, obj: Any) -> None:
 def check_writable_parent(out: Path) -> None:
     """The directory that will hold ``out`` exists or can be made, and a file can be created there
     (probed, then removed): an unwritable --out fails before any work, in one line."""
-    parent = Path(out).absolute().parent
+    probe_writable_dir(Path(out).absolute().parent, f".{Path(out).name}", f"cannot write '{out}'")
+
+
+def probe_writable_dir(folder: Path, stem: str, failure: str) -> None:
+    """Make ``folder`` if needed and create then remove a probe file in it; an ``OSError`` becomes one
+    line starting with ``failure``."""
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        probe = parent / f".{Path(out).name}.probe-{os.getpid()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f"{stem}.probe-{os.getpid()}"
         probe.touch()
         probe.unlink()
     except OSError as e:
-        raise PrunelensError(f"cannot write '{out}': {e.strerror or e}") from None
+        raise PrunelensError(f"{failure}: {e.strerror or e}") from None
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
@@ -88,6 +93,20 @@ def write_run(result: dict[str, Any], out_dir: str | Path, overwrite: bool = Fal
     """
     out = Path(out_dir)
     check_out_dir(out, overwrite)
+    with atomic_dir(out) as tmp:
+        write_json(tmp / "results.json", result)
+        figs = figures(result, tmp / "figures")
+        (tmp / "report.html").write_text(html(result, figs), encoding="utf-8")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """The one writer of whole folders (run folders, saved checkpoints): yields a hidden temporary
+    sibling of ``out`` that is renamed into place only when the block ends without error, so an
+    interrupted or killed writer leaves nothing at ``out`` (a previous ``out`` stays whole until the
+    new one is in place, and is put back on failure). Temporaries of killed writers are removed."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -96,10 +115,8 @@ def write_run(result: dict[str, Any], out_dir: str | Path, overwrite: bool = Fal
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        write_json(tmp / "results.json", result)
-        figs = figures(result, tmp / "figures")
-        (tmp / "report.html").write_text(html(result, figs), encoding="utf-8")
-        if out.exists():  # the old run stays whole until the new one is in place
+        yield tmp
+        if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
     except BaseException:
@@ -108,7 +125,6 @@ def write_run(result: dict[str, Any], out_dir: str | Path, overwrite: bool = Fal
             os.replace(old, out)
         raise
     shutil.rmtree(old, ignore_errors=True)
-    return out
 
 
 def _remove_stale_temporaries(out: Path) -> None:

@@ -16,9 +16,13 @@ def test_budget_parses_percent_and_share() -> None:
     assert adv.parse_budget("25%") == pytest.approx(0.25)
     assert adv.parse_budget("0.3") == pytest.approx(0.3)
     for bad, msg in (("abc", "such as 25%"), ("0%", "strictly between"), ("1", "strictly between"),
-                     ("150%", "strictly between")):
+                     ("150%", "strictly between"), ("15", "did you mean '15%'"), ("1", "did you mean '1%'")):
         with pytest.raises(PrunelensError, match=msg):
             adv.parse_budget(bad)
+    for no_hint in ("150", "0", "150%", "-5"):
+        with pytest.raises(PrunelensError) as e:
+            adv.parse_budget(no_hint)
+        assert "did you mean" not in str(e.value)
 
 
 def test_candidates_meet_the_budget_on_a_tiny_model() -> None:

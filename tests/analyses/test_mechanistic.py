@@ -85,6 +85,23 @@ def test_compare_methods_resumes_and_draws(tiny: LoadedModel, tmp_path: Path,
         compare_methods(tiny, ["attn@1"], prompts[:1], settings, tmp_path / "c", progress=False)
 
 
+
+def test_compare_reanalyses_an_edited_recipe_file(tiny: LoadedModel, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = TraceSettings(max_new_tokens=2, chat_template=False, logit_lens=False)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("- attn@1\n")
+    calls = []
+    real = compare_mod.analyze
+    monkeypatch.setattr(compare_mod, "analyze", lambda *a, **k: calls.append(a) or real(*a, **k))
+    first = compare_methods(tiny, [str(recipe)], ["w5 w6"], settings, tmp_path / "c", progress=False)
+    compare_methods(tiny, [str(recipe)], ["w5 w6"], settings, tmp_path / "c", progress=False)
+    assert len(calls) == 1  # unchanged: the cached run is reused
+    recipe.write_text("- mlp@2\n")  # same file name, other content
+    again = compare_methods(tiny, [str(recipe)], ["w5 w6"], settings, tmp_path / "c", progress=False)
+    assert len(calls) == 2 and again["methods"][0]["recipe"] == ["mlp@2"]
+    assert again["methods"][0]["label"] != first["methods"][0]["label"]
+
 @pytest.mark.slow
 @pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is absent")
 def test_subspace_on_the_real_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

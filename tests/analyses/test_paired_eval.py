@@ -122,3 +122,44 @@ def test_paired_on_the_real_model_pairs_dense_with_itself_exactly() -> None:
     assert let["methods"] == [] and len(let["dense"]["per_question"]["mcq_choice"]) == 6
     assert all(0 <= c < len(q["choices"]) for c, q in zip(let["dense"]["per_question"]["mcq_choice"],
                                                           let["questions"], strict=True))
+
+
+@pytest.mark.parametrize(("task", "given", "used"), [("arc_easy", None, pe.GEN_TOKENS), ("arc_easy", 7, 7),
+                                                     ("gsm8k", None, pe.GSM8K_TOKENS), ("gsm8k", 9, 9)])
+def test_free_answer_budget_is_the_flag(monkeypatch, tmp_path: Path, task: str, given: int | None,
+                                        used: int) -> None:
+    qs = [pe.PairedQuestion(i, f"q{i}", ("a", "b"), 0, 1.0 if task == "gsm8k" else None) for i in range(3)]
+    monkeypatch.setattr(pe, "paired_questions", lambda *a, **k: qs)
+    monkeypatch.setattr(pe, "_mcq_choices", lambda lm, s, questions, *a: [0] * len(questions))
+    budgets = []
+
+    def fake_generate(lm, prompts, new_tokens, *a, **k):
+        budgets.append(new_tokens)
+        return ["a"] * len(prompts)
+
+    def fake_gsm8k(lm, data_dir, limit, seed, shots, mod, batch_size, new_tokens, *a):
+        budgets.append(new_tokens)
+        return SimpleNamespace(samples=[{"index": q.index, "flexible": 1.0} for q in qs])
+
+    monkeypatch.setattr(pe, "generate", fake_generate)
+    monkeypatch.setattr(pe, "evaluate_gsm8k", fake_gsm8k)
+    monkeypatch.setattr(pe, "render", lambda tok, turns, chat: turns[0]["content"])
+    lm = SimpleNamespace(info={"name": "stand-in"}, tokenizer=None)
+    res = pe.paired_eval(lm, task, tmp_path, {}, limit=3, progress=False, gen_tokens=given)  # type: ignore[arg-type]
+    assert budgets == [used] and res["gen_tokens"] == used
+
+
+def test_paired_cli_has_max_new_tokens_and_refuses_generate_configs_in_one_line(tmp_path: Path) -> None:
+    from prunelens.cli import build_parser
+
+    args = build_parser().parse_args(["paired", "--task", "arc_easy", "--method", "attn:1",
+                                      "--max-new-tokens", "64"])
+    assert (args.task, args.max_new_tokens) == ("arc_easy", 64)
+    assert build_parser().parse_args(["paired", "--tasks", "mmlu", "--method", "attn:1"]).max_new_tokens is None
+    _jsonl(tmp_path / "x.jsonl", [{"q": "one plus one?", "a": "2"}])
+    cfg = tmp_path / "free.yaml"
+    cfg.write_text("task: free\nkind: generate\ndata_files: x.jsonl\nprompt: '{{q}}'\ntarget: '{{a}}'\n")
+    with pytest.raises(PrunelensError, match="is a generate config: its items have a target but no answer "
+                                             "options") as e:
+        pe.check_paired_task(str(cfg), tmp_path)
+    assert "\n" not in str(e.value)

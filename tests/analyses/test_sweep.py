@@ -341,6 +341,38 @@ def test_claims_of_live_workers_are_kept_and_of_dead_ones_retaken(tmp_path: Path
     assert not claim(cell)  # finished cells are never claimed
 
 
+@pytest.mark.parametrize("held", [{"host": "HERE"}, {"host": "HERE", "pid": -1}, {"host": "HERE", "pid": 0},
+                                  {"host": "HERE", "pid": "12"}, {"pid": 4242}, {"host": "node17", "pid": None},
+                                  ["not", "a", "claim"]])
+def test_a_claim_naming_no_valid_worker_is_taken_over_and_said(tmp_path: Path, held: object,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    from prunelens.analyses.cells import claim, claimed_by, release
+
+    cell, lock = tmp_path / "a.json", tmp_path / "a.json.claim"
+    lock.write_text(json.dumps(held).replace('"HERE"', json.dumps(socket.gethostname())))
+    assert claimed_by(cell) is None
+    assert claim(cell)  # a claim without a pid used to count as alive forever: never computed
+    assert "names no valid worker" in capsys.readouterr().err
+    release(cell)
+    assert not lock.exists()
+
+
+def test_an_unreadable_claim_is_waited_for_then_taken_over(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+    import time
+
+    from prunelens.analyses.cells import CLAIM_WRITE_S, claim
+
+    cell, lock = tmp_path / "a.json", tmp_path / "a.json.claim"
+    lock.write_text("{")  # a claim being written right now
+    assert not claim(cell) and capsys.readouterr().err == ""
+    old = time.time() - CLAIM_WRITE_S - 5
+    os.utime(lock, (old, old))  # ...and still unreadable long after: abandoned
+    assert claim(cell)
+    assert "is unreadable; taking the cell over" in capsys.readouterr().err
+
 def test_cache_accepts_a_directory_another_worker_is_opening_and_refuses_foreign_files(tmp_path: Path) -> None:
     from prunelens.analyses.cells import CellCache
 

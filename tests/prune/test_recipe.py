@@ -136,7 +136,7 @@ def test_cli_aliases_build_the_same_recipe() -> None:
 
 
 def test_lmeval_model_type_composes_as_the_cli(monkeypatch: pytest.MonkeyPatch) -> None:
-    """prunelens.lmeval's model type, with lm-eval's two imports stubbed, builds `prune=` through
+    """prunelens.lmeval's model type, with lm-eval's imports stubbed, builds `prune=` through
     the same builder: attn:2+wanda:0.5 gives the CLI's drops and masks."""
     registered = {}
 
@@ -153,12 +153,19 @@ def test_lmeval_model_type_composes_as_the_cli(monkeypatch: pytest.MonkeyPatch) 
     stubs = {"lm_eval": types.ModuleType("lm_eval"), "lm_eval.api": types.ModuleType("lm_eval.api"),
              "lm_eval.api.registry": types.ModuleType("lm_eval.api.registry"),
              "lm_eval.models": types.ModuleType("lm_eval.models"),
-             "lm_eval.models.huggingface": types.ModuleType("lm_eval.models.huggingface")}
+             "lm_eval.models.huggingface": types.ModuleType("lm_eval.models.huggingface"),
+             "lm_eval.loggers": types.ModuleType("lm_eval.loggers"),
+             "lm_eval.loggers.evaluation_tracker": types.ModuleType("lm_eval.loggers.evaluation_tracker")}
     stubs["lm_eval.api.registry"].register_model = register_model
+    stubs["lm_eval.api.registry"].model_registry = registered
+    stubs["lm_eval.loggers.evaluation_tracker"].GeneralConfigTracker = type(
+        "GeneralConfigTracker", (), {"_get_model_name": staticmethod(lambda model_args: None)})
     stubs["lm_eval.models.huggingface"].HFLM = FakeHFLM
     for k, v in stubs.items():
         monkeypatch.setitem(sys.modules, k, v)
-    monkeypatch.delitem(sys.modules, "prunelens.lmeval", raising=False)
+    # imported fresh over the stubs, and forgotten afterwards (later tests import the real one)
+    monkeypatch.setitem(sys.modules, "prunelens.lmeval", types.ModuleType("prunelens.lmeval"))
+    monkeypatch.delitem(sys.modules, "prunelens.lmeval")
     import prunelens.lmeval as lmeval
 
     lm = tiny_lm("llama")

@@ -17,7 +17,7 @@ from prunelens.model.placement import swapped
 from prunelens.prune.base import combine, method_for, view_of
 from prunelens.prune.drop import DropPlan
 from prunelens.prune.linfit import NormalEquations, cosine_loss, cosine_map, diagonal_map, ridge_map
-from prunelens.prune.recipe import Recipe, build, prune_weights, save_modified
+from prunelens.prune.recipe import Calibration, Recipe, build, prune_weights, save_modified
 from prunelens.prune.repair import RepairPatch, Span, dropped_spans, fit_by_full_passes, fit_repair, weight_spans
 from prunelens.testing import tiny_lm
 
@@ -198,6 +198,25 @@ def test_repair_composes_in_recipes_and_refuses_what_it_cannot_do(tmp_path: Path
     with pytest.raises(PrunelensError, match="adds a bias"):
         save_modified(lm, bias, tmp_path / "b")
 
+
+def test_a_repair_that_raises_the_held_out_kl_is_said_or_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    lm = tiny_lm("llama")
+    # ridge 0 on one window of 4 tokens: an underdetermined map that fits those tokens and nothing else
+    few = Calibration(samples=1, seq_len=4)
+    bad = build(lm, "block@2+repair:linear:0", few, progress=False).parts()[-1].to_dict()
+    check = bad["held_out_check"]
+    assert check["raises_kl"] and check["kl_with_repair"] > check["kl_without_repair"]
+    assert check["held_out_windows"] == 1 and bad["calibration"]["samples"] == 1  # fitted on the 1 asked for
+    err = capsys.readouterr().err
+    assert "repair:linear:0 raises the next-token KL" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(PrunelensError, match=r"refused \(:strict\)"):
+        build(lm, "block@2+repair:linear:0:strict", few, progress=False)
+    assert Recipe.parse("attn@1+repair:scale:strict").steps[1].value.strict
+    # enough calibration: the same map lowers the held-out KL, and nothing is said
+    good = build(lm, "block@2+repair:linear:0:strict", Calibration(samples=8, seq_len=32), progress=False)
+    check = good.parts()[-1].to_dict()["held_out_check"]
+    assert not check["raises_kl"] and check["kl_with_repair"] < check["kl_without_repair"]
+    assert check["held_out_windows"] == 2 and capsys.readouterr().err == ""
 
 def test_sandwich_norms_repair_by_stand_in_and_refuse_to_save(tmp_path: Path) -> None:
     lm = tiny_lm("gemma3_text")

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from prunelens.errors import PrunelensError
-from prunelens.tasks.paired import gsm8k_distractors, gsm8k_options, match_choice, paired_gap
+from prunelens.tasks.paired import (
+    gsm8k_distractors,
+    gsm8k_options,
+    match_choice,
+    mcnemar_exact_p,
+    paired_gap,
+    paired_test,
+)
 
 
 @pytest.mark.parametrize("gold", [0, 1, 7, 18, 250, 3.5, -4])
@@ -81,3 +88,37 @@ def test_mismatched_runs_are_refused() -> None:
         paired_gap([1, 0], [1], [1, 0], [1, 0])
     with pytest.raises(PrunelensError, match="confidence"):
         paired_gap([1], [1], [1], [1], confidence=1.5)
+
+
+@pytest.mark.parametrize(("b", "c", "p"), [(0, 0, 1.0), (0, 2, 0.5), (0, 6, 2 / 64), (1, 9, 2 * 11 / 1024),
+                                           (9, 1, 2 * 11 / 1024), (5, 5, 1.0), (3, 4, 1.0)])
+def test_mcnemar_exact_p_by_hand(b: int, c: int, p: float) -> None:
+    assert mcnemar_exact_p(b, c) == pytest.approx(p, abs=1e-15)
+
+
+def test_paired_test_of_one_to_three_right_of_ten_is_flagged_too_small() -> None:
+    dense = {i: float(i == 0) for i in range(10)}
+    modified = {i: float(i < 3) for i in range(10)}
+    t = paired_test(dense, modified)
+    assert (t.n, t.lost, t.gained) == (10, 0, 2)
+    assert t.difference == pytest.approx(0.2)
+    assert t.stderr == pytest.approx(np.sqrt(1.6 / 9) / np.sqrt(10))
+    assert t.p_mcnemar == pytest.approx(0.5)
+    assert t.too_small and "too few to read" in t.line() and "p=0.5" in t.line()
+
+
+def test_paired_test_large_and_clear() -> None:
+    dense = {i: 1.0 for i in range(40)}
+    modified = {i: float(i >= 12) for i in range(40)}  # 12 lost, none gained
+    t = paired_test(dense, modified)
+    assert (t.lost, t.gained, t.too_small) == (12, 0, False)
+    assert t.difference == pytest.approx(-0.3)
+    assert t.p_mcnemar == pytest.approx(2 / 2 ** 12)
+    assert "too few" not in t.line()
+
+
+def test_paired_test_needs_the_same_items() -> None:
+    with pytest.raises(PrunelensError, match="same non-empty set"):
+        paired_test({1: 1.0}, {2: 1.0})
+    with pytest.raises(PrunelensError):
+        paired_test({}, {})

@@ -80,6 +80,9 @@ def test_regex_extraction_and_matching_follow_lm_eval() -> None:
     assert not matches(None, "1", {})
 
 
+GEN = "kind: generate\ndata_files: d.jsonl\nprompt: '{{q}}'\ntarget: a\n"
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("kind: essay\ndata_files: d.jsonl\n", "kind must be one of multiple_choice, generate, code"),
     ("kind: generate\ndata_files: d.jsonl\nprompt: x\n", "'target' is required for kind generate"),
@@ -94,6 +97,43 @@ def test_regex_extraction_and_matching_follow_lm_eval() -> None:
     ("kind: multiple_choice\ndata_files: d.jsonl\nprompt: '{{q}}'\nchoices: opts\nanswer: a\n", None),
     (": : :\n", "not valid YAML"),
     ("- a\n", "must be a mapping"),
+    # every field is checked against config_schema.SCHEMA when the file is read (issue 42 §5)
+    (GEN + "ignore: '(['\n", "ignore regex '([' is invalid"),
+    (GEN + "ignore: [',', 5]\n", "ignore regex must be a text (quote it), got 5"),
+    (GEN + "extract: {regex: 'a(b)', group: 2}\n", "extract group 2 is not a group of regex 'a(b)' (it has 1)"),
+    (GEN + "extract: {regex: 'a(b)', group: name}\n", "extract group 'name' is not a group"),
+    (GEN + "extract: {regex: 5}\n", "extract regex must be a text (quote it), got 5"),
+    (GEN + "extract: 5\n", "extract must be a regex or {regex, group, select}, got 5"),
+    (GEN + "extract: {regex: a, select: middle}\n", "select must be one of first, last, got 'middle'"),
+    (GEN + "extract: {regex: a, flags: i}\n", "extract has an unknown key 'flags'"),
+    (GEN + "num_fewshot: two\n", "num_fewshot must be a whole number >= 0, got 'two'"),
+    (GEN + "num_fewshot: 1.5\n", "num_fewshot must be a whole number >= 0, got 1.5"),
+    (GEN + "num_fewshot: -1\n", "num_fewshot must be a whole number >= 0, got -1"),
+    (GEN + "max_new_tokens: lots\n", "max_new_tokens must be a whole number >= 1, got 'lots'"),
+    (GEN + "max_new_tokens: 0\n", "max_new_tokens must be a whole number >= 1, got 0"),
+    (GEN + "until: [Answer, 3]\n", "until must be a stop string or a list of non-empty stop strings"),
+    (GEN + "until: ''\n", "until must be a stop string"),
+    (GEN + "match: fuzzy\n", "match must be one of exact, numeric, got 'fuzzy'"),
+    (GEN + "ignore_case: maybe\n", "ignore_case must be true or false, got 'maybe'"),
+    (GEN + "chat_template: 0\n", "chat_template must be true or false, got 0"),
+    (GEN + "fewshot_target: yes\n", "fewshot_target must be a text or a number (quote yes/no/true/false)"),
+    (GEN + "description: [a]\n", "description must be a text"),
+    ("kind: generate\ndata_files: d.jsonl\nprompt: 5\ntarget: a\n", "prompt must be a text, got 5"),
+    (GEN + "task: 'a b'\n", "task may hold only letters"),
+    (GEN.replace("'{{q}}'", "'{{ q '"), "prompt: template error"),
+    ("kind: generate\ndata_files: 5\nprompt: x\ntarget: y\n", "data_files must name a file, a list of files"),
+    ("kind: generate\ndata_files: {test: [d.jsonl, 7]}\nprompt: x\ntarget: y\n", "data_files must name a file"),
+    ("kind: generate\ndataset: {path: a/b, split: 3}\nprompt: x\ntarget: y\n", "dataset split must be a text, got 3"),
+    ("kind: generate\ndataset: {path: a/b, revision: main}\nprompt: x\ntarget: y\n",
+     "dataset has an unknown key 'revision'"),
+    ("kind: generate\ndataset: a/b\nprompt: x\ntarget: y\n", "dataset needs at least a 'path'"),
+    ("kind: multiple_choice\ndata_files: d.jsonl\nprompt: q\nchoices: {a: 1}\nanswer: a\n",
+     "choices must be a column, a template or a list"),
+    ("kind: code\ndata_files: d.jsonl\nprompt: q\ntests: q\nsetup: [1]\n", "setup must be a text"),
+    ("kind: generate\n1: x\ndata_files: d.jsonl\nprompt: q\ntarget: a\n", "unknown key '1'"),
+    ("[" * 5000 + "\n", "is refused: it is nested too deeply"),
+    ("a: &a [*a]\n", "is refused: an alias in it refers to a node that contains the alias"),
+    (GEN + "until: 'Answer'\nignore: ','\nextract: '(x)'\n", None),  # one stop string, one regex
 ])
 def test_bad_configs_are_one_line_before_any_model(text: str, message: str | None, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
@@ -104,6 +144,117 @@ def test_bad_configs_are_one_line_before_any_model(text: str, message: str | Non
     assert rc == 2 and len(err) == 1 and "Traceback" not in err[0]
     # a good config passes the data checks and fails only at the model
     assert (message or "/no/such/model") in err[0], err
+
+
+def test_until_as_a_text_is_one_stop_string_as_in_lm_eval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``until: 'Answer'`` once became six one-letter stop strings (outputs "Th", score 0); every
+    field reaches the scorer in its one normal form."""
+    import prunelens.tasks.config as config_module
+    from prunelens.testing import tiny_lm
+
+    _rows(tmp_path / "d.jsonl", [{"q": "x", "a": "1,0"}])
+    cfg = load_config(_write(tmp_path / "t.yaml", GEN + "until: 'Answer'\nignore: ','\nextract: '(\\d+,?\\d*)'\n"))
+    assert cfg.raw["until"] == ["Answer"] and cfg.raw["ignore"] == [","]
+    assert cfg.extract == {"regex": r"(\d+,?\d*)", "group": 1} and cfg.raw["data_files"] == {"train": ["d.jsonl"]}
+    seen = []
+
+    def fake_generate(lm: Any, prompts: Any, new: int, stop: tuple[str, ...], *args: Any, **kw: Any) -> list[str]:
+        seen.append(stop)
+        return ["The answer is 10 Answer" for _ in prompts]
+
+    monkeypatch.setattr(config_module, "generate", fake_generate)
+    score = run_task(tiny_lm(), str(tmp_path / "t.yaml"), None, TaskOptions(progress=False))
+    assert seen == [("Answer",)] and score.score == 1.0  # "10" matches "1,0" once ',' is ignored
+
+
+# each prunelens CLI run's (exit status, stderr lines), in one child process
+_CHILD = """import contextlib, io, json, sys
+from prunelens.cli import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        out.append((main(argv), err.getvalue().strip().splitlines()))
+print(json.dumps(out))
+"""
+
+
+def _cli_in_subprocess(runs: list[list[str]], timeout: float) -> list[tuple[int, list[str]]]:
+    """The CLI runs in a child process killed at ``timeout``: a regression to an unbounded config
+    fails fast instead of hanging the test run or exhausting its memory."""
+    import subprocess
+    import sys
+
+    try:
+        p = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(runs)], capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"reading the configs did not finish in {timeout} s")
+    assert p.returncode == 0, p.stderr[-2000:]
+    return [(rc, err) for rc, err in json.loads(p.stdout.strip().splitlines()[-1])]
+
+
+LAUGHS = "lol: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{b}: &{b} [{', '.join(['*' + a] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi", strict=True))
+BOMBS = [  # (config, what the one line says)
+    (GEN + LAUGHS, "is refused: its aliases expand it to over 10000 nodes"),
+    (GEN.replace("'{{q}}'", "'{{ 9**(9**9) }}'"), "prompt: row 1: template refused: 9 ** 387420489 is over 4096 bits"),
+    (GEN.replace("'{{q}}'", "'{{ (2**3000) * (2**3000) }}'"), "template refused: a product over 4096 bits"),
+    (GEN.replace("'{{q}}'", "'{{ \"ab\" * 10**8 }}'"), "template refused: a text or list of 200000000 items"),
+    (GEN.replace("'{{q}}'", "\"{{ 'x'|center(10000000000) }}\""), "template refused: a size of 10000000000"),
+    (GEN.replace("'{{q}}'", "\"{{ '{:999999999}'.format(q) }}{{ '%0999999999d' % 1 }}\""),
+     "template refused: a size of 999999999 (at most 1000000)"),
+    (GEN.replace("'{{q}}'", "'{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}'"),
+     "template refused: rendering took over 2 s"),
+]
+
+
+def test_config_bombs_are_refused_while_reading(tmp_path: Path) -> None:
+    """A YAML alias bomb (billion laughs) and templates that compute without end are bounded."""
+    _rows(tmp_path / "d.jsonl", [{"q": "x", "a": "1"}])
+    runs = [["eval", "--model", "/no/such/model", "--tasks", str(_write(tmp_path / f"t{i}.yaml", text))]
+            for i, (text, _) in enumerate(BOMBS)]
+    for (rc, err), (_, message) in zip(_cli_in_subprocess(runs, timeout=180), BOMBS, strict=True):
+        assert rc == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_a_missing_hub_dataset_is_one_line_without_the_clients_retries(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Online, a missing dataset once printed the Hub client's 12 retry warnings before the one line."""
+    import logging
+
+    import datasets
+
+    class Records(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.DEBUG)
+            self.seen: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.seen.append(record.getMessage())
+
+    def offline_hub(path: str, *args: Any, **kwargs: Any) -> Any:  # what the Hub client logs, then raises
+        for n in range(1, 7):
+            logging.getLogger("huggingface_hub.utils._http").warning(
+                f"'(ConnectTimeout)' thrown while requesting HEAD https://huggingface.co/datasets/{path}")
+            logging.getLogger("huggingface_hub.utils._http").warning(f"Retrying in {n}s [Retry {n}/5].")
+        logging.getLogger("urllib3.connectionpool").warning("Retrying (Retry(total=4)) after connection broken")
+        raise datasets.exceptions.DatasetNotFoundError(f"Dataset '{path}' doesn't exist on the Hub")
+
+    records = Records()
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.addHandler(records)
+    monkeypatch.setattr(datasets, "load_dataset", offline_hub)
+    try:
+        cfg = _write(tmp_path / "t.yaml", "kind: generate\ndataset: {path: org/missing, split: test}\n"
+                                          "prompt: '{{q}}'\ntarget: a\n")
+        rc = main(["eval", "--model", "/no/such/model", "--tasks", str(cfg)])
+    finally:
+        hub_logger.removeHandler(records)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "cannot load Hub dataset org/missing" in err[0], err
+    assert records.seen == [] and hub_logger.level == level  # silenced while loading, restored after
 
 
 def test_a_config_over_a_hub_dataset_reads_it_through_datasets(tmp_path: Path,

@@ -44,7 +44,7 @@ from prunelens.model.tokens import encode_prompts
 from prunelens.model.views import view_of
 from prunelens.prune.base import methods
 from prunelens.prune.recipe import Calibration, Recipe, build, footprint, split_specs
-from prunelens.render import esc, html_page, html_table, img, subplots
+from prunelens.render import esc, html_page, html_table, img, save_figure, subplots, text, val
 from prunelens.runs import check_out_dir, default_run_dir
 
 SCHEMA = "prunelens.advise/1"
@@ -67,7 +67,9 @@ def parse_budget(text: str) -> float:
     except ValueError:
         raise PrunelensError(f"--budget must be a share such as 25% or 0.25, got '{text}'") from None
     if not 0 < b < 1:
-        raise PrunelensError(f"--budget must lie strictly between 0% and 100%, got '{text}'")
+        # a bare number of 1..99 is a percentage written without its sign
+        hint = f"; did you mean '{t}%'?" if not t.endswith("%") and 1 <= b < 100 else ""
+        raise PrunelensError(f"--budget must lie strictly between 0% and 100%, got '{text}'{hint}")
     return b
 
 
@@ -281,8 +283,21 @@ def advise_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
     fig.tight_layout()
     fig_dir.mkdir(parents=True, exist_ok=True)
     path = fig_dir / "tradeoff.png"
-    fig.savefig(path)
+    save_figure(fig, path)
     return [path]
+
+
+# what advise's view reads from a saved result (checked when ``prunelens report`` reads it back)
+FIELDS = {"model": "dict", "use": "str", "budget": "num", "n_prompts": "int", "recommendation": "str",
+          "rows[].spec": "str", "rows[].meets_budget": "bool", "rows[].risk": "num", "rows[].saved": "num",
+          "rows[].decode_speedup": "num", "rows[].agreeing_tokens": "num?", "rows[].signals.tf_kl": "num",
+          "rows[].signals.tf_top1_disagree": "num", **{f"rows[].retention?.{k}": "num" for k in
+                                                        ("predicted", "low", "high")},
+          "rows[].retention?.outside_fitted_range": "bool", "rows[].repair_gain?.of": "str",
+          "rows[].repair_gain?.tf_kl": "num", "rows[].repair_gain?.risk": "num",
+          "rows[].repair_gain?.retention?": "num", "retention_fit?.lomo_mae": "num",
+          "retention_fit?.coverage": "num", "retention_fit?.fitted_on": "any", "retention_fit?.grid": "any",
+          **{f"rows[].risk_{k}": "num" for k in ("generative", "multiple_choice", "retrieval")}}
 
 
 def advise_html(result: dict[str, Any], figs: list[Path]) -> str:
@@ -290,34 +305,35 @@ def advise_html(result: dict[str, Any], figs: list[Path]) -> str:
     keys = ("spec", "retention", "risk", "saved", "decode ×", "tf KL", "tf top-1", "agree run", "repair gain")
 
     def cell(v: Any) -> str:  # None: a value JSON cannot hold (an infinite agreeing run)
-        return "—" if v is None else v if isinstance(v, str) else f"{v:.3g}"
+        return val(v, ".3g")
 
-    rows = [{"spec": r["spec"] + ("" if r["meets_budget"] else " (below budget)"),
+    rows = [{"spec": f"{r['spec']}{'' if r['meets_budget'] else ' (below budget)'}",
              "retention": retention_text(r["retention"]) if "retention" in r else None,
-             "risk": r["risk"], "saved": f"{r['saved']:.1%}", "decode ×": r["decode_speedup"],
+             "risk": r["risk"], "saved": val(r["saved"], ".1%"), "decode ×": r["decode_speedup"],
              "tf KL": r["signals"]["tf_kl"], "tf top-1": 1 - r["signals"]["tf_top1_disagree"],
              "agree run": r["agreeing_tokens"],
              "repair gain": gain_text(r["repair_gain"]) if "repair_gain" in r else None} for r in result["rows"]]
     best = next((r for r in result["rows"] if r["meets_budget"]), None)
     evidence = []
     if best is not None:
-        evidence.append(f"On the {result['n_prompts']} prompts, {esc(best['spec'])} agrees with the dense model's "
-                        f"top token on {1 - best['signals']['tf_top1_disagree']:.0%} of teacher-forced steps "
-                        f"(KL {best['signals']['tf_kl']:.3f} nats), about {best['agreeing_tokens']:.0f} greedy "
+        evidence.append(f"On the {val(result['n_prompts'])} prompts, {esc(best['spec'])} agrees with the dense "
+                        f"model's top token on {val(1 - best['signals']['tf_top1_disagree'], '.0%')} of "
+                        f"teacher-forced steps (KL {val(best['signals']['tf_kl'], '.3f')} nats), about "
+                        f"{val(best['agreeing_tokens'], '.0f')} greedy "
                         "tokens before it leaves the dense text.")
     if fit:
         evidence.append(f"Retention is the share of the dense model's right free-generation answers a "
                         f"modification keeps, predicted from the teacher-forced KL by a fit on "
                         f"{esc(fit['fitted_on'])}'s measured grid ({esc(fit['grid'])}); on methods held out of "
-                        f"that fit its error was {fit['lomo_mae']:.2f} on average and the intervals cover "
-                        f"{fit['coverage']:.0%}. Marked candidates lie outside the fitted range.")
+                        f"that fit its error was {val(fit['lomo_mae'], '.2f')} on average and the intervals "
+                        f"cover {val(fit['coverage'], '.0%')}. Marked candidates lie outside the fitted range.")
     else:
         evidence.append("No retention calibration exists for this model (a fit does not transfer across "
                         "model families): the figure shows 1 − predicted risk, which ranks but saturates.")
     style = ("<style>table{font-size:12px;table-layout:auto;width:100%;max-width:100%}"
              "td,th{padding:2px 6px;white-space:nowrap}img{max-width:100%}</style>")
     return html_page("prunelens advise", style,
-        f"<h1>Advice — {esc(str(result['model'].get('name', '')))}, {result['budget']:.0%} saving, "
+        f"<h1>Advice — {esc(result['model'].get('name', ''))}, {val(result['budget'], '.0%')} saving, "
         f"{esc(result['use'])} use</h1>", f"<p><b>{esc(result['recommendation'])}</b></p>",
         *[img(f) for f in figs],
         "<h2>Evidence</h2>", *[f"<p>{e}</p>" for e in evidence],
@@ -335,9 +351,11 @@ def advise_html(result: dict[str, Any], figs: list[Path]) -> str:
 def _arguments(ad: argparse.ArgumentParser) -> None:
     options.add_model_args(ad)
     ad.add_argument("--budget", required=True, help="share of the decoder's weight memory to save, e.g. 25%%")
-    ad.add_argument("--use", required=True, choices=["generative", "multiple-choice", "retrieval"])
-    ad.add_argument("--candidates", help="comma-separated specs (or recipes joined by '+') to score instead of "
-                                         "the automatic set (e.g. attn:8,wanda:0.3,gptq:w4g128)")
+    ad.add_argument("--use", required=True, choices=["generative", "multiple-choice", "retrieval"],
+                    help="what the model is for: its risk ranks the candidates")
+    ad.add_argument("--recipe", "--candidates", dest="candidates", action="append", metavar="SPECS",
+                    help="candidates to score instead of the automatic set: comma-separated specs or recipes "
+                         "joined by '+' (e.g. attn:8,wanda:0.3,gptq:w4g128); repeatable")
     ad.add_argument("--prompts", help="prompt file (.txt, one a line, .jsonl, or a task config .yaml: its "
                     "prompts); default: built-in prompts")
     ad.add_argument("--steps", type=int, default=32, help="decoding steps per prompt (default 32)")
@@ -350,7 +368,11 @@ def _arguments(ad: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     budget = parse_budget(args.budget)
-    specs = split_specs(args.candidates) if args.candidates else None
+    given = ",".join(args.candidates) if args.candidates is not None else None
+    specs = split_specs(given) if given is not None else None
+    if specs is not None and not specs:  # an empty list is not "the default grid"
+        raise PrunelensError(f"--candidates '{given}' names no candidate; give specs, or leave "
+                             "the flag out for the default grid")
     for s in specs or ():
         Recipe.parse(s)
     options.positive("--steps", args.steps)
@@ -376,7 +398,7 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
         keep = "—" if ret is None else f"{ret['predicted']:.2f} [{ret['low']:.2f}, {ret['high']:.2f}]" + (
             "*" if ret["outside_fitted_range"] else "")
         lines.append(f"{r['spec']:16s} {r['risk']:6.3f} {r['saved']:6.1%} {r['decode_speedup']:6.2f}x "
-                     f"{r['agreeing_tokens']:9.1f}  {keep:22s} "
+                     f"{text(r['agreeing_tokens'], '.1f', 'inf'):>9s}  {keep:22s} "
                      f"{r['risk_generative']:.3f} / {r['risk_multiple_choice']:.3f} / "
                      f"{r['risk_retrieval']:.4f}{flag}")
     for r in res["rows"]:
@@ -395,4 +417,4 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
 ANALYSIS = register(Analysis(
     "advise", "rank candidate prunings that meet a memory budget by predicted risk for your use "
     "(cheap signals, no benchmark)", _arguments, _run, schema=SCHEMA, figures=advise_figures, html=advise_html,
-    summary=summary_lines))
+    summary=summary_lines, fields=FIELDS))

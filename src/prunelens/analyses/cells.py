@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -143,24 +144,58 @@ def _me() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
+CLAIM_WRITE_S = 30.0  # a claim file still unreadable after this long was not being written: abandoned
+
+
 def _holder(lock: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(lock.read_text())
+        held = json.loads(lock.read_text())
     except (OSError, ValueError):
         return None
+    return held if isinstance(held, dict) else {}
+
+
+def _valid(holder: dict[str, Any]) -> bool:
+    """A claim names its worker: a host name and a process id (a positive whole number)."""
+    pid, host = holder.get("pid"), holder.get("host")
+    return isinstance(host, str) and bool(host) and type(pid) is int and 0 < pid < 2**31
 
 
 def _alive(holder: dict[str, Any]) -> bool:
     """A claim's worker still runs: a process on this host is asked; a worker on another host is
-    assumed alive (its claim file says who to check; delete the file if that worker died)."""
-    if holder.get("host") != socket.gethostname():
+    assumed alive (its claim file says who to check; delete the file if that worker died). A claim
+    that names no valid worker is nobody's: dead (``os.kill`` of a missing pid, -1, would ask about
+    every process and so keep the cell from ever being computed)."""
+    if not _valid(holder):
+        return False
+    if holder["host"] != socket.gethostname():
         return True
     try:
-        os.kill(int(holder.get("pid", -1)), 0)
+        os.kill(holder["pid"], 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, ValueError, OverflowError):
+    except PermissionError:
         return True
+    return True
+
+
+def _abandoned(lock: Path, held: dict[str, Any] | None) -> bool:
+    """Whether a claim may be taken over, saying why on stderr (even when quiet: a cell computed
+    again, or a claim file that is not one, must not pass unnoticed)."""
+    if held is None:  # unreadable: being written right now, unless it has been so for long
+        try:
+            if time.time() - lock.stat().st_mtime < CLAIM_WRITE_S:
+                return False
+        except OSError:
+            return False
+        why = "is unreadable"
+    elif not _valid(held):
+        why = f"names no valid worker ({json.dumps(held)[:80]})"
+    elif _alive(held):
+        return False
+    else:
+        why = f"was left by worker {held['host']}:{held['pid']}, which is gone"
+    print(f"prunelens: claim '{lock}' {why}; taking the cell over", file=sys.stderr)
     return True
 
 
@@ -178,7 +213,7 @@ def claim(cell: Path) -> bool:
             fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             held = _holder(lock)
-            if held is None or _alive(held):  # an unreadable claim is being written right now
+            if not _abandoned(lock, held):
                 return False
             aside = lock.with_name(f"{lock.name}.stale-{os.getpid()}-{secrets.token_hex(3)}")
             try:
@@ -214,7 +249,7 @@ def release(cell: Path) -> None:
 def claimed_by(cell: Path) -> str | None:
     """``host:pid`` of the live worker holding an unfinished cell, else None."""
     held = _holder(_claim_file(cell))
-    if held is None or cell.is_file() or not _alive(held):
+    if not held or cell.is_file() or not _alive(held):
         return None
     return f"{held.get('host')}:{held.get('pid')}"
 

@@ -19,15 +19,15 @@ from typing import Any
 import numpy as np
 
 from prunelens import options
-from prunelens.analyses.base import Analysis, register
+from prunelens.analyses.base import Analysis, check_fields, read_checked, register
 from prunelens.analyses.cells import CellCache, data_hashes, environment, model_fingerprint
 from prunelens.analyses.trace import TraceSettings, analyze, load_result, write_trace_run
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
 from prunelens.model.memory import release_freed_memory
-from prunelens.prune.recipe import Calibration, Recipe, build, footprint
-from prunelens.render import esc, html_page, img, subplots
-from prunelens.runs import atomic_write_text, read_json, write_json
+from prunelens.prune.recipe import Calibration, Recipe, build, footprint, is_recipe_file
+from prunelens.render import esc, html_page, img, save_figure, subplots, text
+from prunelens.runs import atomic_write_text, write_json
 
 SCHEMA = "prunelens.compare/1"
 CURVES = ("kl", "cos_p", "top1_agree")
@@ -46,6 +46,15 @@ def identity(settings: TraceSettings, prompts: Sequence[str], calibration: Calib
             "environment": environment(device, dtype), "model_files": model_fingerprint(model)}
 
 
+def method_key(spec: str, recipe: Recipe) -> str:
+    """A method's cached run, named by what it computes: a recipe file by its name and a hash of
+    the specs it holds now, so an edited file is analysed again instead of reusing the old run."""
+    if not is_recipe_file(spec):
+        return spec
+    digest = hashlib.sha256("\x00".join(recipe.specs).encode()).hexdigest()[:12]
+    return f"{Path(spec).name}@{digest}"
+
+
 def compare_methods(lm: LoadedModel, specs: Sequence[str], prompts: Sequence[str], settings: TraceSettings,
                     out_dir: str | Path, calibration: Calibration | None = None, progress: bool = True,
                     device: str | None = None, dtype: str | None = None) -> dict[str, Any]:
@@ -62,10 +71,14 @@ def compare_methods(lm: LoadedModel, specs: Sequence[str], prompts: Sequence[str
     cache.open(schema=SCHEMA, methods=list(specs))
     out = cache.out
     methods = []
+    t = f"{settings.temperatures[0]:g}"
+    cached = {"pruning.label": "any", "summary": "dict", **{  # what a cached method's run must hold
+        f"stepwise.{m}.{c}{f'@{t}' if c in ('kl', 'cos_p') else ''}": "list"
+        for m in ("teacher_forced", "free_running") for c in ("step", *CURVES)}}
     for spec, recipe in recipes.items():
-        run_dir = cache.run_dir(spec)
+        run_dir = cache.run_dir(method_key(spec, recipe))
         if (run_dir / "results.json").is_file():
-            result = load_result(run_dir)
+            result = check_fields(load_result(run_dir), cached, run_dir / "results.json")
         else:
             mod = build(lm, recipe, cal, progress=progress)
             result = analyze(lm, mod, prompts, settings, progress=progress)
@@ -73,7 +86,6 @@ def compare_methods(lm: LoadedModel, specs: Sequence[str], prompts: Sequence[str
             write_trace_run(result, run_dir, overwrite=True)
             del mod
             release_freed_memory()
-        t = f"{settings.temperatures[0]:g}"
         curves = {}
         for mode in ("teacher_forced", "free_running"):
             sw = result["stepwise"][mode]
@@ -81,7 +93,7 @@ def compare_methods(lm: LoadedModel, specs: Sequence[str], prompts: Sequence[str
                                                    for c in CURVES}}
             if mode == "free_running":
                 curves[mode]["token_agree"] = sw.get("token_agree")
-        methods.append({"spec": spec, "label": result["pruning"]["label"],
+        methods.append({"spec": spec, "recipe": list(recipe.specs), "label": result["pruning"]["label"],
                         "footprint": result.get("footprint"), "summary": result["summary"], "curves": curves,
                         "run": str(run_dir)})
     combined = {"schema": SCHEMA, "identity": ident, "temperature": settings.temperatures[0],
@@ -118,16 +130,23 @@ def compare_figure(combined: dict[str, Any], fig_dir: Path) -> list[Path]:
     fig.suptitle("Step-wise deviation by method (mean over prompts)", fontsize=11)
     fig.tight_layout()
     path = fig_dir / "compare.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     return [path]
 
 
 def _g(x: Any) -> str:
-    return "—" if x is None else f"{x:.3g}"
+    return text(x, ".3g")
+
+
+_CURVES = [f"methods[].curves.{m}.{k}[]" for m in ("teacher_forced", "free_running") for k in ("step", "kl", "cos_p")]
+# what compare's view reads from a saved result (checked when ``prunelens report`` reads it back)
+FIELDS = {"temperature": "num", "identity.model": "any", "methods[].spec": "str", "methods[].label": "any",
+          "methods[].run": "any", "methods[].footprint?": "dict", "methods[].summary.teacher_forced_mean": "dict",
+          "methods[].summary.free_running_mean": "dict", **dict.fromkeys(_CURVES, "num?")}
 
 
 def compare_html(combined: dict[str, Any], figs: list[Path]) -> str:
-    t = f"{combined['temperature']:g}"
+    t = text(combined["temperature"], "g")
     head = "".join(f"<th>{h}</th>" for h in ("method", "pruning", "weights removed", "bits/weight",
                                               "memory vs bf16", "TF mean KL", "TF top-1", "FR mean KL",
                                               "FR token agreement", "diverged"))
@@ -140,7 +159,7 @@ def compare_html(combined: dict[str, Any], figs: list[Path]) -> str:
                 _g(fr.get(f"kl@{t}")), _g(fr.get("token_agree")), str(s.get("prompts_diverged")))
         body.append("<tr>" + "".join(f"<td>{esc(v)}</td>" for v in vals) + "</tr>")
     return html_page("prunelens method comparison",
-        f"<h1>Step-wise deviation by method — {esc(str(combined['identity']['model']))}</h1>",
+        f"<h1>Step-wise deviation by method — {esc(combined['identity']['model'])}</h1>",
         '<p class="muted">Every method analysed on the same prompts; teacher-forced and free-running '
         "decoding. Memory is idealised (zeros counted as saved).</p>",
         f"<table><tr>{head}</tr>{''.join(body)}</table>", *(img(f) for f in figs),
@@ -182,22 +201,27 @@ def _run(args: argparse.Namespace) -> int:
 
 def summary_lines(res: dict[str, Any]) -> list[str]:
     """One row per method: what it removes and how far its distributions drift."""
-    t, fmt = f"{res['temperature']:g}", options.fmt
+    t = text(res["temperature"], "g")
+
+    def fmt(x: Any, spec: str = ".4g") -> str:  # a saved result read back may hold anything here
+        return text(x, spec, "n/a")
+
     lines = [f"{'method':18s} {'removed':>8s} {'bits':>5s} {'TF KL':>8s} {'FR KL':>8s} {'FR agree':>9s}"]
     for m in res["methods"]:
-        fp, s = m["footprint"] or {}, m["summary"]
+        fp, s = m.get("footprint") or {}, m["summary"]
         tf, fr = s["teacher_forced_mean"], s["free_running_mean"]
-        lines.append(f"{m['spec']:18s} {fp.get('removed_share', 0):8.3f} {fp.get('bits_per_weight', 16):5.2f} "
-                     f"{fmt(tf[f'kl@{t}']):>8s} {fmt(fr[f'kl@{t}']):>8s} {fmt(fr['token_agree']):>9s}")
+        lines.append(f"{m['spec']:18s} {fmt(fp.get('removed_share', 0), '.3f'):>8s} "
+                     f"{fmt(fp.get('bits_per_weight', 16), '.2f'):>5s} {fmt(tf.get(f'kl@{t}')):>8s} "
+                     f"{fmt(fr.get(f'kl@{t}')):>8s} {fmt(fr.get('token_agree')):>9s}")
     return lines
 
 
 def _rebuild(run_dir: Path) -> str:
-    combined = read_json(run_dir / "results.json")
+    combined = read_checked(run_dir / "results.json", FIELDS)
     return compare_html(combined, compare_figure(combined, run_dir / "figures"))
 
 
 ANALYSIS = register(Analysis(
     "compare", "step-wise KL / cos(p) of several pruning and quantisation methods on the same prompts, in one "
     "figure (resumable)", _arguments, _run, schema=SCHEMA, figures=compare_figure, html=compare_html,
-    summary=summary_lines, marker="compare.json", rebuild=_rebuild))
+    summary=summary_lines, marker="compare.json", rebuild=_rebuild, fields=FIELDS))

@@ -41,7 +41,7 @@ from prunelens.prune import Modification, view_of
 from prunelens.prune.drop import KINDS, DropPlan
 from prunelens.prune.recipe import Calibration, prune_weights
 from prunelens.prune.weights import WeightPatch, parse_weight_method
-from prunelens.render import esc, html_page, img, subplots
+from prunelens.render import esc, html_page, img, save_figure, subplots, text, val
 from prunelens.runs import check_out_dir, default_run_dir
 
 SCHEMA = "prunelens.counterfactual/1"
@@ -217,7 +217,7 @@ def _per_kind_figure(result: dict[str, Any], path: Path, draw: Any, xlabel: str,
     axes[0][-1].legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     return path
 
 
@@ -249,7 +249,16 @@ def counterfactual_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
 
 
 def _g(x: Any) -> str:
-    return "—" if x is None else f"{x:.4g}"
+    return text(x, ".4g")
+
+
+_COLUMNS = ("layer", "cos_h", "cos_z", "cos_p", "kl", "top1_agree", "orth_frac_local", "orth_frac_h", "orth_frac_z")
+# what the counterfactual's view reads from a saved result (checked when ``prunelens report`` reads it back)
+FIELDS = {"model": "dict", "settings.n_prompts": "int", "settings.n_tokens": "int",
+          "timing.counterfactual_s": "num", "timing.ratio_to_dense_forward_per_layer": "num?",
+          **{f"kinds{{}}.{c}[]": "num?" for c in _COLUMNS},
+          **{f"summary{{}}.median_1-cos.{s}": "num?" for s in "hzp"}, "summary{}.p_over_z": "num?",
+          "summary{}.max_kl": "num?", "summary{}.median_head_attenuation?": "num"}
 
 
 def counterfactual_reading(result: dict[str, Any]) -> list[str]:
@@ -260,7 +269,7 @@ def counterfactual_reading(result: dict[str, Any]) -> list[str]:
         out.append(
             f"{KIND_TITLES.get(kind, kind)}: median 1−cos is {_g(m['h'])} in h, {_g(m['z'])} in z and "
             f"{_g(m['p'])} in p (p moves {_g(s['p_over_z'])}× as much as z). Most harmful layer "
-            f"{s['most_harmful_layer']} (KL {_g(s['max_kl'])})."
+            f"{text(s.get('most_harmful_layer'))} (KL {_g(s['max_kl'])})."
             + (f" The LM head keeps {_g(att)}× of the orthogonal share of the deviation." if att else ""))
     return out
 
@@ -271,22 +280,21 @@ def counterfactual_html(result: dict[str, Any], figs: list[Path]) -> str:
         head = "".join(f"<th>{h}</th>" for h in ("layer", "cos h", "cos z", "cos p", "KL", "top-1 agree",
                                                   "orth Δh local", "orth Δh", "orth Δz"))
         body = "".join(
-            "<tr>" + "".join(f"<td>{_g(v)}</td>" for v in (
-                c["layer"][i], c["cos_h"][i], c["cos_z"][i], c["cos_p"][i], c["kl"][i], c["top1_agree"][i],
-                c["orth_frac_local"][i], c["orth_frac_h"][i], c["orth_frac_z"][i])) + "</tr>"
-            for i in range(len(c["layer"])))
+            "<tr>" + "".join(f"<td>{val(v, '.4g')}</td>" for v in vs) + "</tr>"
+            for vs in zip(*(c[k] for k in _COLUMNS), strict=False))
         rows.append(f"<h3>{esc(KIND_TITLES.get(kind, kind))}</h3><table><tr>{head}</tr>{body}</table>")
     t = result["timing"]
     return html_page("prunelens counterfactual",
-        f"<h1>Counterfactual layerwise transition — {esc(str(result['model'].get('name', '')))}</h1>",
+        f"<h1>Counterfactual layerwise transition — {esc(result['model'].get('name', ''))}</h1>",
         '<p class="muted">Each layer is replaced alone in the otherwise dense model; the output is compared '
         "with the dense output over every prompt token, in the three spaces.</p>",
         "<h2>Reading</h2>", *(f'<div class="reading">{esc(x)}</div>' for x in counterfactual_reading(result)),
         "<h2>Figures</h2>", *(img(f) for f in figs),
         "<h2>Per layer</h2>", *rows,
-        f'<p class="muted">{result["settings"]["n_prompts"]} prompts, '
-        f'{result["settings"]["n_tokens"]} tokens; '
-        f"counterfactual time {t['counterfactual_s']:.1f} s = {_g(t['ratio_to_dense_forward_per_layer'])} × "
+        f'<p class="muted">{val(result["settings"]["n_prompts"])} prompts, '
+        f'{val(result["settings"]["n_tokens"])} tokens; '
+        f"counterfactual time {val(t['counterfactual_s'], '.1f')} s = "
+        f"{val(t['ratio_to_dense_forward_per_layer'], '.4g')} × "
         "one dense forward per (kind, layer).</p>")
 
 
@@ -314,6 +322,8 @@ def _run(args: argparse.Namespace) -> int:
     for k in kinds:
         if k not in KINDS:
             raise PrunelensError(f"unknown kind '{k}'; kinds: {', '.join(KINDS)}")
+    if not kinds:
+        raise PrunelensError(f"--kinds {args.kinds!r} names no kind; give one or more of {', '.join(KINDS)}")
     if args.prune and args.quant:
         raise PrunelensError("use either --prune or --quant, not both")
     spec = args.prune or args.quant
@@ -337,11 +347,12 @@ def _run(args: argparse.Namespace) -> int:
 def summary_lines(result: dict[str, Any]) -> list[str]:
     t = result["timing"]
     return [*counterfactual_reading(result),
-            f"time {t['counterfactual_s']:.1f} s = {t['ratio_to_dense_forward_per_layer']:.3f} x one dense "
+            f"time {text(t['counterfactual_s'], '.1f')} s = {text(t['ratio_to_dense_forward_per_layer'], '.3f')} "
+            "x one dense "
             "forward per (kind, layer)"]
 
 
 ANALYSIS = register(Analysis(
     "counterfactual", "replace one layer at a time; similarity of h, z, p at the output per layer "
     "(paper Fig. 4) and the deviation split", _arguments, _run, schema=SCHEMA,
-    figures=counterfactual_figures, html=counterfactual_html, summary=summary_lines))
+    figures=counterfactual_figures, html=counterfactual_html, summary=summary_lines, fields=FIELDS))

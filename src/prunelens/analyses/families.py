@@ -18,10 +18,11 @@ from typing import Any
 
 from prunelens.analyses.base import Analysis, register
 from prunelens.analyses.sweep import SweepResult, is_dense, load_sweep
+from prunelens.analyses.sweep_data import load_manifest
 from prunelens.analyses.sweep_view import GEN_KINDS
 from prunelens.errors import PrunelensError
-from prunelens.render import esc, html_page, img, subplots
-from prunelens.runs import atomic_write_text, read_json
+from prunelens.render import esc, html_page, img, save_figure, subplots
+from prunelens.runs import atomic_write_text
 from prunelens.tasks.data import stderr_of_mean
 from prunelens.tasks.registry import PERPLEXITY, item_hits
 
@@ -63,7 +64,7 @@ def load_families(dirs: list[Path]) -> list[tuple[SweepResult, dict[str, Any]]]:
     for d in dirs:
         if not (d / "sweep.json").is_file():
             raise PrunelensError(f"'{d}' is not a sweep directory (no sweep.json)")
-        out.append((load_sweep(d), read_json(d / "sweep.json")))
+        out.append((load_sweep(d), load_manifest(d / "sweep.json")[0]))
     first_sweep, first = out[0]
     want = _shared(first)
     for sw, m in out[1:]:
@@ -251,7 +252,7 @@ def figure(result: dict[str, Any], fig_dir: Path) -> list[Path]:
     fig.tight_layout()
     fig_dir.mkdir(parents=True, exist_ok=True)
     path = fig_dir / "figure1.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     return [path]
 
 
@@ -271,9 +272,19 @@ def summary(result: dict[str, Any]) -> list[str]:
     return [markdown_table1(result["table1"]), *reading(result["table1"])]
 
 
+_TABLE1 = ("generative", "generative_se", "non_generative", "non_generative_se", "gap", "gap_se")
+# what the families view reads from a saved result (checked when ``prunelens report`` reads it back)
+FIELDS = {"model": "str", "sweeps[]": "str", "families[]": "str", "table1[].family": "str",
+          "table1[].amount": "str", **{f"table1[].{k}": "num?" for k in _TABLE1},
+          **{f"changes[].{k}": "str" for k in ("family", "amount", "task", "kind")},
+          **{f"changes[].{k}": "num" for k in ("score", "dense")},
+          **{f"changes[].{k}": "num?" for k in ("change", "stderr")},
+          "changes[].n": "int", "changes[].paired": "bool"}
+
+
 def html(result: dict[str, Any], figs: list[Path]) -> str:
-    cs = [Change(**c) for c in result["changes"]]
-    return html_page(f"prunelens families — {esc(result['model'])}",
+    cs = [Change(**{k: c[k] for k in Change.__dataclass_fields__}) for c in result["changes"]]
+    return html_page(f"prunelens families — {result['model']}",
                      f"<h1>Pruning families: {esc(result['model'])}</h1>",
                      '<p class="muted">Mean score relative to the dense model; ± one standard error, paired over '
                      "the same seeded questions where the cells keep per-question outcomes.</p>",
@@ -302,4 +313,4 @@ def _run(args: argparse.Namespace) -> int:
 
 ANALYSIS = register(Analysis("families", "the paper's Figure 1 / Table 1 across pruning families, from saved "
                              "sweeps (nothing recomputed)", _arguments, _run, schema=SCHEMA, figures=figure,
-                             html=html, summary=summary))
+                             html=html, summary=summary, fields=FIELDS))

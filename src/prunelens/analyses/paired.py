@@ -36,7 +36,8 @@ from prunelens.errors import PrunelensError
 from prunelens.model.generation import generate, next_token_logits
 from prunelens.model.loading import LoadedModel
 from prunelens.model.tokens import render
-from prunelens.render import esc, html_page, html_table, img, subplots
+from prunelens.registry import did_you_mean
+from prunelens.render import esc, html_page, html_table, img, save_figure, subplots, val
 from prunelens.runs import check_out_dir, default_run_dir
 from prunelens.tasks.config import config_task
 from prunelens.tasks.data import sample_indices
@@ -50,8 +51,9 @@ PAIRED_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k")
 STYLES = ("cloze", "letters")
 SELECTS = ("all", "dense-correct")
 GEN_TOKENS = 40
-"""Free answers are read from their start: a longer budget only lets a drifting (pruned) model name
-more options, which counts as no answer."""
+"""Default budget of a free answer: answers are read from their start, and a longer budget only
+lets a drifting (pruned) model name more options, which counts as no answer (``--max-new-tokens``)."""
+GSM8K_TOKENS = 256  # GSM8K's chain of thought needs room before the number
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,13 @@ def check_paired_task(task: str, data_dir: str | Path | None) -> Rows:
     if task.lower().endswith((".yaml", ".yml")):
         cfg = config_task(task).config
         if cfg.kind != "multiple_choice":
-            raise PrunelensError(f"paired task '{task}' is a {cfg.kind} config; paired needs multiple-choice data")
+            raise PrunelensError(f"paired task '{task}' is a {cfg.kind} config: its items have a target but no "
+                                 "answer options, so they cannot also be asked as multiple choice; paired takes a "
+                                 "multiple_choice config (choices + answer), whose questions it also asks free")
         return cfg.question_rows(data_dir)
     if task not in PAIRED_TASKS:
-        raise PrunelensError(f"unknown paired task '{task}'; paired tasks: {', '.join(PAIRED_TASKS)} "
+        raise PrunelensError(f"unknown paired task '{task}'{did_you_mean(task, PAIRED_TASKS)}; paired tasks: "
+                             f"{', '.join(PAIRED_TASKS)} "
                              "or a multiple-choice task config .yaml")
     return load_rows(task, data_dir)
 
@@ -154,11 +159,12 @@ class PairedSetup:
     batch_size: int
     chat_template: bool
     progress: bool
+    gen_tokens: int = GEN_TOKENS
 
 
 def _gsm8k_generative(lm: LoadedModel, s: PairedSetup, qs: Sequence[PairedQuestion],
                       modification: Any) -> list[float]:
-    res = evaluate_gsm8k(lm, s.data_dir, s.limit, s.seed, s.shots, modification, s.batch_size, 256,
+    res = evaluate_gsm8k(lm, s.data_dir, s.limit, s.seed, s.shots, modification, s.batch_size, s.gen_tokens,
                          s.chat_template, s.progress)
     by_index = {x["index"]: x for x in res.samples}
     if sorted(by_index) != sorted(q.index for q in qs):
@@ -193,7 +199,7 @@ def both_formats(lm: LoadedModel, s: PairedSetup, qs: Sequence[PairedQuestion], 
         letters = s.style == "letters"
         turns = [[{"role": "user", "content": gen_prompt(q) if letters else q.question}] for q in qs]
         prompts = [render(lm.tokenizer, t, s.chat_template) for t in turns]
-        texts = generate(lm, prompts, GEN_TOKENS, () if letters else ("\n\n",), modification, s.batch_size,
+        texts = generate(lm, prompts, s.gen_tokens, () if letters else ("\n\n",), modification, s.batch_size,
                          s.progress, desc=f"{s.task} generate {label}")
         answers = [free_answer(t, q.choices) for t, q in zip(texts, qs, strict=True)]
         gen_hits = [float(a == q.gold) for a, q in zip(answers, qs, strict=True)]
@@ -216,9 +222,10 @@ def _subset(side: dict[str, Any], keep: Sequence[int], qs: Sequence[PairedQuesti
 def paired_eval(lm: LoadedModel, task: str, data_dir: str | Path, modifications: dict[str, Any],
                 limit: int | None = 100, seed: int = 0, style: str = "cloze", select: str = "all",
                 shots: int = 5, batch_size: int = 8, chat_template: bool = True, n_boot: int = 2000,
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True, gen_tokens: int | None = None) -> dict[str, Any]:
     """Dense and each modification on the same questions in both formats, with the paired gap.
-    With ``select="dense-correct"``, ``limit`` sizes the pool the subset is drawn from."""
+    With ``select="dense-correct"``, ``limit`` sizes the pool the subset is drawn from; ``gen_tokens``
+    is the free answers' budget (None: 40, or 256 for GSM8K's chain of thought)."""
     if style not in STYLES:
         raise PrunelensError(f"unknown paired style '{style}'; styles: {', '.join(STYLES)}")
     if select not in SELECTS:
@@ -226,7 +233,9 @@ def paired_eval(lm: LoadedModel, task: str, data_dir: str | Path, modifications:
     if task == "gsm8k":
         style = "letters"  # GSM8K's options are numbers: multiple choice is always over letters
     pool = paired_questions(task, data_dir, limit, seed, shots if task == "gsm8k" else 0)
-    setup = PairedSetup(task, style, data_dir, limit, seed, shots, batch_size, chat_template, progress)
+    if gen_tokens is None:
+        gen_tokens = GSM8K_TOKENS if task == "gsm8k" else GEN_TOKENS
+    setup = PairedSetup(task, style, data_dir, limit, seed, shots, batch_size, chat_template, progress, gen_tokens)
     dense_pool = both_formats(lm, setup, pool, None, "dense")
     keep = list(range(len(pool)))
     if select == "dense-correct":
@@ -253,7 +262,7 @@ def paired_eval(lm: LoadedModel, task: str, data_dir: str | Path, modifications:
     return {"schema": SCHEMA, "model": lm.info, "task": task, "style": style, "select": select,
             "pool": len(pool), "n": len(qs), "limit": limit, "seed": seed,
             "shots": shots if task == "gsm8k" else None, "chat_template": chat_template,
-            "chance": sum(1 / len(q.choices) for q in qs) / len(qs), "gen_tokens": GEN_TOKENS,
+            "chance": sum(1 / len(q.choices) for q in qs) / len(qs), "gen_tokens": gen_tokens,
             "dense_pool": {"mcq_acc": _mean(dense_pool["mcq_hits"]), "gen_acc": _mean(dense_pool["gen_hits"]),
                            "gen_answered": _answered(dense_pool), "mcq_shares": dense_pool["mcq_shares"]},
             "dense": {"mcq_acc": _mean(dense["mcq_hits"]), "gen_acc": _mean(dense["gen_hits"]),
@@ -297,8 +306,16 @@ def paired_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
     ax.set_title(f"{result['task']} ({result['style']}): n={result['n']} of {result['pool']}", fontsize=10)
     fig.tight_layout()
     path = fig_dir / "paired.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     return [path]
+
+
+# what paired's view reads from a saved result (checked when ``prunelens report`` reads it back)
+FIELDS = {"model": "dict", "task": "str", "style": "str", "select": "str", "n": "int", "pool": "int",
+          "chance": "num", "dense.mcq_acc": "num", "dense.gen_acc": "num", "dense_pool?.mcq_acc": "num",
+          "dense_pool?.gen_acc": "num", "methods[].method": "str", "methods[].mcq_pruned": "num",
+          "methods[].gen_pruned": "num",
+          **{f"methods[].{k}": "num" for k in ("mcq_drop", "gen_drop", "gap", "ci_low", "ci_high")}}
 
 
 def paired_html(result: dict[str, Any], figs: list[Path]) -> str:
@@ -306,19 +323,20 @@ def paired_html(result: dict[str, Any], figs: list[Path]) -> str:
             "mcq_agree", "mcq_chance_agree", "gen_answered")
 
     def cell(v: Any) -> str:
-        return "—" if v is None else v if isinstance(v, str) else f"{v:.3f}"
+        return val(v, ".3f")
 
-    d, pool = result["dense"], result["dense_pool"]
+    d, pool = result["dense"], result.get("dense_pool") or {}
     sel = ("" if result["select"] == "all" else
-           f"<p>Only the {result['n']} questions (of a seeded pool of {result['pool']}) that the dense model "
-           f"answers right in both formats are kept; on the pool it scored {pool['mcq_acc']:.3f} in multiple "
-           f"choice and {pool['gen_acc']:.3f} in generation. Accuracies below are the share retained.</p>")
+           f"<p>Only the {val(result['n'])} questions (of a seeded pool of {val(result['pool'])}) that the dense "
+           f"model answers right in both formats are kept; on the pool it scored {val(pool.get('mcq_acc'), '.3f')} "
+           f"in multiple choice and {val(pool.get('gen_acc'), '.3f')} in generation. Accuracies below are the "
+           "share retained.</p>")
     return html_page("prunelens paired formats",
         f"<h1>Format-paired evaluation — {esc(result['task'])}, "
-        f"{esc(str(result['model'].get('name', '')))}</h1>",
-        f'<p class="muted">Style {esc(result["style"])}; dense: multiple choice {d["mcq_acc"]:.3f}, '
-        f"generation {d['gen_acc']:.3f} (chance {result['chance']:.3f}). gap = MCQ drop − generative drop "
-        "(negative: generation lost more), 95% bootstrap CI over questions. gen_answered = share of free "
+        f"{esc(result['model'].get('name', ''))}</h1>",
+        f'<p class="muted">Style {esc(result["style"])}; dense: multiple choice {val(d["mcq_acc"], ".3f")}, '
+        f"generation {val(d['gen_acc'], '.3f')} (chance {val(result['chance'], '.3f')}). gap = MCQ drop − generative "
+        "drop (negative: generation lost more), 95% bootstrap CI over questions. gen_answered = share of free "
         "answers naming exactly one option.</p>", sel, html_table(result["methods"], keys, cell),
         *(img(f) for f in figs))
 
@@ -328,8 +346,8 @@ def paired_html(result: dict[str, Any], figs: list[Path]) -> str:
 
 def _arguments(pa: argparse.ArgumentParser) -> None:
     options.add_model_args(pa)
-    pa.add_argument("--task", required=True, help="arc_easy, arc_challenge, mmlu, gsm8k, or a multiple-choice "
-                    "task config .yaml")
+    pa.add_argument("--tasks", "--task", dest="task", required=True, metavar="TASK",
+                    help="one task: arc_easy, arc_challenge, mmlu, gsm8k, or a multiple-choice task config .yaml")
     pa.add_argument("--data-dir", help="local data files (docs/tasks.md); default: the task's Hub dataset")
     options.add_method_args(pa)
     pa.add_argument("--style", default="cloze", choices=["cloze", "letters"],
@@ -340,25 +358,32 @@ def _arguments(pa: argparse.ArgumentParser) -> None:
                          "(--limit then sizes the pool); for models near chance")
     pa.add_argument("--limit", type=int, default=100, help="seeded sample of questions (default 100)")
     pa.add_argument("--shots", type=int, default=5, help="GSM8K exemplars (default 5)")
-    pa.add_argument("--batch-size", type=int, default=8)
-    pa.add_argument("--no-chat-template", action="store_true")
+    pa.add_argument("--max-new-tokens", type=int, metavar="N",
+                    help=f"budget of each free answer in tokens (default {GEN_TOKENS}; GSM8K's chain of thought "
+                         f"{GSM8K_TOKENS})")
+    pa.add_argument("--batch-size", type=int, default=8, help="questions per forward pass (default 8)")
+    pa.add_argument("--no-chat-template", action="store_true",
+                    help="send the bare prompts instead of the tokenizer's chat template")
     options.add_output_args(pa, "runs/<time>-<model>-paired-<task>")
 
 
 def _run(args: argparse.Namespace) -> int:
     recipes = options.method_recipes(args)
-    check_paired_task(args.task, args.data_dir)
     options.positive("--limit", args.limit)
     options.positive("--batch-size", args.batch_size)
+    if args.max_new_tokens is not None:
+        options.positive("--max-new-tokens", args.max_new_tokens)
     if args.shots < 0:
         raise PrunelensError(f"--shots must be at least 0, got {args.shots}")
+    check_paired_task(args.task, args.data_dir)
     cal = options.calibration(args)
     out = Path(args.out) if args.out else default_run_dir(args.model, f"paired-{args.task}")
     check_out_dir(out, args.overwrite)
     lm = options.load(args)
     mods = options.build_methods(lm, recipes, cal, progress=not args.quiet)
     res = paired_eval(lm, args.task, args.data_dir, mods, args.limit, args.seed, args.style, args.select,
-                      args.shots, args.batch_size, not args.no_chat_template, progress=not args.quiet)
+                      args.shots, args.batch_size, not args.no_chat_template, progress=not args.quiet,
+                      gen_tokens=args.max_new_tokens)
     return ANALYSIS.finish(res, out, args.overwrite)
 
 
@@ -377,4 +402,4 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
 ANALYSIS = register(Analysis(
     "paired", "the same questions as multiple choice and as free generation, dense vs each "
     "pruning: both accuracies and the paired gap", _arguments, _run, schema=SCHEMA,
-    figures=paired_figures, html=paired_html, summary=summary_lines))
+    figures=paired_figures, html=paired_html, summary=summary_lines, fields=FIELDS))

@@ -20,7 +20,7 @@ from prunelens.errors import PrunelensError
 from prunelens.metrics import logit_metrics, subspace_metrics
 from prunelens.model.generation import next_token_logits
 from prunelens.model.loading import LoadedModel
-from prunelens.render import esc, html_page, html_table, img, subplots
+from prunelens.render import esc, html_page, html_table, img, save_figure, subplots, text, val
 from prunelens.runs import check_out_dir, default_run_dir
 from prunelens.tasks.data import sample_indices
 from prunelens.tasks.loglik import split_tokens
@@ -133,22 +133,28 @@ def subspace_figures(result: dict[str, Any], fig_dir: Path) -> list[Path]:
                  fontsize=11)
     fig.tight_layout()
     path = fig_dir / "subspace.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     return [path]
+
+
+# what subspace's view reads from a saved result (checked when ``prunelens report`` reads it back)
+FIELDS = {"model": "dict", "task": "str", "n": "int", "methods[].method": "str", "choices_dense[]?": "num",
+          **{f"methods[].{k}": "num" for k in ("full_kl", "sub_kl", "full_top1_agree", "sub_agree")},
+          "methods[].chance_agree?": "num", "methods[].acc_dense": "num", "methods[].acc_pruned": "num"}
 
 
 def subspace_html(result: dict[str, Any], figs: list[Path]) -> str:
     keys = ("method", "full_kl", "sub_kl", "full_cos_p", "sub_cos", "full_top1_agree", "sub_agree",
             "chance_agree", "mass_dense", "mass_pruned", "acc_dense", "acc_pruned")
     def cell(v: Any) -> str:
-        return "—" if v is None else v if isinstance(v, str) else f"{v:.4g}"
+        return val(v, ".4g")
 
     shares = result.get("choices_dense")
     prior = ("" if shares is None else "<p>Dense model's choices by option position: "
-             + ", ".join(f"{s:.0%}" for s in shares) + ". chance_agree is the agreement two models with "
+             + ", ".join(val(s, ".0%") for s in shares) + ". chance_agree is the agreement two models with "
              "these choice shares would reach without reading the question.</p>")
     return html_page("prunelens option subspace",
-        f"<h1>Option subspace — {esc(result['task'])}, {esc(str(result['model'].get('name', '')))}</h1>",
+        f"<h1>Option subspace — {esc(result['task'])}, {esc(result['model'].get('name', ''))}</h1>",
         '<p class="muted">Next-token distribution after each question, dense vs pruned: over the whole '
         "vocabulary and restricted to the answer-option tokens (renormalised). mass = share of p on the "
         "options.</p>", prior, html_table(result["methods"], keys, cell), *(img(f) for f in figs))
@@ -159,7 +165,8 @@ def subspace_html(result: dict[str, Any], figs: list[Path]) -> str:
 
 def _arguments(ss: argparse.ArgumentParser) -> None:
     options.add_model_args(ss)
-    ss.add_argument("--task", default="mmlu", help="mmlu (default), mmlu_5shot or boolq")
+    ss.add_argument("--tasks", "--task", dest="task", default="mmlu", metavar="TASK",
+                    help="one task: mmlu (default), mmlu_5shot or boolq")
     ss.add_argument("--data-dir", help="local data files (docs/tasks.md); default: the task's Hub dataset")
     options.add_method_args(ss)
     ss.add_argument("--limit", type=int, default=200, help="seeded sample of questions (default 200)")
@@ -188,7 +195,7 @@ def _run(args: argparse.Namespace) -> int:
 def summary_lines(res: dict[str, Any]) -> list[str]:
     """Full-vocabulary against option-subspace agreement, one row per method."""
     lines = [f"{'method':14s} {'KL full':>9s} {'KL options':>10s} {'top-1 agree':>11s} {'option agree':>12s} "
-             f"{'acc':>6s} (dense {res['methods'][0]['acc_dense']:.3f})"]
+             f"{'acc':>6s} (dense {text(next(iter(res['methods']), {}).get('acc_dense'), '.3f')})"]
     lines += [f"{r['method']:14s} {r['full_kl']:9.4g} {r['sub_kl']:10.4g} {r['full_top1_agree']:11.3f} "
               f"{r['sub_agree']:12.3f} {r['acc_pruned']:6.3f}" for r in res["methods"]]
     return lines
@@ -197,4 +204,4 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
 ANALYSIS = register(Analysis(
     "subspace", "full-vocabulary vs answer-option subspace agreement on a multiple-choice set, "
     "across prunings (paper Fig. 8)", _arguments, _run, schema=SCHEMA,
-    figures=subspace_figures, html=subspace_html, summary=summary_lines))
+    figures=subspace_figures, html=subspace_html, summary=summary_lines, fields=FIELDS))

@@ -38,6 +38,7 @@ from prunelens.analyses.sweep_data import (  # noqa: F401  (SweepSpec, SweepResu
     cell_path,
     is_dense,
     load_cell,
+    load_manifest,
     relative_drop,
 )
 from prunelens.analyses.sweep_view import markdown_table, markdown_table1, reading, write_outputs
@@ -46,8 +47,9 @@ from prunelens.model.loading import LoadedModel
 from prunelens.prune.base import METHODS, Method, methods
 from prunelens.prune.checkpoint import load_model
 from prunelens.prune.recipe import Calibration, Recipe, build, footprint
+from prunelens.registry import did_you_mean
 from prunelens.runs import read_json, write_json
-from prunelens.tasks.registry import TaskOptions, check_task, run_task, task_kind
+from prunelens.tasks.registry import check_task, run_task, task_kind
 
 # the older sweep names of the drop kinds, still accepted
 ALIASES = {"attn-drop": "attn", "mlp-drop": "mlp", "block-drop": "block"}
@@ -58,7 +60,7 @@ def sweep_method(name: str) -> Method:
     key = ALIASES.get(name, name)
     if key not in METHODS:
         names = [*ALIASES, *(m.name for m in methods())]
-        raise PrunelensError(f"unknown sweep method '{name}'; methods: {', '.join(names)}")
+        raise PrunelensError(f"unknown sweep method '{name}'{did_you_mean(name, names)}; methods: {', '.join(names)}")
     return METHODS[key]
 
 
@@ -308,15 +310,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def load_sweep(d: Path) -> SweepResult:
     """A saved sweep from its manifest and finished cells (nothing recomputed)."""
-    m = read_json(d / "sweep.json")
-    ident = m["identity"]
-    opts = {**ident["options"], "prompts": tuple(ident["options"]["prompts"] or ()) or None}
-    spec = SweepSpec(m["model"], m["method"], tuple(m["amounts"]), tuple(m["tasks"]), m["data_dir"],
-                     TaskOptions(**opts), ident["importance"], ident["calib"], ident["calib_samples"],
-                     ident["calib_len"], ident.get("device", "cpu"), ident.get("dtype", "float32"))
+    manifest, spec = load_manifest(d / "sweep.json")
     cells = [load_cell(cell_path(d, a, t)) for a in spec.amounts for t in spec.tasks
              if cell_path(d, a, t).is_file()]
-    return SweepResult(spec, cells, d)
+    return SweepResult(spec, cells, d, manifest["identity"])
 
 
 def _rebuild(d: Path) -> str:

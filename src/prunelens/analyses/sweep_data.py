@@ -6,13 +6,12 @@ view never imports the analysis.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from prunelens.analyses.base import read_checked
 from prunelens.analyses.cells import data_hashes, environment, model_fingerprint
-from prunelens.errors import PrunelensError
 from prunelens.tasks.registry import TaskOptions
 
 SCHEMA = "prunelens.sweep/1"
@@ -59,6 +58,12 @@ class SweepResult:
     spec: SweepSpec
     cells: list[dict[str, Any]] = field(default_factory=list)
     out_dir: Path | None = None
+    saved_identity: dict[str, Any] | None = None  # as the manifest recorded it (a rebuild recomputes nothing)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings the cells were computed with: the manifest's record where there is one (the
+        calibration file or model may have moved since), else the spec's."""
+        return self.saved_identity if self.saved_identity is not None else self.spec.identity()
 
 
 def cell_path(out: Path, amount: str, task: str) -> Path:
@@ -66,11 +71,31 @@ def cell_path(out: Path, amount: str, task: str) -> Path:
     return out / "cells" / f"{safe}.json"
 
 
+# what a sweep's manifest and cells must hold to be read back (by its view, ``report`` and ``families``)
+MANIFEST_FIELDS = {"model": "str", "method": "str", "amounts[]": "str", "tasks[]": "str", "data_dir": "str?",
+                   "identity.options": "dict", "identity.options.prompts[]?": "str", "identity.importance": "str",
+                   "identity.calib": "str?", "identity.calib_samples": "int?", "identity.calib_len": "int?",
+                   "identity.device?": "str", "identity.dtype?": "str", "data?": "dict"}
+CELL_FIELDS = {"amount": "str", "task": "str", "kind": "str", "metric": "str", "label": "str", "score": "num",
+               "stderr": "num?", "n": "int", "details?": "dict"}
+
+
 def load_cell(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PrunelensError(f"cannot read sweep cell '{path}': {e}") from None
+    """A saved cell, checked to hold what the views read (one line naming the file and field if not)."""
+    return read_checked(path, CELL_FIELDS)
+
+
+def load_manifest(path: Path) -> tuple[dict[str, Any], SweepSpec]:
+    """A sweep's manifest (sweep.json), checked, and the spec it records."""
+    m = read_checked(path, MANIFEST_FIELDS)
+    ident = m["identity"]
+    known = {f.name for f in fields(TaskOptions)}
+    opts = {k: v for k, v in ident["options"].items() if k in known}
+    opts["prompts"] = tuple(ident["options"].get("prompts") or ()) or None
+    spec = SweepSpec(m["model"], m["method"], tuple(m["amounts"]), tuple(m["tasks"]), m["data_dir"],
+                     TaskOptions(**opts), ident["importance"], ident["calib"], ident["calib_samples"],
+                     ident["calib_len"], ident.get("device") or "cpu", ident.get("dtype") or "float32")
+    return m, spec
 
 
 def relative_drop(dense: float | None, score: float | None, lower_is_better: bool = False) -> float | None:

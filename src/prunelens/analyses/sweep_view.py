@@ -11,7 +11,7 @@ from typing import Any
 
 from prunelens.analyses.sweep_data import SCHEMA, SweepResult, is_dense, relative_drop
 from prunelens.data import is_number
-from prunelens.render import esc, html_page, img, subplots
+from prunelens.render import esc, html_page, img, save_figure, subplots
 from prunelens.runs import atomic_write_text, write_json
 from prunelens.tasks.registry import GENERATIVE, PERPLEXITY
 
@@ -171,7 +171,7 @@ def figure1(result: SweepResult, path: Path) -> Path:
     fig.suptitle(f"{result.spec.model}: {result.spec.method}", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     return path
 
 
@@ -198,7 +198,7 @@ def reading(result: SweepResult) -> list[str]:
 
 def render_sweep_html(result: SweepResult, fig: Path) -> str:
     s = result.spec
-    return html_page(f"prunelens sweep — {esc(s.model)} {esc(s.method)}",
+    return html_page(f"prunelens sweep — {s.model} {s.method}",
         f"<h1>Sweep: {esc(s.model)}, {esc(s.method)}</h1>",
         '<p class="muted">Scores of the dense and pruned model per task; drops are relative to the dense '
         "score. Generative tasks decode freely for many steps; multiple-choice and retrieval read one step "
@@ -207,7 +207,7 @@ def render_sweep_html(result: SweepResult, fig: Path) -> str:
         "<h2>Figure</h2>", img(fig),
         "<h2>Scores</h2>", _md_to_html_table(markdown_table(result)),
         "<h2>Relative drops</h2>", _md_to_html_table(markdown_table1(result)),
-        "<h2>Settings</h2>", f"<pre>{esc(str(s.identity()))}</pre>")
+        "<h2>Settings</h2>", f"<pre>{esc(str(result.identity()))}</pre>")
 
 
 def write_outputs(result: SweepResult) -> None:
@@ -215,7 +215,7 @@ def write_outputs(result: SweepResult) -> None:
     out = result.out_dir
     assert out is not None
     slim = [{k: v for k, v in c.items() if k != "details"} for c in result.cells]
-    write_json(out / "results.json", {"schema": SCHEMA, "spec": result.spec.identity(), "cells": slim,
+    write_json(out / "results.json", {"schema": SCHEMA, "spec": result.identity(), "cells": slim,
                                       "rows": rows(result), "table1": table1(result)})
     atomic_write_text(out / "table.csv", csv_text(result))
     atomic_write_text(out / "table.md", markdown_table(result))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from prunelens.errors import PrunelensError
+from prunelens.runs import probe_writable_dir
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 _SIZE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B|B)?$", re.IGNORECASE)
@@ -101,8 +103,17 @@ def placement(device_map: str | None, max_memory: str | None, offload_dir: str |
     if dm is None and (mm or offload_dir):
         dm = "auto"
     if offload_dir:
-        Path(offload_dir).expanduser().mkdir(parents=True, exist_ok=True)
+        check_offload_dir(offload_dir)
     return Placement(dm, mm, offload_dir)
+
+
+def check_offload_dir(path: str) -> None:
+    """The disk-offload folder is (or can be made) a directory that takes files, probed before the
+    model loads: a file there or an unwritable place is one line, not an error from accelerate."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise PrunelensError(f"--offload-dir '{path}' exists and is not a directory")
+    probe_writable_dir(p, ".prunelens", f"cannot write to --offload-dir '{path}'")
 
 
 # --- models dispatched with accelerate's hooks --------------------------------------------------
@@ -211,7 +222,6 @@ def spill(t: torch.Tensor, folder: str | None = None) -> torch.Tensor:
     """``t`` as a tensor backed by a file mapping: its pages are the kernel's page cache, read back
     on use and dropped under memory pressure, so a model's worth of new weights for disk-offloaded
     layers costs disk, not RAM. The file is unlinked at once; the mapping keeps its data alive."""
-    import os
     import tempfile
 
     t = t.detach().contiguous().to("cpu")

@@ -25,7 +25,7 @@ from prunelens.errors import PrunelensError
 from prunelens.model.arch import Adapter
 from prunelens.model.views import Modification, view_of  # noqa: F401  (re-exported: the protocol lives in model)
 from prunelens.prune.plan import DropPlan
-from prunelens.registry import Registry
+from prunelens.registry import Registry, did_you_mean
 
 FAMILIES = ("drop", "prune", "quant", "repair")
 
@@ -127,7 +127,8 @@ def method_for(spec: str) -> Method:
     name = method_name(spec)
     if name not in METHODS:
         listing = "; ".join(f"{f}: {', '.join(m.name for m in methods(f))}" for f in FAMILIES)
-        raise PrunelensError(f"unknown method '{name}' in '{spec.strip()}' ({listing})")
+        raise PrunelensError(f"unknown method '{name}' in '{spec.strip()}'{did_you_mean(name, METHODS.names())} "
+                             f"({listing})")
     return METHODS[name]
 
 

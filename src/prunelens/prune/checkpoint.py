@@ -10,6 +10,7 @@ lives here rather than in ``model.loading``, which knows nothing of pruning.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,10 @@ import torch
 from prunelens.errors import PrunelensError
 from prunelens.model import loading
 from prunelens.model.arch import Adapter
-from prunelens.model.loading import DEFAULT_MODEL, LoadedModel
-from prunelens.model.placement import Placement, is_dispatched, state_tensors
+from prunelens.model.loading import LoadedModel
+from prunelens.model.placement import is_dispatched, state_tensors
 from prunelens.prune.plan import DropPlan, install_permanently
+from prunelens.runs import atomic_dir
 
 METADATA_KEY = "prunelens"
 
@@ -157,24 +159,29 @@ def save_sharded(adapter: Adapter, plan: DropPlan, out_dir: str | Path,
 
 def save_pruned(adapter: Adapter, plan: DropPlan, out_dir: str | Path, tokenizer: Any = None,
                 extra_meta: dict[str, Any] | None = None) -> Path:
-    """Write a safetensors checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads as is."""
+    """Write a safetensors checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads as is.
+
+    Written whole or not at all (``runs.atomic_dir``): an interrupted or killed save leaves nothing
+    at ``out_dir`` that transformers would load, and a checkpoint being replaced stays until then."""
     out = Path(out_dir)
     model = adapter.model
-    if is_dispatched(model):
-        config = save_sharded(adapter, plan, out, extra_meta)
-    else:
-        state, config = pruned_state_and_config(adapter, plan, extra_meta)
-        # Blocks removed: drop the stale modules from the state dict's view by saving with a swapped
-        # config (save_pretrained writes self.config) and the explicit state dict.
-        original = model.config
-        model.config = config
-        try:
-            model.save_pretrained(out, state_dict=state, safe_serialization=True)
-        finally:
-            model.config = original
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    (out / "prunelens.json").write_text(json.dumps(getattr(config, METADATA_KEY), indent=2))
+    _check_dense(adapter, plan)
+    with atomic_dir(out) as tmp:
+        if is_dispatched(model):
+            config = save_sharded(adapter, plan, tmp, extra_meta)
+        else:
+            state, config = pruned_state_and_config(adapter, plan, extra_meta)
+            # Blocks removed: drop the stale modules from the state dict's view by saving with a
+            # swapped config (save_pretrained writes self.config) and the explicit state dict.
+            original = model.config
+            model.config = config
+            try:
+                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            finally:
+                model.config = original
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "prunelens.json").write_text(json.dumps(getattr(config, METADATA_KEY), indent=2))
     return out
 
 
@@ -187,16 +194,11 @@ def plan_from_config(config: Any) -> DropPlan | None:
     return DropPlan(attn=tuple(skip.get("attn", ())), mlp=tuple(skip.get("mlp", ())))
 
 
-def load_model(
-    name: str = DEFAULT_MODEL,
-    device: str = "cpu",
-    dtype: str = "float32",
-    trust_remote_code: bool = False,
-    placement: Placement | None = None,
-) -> LoadedModel:
-    """``model.loading.load_model``, then a checkpoint saved by prunelens has its dropped sublayers
-    skipped again (recorded as ``skipped_from_checkpoint`` in the model's info)."""
-    lm = loading.load_model(name, device, dtype, trust_remote_code, placement=placement)
+@functools.wraps(loading.load_model, assigned=("__name__", "__qualname__", "__annotations__"))
+def load_model(*args: Any, **kwargs: Any) -> LoadedModel:
+    """``model.loading.load_model`` (same arguments), then a checkpoint saved by prunelens has its
+    dropped sublayers skipped again (recorded as ``skipped_from_checkpoint`` in the model's info)."""
+    lm = loading.load_model(*args, **kwargs)
     plan = plan_from_config(lm.model.config)
     if plan is not None and not plan.empty:
         install_permanently(lm.adapter, plan)

@@ -23,6 +23,7 @@ from torch import nn
 
 from prunelens.errors import PrunelensError
 from prunelens.model.arch import Adapter, get_module, set_module
+from prunelens.model.views import Modification
 
 KINDS = ("attn", "mlp", "block")
 # Layer indices are 0-based positions in the original (dense) model's layer list.
@@ -181,11 +182,20 @@ def _restore(adapter: Adapter, saved: list[tuple[str, nn.Module]]) -> None:
 
 
 @contextlib.contextmanager
-def pruned_view(adapter: Adapter, plan: DropPlan) -> Iterator[None]:
-    """Inside the block, the model computes as if ``plan``'s units were removed.
+def pruned_view(adapter: Adapter, plan: Modification) -> Iterator[None]:
+    """Inside the block, the model computes as if ``plan`` (any modification) were applied.
 
     No weight is copied: the dropped modules are swapped out for stand-ins and restored on exit.
+    Any other modification (a weight method, a recipe) enters its own ``view``, so the documented
+    ``pl.pruned_view(lm.adapter, plan)`` works for whatever ``pl.build`` returned.
     """
+    if not isinstance(plan, DropPlan):
+        if not callable(getattr(plan, "view", None)):
+            raise PrunelensError(f"pruned_view needs a modification (a DropPlan or what pl.build returns), "
+                                 f"not {type(plan).__name__}")
+        with plan.view(adapter):
+            yield
+        return
     saved = _swap_in(adapter, plan)
     try:
         yield

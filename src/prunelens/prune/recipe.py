@@ -30,7 +30,8 @@ from prunelens.prune.drop import LAYER_ITEM, DropPlan, DropRequest, parse_drop
 from prunelens.prune.importance import METRICS
 from prunelens.prune.importance import select_drop as _select_drop
 from prunelens.prune.repair import RepairPatch, RepairSpec, fit_repair
-from prunelens.prune.weights import WeightMethod, WeightPatch, parse_weight_method, sparsify
+from prunelens.prune.repair_check import held_out_check, judge
+from prunelens.prune.weights import WeightMethod, WeightPatch, check_skip, parse_weight_method, sparsify
 
 # calibration defaults when none are given: layer ranking needs little text, weight methods more
 DROP_CALIB = (8, 128)
@@ -57,7 +58,7 @@ class Recipe:
             for s in ([item] if isinstance(item, str | Spec) else list(item)):
                 if isinstance(s, Spec):
                     given.append(s)
-                elif _is_recipe_file(s):
+                elif is_recipe_file(s):
                     given.extend(read_recipe_file(s).steps)
                 else:
                     given.extend(p.strip() for p in s.split("+") if p.strip())
@@ -117,7 +118,8 @@ def split_specs(text: str) -> list[str]:
     return out
 
 
-def _is_recipe_file(s: str) -> bool:
+def is_recipe_file(s: str) -> bool:
+    """Whether a recipe string names a recipe file (read for its specs) rather than being specs."""
     return s.lower().endswith((".yaml", ".yml", ".json"))
 
 
@@ -186,6 +188,9 @@ def build(lm: LoadedModel, recipe: Recipe | str | Sequence[str], calibration: Ca
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.parse(recipe)
     recipe.check(lm.adapter.n_layers)
     cal = calibration or Calibration()
+    if cal.skip and not recipe.weight_steps:
+        raise PrunelensError("--prune-skip leaves layers alone from weight methods, and the recipe has none")
+    check_skip(lm.adapter, cal.skip)  # before any work: a pattern that matches nothing is a mistake
     parts: list[Modification] = []
     if recipe.drops:
         parts.append(select_drop(lm, *recipe.drops, calibration=cal))
@@ -208,9 +213,17 @@ def repair(lm: LoadedModel, modification: Modification | None, spec: str | Repai
     ``"repair:bias"``) of the layer drops in ``modification``, toward the dense model; returns a
     ``RepairPatch`` (use ``combine([modification, patch])``). Keywords override ``calibration``."""
     cal = _calibration(calibration, kw)
-    ids, record = cal.ids(lm, WEIGHT_CALIB)
+    n = WEIGHT_CALIB[0] if cal.samples is None else cal.samples
+    # a quarter more windows from the same seeded draw (the first n are the same windows as without
+    # them, so the fit is unchanged), on which the fitted repair is checked
+    ids, record = replace(cal, samples=n + max(1, n // 4)).ids(lm, WEIGHT_CALIB)
+    ids, held_out = ids[:n], ids[n:]
     patch = fit_repair(lm.adapter, modification, spec, ids, batch_size=cal.batch_size, progress=progress)
-    patch.report["calibration"] = record
+    patch.report["calibration"] = {**record, "samples": n}
+    if modification is not None:
+        patch.report["held_out_check"] = check = held_out_check(lm.adapter, modification, patch, held_out,
+                                                                cal.batch_size)
+        judge(patch.label(), check, patch.spec.strict)
     return patch
 
 
@@ -280,5 +293,6 @@ def footprint(lm: LoadedModel, modification: Modification) -> dict[str, float]:
     return {"removed_share": share, "bits_per_weight": bits, "memory_vs_bf16": (1 - share) * bits / 16}
 
 
-__all__ = ["Calibration", "Composite", "Recipe", "Spec", "build", "footprint", "prune_weights", "read_recipe_file",
+__all__ = ["Calibration", "Composite", "Recipe", "Spec", "build", "footprint", "is_recipe_file", "prune_weights",
+           "read_recipe_file",
            "repair", "save_modified", "select_drop"]

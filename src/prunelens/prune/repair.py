@@ -48,17 +48,20 @@ from prunelens.prune.repair_stream import fit_streamed
 class RepairMethod(Method):
     def parse(self, spec: str) -> RepairSpec:
         """``repair:linear``, ``repair:cosine``, ``repair:scale``, ``repair:bias``; ``repair:linear:1e-2``
-        sets the ridge (relative to the mean diagonal of XᵀX)."""
+        sets the ridge (relative to the mean diagonal of XᵀX); a last ``:strict`` refuses the repair
+        when it raises the next-token KL on held-out calibration windows (else it is a warning)."""
         parts = spec.strip().replace(" ", "").split(":")
+        strict = len(parts) > 2 and parts[-1] == "strict"
+        parts = parts[:-1] if strict else parts
         if len(parts) in (2, 3) and parts[1] in MODES:
             try:
                 ridge = float(parts[2]) if len(parts) == 3 else DEFAULT_RIDGE
             except ValueError:
                 ridge = -1.0
-            if ridge >= 0:
-                return RepairSpec(parts[1], ridge)
-        raise PrunelensError(f"malformed repair spec '{spec}': expected repair:MODE[:RIDGE] with MODE in "
-                             f"{'/'.join(MODES)} (e.g. repair:linear, repair:linear:1e-3)")
+            if 0 <= ridge < float("inf"):
+                return RepairSpec(parts[1], ridge, strict)
+        raise PrunelensError(f"malformed repair spec '{spec}': expected repair:MODE[:RIDGE][:strict] with MODE "
+                             f"in {'/'.join(MODES)} (e.g. repair:linear, repair:linear:1e-3, repair:scale:strict)")
 
 
 # registered lazily by name in ``base.METHODS``
@@ -95,7 +98,7 @@ class RepairPatch:
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "repair", "label": self.label(), "method": "repair", "mode": self.spec.mode,
-                "ridge": self.spec.ridge, **self.report,
+                "ridge": self.spec.ridge, "strict": self.spec.strict, **self.report,
                 "spans": [{"span": m.span.name(), "module": m.module, "merged": m.weight is not None,
                            **m.stats} for m in self.maps]}
 

@@ -30,13 +30,16 @@ DEFAULT_RIDGE = 1e-4
 
 @dataclass(frozen=True)
 class RepairSpec:
-    """A parsed ``repair:MODE[:RIDGE]``."""
+    """A parsed ``repair:MODE[:RIDGE][:strict]`` (``strict``: refuse the repair when it raises the
+    held-out KL, instead of warning)."""
 
     mode: str
     ridge: float = DEFAULT_RIDGE
+    strict: bool = False
 
     def label(self) -> str:
-        return f"repair:{self.mode}" + (f":{self.ridge:g}" if self.ridge != DEFAULT_RIDGE else "")
+        return (f"repair:{self.mode}" + (f":{self.ridge:g}" if self.ridge != DEFAULT_RIDGE else "")
+                + (":strict" if self.strict else ""))
 
 
 @dataclass

@@ -188,14 +188,29 @@ class WeightPatch:
         return swapped(adapter.model, self.weights)
 
 
+def _skips(pattern: str, block: int, path: str) -> bool:
+    """The one reading of a --prune-skip pattern: a block index or a glob on the module path."""
+    return pattern == str(block) or fnmatch.fnmatch(path, pattern)
+
+
 def target_linears(adapter: Adapter, skip: Sequence[str] = ()) -> list[list[str]]:
     """Module paths of the linear layers to modify, per block (LM head and embeddings never)."""
     out = []
     for i in range(adapter.n_layers):
         paths = [f"{adapter.layer_path(i)}.{rel}" for rel in adapter.spec.linears]
-        out.append([p for p in paths if _is_linear(adapter, p)
-                    and not any(fnmatch.fnmatch(p, pat) or pat == str(i) for pat in skip)])
+        out.append([p for p in paths if _is_linear(adapter, p) and not any(_skips(pat, i, p) for pat in skip)])
     return out
+
+
+def check_skip(adapter: Adapter, skip: Sequence[str]) -> None:
+    """Every --prune-skip pattern leaves some linear layer alone: one that matches nothing (a typo, a
+    layer past the last) would otherwise be accepted and the layer meant modified all the same."""
+    linears = [(i, p) for i, paths in enumerate(target_linears(adapter)) for p in paths]
+    for pat in skip:
+        if not any(_skips(pat, i, p) for i, p in linears):
+            raise PrunelensError(f"--prune-skip '{pat}' matches no linear layer of this model (layer numbers "
+                                 f"0..{adapter.n_layers - 1}, or a glob on module paths such as "
+                                 f"'{linears[0][1] if linears else adapter.layer_path(0)}')")
 
 
 def _is_linear(adapter: Adapter, path: str) -> bool:
@@ -335,6 +350,7 @@ def sparsify(
     With ``inplace`` the model keeps the new weights (no dense copy is held: use it to prune and
     save); otherwise the model stays dense and the patch holds the new weights.
     """
+    check_skip(adapter, skip)
     blocks = target_linears(adapter, skip)
     _check_columns(adapter, method, blocks)
     calibrated = method.method.calibrated

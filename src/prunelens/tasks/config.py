@@ -27,10 +27,12 @@ from prunelens.tasks.code import (
     mbpp_program,
     score_programs,
 )
+from prunelens.tasks.code import item_hits as code_hits
 from prunelens.tasks.config_file import TaskConfig, load_config
 from prunelens.tasks.data import sample_indices, stderr_of_mean
 from prunelens.tasks.gsm8k import normalise
 from prunelens.tasks.mcq import Item, evaluate_items
+from prunelens.tasks.mcq import item_hits as mcq_hits
 
 __all__ = ["TaskConfig", "config_task", "evaluate_config", "extract_answer", "load_config", "matches"]
 
@@ -120,7 +122,7 @@ def _evaluate_generate(lm: LoadedModel, cfg: TaskConfig, task: Task, chosen: Cho
         pred = extract_answer(text, cfg.extract)
         hits.append(float(matches(pred, target, cfg.raw)))
         formatted.append(float(pred is not None))
-        samples.append({"index": i, "target": target, "extracted": pred, "output": text})
+        samples.append({"index": i, "target": target, "extracted": pred, "output": text, "hit": hits[-1]})
     n = len(hits)
     details = {"n": n, "exact_match": sum(hits) / n, "format_rate": sum(formatted) / n, "samples": samples}
     return TaskScore(cfg.name, GENERATIVE, task.metric, sum(hits) / n, stderr_of_mean(hits), n, details)
@@ -166,5 +168,14 @@ def config_task(path: str | Path) -> Task:
     cfg = load_config(path)
     kind = MULTIPLE_CHOICE if cfg.kind == "multiple_choice" else GENERATIVE
     metric = {"multiple_choice": "acc", "generate": "exact_match", "code": "pass@1"}[cfg.kind]
+    hits = {"multiple_choice": mcq_hits, "generate": _generate_hits, "code": code_hits}[cfg.kind]
     return Task(cfg.name, kind, metric, cfg.raw.get("description") or f"task config {Path(path).name}",
-                evaluate_config, data=lambda data_dir: cfg.identity(), config=cfg)
+                evaluate_config, data=lambda data_dir: cfg.identity(), config=cfg, hits=hits)
+
+
+def _generate_hits(metric: str, details: dict[str, Any]) -> dict[Any, float] | None:
+    """Per-question outcomes of a generate config's run (for ``eval``'s paired test), from its samples."""
+    samples = details.get("samples")
+    if not samples or not all("hit" in s for s in samples):
+        return None
+    return {s["index"]: float(s["hit"]) for s in samples}

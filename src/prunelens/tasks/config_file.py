@@ -22,17 +22,18 @@ from __future__ import annotations
 
 import ast
 import functools
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import file_sha256
+from prunelens.tasks.config_schema import TemplateLimit, check_fields, load_yaml, render_bounded, template_env
 from prunelens.tasks.sources import HubSplit, Rows, load_hub_split, rows_hash
 
 KINDS = ("multiple_choice", "generate", "code")
-MATCHES = ("exact", "numeric")
 _COMMON = {"task", "kind", "description", "dataset", "data_files", "split", "fewshot_split", "num_fewshot",
            "prompt", "fewshot_delimiter"}
 _KEYS = {
@@ -43,13 +44,6 @@ _KEYS = {
 }
 _REQUIRED = {"multiple_choice": ("prompt", "choices", "answer"), "generate": ("prompt", "target"),
              "code": ("prompt", "tests")}
-
-
-def _env() -> Any:
-    from jinja2 import StrictUndefined
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    return ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
 
 
 def is_template(v: Any) -> bool:
@@ -66,13 +60,14 @@ class TaskConfig:
     kind: str = ""
 
     def __post_init__(self) -> None:
+        """Check the whole file at once (``config_schema.SCHEMA``); ``raw`` keeps each field's normal form."""
         r = self.raw
         where = f"task config '{self.path}'"
         self.where = where
         if r.get("kind") not in KINDS:
             raise PrunelensError(f"{where}: kind must be one of {', '.join(KINDS)}, got {r.get('kind')!r}")
         self.kind = r["kind"]
-        unknown = sorted(set(r) - _KEYS[self.kind])
+        unknown = sorted(set(r) - _KEYS[self.kind], key=str)
         if unknown:
             raise PrunelensError(f"{where}: unknown key '{unknown[0]}' for kind {self.kind} (keys: "
                                  f"{', '.join(sorted(_KEYS[self.kind]))})")
@@ -81,17 +76,18 @@ class TaskConfig:
                 raise PrunelensError(f"{where}: '{k}' is required for kind {self.kind}")
         if ("dataset" in r) == ("data_files" in r):
             raise PrunelensError(f"{where}: give either 'dataset' (a Hub dataset) or 'data_files' (local files)")
-        if "dataset" in r and not (isinstance(r["dataset"], dict) and r["dataset"].get("path")):
-            raise PrunelensError(f"{where}: 'dataset' needs at least a 'path' (and a 'split')")
+        try:
+            self.raw = r = check_fields(r)
+        except ValueError as e:
+            raise PrunelensError(f"{where}: {e}") from None
         self.name = str(r.get("task") or self.path.stem)
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
-            raise PrunelensError(f"{where}: task name {self.name!r} may hold only letters, digits, '_', '.', '-'")
-        self.num_fewshot = int(r.get("num_fewshot", 0))
-        if self.num_fewshot < 0:
-            raise PrunelensError(f"{where}: num_fewshot must be at least 0")
-        if self.kind == "generate":
-            self.extract = _generate_extract(r, where)
+        self.num_fewshot = r.get("num_fewshot", 0)
+        self.extract = r.get("extract")
         self._compiled: dict[str, Any] = {}
+        for key, spec in r.items():  # a template's syntax is checked here, before any data or model
+            for j, s in enumerate(spec if isinstance(spec, list) else [spec]):
+                if is_template(s):
+                    self._template(f"{key}[{j}]" if isinstance(spec, list) else key, s)
 
     # --- data ------------------------------------------------------------------------------------
 
@@ -143,14 +139,26 @@ class TaskConfig:
             return spec  # a constant text
         return _column(spec, row, f"{self.where}: {key}: row {i + 1}")
 
+    def _template(self, key: str, template: str) -> Any:
+        """The compiled template of a field (compiled once, when the config is read)."""
+        from jinja2 import TemplateError
+
+        if key not in self._compiled:
+            try:
+                self._compiled[key] = template_env().from_string(template)
+            except TemplateError as e:
+                raise PrunelensError(f"{self.where}: {key}: template error ({e})") from None
+        return self._compiled[key]
+
     def _render(self, key: str, template: str, row: dict[str, Any], i: int) -> Any:
         from jinja2 import TemplateError, UndefinedError
 
         try:
-            t = self._compiled.get(key) or self._compiled.setdefault(key, _env().from_string(template))
-            out = t.render(**row)
+            out = render_bounded(self._template(key, template), row)
         except UndefinedError as e:
             raise PrunelensError(f"{self.where}: {key}: {e.message} (columns: {', '.join(row)})") from None
+        except TemplateLimit as e:
+            raise PrunelensError(f"{self.where}: {key}: row {i + 1}: template refused: {e}") from None
         except TemplateError as e:
             raise PrunelensError(f"{self.where}: {key}: template error ({e})") from None
         except Exception as e:  # an expression failing on this row's values
@@ -207,25 +215,6 @@ class TaskConfig:
         return Rows(out, str(self.path), self.identity())
 
 
-def _generate_extract(r: dict[str, Any], where: str) -> dict[str, Any] | None:
-    """A generate config's checked ``match`` and its ``extract`` as {regex, group?, select?} (or None)."""
-    if r.get("match", "exact") not in MATCHES:
-        raise PrunelensError(f"{where}: match must be one of {', '.join(MATCHES)}")
-    ex = r.get("extract")
-    if ex is None:
-        return None
-    ex = {"regex": ex} if isinstance(ex, str) else ex
-    if not isinstance(ex, dict) or "regex" not in ex:
-        raise PrunelensError(f"{where}: extract needs a 'regex' (and optionally group, select)")
-    try:
-        re.compile(ex["regex"])
-    except re.error as e:
-        raise PrunelensError(f"{where}: extract regex {ex['regex']!r} is invalid ({e})") from None
-    if ex.get("select", "first") not in ("first", "last"):
-        raise PrunelensError(f"{where}: extract select must be first or last")
-    return ex
-
-
 def _is_column(spec: Any, row: dict[str, Any]) -> bool:
     try:
         _column(spec, row, "")
@@ -252,16 +241,15 @@ def _column(spec: Any, row: dict[str, Any], where: str) -> Any:
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def _local_rows(cfg: Path, files: Any, split: str | None, where: str) -> list[dict[str, Any]]:
-    """Rows of local files through ``datasets`` (a list of files or a {split: file} mapping)."""
+def _local_rows(cfg: Path, files: dict[str, list[str]], split: str | None, where: str) -> list[dict[str, Any]]:
+    """Rows of local files through ``datasets`` (``files``: {split: [file, ...]}, as the schema leaves it)."""
     import datasets
 
     datasets.disable_progress_bars()
-    mapping = files if isinstance(files, dict) else {"train": files}
     split = split or "train"
-    if split not in mapping:
-        raise PrunelensError(f"{where}: split '{split}' is not among data_files' splits ({', '.join(mapping)})")
-    paths = mapping[split] if isinstance(mapping[split], list) else [mapping[split]]
+    if split not in files:
+        raise PrunelensError(f"{where}: split '{split}' is not among data_files' splits ({', '.join(files)})")
+    paths = files[split]
     resolved = []
     for p in paths:
         q = Path(p) if Path(p).is_absolute() else cfg.parent / p
@@ -281,13 +269,13 @@ def _local_rows(cfg: Path, files: Any, split: str | None, where: str) -> list[di
 
 @functools.lru_cache(maxsize=16)
 def _load_config(path: str, mtime_ns: int) -> TaskConfig:
-    import yaml
-
     p = Path(path)
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = load_yaml(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise PrunelensError(f"task config '{p}' is not valid YAML ({str(e).splitlines()[0]})") from None
+    except ValueError as e:  # past the bounds on what reading a config may cost
+        raise PrunelensError(f"task config '{p}' is refused: {e}") from None
     if not isinstance(raw, dict):
         raise PrunelensError(f"task config '{p}' must be a mapping of keys to values")
     return TaskConfig(p, raw)

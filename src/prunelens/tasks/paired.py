@@ -4,14 +4,17 @@ generation, so that knowledge loss and format failure can be told apart.
 Pure functions only (no model): GSM8K distractors derived deterministically from the gold number,
 matching a free-form answer to one of the options, and the paired gap
 (MCQ drop − generative drop) with a bootstrap confidence interval that resamples *questions*, so
-the four per-question outcomes (dense/pruned × MCQ/generative) stay paired.
+the four per-question outcomes (dense/pruned × MCQ/generative) stay paired. And the one paired
+test of two runs of any task (``paired_test``: difference, its standard error, exact McNemar).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -120,3 +123,54 @@ def paired_gap(mcq_dense: Sequence[float], mcq_pruned: Sequence[float], gen_dens
     return PairedGap(n, float(md.mean()), float(mp.mean()), float(gd.mean()), float(gp.mean()),
                      float((md - mp).mean()), float((gd - gp).mean()), float(per_q.mean()),
                      float(lo), float(hi))
+
+
+#: below these a paired difference is printed but flagged as too small to read
+MIN_ITEMS, MIN_DISCORDANT = 20, 5
+
+
+def mcnemar_exact_p(b: int, c: int) -> float:
+    """Two-sided exact McNemar p: under no change each of the ``b + c`` discordant pairs flips
+    either way with probability ½, so p = min(1, 2·P[Binomial(b+c, ½) ≤ min(b, c)]); 1 with none."""
+    if b < 0 or c < 0:
+        raise PrunelensError(f"discordant counts must be non-negative, got {b}, {c}")
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """Modified − dense over the same items: the mean paired difference, its standard error
+    (sd of the per-item differences / √n), the flips each way and McNemar's exact p."""
+
+    n: int
+    difference: float
+    stderr: float
+    lost: int    # right dense, wrong modified
+    gained: int  # wrong dense, right modified
+    p_mcnemar: float
+    too_small: bool
+
+    def line(self) -> str:
+        se = f"±{self.stderr:.3f}" if math.isfinite(self.stderr) else ""
+        note = (f"  (too few to read: n={self.n}, {self.lost + self.gained} flips; need ≥{MIN_ITEMS} items "
+                f"and ≥{MIN_DISCORDANT} flips)" if self.too_small else "")
+        return (f"paired Δ {self.difference:+.3f}{se}, flips -{self.lost}/+{self.gained}, "
+                f"McNemar p={self.p_mcnemar:.3g}{note}")
+
+
+def paired_test(dense: dict[Any, float], modified: dict[Any, float]) -> PairedTest:
+    """The paired test of two runs' per-item outcomes (1 right, 0 wrong), keyed by item."""
+    if not dense or dense.keys() != modified.keys():
+        raise PrunelensError("a paired test needs the same non-empty set of items in both runs")
+    keys = list(dense)
+    d = np.asarray([modified[k] - dense[k] for k in keys], dtype=np.float64)
+    n = len(d)
+    se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    lost = sum(1 for k in keys if dense[k] > 0.5 >= modified[k])
+    gained = sum(1 for k in keys if modified[k] > 0.5 >= dense[k])
+    return PairedTest(n, float(d.mean()), se, lost, gained, mcnemar_exact_p(lost, gained),
+                      n < MIN_ITEMS or lost + gained < MIN_DISCORDANT)

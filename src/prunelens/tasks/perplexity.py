@@ -64,6 +64,14 @@ def _windows(lm: LoadedModel, text: str, seq_len: int, max_windows: int | None) 
     return ids[: n_windows * seq_len].reshape(n_windows, seq_len), len(ids)
 
 
+def check_kld_windows(n_windows: int, seq_len: int) -> None:
+    """KL statistics need 2 predicted tokens (their standard errors do): a window of ``seq_len``
+    predicts ``seq_len - 1``, so ``--seq-len 3`` always works, 2 only over several windows."""
+    if n_windows * (seq_len - 1) < 2:
+        raise PrunelensError(f"KL statistics need at least 2 predicted tokens, and {n_windows} window(s) of "
+                             f"{seq_len} tokens predict {n_windows * (seq_len - 1)}: use --seq-len 3 or more")
+
+
 def _final_states(lm: LoadedModel, x: torch.Tensor, modification: Any) -> torch.Tensor:
     """Final-norm outputs of a window batch (the head is applied later, a chunk of positions at a time)."""
     with view_of(lm.adapter, modification), capture(lm.adapter, ["final"]) as st:
@@ -86,6 +94,7 @@ def kl_statistics(
     windows and positions as ``perplexity`` (every next-token position of each window; llama.cpp
     scores the second half of each window only). Definitions: ``metrics.token_kld``/``kld_summary``."""
     windows, _ = _windows(lm, text, seq_len, max_windows)
+    check_kld_windows(len(windows), seq_len)
     rows = rows_per_chunk(int(lm.model.config.get_text_config().vocab_size))
     parts: dict[str, list[torch.Tensor]] = {}
 

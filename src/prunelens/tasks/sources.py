@@ -16,12 +16,14 @@ mirror of Hub repositories can stand in for the Hub: ``PRUNELENS_DATASETS_DIR=DI
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +126,25 @@ class HubUnreachable(PrunelensError):
         self.hub, self.reason = hub, reason
 
 
+# the loggers a Hub download warns on while it retries (a dozen lines before prunelens's one-line error)
+_HUB_LOGGERS = ("huggingface_hub", "datasets", "fsspec", "urllib3", "httpx", "filelock")
+
+
+@contextlib.contextmanager
+def quiet_hub_logs() -> Iterator[None]:
+    """Only errors from the Hub client and ``datasets`` while a split loads: a retry's warning says
+    nothing the one-line outcome does not, and an unreachable dataset is reported once, by prunelens."""
+    loggers = [logging.getLogger(n) for n in _HUB_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def load_hub_split(hub: HubSplit, columns: tuple[str, ...] = (), files: tuple[str, ...] | None = None,
                    who: str = "") -> list[dict[str, Any]]:
     """Rows of one Hub split through ``datasets.load_dataset``; one-line errors for an unreachable
@@ -135,7 +156,8 @@ def load_hub_split(hub: HubSplit, columns: tuple[str, ...] = (), files: tuple[st
     where = _where(hub.path)
     head = f"{who}: " if who else ""
     try:
-        ds = datasets.load_dataset(where, hub.name, split=hub.split)
+        with quiet_hub_logs():
+            ds = datasets.load_dataset(where, hub.name, split=hub.split)
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
         reason = str(e).split("\n")[0][:160]
         local = f"--data-dir DIR holding {' or '.join(files)}" if files else "local data files"

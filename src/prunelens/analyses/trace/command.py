@@ -12,9 +12,11 @@ from prunelens import options
 from prunelens.analyses.base import Analysis, register
 from prunelens.analyses.trace.core import analyze
 from prunelens.analyses.trace.figures import make_figures
+from prunelens.analyses.trace.labels import get_in, summary_of
 from prunelens.analyses.trace.page import run_html, trace_page
 from prunelens.analyses.trace.settings import SCHEMA_FAMILY, TraceSettings
 from prunelens.prune.recipe import build, save_modified
+from prunelens.render import text
 from prunelens.runs import check_out_dir, check_writable_parent, default_run_dir, write_run
 
 
@@ -58,6 +60,7 @@ def _run(args: argparse.Namespace) -> int:
         check_writable_parent(default_run_dir(args.model, "dense"))
     if args.save_pruned:
         options.check_checkpoint_dir(Path(args.save_pruned), args.overwrite)
+    options.required_recipe(args, "analyze compares the modified model with the dense one")
 
     lm = options.load(args)
     plan = build(lm, recipe, cal, progress=not args.quiet)
@@ -75,19 +78,22 @@ def _run(args: argparse.Namespace) -> int:
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
     """The headline the command prints: the three spaces at the last prompt token, then decoding."""
-    fmt = options.fmt
-    s = result["summary"]
-    t = f"{s['temperature']:g}"
-    last, tf, fr = s["last_prompt_token"], s["teacher_forced_mean"], s["free_running_mean"]
+    def fmt(x: Any) -> str:  # a saved result read back may hold anything: never a crash
+        return text(x, ".4g", "n/a")
+
+    s = summary_of(result)
+    t = text(s.get("temperature"), "g")
+    last, tf, fr = ({} if not isinstance(d, dict) else d for d in (
+        s.get("last_prompt_token"), s.get("teacher_forced_mean"), s.get("free_running_mean")))
     return [
-        f"model {result['model']['name']}  pruning {result['pruning']['label']}",
-        f"  last prompt token : cos(h)={fmt(last['cos_h'])}  cos(z)={fmt(last['cos_z'])}  "
-        f"cos(p)={fmt(last[f'cos_p@{t}'])}  KL@T={t}={fmt(last[f'kl@{t}'])} "
-        f"(Taylor {fmt(last[f'taylor_kl@{t}'])})",
-        f"  teacher-forced    : mean KL={fmt(tf[f'kl@{t}'])}  top-1 agreement={fmt(tf['top1_agree'])}",
-        f"  free-running      : mean KL={fmt(fr[f'kl@{t}'])}  token agreement={fmt(fr['token_agree'])}  "
-        f"diverged {s['prompts_diverged']}/{result['settings']['n_prompts']} prompts "
-        f"(median first divergence step {fmt(s['median_first_divergence'])})",
+        f"model {text(get_in(result, 'model', 'name'))}  pruning {text(get_in(result, 'pruning', 'label'))}",
+        f"  last prompt token : cos(h)={fmt(last.get('cos_h'))}  cos(z)={fmt(last.get('cos_z'))}  "
+        f"cos(p)={fmt(last.get(f'cos_p@{t}'))}  KL@T={t}={fmt(last.get(f'kl@{t}'))} "
+        f"(Taylor {fmt(last.get(f'taylor_kl@{t}'))})",
+        f"  teacher-forced    : mean KL={fmt(tf.get(f'kl@{t}'))}  top-1 agreement={fmt(tf.get('top1_agree'))}",
+        f"  free-running      : mean KL={fmt(fr.get(f'kl@{t}'))}  token agreement={fmt(fr.get('token_agree'))}  "
+        f"diverged {text(s.get('prompts_diverged'))}/{text(get_in(result, 'settings', 'n_prompts'))} prompts "
+        f"(median first divergence step {fmt(s.get('median_first_divergence'))})",
     ]
 
 

@@ -9,6 +9,7 @@ a modification's view (modules swapped, no weight copied).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -51,9 +52,9 @@ def analyze(
     if not prompts:
         raise PrunelensError("no prompts to analyse")
     plan.validate(lm.adapter.n_layers)
-    torch.manual_seed(settings.seed)
     t0 = time.perf_counter()
-    with decode_attention(lm.device):
+    # Seeded inside a forked RNG state: the caller's global torch random state is left untouched.
+    with _seeded(settings.seed, lm.device), decode_attention(lm.device):
         measured = trace(lm, ModelForward(lm), ModelForward(lm, plan), prompts, settings, progress,
                          desc=f"analyze {plan.label()}")
     result = {
@@ -70,6 +71,14 @@ def analyze(
     }
     result["summary"] = summarize(result)
     return result
+
+
+def _seeded(seed: int, device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """``torch.manual_seed(seed)`` for the block only (CPU and the model's GPU), restored on exit."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
+    torch.manual_seed(seed)
+    return stack
 
 
 @torch.inference_mode()

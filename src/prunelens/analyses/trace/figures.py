@@ -31,7 +31,7 @@ from prunelens.analyses.trace.labels import (
     pruning_label,
     temperatures,
 )
-from prunelens.render import DPI, fmt, num
+from prunelens.render import DPI, fmt, num, save_figure
 
 
 def _new_figure(rows: int, height: float) -> tuple[Figure, list[Axes]]:
@@ -124,7 +124,7 @@ def _fig_layerwise(result: dict[str, Any], path: Path) -> bool:
     ax3.xaxis.set_major_locator(MaxNLocator(integer=True))
     _legend_outside(ax3)
     fig.suptitle(mpl_text(f"Per layer: {model_name(result)} — {pruning_label(result)}"), fontsize=12)
-    fig.savefig(path, dpi=DPI)
+    save_figure(fig, path)
     return True
 
 
@@ -148,7 +148,7 @@ def _fig_stepwise(result: dict[str, Any], path: Path) -> bool:
         # the full step range, so steps where no prompt was still valid show as a gap
         ax.set_xlim(np.nanmin(steps) - 0.5, np.nanmax(steps) + 0.5)
     fig.suptitle(mpl_text(f"Per decoding step: {model_name(result)} — {pruning_label(result)}"), fontsize=12)
-    fig.savefig(path, dpi=DPI)
+    save_figure(fig, path)
     return True
 
 
@@ -277,7 +277,7 @@ def _fig_taylor(result: dict[str, Any], path: Path) -> bool:
         return False
     fig.suptitle(mpl_text(f"Softmax amplification, estimate vs measured: {model_name(result)} — "
                            f"{pruning_label(result)}"), fontsize=12)
-    fig.savefig(path, dpi=DPI)
+    save_figure(fig, path)
     return True
 
 
@@ -314,7 +314,7 @@ def _fig_spaces(result: dict[str, Any], path: Path) -> bool:
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(mpl_text(f"Representation hierarchy at the last prompt token\n"
                            f"{model_name(result)} — {pruning_label(result)}"), fontsize=11)
-    fig.savefig(path, dpi=DPI)
+    save_figure(fig, path)
     return True
 
 

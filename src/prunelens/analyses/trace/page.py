@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from prunelens.analyses.base import check_fields
 from prunelens.analyses.trace.figures import make_figures
 from prunelens.analyses.trace.labels import (
     FIGURE_ORDER,
@@ -230,7 +231,13 @@ def load_result(run_dir: Path) -> dict[str, Any]:
     schema = result.get("schema", "") if isinstance(result, dict) else ""
     if not isinstance(schema, str) or not schema.startswith(SCHEMA_FAMILY):
         raise PrunelensError(f"'{path}' is not a prunelens analysis result (schema {schema!r})")
-    return result
+    return check_fields(result, FIELDS, path)
+
+
+# the parts of a trace result that must have their shape when present (the view tolerates any of
+# them missing, and any number missing or malformed)
+FIELDS = {f"{k}?": "dict" for k in ("model", "pruning", "settings", "conventions", "summary", "layerwise",
+                               "stepwise", "timing")} | {"per_prompt[]?": "dict"}
 
 
 def _existing_figures(fig_dir: Path) -> list[Path]:

@@ -194,13 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="prunelens", description=__doc__.splitlines()[0])
     ap.add_argument("--version", action="version", version=f"prunelens {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
-    commands: dict[str, Any] = {}
 
     def add(name: str, help: str, arguments: Any, run: Any) -> None:
         p = sub.add_parser(name, help=help)
         arguments(p)
         p.set_defaults(run=run)
-        commands[name] = run
 
     for a in analyses():
         add(a.name, a.help, a.add_arguments, a.run)

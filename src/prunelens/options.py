@@ -211,9 +211,10 @@ def check_checkpoint_dir(out: Path, overwrite: bool) -> None:
     replaces a model checkpoint, never a folder of other files."""
     if out.exists() and not out.is_dir():
         raise PrunelensError(f"'{out}' exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    nonempty = out.is_dir() and any(out.iterdir())
+    if nonempty and not overwrite:
         raise PrunelensError(f"output directory '{out}' is not empty (use --overwrite)")
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+    if nonempty and not (out / "config.json").is_file():
         raise PrunelensError(f"'{out}' is not empty and holds no model checkpoint; not overwriting it")
     check_writable_parent(out)
 

@@ -30,11 +30,11 @@ class Registry(Generic[T]):
         self._discover = tuple(discover)
         self._discovered = not self._discover
 
-    def register(self, name: str, obj: T | str, *, replace: bool = False) -> T | str:
+    def register(self, name: str, obj: T | str) -> T | str:
         """Add ``obj`` (or a lazy ``"module:attribute"``) under ``name``; a second registration of the
-        same name is a programming error unless ``replace`` is given."""
+        same name is a programming error (a real object may take the place of its lazy entry)."""
         current = self._entries.get(name)
-        if current is not None and not replace and current is not obj and not isinstance(current, str):
+        if current is not None and current is not obj and not isinstance(current, str):
             raise ValueError(f"{self.kind} {name!r} is registered twice")
         self._entries[name] = obj
         return obj
@@ -63,7 +63,8 @@ class Registry(Generic[T]):
         return list(self._entries)
 
     def __contains__(self, name: object) -> bool:
-        return name in self.names()
+        self._load_plugins()
+        return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
@@ -72,7 +73,7 @@ class Registry(Generic[T]):
         return len(self.names())
 
     def get(self, name: str) -> T:
-        if name not in self.names():
+        if name not in self:
             raise PrunelensError(self.unknown(name))
         return self._resolve(name)
 

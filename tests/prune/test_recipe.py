@@ -15,7 +15,7 @@ import torch
 from prunelens import options
 from prunelens.cli import build_parser
 from prunelens.errors import PrunelensError
-from prunelens.prune.base import REGISTRY, methods, methods_help
+from prunelens.prune.base import METHODS, methods, methods_help
 from prunelens.prune.drop import DropPlan, parse_drop
 from prunelens.prune.recipe import Calibration, Recipe, build, prune_weights, select_drop, split_specs
 from prunelens.prune.weights import WeightPatch, parse_weight_method
@@ -34,7 +34,7 @@ def test_every_family_is_registered_and_listed() -> None:
     assert {m.name for m in methods("quant")} == {"rtn", "gptq", "awq"}
     assert {m.name for m in methods() if m.calibrated} >= {"wanda", "sparsegpt", "gptq", "awq", "attn"}
     text = methods_help()
-    assert all(name in text for name in REGISTRY)
+    assert all(name in text for name in METHODS)
 
 
 def test_recipe_parses_plus_lists_and_files(tmp_path: Path) -> None:

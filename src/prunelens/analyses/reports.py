@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prunelens.analyses.base import Analysis, for_run
 from prunelens.errors import PrunelensError
-from prunelens.render import CSS, esc
+from prunelens.render import esc, html_page
 from prunelens.runs import atomic_write_text, read_json
 
 
@@ -50,8 +50,7 @@ def combined_page(run_dirs: list[Path]) -> str:
     run in its own column, from saved results only."""
     if not run_dirs:
         raise PrunelensError("no run directories given")
-    found = [(Path(d), for_run(d)) for d in run_dirs]
-    found = [(d, a if a is not None else _analysis_of(d)) for d, a in found]
+    found = [(Path(d), _analysis_of(d)) for d in run_dirs]
     groups: dict[str, tuple[Analysis, list[Path]]] = {}
     for d, a in found:
         if a.combine is not None:
@@ -64,9 +63,7 @@ def combined_page(run_dirs: list[Path]) -> str:
     grid = f'style="grid-template-columns:repeat({min(len(cols), 3)},minmax(0,1fr))"'
     parts.append(f'<div class="runs" {grid}>{"".join(cols)}</div>')
     title = "prunelens report — " + ", ".join(Path(d).name for d in run_dirs)
-    return "\n".join(["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-                      f"<title>{esc(title)}</title><style>{CSS}</style></head><body>",
-                      f"<h1>{esc(title)}</h1>", *parts, "</body></html>"])
+    return html_page(title, f"<h1>{esc(title)}</h1>", *parts)
 
 
 def combined_report(run_dirs: list[Path], out_html: Path) -> Path:

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from prunelens.model.arch import Adapter
+from prunelens.model.views import Modification, view_of
 
 
 def first_output(x):
@@ -64,3 +65,12 @@ def capture(adapter: Adapter, names: Iterable[str]) -> Iterator[dict[str, torch.
 
 def resid_names(n_layers: int) -> list[str]:
     return [f"resid.{i}" for i in range(n_layers + 1)]
+
+
+def final_states(adapter: Adapter, ids: torch.Tensor, modification: Modification | None = None) -> torch.Tensor:
+    """Final-norm outputs h of every position of ``ids`` under ``modification`` (dense without one),
+    with the LM head skipped: callers make the logits a chunk of positions at a time
+    (``metrics.chunked_kl``/``chunked_nll``), so batch × length × vocabulary never exists at once."""
+    with view_of(adapter, modification), capture(adapter, ["final"]) as st:
+        adapter.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    return st["final"]

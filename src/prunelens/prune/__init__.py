@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from prunelens.prune.base import (
     METHODS,
-    REGISTRY,
     Composite,
     Method,
     Modification,
@@ -21,5 +20,5 @@ from prunelens.prune.base import (
     view_of,
 )
 
-__all__ = ["METHODS", "REGISTRY", "Composite", "Method", "Modification", "Spec", "combine", "method_for", "methods",
+__all__ = ["METHODS", "Composite", "Method", "Modification", "Spec", "combine", "method_for", "methods",
            "register", "view_of"]

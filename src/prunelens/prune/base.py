@@ -98,7 +98,6 @@ METHODS: Registry[Method] = Registry("method", lazy={
     "owl-sparsegpt": "prunelens.prune.owl:OWL_SPARSEGPT",
     "repair": "prunelens.prune.repair:REPAIR",
 })
-REGISTRY = METHODS  # the older name
 
 
 def register(method: Method) -> Method:

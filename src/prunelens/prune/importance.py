@@ -29,7 +29,7 @@ import torch
 
 from prunelens.errors import PrunelensError
 from prunelens.metrics import chunked_kl, chunked_nll, cosine, rows_per_chunk
-from prunelens.model.capture import capture, resid_names
+from prunelens.model.capture import capture, final_states, resid_names
 from prunelens.model.loading import LoadedModel
 from prunelens.prune.drop import DropPlan, DropRequest, pruned_view
 
@@ -98,9 +98,9 @@ def greedy_scores(lm: LoadedModel, plan: DropPlan, calib: torch.Tensor, kind: st
 
     for b0 in range(0, len(calib), batch_size):
         ids = calib[b0:b0 + batch_size].to(lm.device)
-        h_d = _final(lm, ids, DropPlan()) if metric == "kl" else None  # the dense model
+        h_d = final_states(lm.adapter, ids) if metric == "kl" else None  # the dense model
         for i in candidates:
-            h_p = _final(lm, ids, plan.with_unit(kind, i))
+            h_p = final_states(lm.adapter, ids, plan.with_unit(kind, i))
             if h_d is not None:
                 sums[i] += chunked_kl(head, h_p, h_d, rows)
             else:
@@ -115,13 +115,6 @@ def kl_scores(lm: LoadedModel, plan: DropPlan, calib: torch.Tensor, kind: str, c
               batch_size: int = 4) -> dict[int, float]:
     """Mean next-token KL(p_pruned ‖ p_dense) per candidate (``greedy_scores`` with ``kl``)."""
     return greedy_scores(lm, plan, calib, kind, candidates, "kl", batch_size)
-
-
-def _final(lm: LoadedModel, ids: torch.Tensor, plan: DropPlan) -> torch.Tensor:
-    """Final-norm outputs under ``plan`` (the logits come later, a chunk of positions at a time)."""
-    with pruned_view(lm.adapter, plan), capture(lm.adapter, ["final"]) as st:
-        lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
-    return st["final"]
 
 
 def _candidates(plan: DropPlan, kind: str, n: int) -> list[int]:

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 
 from prunelens.errors import PrunelensError
-from prunelens.metrics import kl_div, log_probs
+from prunelens.metrics import chunked_kl, rows_per_chunk
 from prunelens.model.arch import Adapter
+from prunelens.model.capture import final_states
 from prunelens.model.placement import execution_device
-from prunelens.prune.base import Modification, combine, view_of
+from prunelens.prune.base import Modification, combine
 
 
 @torch.no_grad()
@@ -27,13 +28,16 @@ def mean_next_token_kl(adapter: Adapter, ids: torch.Tensor, candidates: list[Mod
     each candidate (one dense pass per batch, shared)."""
     sums, n = [0.0] * len(candidates), 0
     device = execution_device(adapter.model)
+    rows = rows_per_chunk(int(adapter.model.config.get_text_config().vocab_size))
+
+    def head(h: torch.Tensor) -> torch.Tensor:
+        return adapter.head_logits(h).float()
+
     for b0 in range(0, len(ids), batch_size):
         batch = ids[b0:b0 + batch_size].to(device)
-        dense = log_probs(adapter.model(input_ids=batch, use_cache=False).logits)
+        dense = final_states(adapter, batch)
         for k, mod in enumerate(candidates):
-            with view_of(adapter, mod):
-                got = log_probs(adapter.model(input_ids=batch, use_cache=False).logits)
-            sums[k] += float(kl_div(dense, got).sum())
+            sums[k] += chunked_kl(head, dense, final_states(adapter, batch, mod), rows)
         n += batch.numel()
     return [s / n for s in sums]
 

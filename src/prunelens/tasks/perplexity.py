@@ -19,9 +19,8 @@ from tqdm.auto import tqdm
 from prunelens.data import iter_jsonl, read_text_file
 from prunelens.errors import PrunelensError
 from prunelens.metrics import chunked_nll, kld_summary, rows_per_chunk, token_kld
-from prunelens.model.capture import capture
+from prunelens.model.capture import final_states
 from prunelens.model.loading import LoadedModel
-from prunelens.model.views import view_of
 from prunelens.tasks.base import PERPLEXITY, Task, TaskOptions, TaskScore, register
 from prunelens.tasks.sources import HubSplit, Source, load_rows, register_source
 
@@ -72,13 +71,6 @@ def check_kld_windows(n_windows: int, seq_len: int) -> None:
                              f"{seq_len} tokens predict {n_windows * (seq_len - 1)}: use --seq-len 3 or more")
 
 
-def _final_states(lm: LoadedModel, x: torch.Tensor, modification: Any) -> torch.Tensor:
-    """Final-norm outputs of a window batch (the head is applied later, a chunk of positions at a time)."""
-    with view_of(lm.adapter, modification), capture(lm.adapter, ["final"]) as st:
-        lm.model(input_ids=x, use_cache=False, logits_to_keep=1)
-    return st["final"]
-
-
 @torch.inference_mode()
 def kl_statistics(
     lm: LoadedModel,
@@ -103,7 +95,7 @@ def kl_statistics(
 
     for b0 in tqdm(range(0, len(windows), batch_size), desc="kl statistics", unit="batch", disable=not progress):
         x = windows[b0:b0 + batch_size].to(lm.device)
-        hb, hm = _final_states(lm, x, None), _final_states(lm, x, modification)
+        hb, hm = final_states(lm.adapter, x), final_states(lm.adapter, x, modification)
         hb, hm = hb[:, :-1].reshape(-1, hb.shape[-1]), hm[:, :-1].reshape(-1, hm.shape[-1])
         t = x[:, 1:].reshape(-1)
         for i in range(0, len(t), rows):
@@ -132,7 +124,7 @@ def perplexity(
         x = windows[b0:b0 + batch_size].to(lm.device)
         # the final-norm outputs, then the head a chunk of positions at a time: never
         # batch × length × vocabulary logits at once
-        h = _final_states(lm, x, modification)
+        h = final_states(lm.adapter, x, modification)
         nll += chunked_nll(lambda h: lm.adapter.head_logits(h).float(), h[:, :-1], x[:, 1:], rows)
         count += x[:, 1:].numel()
     return {"perplexity": math.exp(nll / count), "nll_per_token": nll / count, "tokens": count,

@@ -186,7 +186,11 @@ NOTHING_TO_DO = "nothing to do: give --recipe, --drop, --prune or --quant"
 def required_recipe(args: argparse.Namespace, why: str = "") -> Recipe:
     """``recipe``, refused when empty: a command whose answer compares the model with its modified
     self would otherwise compare it with itself and report a perfect match."""
-    r = recipe(args)
+    return require(recipe(args), why)
+
+
+def require(r: Recipe, why: str = "") -> Recipe:
+    """An already-read recipe, refused when empty (see ``required_recipe``)."""
     if not r:
         raise PrunelensError(NOTHING_TO_DO + (f" ({why})" if why else ""))
     return r

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from prunelens.analyses.base import Analysis, register
-from prunelens.analyses.sweep import SweepResult, is_dense, load_sweep
-from prunelens.analyses.sweep_data import load_manifest
+from prunelens.analyses.sweep import read_sweep
+from prunelens.analyses.sweep_data import SweepResult, is_dense
 from prunelens.analyses.sweep_view import GEN_KINDS
 from prunelens.errors import PrunelensError
 from prunelens.render import esc, html_page, img, save_figure, subplots
@@ -64,7 +64,7 @@ def load_families(dirs: list[Path]) -> list[tuple[SweepResult, dict[str, Any]]]:
     for d in dirs:
         if not (d / "sweep.json").is_file():
             raise PrunelensError(f"'{d}' is not a sweep directory (no sweep.json)")
-        out.append((load_sweep(d), load_manifest(d / "sweep.json")[0]))
+        out.append(read_sweep(d))
     first_sweep, first = out[0]
     want = _shared(first)
     for sw, m in out[1:]:

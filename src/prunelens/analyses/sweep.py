@@ -36,6 +36,7 @@ from prunelens.analyses.sweep_data import (  # noqa: F401  (SweepSpec, SweepResu
     SweepResult,
     SweepSpec,
     cell_path,
+    finished_cells,
     is_dense,
     load_cell,
     load_manifest,
@@ -127,7 +128,8 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, lm: LoadedModel | Callable[[
     if overwrite and shard is not None:
         raise PrunelensError("--overwrite with --shard would let one shard delete the others' cells; "
                              "clear the directory once before starting the shards")
-    cache, data, old = _open_cache(spec, out, overwrite)
+    ident = spec.identity()  # hashes the calibration file and reads the model: once per run
+    cache, data, old = _open_cache(spec, ident, out, overwrite)
     grid = [(a, t) for a in spec.amounts for t in spec.tasks]
     mine = [c for i, c in enumerate(grid) if in_shard(i, shard)]
     todo = [(a, t) for a, t in mine if overwrite or not cell_path(out, a, t).is_file()]
@@ -136,8 +138,8 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, lm: LoadedModel | Callable[[
     cache.open(schema=SCHEMA, model=spec.model, method=spec.method, amounts=list(spec.amounts),
                tasks=list(spec.tasks), data_dir=spec.data_dir, data={**old, **data})
     skipped = _compute_cells(spec, out, lm, grid, len(mine), todo, progress)
-    cells = [load_cell(cell_path(out, a, t)) for a, t in grid if cell_path(out, a, t).is_file()]
-    result = SweepResult(spec, cells, out)
+    cells = finished_cells(out, spec)
+    result = SweepResult(spec, cells, out, saved_identity=ident)
     if cells:
         write_outputs(result)
     if progress and len(cells) < len(grid):
@@ -149,12 +151,13 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, lm: LoadedModel | Callable[[
     return result
 
 
-def _open_cache(spec: SweepSpec, out: Path, overwrite: bool) -> tuple[CellCache, dict[str, Any], dict[str, Any]]:
+def _open_cache(spec: SweepSpec, ident: dict[str, Any], out: Path, overwrite: bool
+                ) -> tuple[CellCache, dict[str, Any], dict[str, Any]]:
     """The sweep's cell cache, each task's data hashes now and those its manifest recorded; a task
     whose data changed is refused (a resumed sweep may add tasks, never swap a task's data)."""
     # data content per task (file name or Hub dataset -> hash)
     data = {t: check_task(t, spec.data_dir) for t in spec.tasks}
-    cache = CellCache(out, "sweep.json", "sweep", spec.identity(), overwrite)
+    cache = CellCache(out, "sweep.json", "sweep", ident, overwrite)
     old = read_json(cache.manifest).get("data", {}) if cache.manifest.is_file() and not overwrite else {}
     for t, hashes in data.items():
         # an empty identity was HumanEval's packaged copy before it was hashed
@@ -310,10 +313,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def load_sweep(d: Path) -> SweepResult:
     """A saved sweep from its manifest and finished cells (nothing recomputed)."""
+    return read_sweep(d)[0]
+
+
+def read_sweep(d: Path) -> tuple[SweepResult, dict[str, Any]]:
+    """``load_sweep`` and the manifest it was read from (sweep.json read and checked once)."""
     manifest, spec = load_manifest(d / "sweep.json")
-    cells = [load_cell(cell_path(d, a, t)) for a in spec.amounts for t in spec.tasks
-             if cell_path(d, a, t).is_file()]
-    return SweepResult(spec, cells, d, manifest["identity"])
+    return SweepResult(spec, finished_cells(d, spec), d, manifest["identity"]), manifest
 
 
 def _rebuild(d: Path) -> str:

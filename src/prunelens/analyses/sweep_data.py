@@ -58,7 +58,7 @@ class SweepResult:
     spec: SweepSpec
     cells: list[dict[str, Any]] = field(default_factory=list)
     out_dir: Path | None = None
-    saved_identity: dict[str, Any] | None = None  # as the manifest recorded it (a rebuild recomputes nothing)
+    saved_identity: dict[str, Any] | None = None  # as the manifest recorded it, or as this run computed it once
 
     def identity(self) -> dict[str, Any]:
         """The settings the cells were computed with: the manifest's record where there is one (the
@@ -69,6 +69,12 @@ class SweepResult:
 def cell_path(out: Path, amount: str, task: str) -> Path:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{amount}--{task}")
     return out / "cells" / f"{safe}.json"
+
+
+def finished_cells(out: Path, spec: SweepSpec) -> list[dict[str, Any]]:
+    """The cells of ``spec``'s grid whose files are written, checked, in grid order."""
+    return [load_cell(cell_path(out, a, t)) for a in spec.amounts for t in spec.tasks
+            if cell_path(out, a, t).is_file()]
 
 
 # what a sweep's manifest and cells must hold to be read back (by its view, ``report`` and ``families``)

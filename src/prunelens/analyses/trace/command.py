@@ -60,7 +60,7 @@ def _run(args: argparse.Namespace) -> int:
         check_writable_parent(default_run_dir(args.model, "dense"))
     if args.save_pruned:
         options.check_checkpoint_dir(Path(args.save_pruned), args.overwrite)
-    options.required_recipe(args, "analyze compares the modified model with the dense one")
+    options.require(recipe, "analyze compares the modified model with the dense one")
 
     lm = options.load(args)
     plan = build(lm, recipe, cal, progress=not args.quiet)

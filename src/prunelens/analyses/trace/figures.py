@@ -8,16 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
-from matplotlib.ticker import MaxNLocator
 
 from prunelens.analyses.trace.labels import (
     DROP_COLORS,
@@ -33,9 +26,17 @@ from prunelens.analyses.trace.labels import (
 )
 from prunelens.render import DPI, fmt, num, save_figure
 
+if TYPE_CHECKING:  # matplotlib loads when a figure is drawn, not with `import prunelens` (~0.5 s)
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
 
 def _new_figure(rows: int, height: float) -> tuple[Figure, list[Axes]]:
     """A pyplot-free Agg figure: no global backend switch, safe inside other people's sessions."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(9.5, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
@@ -61,6 +62,8 @@ def _set_log_if_data(ax: Axes, plotted: bool, what: str) -> None:
 
 def _shade_drops(ax: Axes, dropped: dict[str, list[int]]) -> list[Patch]:
     """Block i maps stream l=i to l=i+1, so a dropped unit i shades the span [i, i+1]."""
+    from matplotlib.patches import Patch
+
     handles = []
     for kind, idx in dropped.items():
         for i in idx:
@@ -71,6 +74,8 @@ def _shade_drops(ax: Axes, dropped: dict[str, list[int]]) -> list[Patch]:
 
 
 def _fig_layerwise(result: dict[str, Any], path: Path) -> bool:
+    from matplotlib.ticker import MaxNLocator
+
     lw = result.get("layerwise") or {}
     layers = as_array(lw.get("layer"))
     if layers is None:
@@ -129,6 +134,8 @@ def _fig_layerwise(result: dict[str, Any], path: Path) -> bool:
 
 
 def _cmap(name: str, x: float) -> tuple[float, float, float, float]:
+    from matplotlib import colormaps
+
     return colormaps[name](float(x))
 
 
@@ -183,6 +190,8 @@ def _step_kl(ax1: Axes, modes: dict[str, Any], temps: list[str]) -> None:
 
 def _step_spaces(ax2: Axes, modes: dict[str, Any], t0: str | None) -> None:
     """(b) cos of h, z and p per step; solid teacher-forced, dashed free-running."""
+    from matplotlib.lines import Line2D
+
     space_keys = {"h": "cos_h", "z": "cos_z", "p": f"cos_p@{t0}"}
     handles: list[Any] = []
     modes_drawn: set[str] = set()
@@ -211,6 +220,8 @@ def _step_spaces(ax2: Axes, modes: dict[str, Any], t0: str | None) -> None:
 
 def _step_agreement(ax3: Axes, modes: dict[str, Any], k: Any) -> None:
     """(c) top-token stability: agreement, top-k overlap and rank correlation per step."""
+    from matplotlib.ticker import MaxNLocator
+
     agreement = (("teacher_forced", "top1_agree", "tab:blue", "top-1 agreement, teacher-forced"),
                  ("free_running", "token_agree", "tab:red", "token agreement, free-running"),
                  ("teacher_forced", "topk_overlap", "tab:cyan", f"top-{k} overlap, teacher-forced"),
@@ -238,6 +249,9 @@ def _step_agreement(ax3: Axes, modes: dict[str, Any], k: Any) -> None:
 
 def _fig_taylor(result: dict[str, Any], path: Path) -> bool:
     """Measured KL and 1 − cos(p) against their second-order estimates, every (prompt, step)."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
     tay = result.get("taylor") or {}
     if not tay:
         return False
@@ -286,6 +300,9 @@ def _first(values: Any) -> float | None:
 
 
 def _fig_spaces(result: dict[str, Any], path: Path) -> bool:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     tf = (result.get("stepwise") or {}).get("teacher_forced") or {}
     bars: list[tuple[str, float | None, Any]] = [("h", _first(tf.get("cos_h")), SPACE_COLORS["h"]),
                                                  ("z", _first(tf.get("cos_z")), SPACE_COLORS["z"])]

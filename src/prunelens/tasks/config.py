@@ -104,7 +104,7 @@ def evaluate_config(lm: LoadedModel, task: Task, data_dir: str | Path | None, o:
         r = evaluate_items(lm, cfg.name, _mcq_items(cfg), limit, o.seed, modification, o.batch_size, o.progress)
         return TaskScore(cfg.name, task.kind, task.metric, r.acc, r.acc_stderr, r.n, r.to_dict())
     chosen = [(i, rows[i]) for i in sample_indices(len(rows), limit, o.seed)]
-    new = o.max_new_tokens or int(cfg.raw.get("max_new_tokens", 256 if cfg.kind == "generate" else 512))
+    new = o.new_tokens(task)
     if cfg.kind == "generate":
         return _evaluate_generate(lm, cfg, task, chosen, shots, new, o, modification)
     return _evaluate_code(lm, cfg, task, chosen, new, o, modification)
@@ -169,8 +169,9 @@ def config_task(path: str | Path) -> Task:
     kind = MULTIPLE_CHOICE if cfg.kind == "multiple_choice" else GENERATIVE
     metric = {"multiple_choice": "acc", "generate": "exact_match", "code": "pass@1"}[cfg.kind]
     hits = {"multiple_choice": mcq_hits, "generate": _generate_hits, "code": code_hits}[cfg.kind]
+    budget = int(cfg.raw.get("max_new_tokens", 256 if cfg.kind == "generate" else 512))  # generation only
     return Task(cfg.name, kind, metric, cfg.raw.get("description") or f"task config {Path(path).name}",
-                evaluate_config, data=lambda data_dir: cfg.identity(), config=cfg, hits=hits)
+                evaluate_config, data=lambda data_dir: cfg.identity(), max_new_tokens=budget, config=cfg, hits=hits)
 
 
 def _generate_hits(metric: str, details: dict[str, Any]) -> dict[Any, float] | None:

@@ -17,26 +17,12 @@ from typing import Any
 
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
-from prunelens.tasks.base import (
-    FIDELITY,
-    GENERATIVE,
-    KINDS,
-    MULTIPLE_CHOICE,
-    PERPLEXITY,
-    RETRIEVAL,
-    TASKS,
-    Task,
-    TaskOptions,
-    TaskScore,
-    limit_for,
-    register,
-)
+from prunelens.tasks.base import GENERATIVE, KINDS, PERPLEXITY, TASKS, Task, TaskOptions, TaskScore
 from prunelens.tasks.config import config_task
 from prunelens.tasks.retrieval import retrieval_task
 
-__all__ = ["FIDELITY", "GENERATIVE", "MULTIPLE_CHOICE", "PERPLEXITY", "RETRIEVAL", "TASKS", "Task", "TaskOptions",
-           "TaskScore", "check_task", "get_task", "item_hits", "limit_for", "register", "run_task", "task_kind",
-           "task_names", "tasks_help"]
+__all__ = ["GENERATIVE", "PERPLEXITY", "TASKS", "TaskOptions", "TaskScore", "check_task", "get_task", "item_hits",
+           "run_task", "task_kind", "task_names", "tasks_help"]
 
 def get_task(name: str) -> Task:
     """A registered task, ``retrieval:DIR`` (any BEIR-layout directory under --data-dir), or a YAML

@@ -7,6 +7,7 @@ every line here runs on the far side of the boundary.
 from __future__ import annotations
 
 import errno
+import functools
 import platform
 import struct
 
@@ -124,6 +125,7 @@ DENIED_SYSCALLS: dict[str, tuple[int, dict[str, int]]] = {
 _X32_BIT = 0x40000000  # x86_64's x32 ABI: the same calls under other numbers, refused wholesale
 
 
+@functools.cache  # depends on the machine only; built once, not per program
 def seccomp_filter(machine: str | None = None) -> bytes:
     """The classic-BPF program (``struct sock_filter[]``) that refuses ``DENIED_SYSCALLS`` with EPERM,
     and every call of another ABI; empty where this machine's numbers are not known."""
@@ -142,6 +144,7 @@ def seccomp_filter(machine: str | None = None) -> bytes:
     return b"".join(struct.pack("=HBBI", *i) for i in ins)
 
 
+@functools.cache
 def keyctl_number(machine: str | None = None) -> int:
     """keyctl's syscall number here, or -1."""
     calls = DENIED_SYSCALLS.get(machine or platform.machine())

@@ -24,7 +24,8 @@ SRC = ROOT / "src" / "prunelens"
 # modules inside prune/ and tasks/ belong to the foundations (they know no model).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundations", ("prunelens.errors", "prunelens.version", "prunelens.registry", "prunelens.runs",
-                     "prunelens.render", "prunelens.metrics", "prunelens.data", "prunelens.prune.sparse",
+                     "prunelens.render", "prunelens.metrics", "prunelens.divergence", "prunelens.data",
+                     "prunelens.prune.sparse",
                      "prunelens.prune.quant", "prunelens.prune.linfit", "prunelens.tasks.scoring",
                      "prunelens.tasks.paired")),
     ("model", ("prunelens.model",)),

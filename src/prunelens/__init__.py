@@ -9,6 +9,8 @@ Notebook use::
     result = pl.analyze(lm, plan, pl.builtin_prompts())
     pl.write_run(result, "runs/attn4")                 # results.json, figures/, report.html
     pl.run_task(lm, "humaneval", None, pl.TaskOptions(limit=20), plan)   # pass@1 of the pruned model
+    cand = pl.load_candidate("my-gptq-w4a16/", lm)     # any tool's compressed model of the same base
+    pl.compare_models(lm, cand, pl.builtin_prompts())  # the same trace, plus the field's statistics
 
 With lm-evaluation-harness installed, ``import prunelens`` also registers its ``prunelens`` model type
 (``lm_eval.simple_evaluate(model="prunelens", model_args="pretrained=...,prune=attn:4")``).
@@ -17,11 +19,13 @@ With lm-evaluation-harness installed, ``import prunelens`` also registers its ``
 import importlib.util
 
 from prunelens.analyses.sweep import SweepSpec, run_sweep  # noqa: E402
-from prunelens.analyses.trace import AnalysisSettings, TraceSettings, analyze  # noqa: E402
+from prunelens.analyses.trace import AnalysisSettings, TraceSettings, analyze, compare_models  # noqa: E402
+from prunelens.analyses.trace.core import compare_sequential  # noqa: E402
 from prunelens.analyses.trace import write_trace_run as write_run  # noqa: E402  (a trace's run directory)
 from prunelens.data import builtin_prompts, read_texts  # noqa: E402
 from prunelens.errors import PrunelensError  # noqa: E402
 from prunelens.model.loading import PRESETS, LoadedModel  # noqa: E402
+from prunelens.prune.candidate import load_candidate  # noqa: E402
 from prunelens.prune.checkpoint import load_model, save_pruned  # noqa: E402
 from prunelens.prune.drop import DropPlan, parse_drop, pruned_view  # noqa: E402
 from prunelens.prune.recipe import (  # noqa: E402
@@ -59,5 +63,5 @@ __all__ = [
     "AnalysisSettings", "TraceSettings", "DropPlan", "LoadedModel", "PRESETS", "PrunelensError", "analyze",
     "builtin_prompts", "load_model", "parse_drop", "pruned_view", "read_texts", "save_pruned",
     "select_drop", "write_run", "SweepSpec", "run_sweep", "TaskOptions", "run_task", "Calibration", "Recipe",
-    "build", "footprint", "prune_weights", "save_modified",
+    "build", "footprint", "prune_weights", "save_modified", "compare_models", "compare_sequential", "load_candidate",
 ]

@@ -15,9 +15,10 @@ from typing import Any
 
 from prunelens.data import builtin_prompts, read_texts
 from prunelens.errors import PrunelensError
-from prunelens.model.loading import DEFAULT_MODEL
+from prunelens.model.loading import DEFAULT_MODEL, load_tokenizer
 from prunelens.model.placement import placement as make
 from prunelens.prune.base import methods_help
+from prunelens.prune.candidate import Candidate, load_candidate
 from prunelens.prune.checkpoint import load_model
 from prunelens.prune.importance import METRICS
 from prunelens.prune.recipe import Calibration, Recipe, build
@@ -148,6 +149,67 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
                    help="leave these linear layers alone: a layer index or a glob on the module path "
                         "(e.g. 0, '*.mlp.down_proj'); repeatable")
     add_calibration_args(p)
+
+
+def add_candidate_args(p: argparse.ArgumentParser) -> None:
+    """--candidate: a compressed model made by any tool, compared with --model (its base) instead of a
+    recipe's view of the base."""
+    g = p.add_argument_group("a compressed model made elsewhere, compared with --model as its base")
+    g.add_argument("--candidate", metavar="MODEL",
+                   help="the compressed model: a local HF directory or hub id (compressed-tensors, GPTQ/AWQ on a GPU, "
+                        "bitsandbytes), a .gguf file, a prunelens checkpoint; replaces --recipe")
+    g.add_argument("--layer-map", metavar="FILE",
+                   help="for a shallower candidate: JSON list of the base layer each candidate layer continues "
+                        "(default: prunelens metadata, else inferred from hidden-state similarity)")
+
+
+def candidate_spec(args: argparse.Namespace) -> str | None:
+    """--candidate, checked before any model loads: not with a recipe, its layer map readable."""
+    spec = getattr(args, "candidate", None)
+    layer_map = getattr(args, "layer_map", None)
+    if spec is None:
+        if layer_map:
+            raise PrunelensError("--layer-map needs --candidate")
+        return None
+    if getattr(args, "recipe", None):
+        raise PrunelensError("give either --candidate (a model made elsewhere) or a recipe, not both")
+    if layer_map and not Path(layer_map).is_file():
+        raise PrunelensError(f"--layer-map {layer_map} does not exist")
+    path = Path(spec).expanduser()
+    if not path.exists() and (spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1):
+        raise PrunelensError(f"--candidate '{spec}' does not exist")
+    model = str(getattr(args, "model", ""))
+    if spec == model or (path.exists() and path.resolve() == Path(model).expanduser().resolve()):
+        raise PrunelensError(f"candidate '{spec}' is the base model itself: every divergence would be 0 "
+                             "(KL 0 is expected); name a compressed model")
+    return spec
+
+
+def candidate_tokenizer(args: argparse.Namespace) -> Any:
+    """The candidate's tokenizer, read before the base loads (a GGUF candidate is converted now,
+    while no model is in memory), so a mismatch stops a sequential run before the base's work."""
+    return load_tokenizer(args.candidate, args.trust_remote_code)
+
+
+def scoring_candidate(args: argparse.Namespace, base: Any) -> Candidate:
+    """The candidate for scoring tasks or text, where no hidden state is compared (no layer
+    correspondence). It reads its inputs through the base's tokenizer: the token ids are the same
+    (checked on load), and the base's chat template then renders every prompt for both."""
+    cand = load_candidate(args.candidate, base, device=args.device, dtype=args.dtype, placement=placement(args),
+                          trust_remote_code=args.trust_remote_code, align=False)
+    cand.lm.tokenizer = base.tokenizer
+    return cand
+
+
+def load_candidate_for(args: argparse.Namespace, base: Any, cal: Calibration, base_states: Any = None,
+                       align: bool = True) -> Candidate:
+    """The candidate on the base's device and dtype, lined up with the base (calibration windows of
+    --calib infer the layer correspondence of a shallower candidate without metadata; ``base_states``
+    are the base's streams on them when its weights are already freed)."""
+    ids, _ = cal.ids(base, (8, 128))
+    return load_candidate(args.candidate, base, device=args.device, dtype=args.dtype, placement=placement(args),
+                          layer_map=args.layer_map, calibration=ids, base_states=base_states,
+                          trust_remote_code=args.trust_remote_code, align=align)
 
 
 def add_method_args(p: argparse.ArgumentParser) -> None:

@@ -182,3 +182,18 @@ def atomic_write_text(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_with(path: Path, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` into a temp file beside ``path``, then os.replace: a file another library writes
+    (safetensors) is never seen half-written under its final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # see is_write_temp
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path

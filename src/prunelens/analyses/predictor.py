@@ -43,7 +43,7 @@ def signals_from_result(result: Mapping[str, Any]) -> dict[str, float]:
     t = f"{s['temperature']:g}"
     tf = result["stepwise"]["teacher_forced"]
     early = [v for v in tf[f"kl@{t}"][:EARLY_STEPS] if v is not None]
-    taylor = [v for v in tf[f"taylor_kl@{t}"] if v is not None]
+    taylor = [v for v in tf.get(f"taylor_kl@{t}", []) if v is not None]  # absent from sequential traces
     steps = result["settings"]["max_new_tokens"]
     first = s["median_first_divergence"]
     return {
@@ -332,3 +332,47 @@ def retention_fit_for(model_info: Mapping[str, Any]) -> tuple[str, dict[str, Any
         if key in fits:
             return key, fits[key]
     return None
+
+
+def verdict(result: Mapping[str, Any], answer_tokens: int = ANSWER_TOKENS) -> dict[str, Any]:
+    """What a trace's numbers predict for generation: the paper's risk (1 − a^L) and, where a
+    retention fit was shipped for the base model, the calibrated retention with its interval, said
+    plainly when the signals lie outside the fitted range or the modification was made by another
+    tool (a method the fit, validated leave-one-method-out on prunelens's own prunings, never saw)."""
+    sig = signals_from_result(result)
+    rk = risk(sig, answer_tokens)
+    external = (result.get("pruning") or {}).get("kind") == "candidate"
+    out: dict[str, Any] = {"signals": sig, "risk_generative": rk["generative"],
+                           "risk_multiple_choice": rk["non_generative"], "agreeing_tokens": rk["agreeing_tokens"],
+                           "answer_tokens": answer_tokens, "retention": None, "fit": None}
+    found = retention_fit_for(result.get("model") or {})
+    if found is not None:
+        name, fit = found
+        p, lo, hi, outside = predict_retention(fit, sig)
+        out["retention"] = {"predicted": p, "low": lo, "high": hi, "outside_fitted_range": outside}
+        out["fit"] = {"fitted_on": name, "methods": fit.get("methods", []), "coverage": fit["coverage"],
+                      "lomo_mae": fit.get("lomo_mae"), "grid": fit.get("grid")}
+    out["text"] = verdict_text(out, external)
+    return out
+
+
+def verdict_text(v: Mapping[str, Any], external: bool) -> str:
+    """The verdict in one paragraph, every caveat stated."""
+    a = 1 - v["signals"]["tf_top1_disagree"]
+    head = (f"teacher-forced top-1 agreement {a:.3f}: about {v['agreeing_tokens']:.3g} greedy tokens before the "
+            f"output leaves the base's; risk of a changed {v['answer_tokens']}-token answer "
+            f"{v['risk_generative']:.2f}, of a changed one-token (multiple-choice) answer "
+            f"{v['risk_multiple_choice']:.2f}")
+    r, fit = v["retention"], v["fit"]
+    if r is None:
+        return head + ("; no retention fit was measured for this base model, so the risk ranks candidates "
+                       "but is not calibrated (benchmarks/retention_validation.py makes one)")
+    text = (f"{head}; predicted generative retention {r['predicted']:.2f} "
+            f"[{r['low']:.2f}, {r['high']:.2f}] ({fit['coverage']:.0%} interval, fitted on {fit['fitted_on']} "
+            f"prunings by {', '.join(fit['methods'])})")
+    if r["outside_fitted_range"]:
+        text += "; its KL lies outside the range the fit saw, so this is an extrapolation"
+    if external:
+        text += (f"; this candidate was made by another tool, a method the fit never saw: for methods it never "
+                 f"saw its leave-one-method-out error was {fit['lomo_mae']:.2f}")
+    return text

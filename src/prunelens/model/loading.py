@@ -12,12 +12,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
+import importlib.util
+import inspect
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,7 +294,9 @@ def _quiet_hf():
     hf_logging.set_verbosity_error()
     hub.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():  # our quantization_config only sets how a checkpoint's own is loaded
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            yield
     finally:
         hf_logging.set_verbosity(verbosity)
         hub.setLevel(hub_level)
@@ -313,6 +318,57 @@ def check_finite_weights(model: Any, name: str) -> None:
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
         raise PrunelensError(f"model '{name}' has NaN or infinite weights (in {bad[0]}{more})")
+
+
+# quantisation methods (config.json ``quantization_config.quant_method``) whose kernels need a GPU or
+# a package that has none here: what to do instead, in the one line that refuses them on the CPU
+_GPU_ONLY = {
+    "gptq": "GPTQ kernels (gptqmodel) are CUDA-first; re-export it with llm-compressor as compressed-tensors, which "
+            "loads and dequantises on the CPU, or run on a GPU machine",
+    "awq": "AWQ kernels (autoawq/gptqmodel) need a CUDA GPU; re-export it with llm-compressor as compressed-tensors, "
+           "or run on a GPU machine",
+    "fp8": "FP8 kernels need a recent CUDA GPU; run on a GPU machine",
+    "fbgemm_fp8": "FBGEMM FP8 kernels need a CUDA GPU; run on a GPU machine",
+    "mxfp4": "MXFP4 kernels need a CUDA GPU; run on a GPU machine",
+    "eetq": "EETQ kernels need a CUDA GPU; run on a GPU machine",
+    "exl2": "ExLlama kernels need a CUDA GPU; run on a GPU machine",
+}
+# packages a quantised checkpoint needs before transformers can load it at all
+_NEEDS = {"compressed-tensors": "compressed_tensors", "bitsandbytes": "bitsandbytes", "gptq": "gptqmodel",
+          "awq": "awq", "hqq": "hqq", "quanto": "optimum.quanto"}
+
+
+def quant_method(config: Any) -> str | None:
+    """The quantisation method a checkpoint's config declares (None for plain weights)."""
+    q = getattr(config, "quantization_config", None)
+    if q is None:
+        return None
+    method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+    return str(getattr(method, "value", method)) if method is not None else "unknown"
+
+
+def quantization_kwargs(config: Any, device: torch.device, name: str) -> dict[str, Any]:
+    """How to load a quantised checkpoint here: compressed-tensors is decompressed into plain float
+    weights (its packed kernels are for vLLM and GPUs; the decompressed weights are the exact
+    dequantised grid), methods with GPU-only kernels are refused on the CPU in one line, and a
+    missing package is named."""
+    method = quant_method(config)
+    if method is None:
+        return {}
+    if device.type == "cpu" and method in _GPU_ONLY:
+        raise PrunelensError(f"model '{name}' is a {method} checkpoint and this run is on the CPU: {_GPU_ONLY[method]}")
+    module = _NEEDS.get(method)
+    if module is not None and importlib.util.find_spec(module.split(".")[0]) is None:
+        raise PrunelensError(f"model '{name}' is a {method} checkpoint: install {module.split('.')[0]} to load it "
+                             f"(pip install 'prunelens[candidates]')")
+    if method == "compressed-tensors":
+        from transformers.utils.quantization_config import CompressedTensorsConfig
+
+        # transformers >= 5 names it ``dequantize`` (and warns on the older ``run_compressed=False``)
+        new_name = "dequantize" in inspect.signature(CompressedTensorsConfig).parameters
+        return {"quantization_config": CompressedTensorsConfig(**({"dequantize": True} if new_name
+                                                                   else {"run_compressed": False}))}
+    return {}
 
 
 def load_model(
@@ -340,10 +396,12 @@ def load_model(
     except Exception as e:
         raise PrunelensError(f"could not load model config from '{src}': {_first_line(e)}") from None
     Adapter.check_config(config)
+    quant = quantization_kwargs(config, dev, name)
     try:
         with _quiet_hf():  # a seconds-long load needs no per-tensor progress bar
             model = AutoModelForCausalLM.from_pretrained(
-                src, dtype=dt, trust_remote_code=trust_remote_code, **(placement.kwargs() if placement else {}))
+                src, dtype=dt, trust_remote_code=trust_remote_code, **quant,
+                **(placement.kwargs() if placement else {}))
             tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise PrunelensError(f"could not load model '{name}': {_first_line(e)}") from None
@@ -358,8 +416,23 @@ def load_model(
                 n_layers=adapter.n_layers, hidden_size=int(model.config.hidden_size),
                 vocab_size=int(model.config.vocab_size), n_params=int(n_params),
                 dtype=str(dt).replace("torch.", ""), device=str(execution_device(model)))
+    if quant_method(config) is not None:
+        info["quantization"] = quant_method(config)
     if placement is not None and placement.dispatched:
         # transformers sets no hf_device_map when the whole model fits the first device of the budget
         where = getattr(model, "hf_device_map", None) or {"": execution_device(model)}
         info.update(placement=placement.to_dict(), device_map={k: str(v) for k, v in where.items()})
     return LoadedModel(model, tok, adapter, info)
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
+    """A model's tokenizer alone (a GGUF file is converted into the cache first), for the checks
+    made before any model loads: a candidate's token ids, before the base runs a single task."""
+    from transformers import AutoTokenizer
+
+    src, _ = resolve_source(name)
+    try:
+        with _quiet_hf():
+            return AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise PrunelensError(f"could not load the tokenizer of '{name}': {_first_line(e)}") from None

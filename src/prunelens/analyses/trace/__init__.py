@@ -3,23 +3,23 @@ probabilities p, per layer on the prompts and per decoding step (``prunelens ana
 
 Modules, in the order a trace runs: ``settings`` (what is measured, the schema), ``forwards`` (the
 two sides), ``prefill`` and ``lens`` (per layer), ``decode`` (lock-step decoding), ``aggregate`` and
-``summary`` (the numbers saved), ``core`` (the loop), ``command`` (the subcommand); the view is
-``figures`` and ``page`` (with ``labels`` and ``sections``), which read saved results only.
+``summary`` (the numbers saved), ``core`` (the loop), ``command`` (the subcommand: only the analysis
+registry imports it, so it may use analyses built on the trace, such as the predictor's verdict); the
+view is ``figures`` and ``page`` (with ``labels`` and ``sections``), which read saved results only.
 """
 
 from prunelens.analyses.trace.aggregate import taylor_check
-from prunelens.analyses.trace.command import ANALYSIS, summary_lines, write_trace_run
-from prunelens.analyses.trace.core import analyze, trace
+from prunelens.analyses.trace.core import analyze, compare_models, trace
 from prunelens.analyses.trace.decode import metric_chunk_rows, step_metrics
 from prunelens.analyses.trace.figures import make_figures
 from prunelens.analyses.trace.forwards import Forward, ModelForward, Prefilled
-from prunelens.analyses.trace.page import load_result, render_html, report_from_run_dirs, trace_page
+from prunelens.analyses.trace.page import load_result, render_html, report_from_run_dirs, trace_page, write_trace_run
 from prunelens.analyses.trace.settings import CONVENTIONS, SCHEMA, AnalysisSettings, TraceSettings
 from prunelens.analyses.trace.summary import summarize
 
 __all__ = [
-    "ANALYSIS", "CONVENTIONS", "SCHEMA", "AnalysisSettings", "Forward", "ModelForward", "Prefilled",
-    "TraceSettings", "analyze", "load_result", "make_figures", "metric_chunk_rows", "render_html",
-    "report_from_run_dirs", "step_metrics", "summarize", "summary_lines", "taylor_check", "trace",
+    "CONVENTIONS", "SCHEMA", "AnalysisSettings", "Forward", "ModelForward", "Prefilled",
+    "TraceSettings", "analyze", "compare_models", "load_result", "make_figures", "metric_chunk_rows", "render_html",
+    "report_from_run_dirs", "step_metrics", "summarize", "taylor_check", "trace",
     "trace_page", "write_trace_run",
 ]

@@ -6,6 +6,7 @@ Taylor check reads every valid cell, the step averages count valid cells per ste
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -14,12 +15,15 @@ import numpy as np
 import torch
 
 from prunelens.analyses.trace.decode import MODES, Decoded
+from prunelens.divergence import comparison_summary, first_divergent_token, share_of_divergent_tokens
 from prunelens.metrics import pearson, spearman
 
 TAYLOR_KEYS = ("kl", "taylor_kl", "one_minus_cos_p", "taylor_cos")
 # cruder predictors the paper compares against: plain variance of Δz over the whole vocabulary, and
 # over the dense top-k tokens (no probability weighting)
 BASELINE_KEYS = ("var_uniform", "var_topk")
+
+COMPARED = re.compile(r"top\d+_agree|label_top\d+")  # the step keys ``comparison`` summarises
 
 # per mode: metric -> one (prompts in batch, steps) array per batch
 StepAcc = dict[str, defaultdict[str, list[np.ndarray]]]
@@ -46,6 +50,7 @@ def prompt_records(decoded: Decoded, prompts: Sequence[str], lengths: Sequence[i
     out = []
     for r, prompt in enumerate(prompts):
         diverged = [i for i in range(td.shape[1]) if fr_valid[r, i] and td[r, i] != tp[r, i]]
+        ref_ids, cand_ids = until_eos(td[r], eos), until_eos(tp[r], eos)
         out.append({
             "prompt": prompt,
             "n_prompt_tokens": lengths[r],
@@ -53,17 +58,21 @@ def prompt_records(decoded: Decoded, prompts: Sequence[str], lengths: Sequence[i
             "pruned_text": decode_until_eos(tokenizer, tp[r], eos),
             "first_divergence": diverged[0] + 1 if diverged else None,
             "valid_steps_free_running": int(fr_valid[r].sum()),
+            # who-what-benchmark's names for the same question, on the greedy token ids
+            "fdt": first_divergent_token(ref_ids, cand_ids),
+            "sdt": share_of_divergent_tokens(ref_ids, cand_ids),
         })
     return out
 
 
+def until_eos(toks: torch.Tensor, eos: torch.Tensor) -> list[int]:
+    """A greedy continuation's token ids up to (without) its first EOS."""
+    ids, stop = toks.tolist(), set(eos.tolist())
+    return next((ids[:i] for i, t in enumerate(ids) if t in stop), ids)
+
+
 def decode_until_eos(tokenizer: Any, toks: torch.Tensor, eos: torch.Tensor) -> str:
-    ids = toks.tolist()
-    for i, t in enumerate(ids):
-        if t in eos.tolist():
-            ids = ids[:i]
-            break
-    return tokenizer.decode(ids, skip_special_tokens=True)
+    return tokenizer.decode(until_eos(toks, eos), skip_special_tokens=True)
 
 
 def nanmean(a: np.ndarray, valid: np.ndarray) -> tuple[list[float | None], list[int]]:
@@ -98,6 +107,24 @@ def stepwise(step_acc: StepAcc, steps: int) -> dict[str, Any]:
                 continue
             per[k], per["n"] = nanmean(np.concatenate(parts, 0), valid)
         out[mode] = per
+    return out
+
+
+def comparison(step_acc: StepAcc, temperature: float) -> dict[str, Any]:
+    """Per mode, the field's comparison statistics over every valid (prompt, step) cell: KL both
+    ways, top-K agreement, label in top-K, their standard errors, and KL(ref ‖ cand) bucketed by
+    the reference's top-token probability (``divergence.comparison_summary``)."""
+    t = f"{temperature:g}"
+    out: dict[str, Any] = {}
+    for mode, d in step_acc.items():
+        valid = np.concatenate(d["valid"], 0).astype(bool)
+        if not valid.any():
+            continue
+        keys = ["p_top_ref", *(k for k in d if COMPARED.fullmatch(k))]
+        rows = {k: torch.from_numpy(np.concatenate(d[k], 0)[valid]) for k in keys}
+        rows["kl"] = torch.from_numpy(np.concatenate(d[f"kl@{t}"], 0)[valid])
+        rows["rkl"] = torch.from_numpy(np.concatenate(d[f"rkl@{t}"], 0)[valid])
+        out[mode] = comparison_summary(rows)
     return out
 
 

@@ -10,24 +10,25 @@ from typing import Any
 
 from prunelens import options
 from prunelens.analyses.base import Analysis, register
-from prunelens.analyses.trace.core import analyze
+from prunelens.analyses.predictor import verdict
+from prunelens.analyses.trace.core import analyze, compare_models, compare_sequential
 from prunelens.analyses.trace.figures import make_figures
 from prunelens.analyses.trace.labels import get_in, summary_of
-from prunelens.analyses.trace.page import run_html, trace_page
+from prunelens.analyses.trace.page import run_html, trace_page, write_trace_run
+from prunelens.analyses.trace.sequential import DEFAULT_TOPK
 from prunelens.analyses.trace.settings import SCHEMA_FAMILY, TraceSettings
+from prunelens.errors import PrunelensError
+from prunelens.model.loading import LoadedModel
+from prunelens.prune.candidate import Candidate
 from prunelens.prune.recipe import build, save_modified
 from prunelens.render import text
-from prunelens.runs import check_out_dir, check_writable_parent, default_run_dir, write_run
-
-
-def write_trace_run(result: dict[str, Any], out_dir: str | Path, overwrite: bool = False) -> Path:
-    """A trace result's run directory: results.json, figures/*.png and report.html, atomically."""
-    return write_run(result, out_dir, overwrite=overwrite, figures=make_figures, html=run_html)
+from prunelens.runs import check_out_dir, check_writable_parent, default_run_dir
 
 
 def _arguments(a: argparse.ArgumentParser) -> None:
     options.add_model_args(a)
     options.add_recipe_args(a)
+    options.add_candidate_args(a)
     a.add_argument("--prompts", help="prompt file (.txt: one per line; .jsonl: 'prompt'/'text'/"
                                      "'question' field); default: 8 built-in prompts")
     a.add_argument("--limit", type=int, help="use only the first N prompts")
@@ -37,6 +38,15 @@ def _arguments(a: argparse.ArgumentParser) -> None:
     a.add_argument("--topk", type=int, default=10, help="k for the top-k variance of dz (default 10)")
     a.add_argument("--no-chat-template", action="store_true",
                    help="feed prompts raw even if the tokenizer has a chat template")
+    g = a.add_argument_group("sequential mode (with --candidate): one model in memory at a time")
+    g.add_argument("--sequential", action="store_true",
+                   help="run the base, free it, run the candidate, then the base re-scores the candidate's text; "
+                        "measures h and p (z-space and the Taylor check need both models in memory)")
+    g.add_argument("--reference-cache", metavar="FILE",
+                   help="the base's stored reference (top-K log-probs + tail mass, hidden states): read when it "
+                        "matches this base, prompts and settings, else written; implies --sequential")
+    g.add_argument("--reference-topk", type=int, default=DEFAULT_TOPK,
+                   help=f"log-probs kept per step in the reference (default {DEFAULT_TOPK})")
     options.add_output_args(a, "runs/<time>-<model>-<pruning>")
     a.add_argument("--save-pruned", metavar="DIR", help="also save the pruned checkpoint here")
 
@@ -51,6 +61,7 @@ def _settings(args: argparse.Namespace) -> TraceSettings:
 def _run(args: argparse.Namespace) -> int:
     # Validate everything cheap before loading a model.
     recipe, cal = options.recipe(args), options.calibration(args)
+    candidate = options.candidate_spec(args)
     settings = _settings(args)
     prompts = options.prompts(args)
     out = Path(args.out) if args.out else None
@@ -59,14 +70,32 @@ def _run(args: argparse.Namespace) -> int:
     else:
         check_writable_parent(default_run_dir(args.model, "dense"))
     if args.save_pruned:
+        if candidate:
+            raise PrunelensError("--save-pruned saves a recipe's model; a --candidate is saved already")
         options.check_checkpoint_dir(Path(args.save_pruned), args.overwrite)
-    options.require(recipe, "analyze compares the modified model with the dense one")
+    if candidate is None:
+        options.require(recipe, "analyze compares the modified model with the dense one (or give --candidate)")
 
-    lm = options.load(args)
-    plan = build(lm, recipe, cal, progress=not args.quiet)
-    print(f"pruning: {plan.label()}", file=sys.stderr)
-    result = analyze(lm, plan, prompts, settings, progress=not args.quiet)
-    out = out or default_run_dir(args.model, plan.label())
+    sequential = bool(args.sequential or args.reference_cache)
+    if sequential and candidate is None:
+        raise PrunelensError("--sequential and --reference-cache compare a --candidate with its base")
+    options.positive("--reference-topk", args.reference_topk)
+    if sequential:
+        lm, result = _sequential(args, cal, prompts, settings)
+        label = result["pruning"]["label"]
+    else:
+        lm = options.load(args)
+        if candidate is not None:
+            cand = _announced(options.load_candidate_for(args, lm, cal))
+            result = compare_models(lm, cand, prompts, settings, progress=not args.quiet)
+            label = cand.label
+        else:
+            plan = build(lm, recipe, cal, progress=not args.quiet)
+            print(f"pruning: {plan.label()}", file=sys.stderr)
+            result = analyze(lm, plan, prompts, settings, progress=not args.quiet)
+            label = plan.label()
+    out = out or default_run_dir(args.model, label)
+    result["verdict"] = verdict(result)
     write_trace_run(result, out, overwrite=args.overwrite)
     if args.save_pruned:
         save_modified(lm, plan, args.save_pruned)
@@ -74,6 +103,32 @@ def _run(args: argparse.Namespace) -> int:
         print(line)
     print(f"  report: {out / 'report.html'}")
     return 0
+
+
+def _announced(cand: Candidate) -> Candidate:
+    for note in cand.notes:
+        print(f"note: {note}", file=sys.stderr)
+    lmap = f", layer map {cand.layer_map.source}" if cand.layer_map else ""
+    print(f"candidate: {cand.label} ({cand.lm.info['n_layers']} layers{lmap})", file=sys.stderr)
+    return cand
+
+
+def _sequential(args: argparse.Namespace, cal: Any, prompts: list[str],
+                settings: TraceSettings) -> tuple[LoadedModel, dict[str, Any]]:
+    """The sequential comparison; returns the base as it ends (loaded) and the result."""
+    held: dict[str, LoadedModel] = {}
+
+    def load_base() -> LoadedModel:
+        held["base"] = options.load(args)
+        return held["base"]
+
+    def load_cand(base: LoadedModel, states: Any) -> Candidate:
+        return _announced(options.load_candidate_for(args, base, cal, base_states=states))
+
+    result = compare_sequential(load_base, load_cand, prompts, settings, k=args.reference_topk,
+                                reference_cache=args.reference_cache, calibration=lambda b: cal.ids(b, (8, 128))[0],
+                                progress=not args.quiet)
+    return held["base"], result
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
@@ -94,7 +149,22 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         f"  free-running      : mean KL={fmt(fr.get(f'kl@{t}'))}  token agreement={fmt(fr.get('token_agree'))}  "
         f"diverged {text(s.get('prompts_diverged'))}/{text(get_in(result, 'settings', 'n_prompts'))} prompts "
         f"(median first divergence step {fmt(s.get('median_first_divergence'))})",
+        *_field_lines(s.get("field")),
+        *([f"  verdict           : {v['text']}"] if isinstance(v := result.get("verdict"), dict) and "text" in v
+          else []),
     ]
+
+
+def _field_lines(f: Any) -> list[str]:
+    """The field's statistics under their names (absent from results saved before them)."""
+    if not isinstance(f, dict):
+        return []
+    def fmt(x: Any) -> str:
+        return text(x, ".4g", "n/a")
+    return [f"  field statistics  : KL(p_base‖p_cand)={fmt(f.get('rkl'))}  top-K agreement K=1/5/10 "
+            f"{fmt(f.get('top1_agree'))}/{fmt(f.get('top5_agree'))}/{fmt(f.get('top10_agree'))}  "
+            f"base token in top-5 {fmt(f.get('label_top5'))}  FDT {fmt(f.get('fdt_mean'))}  "
+            f"SDT {fmt(f.get('sdt_mean'))}"]
 
 
 ANALYSIS = register(Analysis(

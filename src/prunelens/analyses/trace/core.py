@@ -10,10 +10,12 @@ a modification's view (modules swapped, no weight copied).
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +23,7 @@ from tqdm.auto import tqdm
 
 from prunelens.analyses.trace.aggregate import (
     add_steps,
+    comparison,
     prompt_records,
     step_accumulator,
     stepwise,
@@ -29,13 +32,25 @@ from prunelens.analyses.trace.aggregate import (
 from prunelens.analyses.trace.decode import decode_lockstep
 from prunelens.analyses.trace.forwards import Forward, ModelForward
 from prunelens.analyses.trace.prefill import layer_accumulator, layerwise, prefill_pair
+from prunelens.analyses.trace.sequential import (
+    DEFAULT_TOPK,
+    candidate_pass,
+    check_reference,
+    load_reference,
+    reference_of,
+    rescore,
+    save_reference,
+    sequential_result,
+)
 from prunelens.analyses.trace.settings import CONVENTIONS, SCHEMA, TraceSettings
 from prunelens.analyses.trace.summary import summarize
 from prunelens.errors import PrunelensError
 from prunelens.model.generation import decode_attention
 from prunelens.model.loading import LoadedModel
+from prunelens.model.memory import release_freed_memory
 from prunelens.model.tokens import encode_prompts, eos_ids, left_pad, pad_id
 from prunelens.model.views import Modification
+from prunelens.prune.candidate import Candidate, residual_streams
 from prunelens.version import __version__
 
 
@@ -47,30 +62,107 @@ def analyze(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Compare the dense model with ``plan`` (any modification) applied; returns a JSON-ready dict."""
+    settings = _checked(settings, prompts)
+    plan.validate(lm.adapter.n_layers)
+    return _traced(lm, ModelForward(lm), ModelForward(lm, plan), plan.to_dict(), prompts, settings, progress)
+
+
+def compare_models(
+    base: LoadedModel,
+    candidate: Candidate,
+    prompts: Sequence[str],
+    settings: TraceSettings | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Compare ``base`` with a separately loaded candidate model (any tool's output, both in memory):
+    the same trace as ``analyze``, with the candidate's layer correspondence for the h-space metrics."""
+    settings = _checked(settings, prompts)
+    if candidate.layer_map is None:
+        raise PrunelensError("a trace needs the candidate's layer correspondence (load it with align=True)")
+    cand = ModelForward(candidate.lm, resid_map=candidate.layer_map.resid_map())
+    return _traced(base, ModelForward(base), cand, candidate.to_dict(), prompts, settings, progress)
+
+
+def _checked(settings: TraceSettings | None, prompts: Sequence[str]) -> TraceSettings:
     settings = settings or TraceSettings()
     settings.validate()
     if not prompts:
         raise PrunelensError("no prompts to analyse")
-    plan.validate(lm.adapter.n_layers)
+    return settings
+
+
+def _traced(lm: LoadedModel, reference: Forward, candidate: Forward, pruning: dict[str, Any],
+            prompts: Sequence[str], settings: TraceSettings, progress: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     # Seeded inside a forked RNG state: the caller's global torch random state is left untouched.
     with _seeded(settings.seed, lm.device), decode_attention(lm.device):
-        measured = trace(lm, ModelForward(lm), ModelForward(lm, plan), prompts, settings, progress,
-                         desc=f"analyze {plan.label()}")
+        measured = trace(lm, reference, candidate, prompts, settings, progress, desc=f"analyze {pruning['label']}")
+    return _result(lm.info, pruning, settings, len(prompts), measured, t0)
+
+
+def _result(info: dict[str, Any], pruning: dict[str, Any], settings: TraceSettings, n_prompts: int,
+            measured: dict[str, Any], t0: float) -> dict[str, Any]:
     result = {
         "schema": SCHEMA,
         "prunelens_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "conventions": CONVENTIONS,
-        "model": lm.info,
-        "pruning": plan.to_dict(),
-        "settings": {**asdict(settings), "temperatures": list(settings.temperatures),
-                     "n_prompts": len(prompts)},
+        "model": info,
+        "pruning": pruning,
+        "settings": {**asdict(settings), "temperatures": list(settings.temperatures), "n_prompts": n_prompts},
         **measured,
         "timing": {"analysis_s": time.perf_counter() - t0},
     }
     result["summary"] = summarize(result)
     return result
+
+
+def compare_sequential(
+    load_base: Callable[[], LoadedModel],
+    load_cand: Callable[[LoadedModel, list[torch.Tensor] | None], Candidate],
+    prompts: Sequence[str],
+    settings: TraceSettings | None = None,
+    *,
+    k: int = DEFAULT_TOPK,
+    reference_cache: str | Path | None = None,
+    calibration: Callable[[LoadedModel], torch.Tensor] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The candidate against its base with one model in memory at a time (``sequential``): the base's
+    reference (read from ``reference_cache`` when it holds this base, prompts and settings, else made
+    and saved there), the base freed, the candidate run and freed, the base back to re-score the
+    candidate's free-running tokens. ``load_cand(base, base_states)`` gets the freed base (tokenizer
+    and info) and, given ``calibration`` (the base → token windows), the base's residual streams on
+    those windows, to infer a shallower candidate's layer correspondence."""
+    settings = _checked(settings, prompts)
+    t0, cache = time.perf_counter(), Path(reference_cache) if reference_cache else None
+    base = load_base()
+    with _seeded(settings.seed, base.device), decode_attention(base.device):
+        if cache is not None and cache.is_file():
+            ref = load_reference(cache)
+            check_reference(ref, base, prompts, settings, k)
+        else:
+            ref = reference_of(base, prompts, settings, k, progress)
+            if cache is not None:
+                save_reference(ref, cache)
+        states = residual_streams(base, calibration(base)) if calibration is not None else None
+        info = dict(base.info)
+        free_weights(base)
+        cand = load_cand(base, states)
+        layer_acc = layer_accumulator(int(info["n_layers"]))
+        stats, run = candidate_pass(cand, ref, settings, layer_acc, progress)
+        free_weights(cand.lm)
+        base = load_base()
+        rescored = rescore(base, ref, run, settings, progress)
+    measured = sequential_result(base, ref, (layer_acc, stats, rescored, run))
+    return _result(info, {**cand.to_dict(), "sequential": True}, settings, len(prompts), measured, t0)
+
+
+def free_weights(lm: LoadedModel) -> None:
+    """Drop a model's weights (its tokenizer and info stay) and hand the memory back to the OS."""
+    lm.model = None
+    gc.collect()
+    release_freed_memory()
 
 
 def _seeded(seed: int, device: torch.device) -> contextlib.AbstractContextManager[None]:
@@ -110,5 +202,6 @@ def trace(lm: LoadedModel, reference: Forward, candidate: Forward, prompts: Sequ
         "layerwise": layerwise(layer_acc, n_layers),
         "stepwise": stepwise(step_acc, N),
         "taylor": taylor_per_mode(step_acc, settings.temperatures),
+        "comparison": comparison(step_acc, settings.temperatures[0]),
         "per_prompt": per_prompt,
     }

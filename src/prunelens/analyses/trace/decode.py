@@ -17,6 +17,7 @@ import torch
 
 from prunelens.analyses.trace.forwards import Forward, Prefilled
 from prunelens.analyses.trace.settings import TraceSettings
+from prunelens.divergence import step_comparison
 from prunelens.metrics import hidden_metrics, logit_metrics
 from prunelens.model.memory import release_freed_memory
 
@@ -34,6 +35,7 @@ def step_metrics(hd: torch.Tensor, hp: torch.Tensor, zd: torch.Tensor, zp: torch
                  settings: TraceSettings) -> dict[str, torch.Tensor]:
     m = {f"{k}_h": v for k, v in hidden_metrics(hd, hp).items()}
     m.update(logit_metrics(zd, zp, settings.temperatures, settings.topk, chunk_rows=metric_chunk_rows(zd)))
+    m.update(step_comparison(zd, zp, temperature=settings.temperatures[0]))
     return m
 
 

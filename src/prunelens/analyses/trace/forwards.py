@@ -3,8 +3,9 @@
 A trace compares a *reference* forward with a *candidate* forward and knows nothing of how either is
 made. Today's candidate is the reference model seen through a modification's view (modules swapped,
 weights shared); a separately loaded checkpoint is the same ``ModelForward`` over another model.
-Both sides read the same token ids (one tokenizer), and the per-layer comparison pairs stream l of
-one with stream l of the other, so today both must have the same number of layers.
+Both sides read the same token ids (one tokenizer). The per-layer comparison pairs stream l of the
+reference with stream ``resid_map[l]`` of the candidate: the identity at equal depth, else the
+candidate's layer correspondence (a shallower candidate's stream after its last kept block).
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ class Forward(Protocol):
     @property
     def n_layers(self) -> int: ...
 
+    @property
+    def resid_map(self) -> list[int] | None:
+        """This side's residual stream for each reference stream 0..n (None: the same index)."""
+        ...
+
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, names: list[str]) -> Prefilled:
         """Run the prompt (left-padded ``ids``) into a new KV cache, recording the ``names`` activations."""
         ...
@@ -55,6 +61,7 @@ class ModelForward:
 
     lm: LoadedModel
     modification: Modification | None = None
+    resid_map: list[int] | None = None
 
     @property
     def n_layers(self) -> int:

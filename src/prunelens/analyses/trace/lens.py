@@ -20,12 +20,13 @@ def logit_lens(reference: Forward, candidate: Forward, ref_states: dict[str, tor
                layer_acc: defaultdict[str, list[list[torch.Tensor]]]) -> None:
     """Add ``lens_<metric>`` per layer to ``layer_acc`` (each a (batch,) tensor)."""
     n_layers = reference.n_layers
+    streams = candidate.resid_map or list(range(n_layers + 1))
     batch = ref_states["resid.0"].shape[0]
     per_chunk = max(1, 64 // batch)
     for l0 in range(0, n_layers + 1, per_chunk):
         ls = range(l0, min(l0 + per_chunk, n_layers + 1))
         lens_d = torch.stack([ref_states[f"resid.{li}"][:, -1] for li in ls])
-        lens_p = torch.stack([cand_states[f"resid.{li}"][:, -1] for li in ls])
+        lens_p = torch.stack([cand_states[f"resid.{streams[li]}"][:, -1] for li in ls])
         lens = logit_metrics(reference.lens(lens_d).float(), candidate.lens(lens_p).float(),
                              settings.temperatures, settings.topk, light=True)
         for k, v in lens.items():  # v: (layers in chunk, batch)

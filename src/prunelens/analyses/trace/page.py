@@ -20,11 +20,18 @@ from prunelens.analyses.trace.labels import (
     summary_of,
     tkey,
 )
-from prunelens.analyses.trace.sections import kv_table, prompt_table, selection_section, weights_section
+from prunelens.analyses.trace.sections import (
+    field_section,
+    kv_table,
+    prompt_table,
+    selection_section,
+    verdict_section,
+    weights_section,
+)
 from prunelens.analyses.trace.settings import SCHEMA_FAMILY
 from prunelens.errors import PrunelensError
 from prunelens.render import CSS, esc, fmt, img, num, pct, short
-from prunelens.runs import atomic_write_text, read_json
+from prunelens.runs import atomic_write_text, read_json, write_run
 
 
 def _summary_rows(result: dict[str, Any]) -> dict[str, str]:
@@ -166,8 +173,10 @@ def render_html(runs: list[tuple[dict[str, Any], list[Path]]], title: str = "pru
            '<p class="muted">Dense vs pruned, traced through hidden states h → logits z → probabilities '
            "p = softmax(z/T), per layer and per decoding step.</p>",
            f'<div class="runs" {grid}>', *(_header_card(r) for r in results), "</div>",
-           "<h2>Summary</h2>", _summary_table(results),
-           "<h2>Reading</h2>"]
+           "<h2>Summary</h2>", _summary_table(results)]
+    out += _per_run("Verdict", verdict_section, results)
+    out += _per_run("The field's comparison statistics", field_section, results)
+    out.append("<h2>Reading</h2>")
     for r in results:
         text = reading(r)
         if text:
@@ -178,6 +187,16 @@ def render_html(runs: list[tuple[dict[str, Any], list[Path]]], title: str = "pru
     out += _run_sections(results)
     out.append("</body></html>")
     return "\n".join(out)
+
+
+def _per_run(title: str, section: Any, results: list[dict[str, Any]]) -> list[str]:
+    """A section with each run's part (under its name when there are several); none if all are empty."""
+    parts = [(r, section(r)) for r in results]
+    if not any(html for _, html in parts):
+        return []
+    multi = len(results) > 1
+    return [f"<h2>{esc(title)}</h2>", *(f"<h3>{esc(run_name(r))}</h3>{html}" if multi else html
+                                        for r, html in parts if html)]
 
 
 def _figures_section(runs: list[tuple[dict[str, Any], list[Path]]], grid: str) -> list[str]:
@@ -270,3 +289,8 @@ def trace_page(run_dirs: Iterable[Path]) -> str:
 def run_html(result: dict[str, Any], figs: list[Path]) -> str:
     """The page a trace command writes into its new run directory."""
     return render_html([(result, figs)])
+
+
+def write_trace_run(result: dict[str, Any], out_dir: str | Path, overwrite: bool = False) -> Path:
+    """A trace result's run directory: results.json, figures/*.png and report.html, atomically."""
+    return write_run(result, out_dir, overwrite=overwrite, figures=make_figures, html=run_html)

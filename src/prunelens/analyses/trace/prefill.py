@@ -30,11 +30,12 @@ def prefill_pair(reference: Forward, candidate: Forward, ids: torch.Tensor, mask
     """Prefill both sides, add their per-layer (and logit-lens) comparison to ``layer_acc``; the
     returned states keep only the final hidden state (the rest is freed)."""
     n_layers = reference.n_layers
-    names = resid_names(n_layers) + ["final"]
-    ref, cand = reference.prefill(ids, mask, names), candidate.prefill(ids, mask, names)
+    ref = reference.prefill(ids, mask, resid_names(n_layers) + ["final"])
+    cand = candidate.prefill(ids, mask, resid_names(candidate.n_layers) + ["final"])
+    streams = candidate.resid_map or list(range(n_layers + 1))
     valid_tok = mask.bool()
     for li in range(n_layers + 1):
-        a, b = ref.states[f"resid.{li}"], cand.states[f"resid.{li}"]
+        a, b = ref.states[f"resid.{li}"], cand.states[f"resid.{streams[li]}"]
         for k, v in hidden_metrics(a[valid_tok], b[valid_tok]).items():
             layer_acc[k + "_h"][li].append(v)
     if settings.logit_lens:

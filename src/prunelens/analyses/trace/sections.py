@@ -125,3 +125,65 @@ def selection_section(result: dict[str, Any]) -> str:
                          f"<tr><th>score</th>{r2}</tr></table></div>")
             parts.append(head)
     return "".join(parts)
+
+
+def _get(d: Any, *keys: str) -> Any:
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
+def field_section(result: dict[str, Any]) -> str:
+    """The comparison statistics other tools report, per mode, under their names, and KL(base ‖ cand)
+    by the base's confidence (exllamav3's buckets: where the KL mass comes from)."""
+    comp = result.get("comparison")
+    if not isinstance(comp, dict) or not comp:
+        return ""
+    modes = [m for m in ("teacher_forced", "free_running") if isinstance(comp.get(m), dict)]
+    rows = [("KL(p_cand‖p_base), prunelens's kl", "kl"), ("KL(p_base‖p_cand), llama.cpp/exllamav3/mlx-lm", "rkl"),
+            *((f"top-{k} agreement (ordered)", f"top{k}_agree") for k in (1, 2, 3, 5, 10)),
+            *((f"base's token in candidate's top-{k}", f"label_top{k}") for k in (1, 5, 10))]
+    head = "".join(f"<th>{esc(m.replace('_', '-'))}</th>" for m in modes)
+    body = "".join(f"<tr><th>{esc(label)}</th>" + "".join(
+        f'<td class="num">{esc(fmt(_get(comp, m, key)))} ± {esc(fmt(_get(comp, m, key + "_se"), 2))}</td>'
+        for m in modes) + "</tr>" for label, key in rows)
+    out = [f"<table><tr><th></th>{head}</tr>{body}</table>"]
+    buckets = _get(comp, "teacher_forced", "kl_by_confidence")
+    if isinstance(buckets, list) and buckets:
+        brow = "".join(
+            f'<tr><td class="num">[{esc(fmt(b.get("lo"), 2))}, {esc(fmt(b.get("hi"), 2))})</td>'
+            f'<td class="num">{esc(b.get("n"))}</td><td class="num">{esc(fmt(b.get("mean_kl")))}</td>'
+            f'<td class="num">{esc(fmt(b.get("kl_share")))}</td></tr>' for b in buckets if isinstance(b, dict))
+        out.append("<h3>teacher-forced KL(p_base‖p_cand) by the base's top-token probability</h3>"
+                   "<table><tr><th>base top p</th><th>steps</th><th>mean KL</th><th>share of all KL</th></tr>"
+                   f"{brow}</table>")
+    pp = [p for p in result.get("per_prompt") or [] if isinstance(p, dict) and "fdt" in p]
+    if pp:
+        fdt = [num(p.get("fdt")) for p in pp]
+        sdt = [num(p.get("sdt")) for p in pp]
+        out.append(f'<p class="muted">who-what-benchmark on the greedy token ids: mean first divergent token '
+                   f"(FDT) {esc(fmt(_mean(fdt)))}, mean share of divergent tokens (SDT) {esc(fmt(_mean(sdt)))}. "
+                   "FDT is the 0-based index of the first differing token (prunelens's first divergence step "
+                   "minus 1 where the texts share a prefix).</p>")
+    return "".join(out)
+
+
+def _mean(xs: list[float | None]) -> float | None:
+    v = [x for x in xs if x is not None]
+    return sum(v) / len(v) if v else None
+
+
+def verdict_section(result: dict[str, Any]) -> str:
+    """The predictor's verdict with its caveats, and where the candidate came from."""
+    out = []
+    v = result.get("verdict")
+    if isinstance(v, dict) and v.get("text"):
+        out.append(f'<div class="reading">{esc(v["text"])}.</div>')
+    p = result.get("pruning")
+    if isinstance(p, dict) and p.get("kind") == "candidate":
+        lm = p.get("layer_map") if isinstance(p.get("layer_map"), dict) else {}
+        notes = p.get("notes") if isinstance(p.get("notes"), list) else []
+        out.append(f'<p class="muted">candidate {esc(p.get("candidate", ""))}: layer correspondence '
+                   f'{esc(lm.get("source", "—"))}, base layers without a counterpart '
+                   f'{esc(lm.get("dropped", []))}</p>' + "".join(f'<p class="muted">note: {esc(n)}</p>' for n in notes))
+    return "".join(out)

@@ -20,8 +20,8 @@ import importlib.util
 
 from prunelens.analyses.sweep import SweepSpec, run_sweep  # noqa: E402
 from prunelens.analyses.trace import AnalysisSettings, TraceSettings, analyze, compare_models  # noqa: E402
-from prunelens.analyses.trace.core import compare_sequential  # noqa: E402
 from prunelens.analyses.trace import write_trace_run as write_run  # noqa: E402  (a trace's run directory)
+from prunelens.analyses.trace.core import compare_sequential  # noqa: E402
 from prunelens.data import builtin_prompts, read_texts  # noqa: E402
 from prunelens.errors import PrunelensError  # noqa: E402
 from prunelens.model.loading import PRESETS, LoadedModel  # noqa: E402

@@ -20,7 +20,7 @@ from prunelens.metrics import subspace_metrics
 from prunelens.model.arch import Adapter
 from prunelens.model.loading import LoadedModel
 from prunelens.prune.recipe import build, footprint
-from prunelens.testing import shared_data_dir, tiny_model, tiny_tokenizer
+from prunelens.testing import save_tiny, shared_data_dir, tiny_model, tiny_tokenizer
 
 DATA = shared_data_dir()
 
@@ -154,3 +154,20 @@ def test_counterfactual_and_report_rebuild_on_the_real_model(tmp_path: Path,
     assert page.count("<h1>Counterfactual layerwise transition") == 2 and page.count("<html") == 1
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_compare_takes_a_candidate_beside_the_methods(tmp_path: Path) -> None:
+    """``compare --candidate``: a recipe's saved checkpoint, compared as a model made elsewhere, sits
+    beside the same recipe's view with the same curves."""
+    base = save_tiny(tmp_path / "base")
+    assert main(["prune", "--model", str(base), "--recipe", "wanda:0.5", "--calib-samples", "2",
+                 "--out", str(tmp_path / "cand")]) == 0
+    args = ["compare", "--model", str(base), "--method", "wanda:0.5", "--candidate", str(tmp_path / "cand"),
+            "--steps", "4", "--calib-samples", "2", "--quiet", "--out", str(tmp_path / "c")]
+    assert main(args) == 0
+    res = json.loads((tmp_path / "c" / "results.json").read_text())
+    view, cand = res["methods"]
+    assert cand["spec"] == str(tmp_path / "cand") and cand["label"] == "cand"
+    for mode in ("teacher_forced", "free_running"):
+        assert cand["curves"][mode]["kl"] == pytest.approx(view["curves"][mode]["kl"], abs=1e-9)
+    assert main(args) == 0  # resumed: both runs cached

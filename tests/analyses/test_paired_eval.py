@@ -11,8 +11,11 @@ import pytest
 
 import prunelens.analyses.paired as pe
 from prunelens.errors import PrunelensError
+from prunelens.prune.candidate import load_candidate
+from prunelens.prune.checkpoint import load_model
+from prunelens.prune.recipe import Calibration, Recipe, build, save_modified
 from prunelens.tasks.paired import gsm8k_distractors
-from prunelens.testing import shared_data_dir
+from prunelens.testing import save_tiny, shared_data_dir
 
 DATA = shared_data_dir()
 
@@ -163,3 +166,23 @@ def test_paired_cli_has_max_new_tokens_and_refuses_generate_configs_in_one_line(
                                              "options") as e:
         pe.check_paired_task(str(cfg), tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_a_saved_candidate_pairs_like_the_recipe_view(tmp_path: Path) -> None:
+    """A model made elsewhere goes through the same paired evaluation: the recipe's checkpoint loaded
+    as a candidate gives the same per-question outcomes as the recipe's view of the base."""
+    base_dir = save_tiny(tmp_path / "base")
+    base = load_model(str(base_dir))
+    plan = build(base, Recipe.parse("wanda:0.5"), Calibration(samples=2, seq_len=16))
+    save_modified(base, plan, tmp_path / "cand")
+    base = load_model(str(base_dir))
+    plan = build(base, Recipe.parse("wanda:0.5"), Calibration(samples=2, seq_len=16))
+    _jsonl(tmp_path / "arc_easy_test.jsonl", [
+        {"question": f"w{5 + i} w{9 + i}", "choices": [f"w{20 + i}", f"w{30 + i}", f"w{40 + i}"], "answer": i % 3}
+        for i in range(6)])
+    kw = dict(limit=6, seed=0, gen_tokens=4, progress=False, n_boot=50)
+    want = pe.paired_eval(base, "arc_easy", tmp_path, {"wanda": plan}, **kw)
+    got = pe.paired_eval(base, "arc_easy", tmp_path, {"wanda": load_candidate(str(tmp_path / "cand"), base,
+                                                                              align=False)}, **kw)
+    assert got["methods"][0]["per_question"] == want["methods"][0]["per_question"]
+    assert got["methods"][0]["gap"] == want["methods"][0]["gap"]

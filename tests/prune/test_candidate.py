@@ -95,9 +95,12 @@ def test_saved_then_compared_equals_analyze(base_dir: Path, tmp_path: Path, spec
     cand = load_candidate(str(out), base)
     assert cand.layer_map.source == ("metadata" if spec.startswith("block") else "identity")
     got = compare_models(base, cand, PROMPTS, SETTINGS, progress=False)
+    # the reference runs one row per prompt against a separate candidate (two inside analyze): CPU
+    # kernels round float32 logits differently by batch shape, ~1e-7 relative, hence the tolerance
     for mode in ("teacher_forced", "free_running"):
         for key in ("kl@1", "rkl@1", "cos_z", "cos_h", "top1_agree"):
-            assert got["stepwise"][mode][key] == pytest.approx(want["stepwise"][mode][key], abs=1e-9, nan_ok=True)
+            assert got["stepwise"][mode][key] == pytest.approx(want["stepwise"][mode][key], rel=1e-5, abs=1e-6,
+                                                               nan_ok=True)
     for key in ("cos_h", "lens_kl@1"):
         assert got["layerwise"][key] == pytest.approx(want["layerwise"][key], abs=1e-9)
     assert [p["pruned_text"] for p in got["per_prompt"]] == [p["pruned_text"] for p in want["per_prompt"]]

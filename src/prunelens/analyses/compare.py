@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,12 @@ import numpy as np
 from prunelens import options
 from prunelens.analyses.base import Analysis, check_fields, read_checked, register
 from prunelens.analyses.cells import CellCache, data_hashes, environment, model_fingerprint
-from prunelens.analyses.trace import TraceSettings, analyze, load_result, write_trace_run
+from prunelens.analyses.trace import TraceSettings, analyze, compare_models, load_result, write_trace_run
+from prunelens.analyses.trace.core import free_weights
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
 from prunelens.model.memory import release_freed_memory
+from prunelens.prune.candidate import Candidate
 from prunelens.prune.recipe import Calibration, Recipe, build, footprint, is_recipe_file
 from prunelens.render import esc, html_page, img, save_figure, subplots, text
 from prunelens.runs import atomic_write_text, write_json
@@ -55,36 +58,43 @@ def method_key(spec: str, recipe: Recipe) -> str:
     return f"{Path(spec).name}@{digest}"
 
 
+def candidate_key(spec: str) -> str:
+    """A candidate's cached run, named by its files' sizes and times: a rewritten checkpoint at the
+    same path is analysed again."""
+    digest = hashlib.sha256(json.dumps(model_fingerprint(spec), sort_keys=True).encode()).hexdigest()[:12]
+    return f"candidate-{Path(spec).name or spec}@{digest}"
+
+
 def compare_methods(lm: LoadedModel, specs: Sequence[str], prompts: Sequence[str], settings: TraceSettings,
                     out_dir: str | Path, calibration: Calibration | None = None, progress: bool = True,
-                    device: str | None = None, dtype: str | None = None) -> dict[str, Any]:
-    """Analyse each recipe on the same prompts; each finished method is a cached run directory, so
-    a rerun with more methods analyses only the new ones."""
-    if not specs:
-        raise PrunelensError("give at least one --method")
+                    device: str | None = None, dtype: str | None = None, candidates: Sequence[str] = (),
+                    load_cand: Callable[[str], Candidate] | None = None) -> dict[str, Any]:
+    """Analyse each recipe, and each candidate model made elsewhere (``load_cand`` loads one beside
+    ``lm``), on the same prompts; each finished method is a cached run directory, so a rerun with
+    more methods analyses only the new ones."""
+    if not specs and not candidates:
+        raise PrunelensError("give at least one --method or --candidate")
     recipes = {s: Recipe.parse(s) for s in specs}
     for r in recipes.values():  # before the directory is made: a bad method leaves nothing behind
         r.check(lm.adapter.n_layers)
     cal = calibration or Calibration()
     ident = identity(settings, prompts, cal, str(lm.info.get("name")), device, dtype)
     cache = CellCache(out_dir, "compare.json", "comparison", ident, cells="runs")
-    cache.open(schema=SCHEMA, methods=list(specs))
+    cache.open(schema=SCHEMA, methods=[*specs, *candidates])
     out = cache.out
     methods = []
     t = f"{settings.temperatures[0]:g}"
     cached = {"pruning.label": "any", "summary": "dict", **{  # what a cached method's run must hold
         f"stepwise.{m}.{c}{f'@{t}' if c in ('kl', 'cos_p') else ''}": "list"
         for m in ("teacher_forced", "free_running") for c in ("step", *CURVES)}}
-    for spec, recipe in recipes.items():
-        run_dir = cache.run_dir(method_key(spec, recipe))
+    entries = [(method_key(s, r), s, r) for s, r in recipes.items()] + [(candidate_key(c), c, None) for c in candidates]
+    for key, spec, recipe in entries:
+        run_dir = cache.run_dir(key)
         if (run_dir / "results.json").is_file():
             result = check_fields(load_result(run_dir), cached, run_dir / "results.json")
         else:
-            mod = build(lm, recipe, cal, progress=progress)
-            result = analyze(lm, mod, prompts, settings, progress=progress)
-            result["footprint"] = footprint(lm, mod)
+            result = _analysed(lm, spec, recipe, cal, prompts, settings, progress, load_cand)
             write_trace_run(result, run_dir, overwrite=True)
-            del mod
             release_freed_memory()
         curves = {}
         for mode in ("teacher_forced", "free_running"):
@@ -93,8 +103,9 @@ def compare_methods(lm: LoadedModel, specs: Sequence[str], prompts: Sequence[str
                                                    for c in CURVES}}
             if mode == "free_running":
                 curves[mode]["token_agree"] = sw.get("token_agree")
-        methods.append({"spec": spec, "recipe": list(recipe.specs), "label": result["pruning"]["label"],
-                        "footprint": result.get("footprint"), "summary": result["summary"], "curves": curves,
+        methods.append({"spec": spec, "recipe": list(recipe.specs) if recipe else [],
+                        "label": result["pruning"]["label"], "footprint": result.get("footprint"),
+                        "summary": result["summary"], "curves": curves,
                         "run": str(run_dir)})
     combined = {"schema": SCHEMA, "identity": ident, "temperature": settings.temperatures[0],
                 "methods": methods}
@@ -102,6 +113,22 @@ def compare_methods(lm: LoadedModel, specs: Sequence[str], prompts: Sequence[str
     write_json(out / "results.json", combined)
     atomic_write_text(out / "report.html", compare_html(combined, figs))
     return combined
+
+
+def _analysed(lm: LoadedModel, spec: str, recipe: Recipe | None, cal: Calibration, prompts: Sequence[str],
+              settings: TraceSettings, progress: bool, load_cand: Callable[[str], Candidate] | None) -> dict[str, Any]:
+    """One method's trace: a recipe's view of ``lm``, or a candidate loaded beside it and freed after."""
+    if recipe is not None:
+        mod = build(lm, recipe, cal, progress=progress)
+        result = analyze(lm, mod, prompts, settings, progress=progress)
+        result["footprint"] = footprint(lm, mod)
+        return result
+    if load_cand is None:
+        raise PrunelensError("comparing a candidate model needs a loader for it")
+    cand = load_cand(spec)
+    result = compare_models(lm, cand, prompts, settings, progress=progress)
+    free_weights(cand.lm)
+    return result
 
 
 def _arr(v: Any) -> np.ndarray:
@@ -173,6 +200,10 @@ def compare_html(combined: dict[str, Any], figs: list[Path]) -> str:
 def _arguments(co: argparse.ArgumentParser) -> None:
     options.add_model_args(co)
     options.add_method_args(co)
+    co.add_argument("--candidate", action="append", default=[], metavar="MODEL",
+                    help="a compressed model made elsewhere (HF directory, hub id, .gguf), compared beside the "
+                         "methods; repeatable")
+    co.add_argument("--layer-map", metavar="FILE", help="a shallower candidate's layer map (one --candidate)")
     co.add_argument("--prompts", help="prompt file; default: the 8 built-in prompts")
     co.add_argument("--limit", type=int)
     co.add_argument("--steps", type=int, default=32)
@@ -185,6 +216,8 @@ def _arguments(co: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     options.method_recipes(args)
+    if args.layer_map and len(args.candidate) != 1:
+        raise PrunelensError("--layer-map belongs to a single --candidate")
     settings = TraceSettings(temperatures=options.temperatures(args.temps),
                                 max_new_tokens=options.positive("--steps", args.steps),
                                 batch_size=options.positive("--batch-size", args.batch_size),
@@ -193,7 +226,9 @@ def _run(args: argparse.Namespace) -> int:
     cal = options.calibration(args)
     lm = options.load(args)
     res = compare_methods(lm, args.method, prompts, settings, args.out, cal, progress=not args.quiet,
-                          device=args.device, dtype=args.dtype)
+                          device=args.device, dtype=args.dtype, candidates=args.candidate,
+                          load_cand=lambda spec: options.load_candidate_for(argparse.Namespace(
+                              **{**vars(args), "candidate": spec}), lm, cal))
     print("\n".join(summary_lines(res)))
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0

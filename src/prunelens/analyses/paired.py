@@ -36,6 +36,7 @@ from prunelens.errors import PrunelensError
 from prunelens.model.generation import generate, next_token_logits
 from prunelens.model.loading import LoadedModel
 from prunelens.model.tokens import render
+from prunelens.prune.candidate import Candidate
 from prunelens.registry import did_you_mean
 from prunelens.render import esc, html_page, html_table, img, save_figure, subplots, val
 from prunelens.runs import check_out_dir, default_run_dir
@@ -223,7 +224,8 @@ def paired_eval(lm: LoadedModel, task: str, data_dir: str | Path, modifications:
                 limit: int | None = 100, seed: int = 0, style: str = "cloze", select: str = "all",
                 shots: int = 5, batch_size: int = 8, chat_template: bool = True, n_boot: int = 2000,
                 progress: bool = True, gen_tokens: int | None = None) -> dict[str, Any]:
-    """Dense and each modification on the same questions in both formats, with the paired gap.
+    """Dense and each modification (or ``Candidate``, a model made elsewhere) on the same questions in
+    both formats, with the paired gap.
     With ``select="dense-correct"``, ``limit`` sizes the pool the subset is drawn from; ``gen_tokens``
     is the free answers' budget (None: 40, or 256 for GSM8K's chain of thought)."""
     if style not in STYLES:
@@ -246,10 +248,11 @@ def paired_eval(lm: LoadedModel, task: str, data_dir: str | Path, modifications:
     qs = [pool[i] for i in keep]
     dense = _subset(dense_pool, keep, qs)
     rows = []
-    for label, mod in modifications.items():
+    for label, m in modifications.items():
+        model, mod = (m.lm, None) if isinstance(m, Candidate) else (lm, m)  # a model made elsewhere, as it is
         # GSM8K's generative side draws its own sample (the pool): run the pool, keep the subset
-        side = _subset(both_formats(lm, setup, pool, mod, label), keep, qs) if task == "gsm8k" else \
-            both_formats(lm, setup, qs, mod, label)
+        side = _subset(both_formats(model, setup, pool, mod, label), keep, qs) if task == "gsm8k" else \
+            both_formats(model, setup, qs, mod, label)
         gap = paired_gap(dense["mcq_hits"], side["mcq_hits"], dense["gen_hits"], side["gen_hits"],
                          n_boot=n_boot, seed=seed)
         agree = sum(a == b for a, b in zip(dense["mcq_choice"], side["mcq_choice"], strict=True)) / len(qs)
@@ -364,10 +367,12 @@ def _arguments(pa: argparse.ArgumentParser) -> None:
     pa.add_argument("--batch-size", type=int, default=8, help="questions per forward pass (default 8)")
     pa.add_argument("--no-chat-template", action="store_true",
                     help="send the bare prompts instead of the tokenizer's chat template")
+    options.add_candidate_args(pa)
     options.add_output_args(pa, "runs/<time>-<model>-paired-<task>")
 
 
 def _run(args: argparse.Namespace) -> int:
+    spec = options.candidate_spec(args)
     recipes = options.method_recipes(args)
     options.positive("--limit", args.limit)
     options.positive("--batch-size", args.batch_size)
@@ -381,6 +386,9 @@ def _run(args: argparse.Namespace) -> int:
     check_out_dir(out, args.overwrite)
     lm = options.load(args)
     mods = options.build_methods(lm, recipes, cal, progress=not args.quiet)
+    if spec is not None:
+        cand = options.load_candidate_for(args, lm, cal, align=False)
+        mods[cand.label] = cand
     res = paired_eval(lm, args.task, args.data_dir, mods, args.limit, args.seed, args.style, args.select,
                       args.shots, args.batch_size, not args.no_chat_template, progress=not args.quiet,
                       gen_tokens=args.max_new_tokens)

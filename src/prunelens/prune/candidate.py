@@ -232,6 +232,7 @@ def load_candidate(spec: str, base: LoadedModel, *, device: str = "cpu", dtype: 
     check_not_base(spec, base)
     cand = load_model(spec, device=device, dtype=dtype, placement=placement, trust_remote_code=trust_remote_code)
     notes = check_tokenizers(base.tokenizer, cand.tokenizer, spec)
+    cand.tokenizer = base.tokenizer  # identical ids checked: the base's chat template serves both
     vb, vc = base.info.get("vocab_size"), cand.info.get("vocab_size")
     if vb != vc:
         raise PrunelensError(f"candidate '{spec}' has {vc} output logits and the base {vb}: the distributions "

@@ -80,7 +80,7 @@ def compare_models(
     if candidate.layer_map is None:
         raise PrunelensError("a trace needs the candidate's layer correspondence (load it with align=True)")
     cand = ModelForward(candidate.lm, resid_map=candidate.layer_map.resid_map())
-    return _traced(base, ModelForward(base), cand, candidate.to_dict(), prompts, settings, progress)
+    return _traced(base, ModelForward(base), cand, candidate.to_dict(), prompts, settings, progress, ref_rows=1)
 
 
 def _checked(settings: TraceSettings | None, prompts: Sequence[str]) -> TraceSettings:
@@ -92,11 +92,12 @@ def _checked(settings: TraceSettings | None, prompts: Sequence[str]) -> TraceSet
 
 
 def _traced(lm: LoadedModel, reference: Forward, candidate: Forward, pruning: dict[str, Any],
-            prompts: Sequence[str], settings: TraceSettings, progress: bool) -> dict[str, Any]:
+            prompts: Sequence[str], settings: TraceSettings, progress: bool, ref_rows: int = 2) -> dict[str, Any]:
     t0 = time.perf_counter()
     # Seeded inside a forked RNG state: the caller's global torch random state is left untouched.
     with _seeded(settings.seed, lm.device), decode_attention(lm.device):
-        measured = trace(lm, reference, candidate, prompts, settings, progress, desc=f"analyze {pruning['label']}")
+        measured = trace(lm, reference, candidate, prompts, settings, progress, desc=f"analyze {pruning['label']}",
+                         ref_rows=ref_rows)
     return _result(lm.info, pruning, settings, len(prompts), measured, t0)
 
 
@@ -175,11 +176,12 @@ def _seeded(seed: int, device: torch.device) -> contextlib.AbstractContextManage
 
 @torch.inference_mode()
 def trace(lm: LoadedModel, reference: Forward, candidate: Forward, prompts: Sequence[str], settings: TraceSettings,
-          progress: bool = True, desc: str = "trace") -> dict[str, Any]:
+          progress: bool = True, desc: str = "trace", ref_rows: int = 2) -> dict[str, Any]:
     """The measured part of a trace result (layerwise, stepwise, taylor, per_prompt).
 
     ``lm`` gives the tokenizer (prompts, EOS, padding, greedy texts) and the device of the inputs;
-    both forwards read the same token ids, so they must share that tokenizer.
+    both forwards read the same token ids, so they must share that tokenizer. ``ref_rows``: see
+    ``decode.decode_lockstep``.
     """
     n_layers, N, dev = reference.n_layers, settings.max_new_tokens, lm.device
     pad = pad_id(lm)
@@ -193,7 +195,7 @@ def trace(lm: LoadedModel, reference: Forward, candidate: Forward, prompts: Sequ
         batch = encoded[b0:b0 + settings.batch_size]
         ids, mask = left_pad(batch, pad, dev)
         ref, cand = prefill_pair(reference, candidate, ids, mask, settings, layer_acc)
-        decoded = decode_lockstep(reference, candidate, ref, cand, mask, eos, settings, bar)
+        decoded = decode_lockstep(reference, candidate, ref, cand, mask, eos, settings, bar, ref_rows)
         add_steps(step_acc, decoded, len(batch), N)
         per_prompt += prompt_records(decoded, prompts[b0:b0 + len(batch)], [len(b) for b in batch],
                                      lm.tokenizer, eos)

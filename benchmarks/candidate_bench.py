@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import subprocess
@@ -50,7 +51,16 @@ def child(mode: str, a: argparse.Namespace) -> None:
     else:
         compare_sequential(lambda: load_model(a.model), lambda b, _: load_candidate(a.candidate, b), prompts,
                            settings, k=a.topk, progress=False)
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident size (VmHWM: per address space, so a child forked from a large
+    parent does not inherit the parent's peak, as ``ru_maxrss`` does)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _rss(mode: str, a: argparse.Namespace) -> float:
@@ -95,6 +105,7 @@ def main() -> None:
     full = compare_models(base, cand, prompts, settings, progress=False)
     t_cmp = time.perf_counter() - t0
     del base, cand
+    gc.collect()
     seq = compare_sequential(lambda: load_model(a.model), lambda b, _: load_candidate(a.candidate, b), prompts,
                              settings, k=a.topk, progress=False)
     rss_seq, rss_alone = _rss("sequential", a), _rss("alone", a)

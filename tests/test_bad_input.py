@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from prunelens.cli import main
-from prunelens.testing import save_tiny
+from prunelens.testing import save_tiny, tiny_tokenizer
 
 # placeholders: MODEL (tiny saved model), NAN (the same with a NaN weight), LATIN1 (a file that is
 # not UTF-8), DATA_LATIN1 / DATA_BADGZ (data dirs whose task file is not UTF-8 / not gzip),
@@ -130,6 +130,25 @@ CASES = [
      "did you mean '15%'?"),
     (["advise", "--model", "MODEL", "--budget", "20%", "--use", "generative", "--recipe", "gptqq:w4",
       "--out", "OUT"], "did you mean 'gptq'?"),
+    # issue 43: a candidate made elsewhere, scored against its base
+    (["eval", "--model", "MODEL", "--tasks", "CFG_MC", "--candidate", "CAND_TOK", "--recipe", "attn:1",
+      "--out", "OUT"], "give either --candidate (a model made elsewhere) or a recipe, not both"),
+    (["ppl", "--model", "MODEL", "--text", "SHORT", "--kld", "--candidate", "/no/such/candidate", "--out", "OUT"],
+     "--candidate '/no/such/candidate' does not exist"),
+    (["ppl", "--model", "MODEL", "--text", "SHORT", "--kld", "--candidate", "CAND_TOK", "--positions", "middle",
+      "--out", "OUT"], "--positions must be one of all, second-half, got 'middle'"),
+    (["ppl", "--model", "MODEL", "--text", "SHORT", "--kld", "--candidate", "CAND_TOK", "--positions",
+      "second-half", "--seq-len", "2", "--out", "OUT"], "leaves no second-half position to score"),
+    (["ppl", "--model", "MODEL", "--text", "SHORT", "--kld", "--candidate", "CAND_TOK", "--out", "OUT"],
+     "does not share the base's tokenizer: vocabulary sizes differ"),
+    (["eval", "--model", "MODEL", "--tasks", "CFG_MC", "--candidate", "CAND_TOK", "--out", "OUT"],
+     "does not share the base's tokenizer: vocabulary sizes differ"),
+    (["ppl", "--model", "MODEL", "--text", "SHORT", "--kld", "--candidate", "MODEL", "--out", "OUT"],
+     "is the base model itself: every divergence would be 0 (KL 0 is expected)"),
+    (["eval", "--model", "MODEL", "--tasks", "CFG_MC", "--candidate", "MODEL_LINK", "--out", "OUT"],
+     "is the base model itself"),
+    (["eval", "--model", "MODEL", "--tasks", "fidelity", "--candidate", "CAND_TOK", "--out", "OUT"],
+     "task 'fidelity' compares a model with a view of itself and cannot score a --candidate"),
 ]
 
 
@@ -152,6 +171,9 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> dict[str,
     (root / "badmap.json").write_text(json.dumps({"": "cpu", "model.layerz.0": "cpu"}))  # a typo'd module
     runs = _crafted_runs(root, latin1)
     runs.update(_bad_configs(root))
+    runs["CAND_TOK"] = str(_other_tokenizer(root / "cand-tok"))
+    (root / "model-link").symlink_to(tiny_dir)  # the base under another name
+    runs["MODEL_LINK"] = str(root / "model-link")
     return {"EMPTY": str(root / "empty.txt"), "BADJSON": str(root / "badjson.jsonl"),
             "BADMAP": str(root / "badmap.json"),
             "MODEL": str(tiny_dir), "NAN": str(save_tiny(root / "nan", nan=True)), "LATIN1": str(latin1),
@@ -201,7 +223,19 @@ def _bad_configs(root: Path) -> dict[str, str]:
     out = {f"CFG_{k}": str(_text(d / f"{k.lower()}.yaml", f"{gen}{v}\n")) for k, v in bad.items()}
     out["CFG_DATA_FILES"] = str(_text(d / "data_files.yaml", gen.replace("d.jsonl", "5")))
     out["SHORT"] = str(_text(root / "short.txt", "w3 w4\n"))
+    (d / "mc.jsonl").write_text('{"q": "w3 w4", "opts": ["w5", "w6"], "a": 0}\n')
+    out["CFG_MC"] = str(_text(d / "mc.yaml", "kind: multiple_choice\ndata_files: mc.jsonl\nprompt: '{{q}}'\n"
+                                             "choices: opts\nanswer: a\n"))
     return out
+
+
+def _other_tokenizer(path: Path) -> Path:
+    """A candidate whose tokenizer has one token more than the base's."""
+    save_tiny(path)
+    tok = tiny_tokenizer()
+    tok.add_tokens(["extra"])
+    tok.save_pretrained(path)
+    return path
 
 
 def _text(path: Path, text: str) -> Path:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +23,23 @@ from prunelens.analyses.reports import combined_report, rebuild_report
 from prunelens.data import calibration_ids
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import PRESETS
+from prunelens.prune.candidate import check_tokenizers
 from prunelens.prune.drop import DropPlan
 from prunelens.prune.importance import unit_scores
 from prunelens.prune.recipe import build, save_modified
 from prunelens.runs import check_out_file, write_json
 from prunelens.tasks.mcq import answer_flips
-from prunelens.tasks.paired import PairedTest, paired_test
-from prunelens.tasks.perplexity import check_kld_windows, kl_statistics, kld_lines, perplexity, read_corpus
-from prunelens.tasks.registry import get_task, run_task
+from prunelens.tasks.pairing import check_candidate_tasks, item_changes, score_candidate
+from prunelens.tasks.perplexity import (
+    POSITIONS,
+    check_kld_windows,
+    first_scored,
+    kl_statistics,
+    kld_lines,
+    perplexity,
+    read_corpus,
+)
+from prunelens.tasks.registry import run_task
 from prunelens.version import __version__
 
 
@@ -43,30 +54,43 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_ppl(args: argparse.Namespace) -> int:
-    recipe = (options.required_recipe(args, "--kld compares the modified model with the dense one") if args.kld
-              else options.recipe(args))
-    cal = options.calibration(args)
-    text = read_corpus(args.text)
+def _check_ppl(args: argparse.Namespace) -> None:
+    """The cheap checks of ``ppl``, before any model loads (the window count is known already)."""
     if args.out:
         check_out_file(Path(args.out), args.overwrite)
     options.positive("--seq-len", args.seq_len)
+    first_scored(args.seq_len, args.positions)
     if args.max_windows is not None:
         options.positive("--max-windows", args.max_windows)
-        if args.kld:  # the window count is known before the model loads
-            check_kld_windows(args.max_windows, args.seq_len)
+        if args.kld:
+            check_kld_windows(args.max_windows, args.seq_len, args.positions)
+
+
+def cmd_ppl(args: argparse.Namespace) -> int:
+    candidate = options.candidate_spec(args)
+    recipe = (options.required_recipe(args, "--kld compares the modified model with the dense one, or give "
+                                            "--candidate") if args.kld and candidate is None else options.recipe(args))
+    cal = options.calibration(args)
+    text = read_corpus(args.text)
+    _check_ppl(args)
     lm = options.load(args)
-    plan = build(lm, recipe, cal, progress=not args.quiet)
-    kw = dict(seq_len=args.seq_len, max_windows=args.max_windows, progress=not args.quiet)
-    k = kl_statistics(lm, text, plan, **kw) if args.kld else None  # both perplexities come with it
+    if candidate is None:
+        plan = build(lm, recipe, cal, progress=not args.quiet)
+        label, record, view = plan.label(), {"modification": plan.to_dict()}, plan
+        other = lm if label != "dense" else None  # None: nothing modified, one run
+    else:  # both models in memory, fed the same windows of the base's token ids
+        cand = options.scoring_candidate(args, lm)
+        _print_notes(cand)
+        label, record, view, other = cand.label, {"candidate": cand.to_dict()}, None, cand.lm
+    kw = dict(seq_len=args.seq_len, max_windows=args.max_windows, progress=not args.quiet, positions=args.positions)
+    k = (kl_statistics(lm, text, view, candidate=other if candidate else None, **kw)
+         if args.kld else None)  # both perplexities come with it
     dense = perplexity(lm, text, **kw) if k is None else _ppl_of(k, "base")
-    mod = (dense if plan.label() == "dense" else perplexity(lm, text, plan, **kw) if k is None
-           else _ppl_of(k, "mod"))
-    res = {"model": lm.info["name"], "text": str(args.text), "modification": plan.to_dict(),
-           "dense": dense, "modified": mod}
-    print(f"{lm.info['name']}  {plan.label()}: perplexity {mod['perplexity']:.3f} "
+    mod = (dense if other is None else perplexity(other, text, view, **kw) if k is None else _ppl_of(k, "mod"))
+    res = {"model": lm.info["name"], "text": str(args.text), **record, "dense": dense, "modified": mod}
+    print(f"{lm.info['name']}  {label}: perplexity {mod['perplexity']:.3f} "
           f"(dense {dense['perplexity']:.3f}) over {mod['tokens']} tokens in {mod['windows']} windows "
-          f"of {args.seq_len}")
+          f"of {args.seq_len}" + ("" if args.positions == "all" else f" ({args.positions} of each)"))
     if k is not None:
         res["kl_statistics"] = k
         print("\n".join(kld_lines(k)))
@@ -80,7 +104,7 @@ def _ppl_of(k: dict, side: str) -> dict:
 
     nll = math.log(k[f"ppl_{side}"])
     return {"perplexity": k[f"ppl_{side}"], "nll_per_token": nll, "tokens": int(k["positions"]),
-            "windows": k["windows"], "seq_len": k["seq_len"]}
+            "windows": k["windows"], "seq_len": k["seq_len"], "positions_rule": k["positions_rule"]}
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
@@ -114,45 +138,68 @@ def _score_line(task: str, dense: Any, mod: Any, label: str) -> str:
     return f"{head}  {label} {one(mod)}  relative change {rel:+.1%}{extra}"
 
 
-def _paired(task: str, dense: Any, mod: Any) -> PairedTest | None:
-    """The paired test (modified − dense, McNemar) where the task (a config too) keeps per-item outcomes."""
-    hits = get_task(task).hits
-    if hits is None:
-        return None
-    a, b = hits(dense.metric, dense.details), hits(mod.metric, mod.details)
-    return paired_test(a, b) if a and b is not None and a.keys() == b.keys() else None
+def _recipe_pairs(lm: Any, plan: Any, tasks: list[str], args: argparse.Namespace, opts: Any) -> Iterator[tuple]:
+    """Each task on the dense model, then inside the recipe's view (the dense score twice without one)."""
+    for t in tasks:
+        dense = run_task(lm, t, args.data_dir, opts)
+        yield t, dense, run_task(lm, t, args.data_dir, opts, plan) if plan.label() != "dense" else dense
+
+
+def _eval_row(t: str, dense: Any, mod: Any, label: str) -> dict[str, Any]:
+    """One task's record, printed as it is made: both scores, the MCQ answer flips, and the paired
+    test with the items lost and gained."""
+    modified = mod is not dense
+    row = {"task": dense.task, "kind": dense.kind, "dense": dense.to_dict(), "modified": mod.to_dict()}
+    pred = "predictions_norm" if dense.metric == "acc_norm" else "predictions"  # the scored choice
+    if modified and dense.kind == "multiple-choice" and pred in dense.details:
+        row["flips"] = answer_flips(dense.details["golds"], dense.details[pred], mod.details[pred])
+    if dense.task != t:  # a task config: its file
+        row["config"] = t
+    ch = item_changes(t, dense, mod) if modified else None
+    row["paired"] = None if ch is None else asdict(ch.test)
+    if ch is not None:
+        row["lost"], row["gained"] = ch.lost, ch.gained
+    print(_score_line(dense.task, dense, mod, label)
+          + (f"  flips {row['flips']['flips']:.1%}" if "flips" in row else ""), flush=True)
+    if modified:
+        print(f"{'':16s} " + (ch.test.line() if ch is not None
+                              else "no per-item outcomes: no paired test for this task"), flush=True)
+        if ch is not None:
+            print(f"{'':16s} {ch.line(label)}", flush=True)
+    return row
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     recipe, cal = options.recipe(args), options.calibration(args)
+    candidate = options.candidate_spec(args)
     tasks, opts = options.task_setup(args)
+    if candidate is not None:
+        check_candidate_tasks(tasks)
     if args.out:
         check_out_file(Path(args.out), args.overwrite)
+    cand_tok = options.candidate_tokenizer(args) if candidate is not None else None
     lm = options.load(args)
-    plan = build(lm, recipe, cal, progress=not args.quiet)
-    modified = plan.label() != "dense"
-    rows = []
-    for t in tasks:
-        dense = run_task(lm, t, args.data_dir, opts)
-        mod = run_task(lm, t, args.data_dir, opts, plan) if modified else dense
-        row = {"task": dense.task, "kind": dense.kind, "dense": dense.to_dict(), "modified": mod.to_dict()}
-        pred = "predictions_norm" if dense.metric == "acc_norm" else "predictions"  # the scored choice
-        if modified and dense.kind == "multiple-choice" and pred in dense.details:
-            row["flips"] = answer_flips(dense.details["golds"], dense.details[pred], mod.details[pred])
-        if dense.task != t:  # a task config: its file
-            row["config"] = t
-        test = _paired(t, dense, mod) if modified else None
-        row["paired"] = None if test is None else asdict(test)
-        rows.append(row)
-        print(_score_line(dense.task, dense, mod, plan.label())
-              + (f"  flips {row['flips']['flips']:.1%}" if "flips" in row else ""), flush=True)
-        if modified:
-            print(f"{'':16s} " + (test.line() if test is not None
-                                  else "no per-item outcomes: no paired test for this task"), flush=True)
+    info = lm.info
+    if cand_tok is not None:  # before the base's first task
+        check_tokenizers(lm.tokenizer, cand_tok, candidate)
+    if candidate is None:
+        plan = build(lm, recipe, cal, progress=not args.quiet)
+        record, label = {"modification": plan.to_dict()}, plan.label()
+        pairs = _recipe_pairs(lm, plan, tasks, args, opts)
+    else:  # sequential: the base on every task, its weights freed, then the candidate loaded
+        dense, cand = score_candidate(lm, tasks, args.data_dir, opts, partial(options.scoring_candidate, args))
+        _print_notes(cand)
+        record, label = {"candidate": cand.to_dict()}, cand.label
+        pairs = ((t, d, run_task(cand.lm, t, args.data_dir, opts)) for t, d in zip(tasks, dense, strict=True))
+    rows = [_eval_row(t, dense, mod, label) for t, dense, mod in pairs]
     if args.out:
-        write_json(Path(args.out), {"model": lm.info, "modification": plan.to_dict(), "limit": args.limit,
-                                    "seed": args.seed, "tasks": rows})
+        write_json(Path(args.out), {"model": info, **record, "limit": args.limit, "seed": args.seed, "tasks": rows})
     return 0
+
+
+def _print_notes(cand: Any) -> None:
+    for note in cand.notes:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def _print_summary(run_dir: Path) -> None:
@@ -190,6 +237,26 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ppl_args(pp: argparse.ArgumentParser) -> None:
+    """ppl: a recipe or a --candidate against the dense model, on one text."""
+    options.add_model_args(pp)
+    options.add_recipe_args(pp)
+    pp.add_argument("--text", required=True,
+                    help="corpus: .txt, or .jsonl with a 'text' field per row (rows joined by blank lines)")
+    pp.add_argument("--seq-len", type=int, default=1024, help="window length in tokens (default 1024)")
+    pp.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    pp.add_argument("--kld", action="store_true", help="also llama.cpp's KL-divergence statistics of the "
+                    "modified model against the dense one (mean/median/p99 KL, same top token, RMS Δp)")
+    pp.add_argument("--positions", default="all", metavar="|".join(POSITIONS),
+                    help="scored positions of each window: all (default) or second-half, llama.cpp's "
+                         "llama-perplexity convention (BOS first where the model adds one, then the "
+                         "predictions from seq_len/2 on), for numbers to set beside llama.cpp's")
+    options.add_candidate_args(pp)
+    pp.add_argument("--out", help="also write the numbers to this JSON file")
+    pp.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    pp.add_argument("--quiet", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="prunelens", description=__doc__.splitlines()[0])
     ap.add_argument("--version", action="version", version=f"prunelens {__version__}")
@@ -216,23 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--calib-samples", type=int, default=8)
         r.add_argument("--calib-len", type=int, default=128)
 
-    def ppl_args(pp: argparse.ArgumentParser) -> None:
-        options.add_model_args(pp)
-        options.add_recipe_args(pp)
-        pp.add_argument("--text", required=True,
-                        help="corpus: .txt, or .jsonl with a 'text' field per row (rows joined by blank lines)")
-        pp.add_argument("--seq-len", type=int, default=1024, help="window length in tokens (default 1024)")
-        pp.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
-        pp.add_argument("--kld", action="store_true", help="also llama.cpp's KL-divergence statistics of the "
-                        "modified model against the dense one (mean/median/p99 KL, same top token, RMS Δp)")
-        pp.add_argument("--out", help="also write the numbers to this JSON file")
-        pp.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-        pp.add_argument("--quiet", action="store_true")
-
     def eval_args(ev: argparse.ArgumentParser) -> None:
         options.add_model_args(ev)
         options.add_recipe_args(ev)
         options.add_task_args(ev)
+        options.add_candidate_args(ev)
         ev.add_argument("--out", help="also write all numbers (and per-question outputs) to this JSON")
         ev.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
@@ -242,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("prune", "prune/quantise and save an HF checkpoint plain transformers loads", prune_args, cmd_prune)
     add("rank", "print importance scores of every attn/mlp/block unit", rank_args, cmd_rank)
-    add("ppl", "perplexity of the dense and the modified model on a text file", ppl_args, cmd_ppl)
+    add("ppl", "perplexity of the dense and the modified model on a text file", _ppl_args, cmd_ppl)
     add("eval", "task scores of the dense and the modified model side by side", eval_args, cmd_eval)
     add("report", "rebuild the HTML report from saved run directories", report_args, cmd_report)
     add("models", "list the bundled model presets", lambda p: None, cmd_models)

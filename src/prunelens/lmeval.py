@@ -9,7 +9,8 @@ registry as a lazy ``"prunelens.lmeval:PrunelensLM"`` entry (when lm-eval is ins
 module, and lm-eval's model code, load only when the model type is first used).
 
 ``pretrained`` is anything ``prunelens.load_model`` takes (a preset, local HF directory, .gguf
-file or hub id); ``prune`` is a recipe, specs joined by ``+`` (``attn:4``, ``wanda:0.5``,
+file or hub id — a compressed model made by another tool too, docs/candidates.md); ``prune`` is a
+recipe, specs joined by ``+`` (``attn:4``, ``wanda:0.5``,
 ``gptq:w4g128``, ``attn:2+wanda:0.5``) or a YAML/JSON recipe file, built by the same builder and
 composition rule as the CLI (drops first, then weight methods each calibrated on the model as
 modified so far); ``calib`` a calibration file. The modified

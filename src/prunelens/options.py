@@ -195,10 +195,8 @@ def scoring_candidate(args: argparse.Namespace, base: Any) -> Candidate:
     """The candidate for scoring tasks or text, where no hidden state is compared (no layer
     correspondence). It reads its inputs through the base's tokenizer: the token ids are the same
     (checked on load), and the base's chat template then renders every prompt for both."""
-    cand = load_candidate(args.candidate, base, device=args.device, dtype=args.dtype, placement=placement(args),
+    return load_candidate(args.candidate, base, device=args.device, dtype=args.dtype, placement=placement(args),
                           trust_remote_code=args.trust_remote_code, align=False)
-    cand.lm.tokenizer = base.tokenizer
-    return cand
 
 
 def load_candidate_for(args: argparse.Namespace, base: Any, cal: Calibration, base_states: Any = None,

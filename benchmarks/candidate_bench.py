@@ -71,15 +71,16 @@ def _rss(mode: str, a: argparse.Namespace) -> float:
 
 
 def _kl_error(full: dict, seq: dict) -> dict[str, float]:
-    """Mean |ΔKL| per valid cell of the sequential (top-K reference) trace against the in-memory one.
-    The top-K KL is a lower bound of the full KL in every cell (one tail bucket on both sides), so the
-    mean |Δ| over cells is the difference of the two means over the same cells."""
+    """Per mode and direction, the mean KL of the in-memory trace and the mean |ΔKL| per valid cell
+    of the sequential (top-K reference) trace against it. The top-K KL is a lower bound of the full
+    KL in every cell (one tail bucket on both sides), so the mean |Δ| over the same cells is the
+    difference of the two means. ``rkl`` = KL(base ‖ cand) is the direction llama.cpp and mlx-lm
+    report; teacher-forced is where both read the same context."""
     out = {}
-    for key in ("kl", "rkl"):
-        n = sum(full["comparison"][m]["positions"] for m in ("teacher_forced", "free_running"))
-        f = sum(full["comparison"][m][key] * full["comparison"][m]["positions"] for m in full["comparison"]) / n
-        q = sum(seq["comparison"][m][key] * seq["comparison"][m]["positions"] for m in seq["comparison"]) / n
-        out[f"mean_{key}"], out[f"mean_abs_delta_{key}"] = f, abs(f - q)
+    for mode in ("teacher_forced", "free_running"):
+        for key in ("kl", "rkl"):
+            f, q = full["comparison"][mode][key], seq["comparison"][mode][key]
+            out[f"{mode}_{key}"], out[f"{mode}_{key}_abs_delta"] = f, abs(f - q)
     return out
 
 

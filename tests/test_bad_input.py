@@ -149,6 +149,26 @@ CASES = [
      "is the base model itself"),
     (["eval", "--model", "MODEL", "--tasks", "fidelity", "--candidate", "CAND_TOK", "--out", "OUT"],
      "task 'fidelity' compares a model with a view of itself and cannot score a --candidate"),
+    (["analyze", "--model", "MODEL", "--candidate", "CAND_TOK", "--steps", "1", "--out", "OUT"],
+     "does not share the base's tokenizer: vocabulary sizes differ"),
+    (["analyze", "--model", "MODEL", "--candidate", "MODEL", "--out", "OUT"], "is the base model itself"),
+    (["analyze", "--model", "MODEL", "--candidate", "NAN", "--steps", "1", "--out", "OUT"],
+     "NaN or infinite weights"),
+    (["analyze", "--model", "MODEL", "--candidate", "CAND_COPY", "--layer-map", "LAYERMAP_BAD", "--steps", "1",
+      "--out", "OUT"], "names base layer 9"),
+    (["analyze", "--model", "MODEL", "--candidate", "CAND_GPTQ", "--steps", "1", "--out", "OUT"],
+     "is a gptq checkpoint and this run is on the CPU"),
+    (["analyze", "--model", "MODEL", "--candidate", "CAND_WEIRDQ", "--steps", "1", "--out", "OUT"],
+     "quantisation 'weird'"),
+    (["analyze", "--model", "MODEL", "--candidate", "nobody/no-such-model", "--steps", "1", "--out", "OUT"],
+     "nobody/no-such-model"),
+    (["analyze", "--model", "MODEL", "--sequential", "--out", "OUT"], "compare a --candidate with its base"),
+    (["analyze", "--model", "MODEL", "--candidate", "CAND_COPY", "--reference-topk", "0", "--out", "OUT"],
+     "--reference-topk must be at least 1"),
+    (["analyze", "--model", "MODEL", "--candidate", "CAND_COPY", "--reference-cache", "FILE", "--steps", "1",
+      "--out", "OUT"], "cannot be read"),
+    (["analyze", "--model", "MODEL", "--candidate", "CAND_COPY", "--layer-map", "/no/such/map.json", "--out", "OUT"],
+     "--layer-map /no/such/map.json does not exist"),
 ]
 
 
@@ -172,6 +192,10 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> dict[str,
     runs = _crafted_runs(root, latin1)
     runs.update(_bad_configs(root))
     runs["CAND_TOK"] = str(_other_tokenizer(root / "cand-tok"))
+    runs["CAND_COPY"] = str(save_tiny(root / "cand-copy"))  # the base's weights under another path
+    runs["LAYERMAP_BAD"] = str(_text(root / "layermap.json", json.dumps([0, 1, 2, 9])))
+    runs["CAND_GPTQ"] = str(_quantised(root / "cand-gptq", {"quant_method": "gptq", "bits": 4}))
+    runs["CAND_WEIRDQ"] = str(_quantised(root / "cand-weirdq", {"quant_method": "weird"}))
     (root / "model-link").symlink_to(tiny_dir)  # the base under another name
     runs["MODEL_LINK"] = str(root / "model-link")
     return {"EMPTY": str(root / "empty.txt"), "BADJSON": str(root / "badjson.jsonl"),
@@ -235,6 +259,14 @@ def _other_tokenizer(path: Path) -> Path:
     tok = tiny_tokenizer()
     tok.add_tokens(["extra"])
     tok.save_pretrained(path)
+    return path
+
+
+def _quantised(path: Path, quantization_config: dict) -> Path:
+    """A checkpoint whose config declares a quantisation (its weights are plain: it must not load)."""
+    save_tiny(path)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "quantization_config": quantization_config}))
     return path
 
 

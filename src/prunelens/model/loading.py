@@ -355,6 +355,13 @@ def quantization_kwargs(config: Any, device: torch.device, name: str) -> dict[st
     method = quant_method(config)
     if method is None:
         return {}
+    # transformers is imported where a model loads, as everywhere in this module (``import prunelens`` stays light)
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    if method not in AUTO_QUANTIZATION_CONFIG_MAPPING and method != "bitsandbytes":
+        raise PrunelensError(f"model '{name}' declares quantisation '{method}', which this transformers does not "
+                             "know how to load: dequantise it with the tool that made it, or upgrade transformers")
     if device.type == "cpu" and method in _GPU_ONLY:
         raise PrunelensError(f"model '{name}' is a {method} checkpoint and this run is on the CPU: {_GPU_ONLY[method]}")
     module = _NEEDS.get(method)
@@ -362,8 +369,6 @@ def quantization_kwargs(config: Any, device: torch.device, name: str) -> dict[st
         raise PrunelensError(f"model '{name}' is a {method} checkpoint: install {module.split('.')[0]} to load it "
                              f"(pip install 'prunelens[candidates]')")
     if method == "compressed-tensors":
-        from transformers.utils.quantization_config import CompressedTensorsConfig
-
         # transformers >= 5 names it ``dequantize`` (and warns on the older ``run_compressed=False``)
         new_name = "dequantize" in inspect.signature(CompressedTensorsConfig).parameters
         return {"quantization_config": CompressedTensorsConfig(**({"dequantize": True} if new_name

@@ -73,13 +73,13 @@ def _run(args: argparse.Namespace) -> int:
         if candidate:
             raise PrunelensError("--save-pruned saves a recipe's model; a --candidate is saved already")
         options.check_checkpoint_dir(Path(args.save_pruned), args.overwrite)
-    if candidate is None:
-        options.require(recipe, "analyze compares the modified model with the dense one (or give --candidate)")
-
     sequential = bool(args.sequential or args.reference_cache)
     if sequential and candidate is None:
         raise PrunelensError("--sequential and --reference-cache compare a --candidate with its base")
     options.positive("--reference-topk", args.reference_topk)
+    if candidate is None:
+        options.require(recipe, "analyze compares the modified model with the dense one (or give --candidate)")
+
     if sequential:
         lm, result = _sequential(args, cal, prompts, settings)
         label = result["pruning"]["label"]

@@ -1,13 +1,17 @@
 """Tiny random-weight models of every supported architecture with a WordLevel tokenizer (no
-downloads), and where the shared evaluation data lies. Tests, the GPU check and benchmarks share
-these, so they live in the package rather than in a ``conftest``."""
+downloads), where the shared evaluation data lies, and compressed models as other tools make them
+(a GGUF re-quantised by gguf-py, decoder layers deleted by plain transformers code). Tests, the GPU
+check and benchmarks share these, so they live in the package rather than in a ``conftest``."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import gguf
+import numpy as np
 import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -101,3 +105,68 @@ def save_tiny(path: Any, model_type: str = "llama", nan: bool = False) -> Any:
     m.save_pretrained(path, safe_serialization=True)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+# --- compressed models as other tools make them (tests and benchmarks/clients/ share these) ---------
+
+GGUF_QTYPES = {"F32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+               "F16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+               "Q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+               "Q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0)}
+
+
+def _target_type(t: Any, qtype: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    """llama.cpp's rule: vectors (norms, biases) stay F32; a matrix whose rows do not split into whole
+    blocks stays F32 too."""
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if len(t.shape) < 2 or int(t.shape[0]) % block:
+        return gguf.GGMLQuantizationType.F32
+    return qtype
+
+
+def requantize_gguf(src: str | Path, dst: str | Path, qtype: str) -> Path:
+    """Re-quantise every matrix of a GGUF file to ``qtype`` (F32, F16, Q8_0, Q4_0) with gguf-py's own
+    quantisers, every metadata key copied (``general.file_type`` set to the new type): what
+    ``llama-quantize`` makes, without building llama.cpp, so a candidate of the bundled model can be
+    made offline. Each tensor is dequantised from its stored type first, so a re-quantised file
+    carries both roundings. Written to a temporary name, then renamed."""
+    if qtype not in GGUF_QTYPES:
+        raise ValueError(f"qtype {qtype!r} not in {sorted(GGUF_QTYPES)}")
+    ggml_type, file_type = GGUF_QTYPES[qtype]
+    reader = gguf.GGUFReader(src)
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".partial")
+    writer = gguf.GGUFWriter(tmp, str(reader.fields["general.architecture"].contents()))
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":  # the writer writes these itself
+            continue
+        vtype = gguf.GGUFValueType(f.types[0])
+        sub = gguf.GGUFValueType(f.types[-1]) if vtype == gguf.GGUFValueType.ARRAY else None
+        value = int(file_type) if key == "general.file_type" else f.contents()
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    for t in reader.tensors:
+        target = _target_type(t, ggml_type)
+        data = gguf.quants.quantize(np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type)), target)
+        writer.add_tensor(t.name, data, raw_dtype=target)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, dst)
+    return dst
+
+
+def delete_decoder_layers(model: Any, layers: Iterable[int]) -> Any:
+    """ShortGPT-style layer removal as third-party scripts write it, in plain transformers: delete the
+    decoder blocks, renumber the remaining attention modules' ``layer_idx`` (their KV-cache slot) and
+    lower ``num_hidden_layers``; no record of what was deleted is kept."""
+    gone = sorted(set(layers))
+    for i in reversed(gone):
+        del model.model.layers[i]
+    for new, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = new
+    cfg = model.config
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [t for i, t in enumerate(cfg.layer_types) if i not in gone]
+    cfg.num_hidden_layers = len(model.model.layers)
+    return model

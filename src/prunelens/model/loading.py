@@ -333,9 +333,11 @@ _GPU_ONLY = {
     "eetq": "EETQ kernels need a CUDA GPU; run on a GPU machine",
     "exl2": "ExLlama kernels need a CUDA GPU; run on a GPU machine",
 }
-# packages a quantised checkpoint needs before transformers can load it at all
-_NEEDS = {"compressed-tensors": "compressed_tensors", "bitsandbytes": "bitsandbytes", "gptq": "gptqmodel",
-          "awq": "awq", "hqq": "hqq", "quanto": "optimum.quanto"}
+# packages a quantised checkpoint needs before transformers can load it at all: (module, what to pip install)
+_NEEDS = {"compressed-tensors": ("compressed_tensors", "'prunelens[candidates]'"),
+          "bitsandbytes": ("bitsandbytes", "bitsandbytes"),  # 0.50.2 loads 4-bit on the CPU (measured)
+          "gptq": ("gptqmodel", "gptqmodel"), "awq": ("awq", "autoawq"), "hqq": ("hqq", "hqq"),
+          "quanto": ("optimum.quanto", "optimum-quanto")}
 
 
 def quant_method(config: Any) -> str | None:
@@ -364,10 +366,10 @@ def quantization_kwargs(config: Any, device: torch.device, name: str) -> dict[st
                              "know how to load: dequantise it with the tool that made it, or upgrade transformers")
     if device.type == "cpu" and method in _GPU_ONLY:
         raise PrunelensError(f"model '{name}' is a {method} checkpoint and this run is on the CPU: {_GPU_ONLY[method]}")
-    module = _NEEDS.get(method)
+    module, requirement = _NEEDS.get(method, (None, None))
     if module is not None and importlib.util.find_spec(module.split(".")[0]) is None:
         raise PrunelensError(f"model '{name}' is a {method} checkpoint: install {module.split('.')[0]} to load it "
-                             f"(pip install 'prunelens[candidates]')")
+                             f"(pip install {requirement})")
     if method == "compressed-tensors":
         # transformers >= 5 names it ``dequantize`` (and warns on the older ``run_compressed=False``)
         new_name = "dequantize" in inspect.signature(CompressedTensorsConfig).parameters

@@ -25,8 +25,9 @@ import time
 import torch
 
 from prunelens.analyses.trace import TraceSettings
-from prunelens.analyses.trace.core import compare_models, compare_sequential, free_weights
+from prunelens.analyses.trace.core import compare_models, compare_sequential
 from prunelens.data import builtin_prompts
+from prunelens.model.memory import release_weights
 from prunelens.model.tokens import encode_prompts, left_pad, pad_id
 from prunelens.prune.candidate import load_candidate
 from prunelens.prune.checkpoint import load_model
@@ -47,7 +48,7 @@ def child(mode: str, a: argparse.Namespace) -> None:
         for spec in (a.model, a.candidate):  # each alone, one after the other: the larger one sets the peak
             lm = load_model(spec)
             _generate(lm, prompts, a.steps)
-            free_weights(lm)
+            release_weights(lm)
     else:
         compare_sequential(lambda: load_model(a.model), lambda b, _: load_candidate(a.candidate, b), prompts,
                            settings, k=a.topk, progress=False)
@@ -92,9 +93,16 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--topk", type=int, default=64)
     ap.add_argument("--child")
+    ap.add_argument("--only-memory", action="store_true", help="only the two peak-RSS processes")
     a = ap.parse_args()
     if a.child:
         child(a.child, a)
+        return
+    if a.only_memory:
+        seq, alone = _rss("sequential", a), _rss("alone", a)
+        print(json.dumps({"model": a.model, "candidate": a.candidate, "rss_sequential_mb": round(seq),
+                          "rss_alone_mb": round(alone), "rss_ratio": round(seq / alone, 3),
+                          "date": time.strftime("%Y-%m-%d")}, indent=1))
         return
     torch.manual_seed(0)
     prompts, settings = builtin_prompts()[:a.prompts], TraceSettings(max_new_tokens=a.steps, batch_size=a.prompts)

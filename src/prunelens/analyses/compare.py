@@ -23,10 +23,9 @@ from prunelens import options
 from prunelens.analyses.base import Analysis, check_fields, read_checked, register
 from prunelens.analyses.cells import CellCache, data_hashes, environment, model_fingerprint
 from prunelens.analyses.trace import TraceSettings, analyze, compare_models, load_result, write_trace_run
-from prunelens.analyses.trace.core import free_weights
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
-from prunelens.model.memory import release_freed_memory
+from prunelens.model.memory import release_freed_memory, release_weights
 from prunelens.prune.candidate import Candidate
 from prunelens.prune.recipe import Calibration, Recipe, build, footprint, is_recipe_file
 from prunelens.render import esc, html_page, img, save_figure, subplots, text
@@ -127,7 +126,7 @@ def _analysed(lm: LoadedModel, spec: str, recipe: Recipe | None, cal: Calibratio
         raise PrunelensError("comparing a candidate model needs a loader for it")
     cand = load_cand(spec)
     result = compare_models(lm, cand, prompts, settings, progress=progress)
-    free_weights(cand.lm)
+    release_weights(cand.lm)
     return result
 
 

@@ -8,7 +8,6 @@ at a time.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any, TypeVar
 
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
-from prunelens.model.memory import release_freed_memory
+from prunelens.model.memory import release_weights
 from prunelens.tasks.base import FIDELITY, TaskOptions, TaskScore
 from prunelens.tasks.paired import PairedTest, paired_test
 from prunelens.tasks.registry import get_task, run_task
@@ -62,16 +61,6 @@ def check_candidate_tasks(tasks: Sequence[str]) -> None:
         if get_task(t).kind == FIDELITY:
             raise PrunelensError(f"task '{t}' compares a model with a view of itself and cannot score a --candidate; "
                                  "use 'prunelens analyze --candidate' for its generations' divergence")
-
-
-def release_weights(lm: LoadedModel) -> LoadedModel:
-    """Drop ``lm``'s model (its tokenizer and info stay, all a candidate's checks read) and give the
-    freed memory back, so the next model loads into the room this one left."""
-    lm.model = None
-    lm.adapter = None
-    gc.collect()
-    release_freed_memory()
-    return lm
 
 
 def score_candidate(base: LoadedModel, tasks: Sequence[str], data_dir: str | Path | None, o: TaskOptions,

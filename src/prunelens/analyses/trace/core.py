@@ -10,7 +10,6 @@ a modification's view (modules swapped, no weight copied).
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -47,7 +46,7 @@ from prunelens.analyses.trace.summary import summarize
 from prunelens.errors import PrunelensError
 from prunelens.model.generation import decode_attention
 from prunelens.model.loading import LoadedModel
-from prunelens.model.memory import release_freed_memory
+from prunelens.model.memory import release_weights
 from prunelens.model.tokens import encode_prompts, eos_ids, left_pad, pad_id
 from prunelens.model.views import Modification
 from prunelens.prune.candidate import Candidate, residual_streams
@@ -148,22 +147,16 @@ def compare_sequential(
                 save_reference(ref, cache)
         states = residual_streams(base, calibration(base)) if calibration is not None else None
         info = dict(base.info)
-        free_weights(base)
+        release_weights(base)
         cand = load_cand(base, states)
+        del states
         layer_acc = layer_accumulator(int(info["n_layers"]))
         stats, run = candidate_pass(cand, ref, settings, layer_acc, progress)
-        free_weights(cand.lm)
+        release_weights(cand.lm)
         base = load_base()
         rescored = rescore(base, ref, run, settings, progress)
     measured = sequential_result(base, ref, (layer_acc, stats, rescored, run))
     return _result(info, {**cand.to_dict(), "sequential": True}, settings, len(prompts), measured, t0)
-
-
-def free_weights(lm: LoadedModel) -> None:
-    """Drop a model's weights (its tokenizer and info stay) and hand the memory back to the OS."""
-    lm.model = None
-    gc.collect()
-    release_freed_memory()
 
 
 def _seeded(seed: int, device: torch.device) -> contextlib.AbstractContextManager[None]:

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from prunelens.analyses import advise as adv
+from prunelens.cli import main
 from prunelens.errors import PrunelensError
+from prunelens.prune.checkpoint import load_model
+from prunelens.testing import save_tiny
 
 
 def test_budget_parses_percent_and_share() -> None:
@@ -128,3 +131,22 @@ def test_decode_timing_runs_exactly_the_asked_tokens_even_past_eos() -> None:
     finally:
         h.remove()
     assert len(calls) == 2 * 9  # per repeat: one prefill and 8 cached steps, EOS or not
+
+
+def test_an_external_candidate_is_ranked_beside_the_specs(tmp_path: Path) -> None:
+    """``advise --candidate``: a model made elsewhere gets the same signals as the recipe that made it
+    (it is that recipe's checkpoint), and its memory as its files store it (fp32 here: 2x bf16)."""
+    base = save_tiny(tmp_path / "base")
+    assert main(["prune", "--model", str(base), "--recipe", "wanda:0.5", "--calib-samples", "2",
+                 "--out", str(tmp_path / "cand")]) == 0
+    assert main(["advise", "--model", str(base), "--budget", "25%", "--use", "generative", "--recipe",
+                 "wanda:0.5", "--candidate", str(tmp_path / "cand"), "--steps", "4", "--calib-samples", "2",
+                 "--quiet", "--out", str(tmp_path / "adv")]) == 0
+    rows = {r["spec"]: r for r in json.loads((tmp_path / "adv" / "results.json").read_text())["rows"]}
+    view, ext = rows["wanda:0.5"], rows[str(tmp_path / "cand")]
+    for key in ("tf_kl", "tf_top1_disagree", "fr_token_disagree"):
+        assert ext["signals"][key] == pytest.approx(view["signals"][key], rel=1e-4, abs=1e-6)
+    stored = (tmp_path / "cand" / "model.safetensors").stat().st_size
+    n_params = int(load_model(str(base)).info["n_params"])
+    assert ext["memory_vs_bf16"] == pytest.approx(stored / (2 * n_params), rel=1e-9)
+    assert not ext["meets_budget"] and view["meets_budget"]  # a dense fp32 file saves nothing on disk

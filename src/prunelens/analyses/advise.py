@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +39,11 @@ from prunelens.analyses.predictor import (
 from prunelens.errors import PrunelensError
 from prunelens.model.kvcache import forward_cached
 from prunelens.model.loading import LoadedModel
-from prunelens.model.memory import release_freed_memory
+from prunelens.model.memory import release_freed_memory, release_weights
 from prunelens.model.tokens import encode_prompts
 from prunelens.model.views import view_of
 from prunelens.prune.base import methods
+from prunelens.prune.candidate import Candidate, stored_footprint
 from prunelens.prune.recipe import Calibration, Recipe, build, footprint, split_specs
 from prunelens.render import esc, html_page, html_table, img, save_figure, subplots, text, val
 from prunelens.runs import check_out_dir, default_run_dir
@@ -124,7 +125,7 @@ def repair_gains(rows: Sequence[dict[str, Any]]) -> None:
     bought (positive = better) in teacher-forced KL, risk and predicted retention."""
     by = {r["spec"]: r for r in rows}
     for r in rows:
-        base = by.get(unrepaired(r["spec"]) or "")
+        base = None if r.get("external") else by.get(unrepaired(r["spec"]) or "")  # a model made elsewhere: no spec
         if base is None:
             continue
         gain = {"of": base["spec"], "tf_kl": base["signals"]["tf_kl"] - r["signals"]["tf_kl"],
@@ -173,38 +174,45 @@ def risk_for(use: str, sig: dict[str, float], rk: dict[str, float]) -> float:
 
 def advise(lm: LoadedModel, budget: float, use: str, prompts: Sequence[str],
            specs: Sequence[str] | None = None, calib: str | Path | None = None, calib_samples: int = 16,
-           steps: int = 32, seed: int = 0, progress: bool = True, repair: bool = True) -> dict[str, Any]:
+           steps: int = 32, seed: int = 0, progress: bool = True, repair: bool = True,
+           external: Sequence[str] = (), load_cand: Callable[[str], Candidate] | None = None) -> dict[str, Any]:
     """Every candidate built, scored and timed; rows ranked by predicted risk for ``use``; repaired
-    rows carry their gain over the unrepaired pruning."""
+    rows carry their gain over the unrepaired pruning. ``external``: compressed models made elsewhere
+    (``load_cand`` loads one beside ``lm``), scored the same way, their memory as stored on disk."""
     if use not in USES:
         raise PrunelensError(f"unknown use '{use}'; choose {', '.join(USES)}")
-    specs = list(specs) if specs else candidates(lm, budget, repair)
+    specs = list(specs or []) if specs or external else candidates(lm, budget, repair)
     calibrated = retention_fit_for(lm.info)
     prompt_ids = encode_prompts(lm.tokenizer, prompts[:1])[0]
     decode_seconds(lm, None, prompt_ids, steps, repeats=1)  # warm-up, untimed
     rows = []
-    for spec in tqdm(specs, desc="candidates", unit="pruning", disable=not progress):
+    for spec in tqdm([*specs, *external], desc="candidates", unit="pruning", disable=not progress):
         t0 = time.perf_counter()
-        mod = build(lm, spec, Calibration(calib, calib_samples, None, seed), progress=False)
+        if spec in external:
+            assert load_cand is not None, "an external candidate needs its loader"
+            mod = load_cand(spec)
+            fp, label, model, view = stored_footprint(mod, lm), mod.label, mod.lm, None
+        else:
+            mod = build(lm, spec, Calibration(calib, calib_samples, None, seed), progress=False)
+            fp, label, model, view = footprint(lm, mod), mod.label(), lm, mod
         t_build = time.perf_counter() - t0
         sig, rk = collapse_signals(lm, mod, prompts, steps)
-        fp = footprint(lm, mod)
         # dense timed right beside each candidate: the ratio cancels the machine's drift over the run
         t_dense = decode_seconds(lm, None, prompt_ids, steps, DECODE_REPEATS)
-        t_dec = decode_seconds(lm, mod, prompt_ids, steps, DECODE_REPEATS)
-        row = {"spec": spec, "label": mod.label(), "signals": sig, "risk_generative": rk["generative"],
+        t_dec = decode_seconds(model, view, prompt_ids, steps, DECODE_REPEATS)
+        row = {"spec": spec, "label": label, "signals": sig, "risk_generative": rk["generative"],
                "risk_multiple_choice": rk["non_generative"], "risk_retrieval": sig["tf_hidden_distance"],
-               "agreeing_tokens": rk["agreeing_tokens"],
-               "saved": 1 - fp["memory_vs_bf16"],
+               "agreeing_tokens": rk["agreeing_tokens"], "saved": 1 - fp["memory_vs_bf16"],
                "meets_budget": 1 - fp["memory_vs_bf16"] >= budget - BUDGET_SLACK,
                "removed_share": fp["removed_share"], "memory_vs_bf16": fp["memory_vs_bf16"],
                "decode_speedup": t_dense / t_dec, "decode_seconds": t_dec, "dense_decode_seconds": t_dense,
-               "seconds": time.perf_counter() - t0,
-               "build_seconds": t_build}
-        row["risk"] = risk_for(use, sig, rk)
+               "seconds": time.perf_counter() - t0, "build_seconds": t_build, "risk": risk_for(use, sig, rk)}
         if calibrated is not None:
             p, lo, hi, outside = predict_retention(calibrated[1], sig)
             row["retention"] = {"predicted": p, "low": lo, "high": hi, "outside_fitted_range": outside}
+        if spec in external:
+            row["external"] = True
+            release_weights(mod.lm)
         rows.append(row)
         del mod
         release_freed_memory()
@@ -356,6 +364,9 @@ def _arguments(ad: argparse.ArgumentParser) -> None:
     ad.add_argument("--recipe", "--candidates", dest="candidates", action="append", metavar="SPECS",
                     help="candidates to score instead of the automatic set: comma-separated specs or recipes "
                          "joined by '+' (e.g. attn:8,wanda:0.3,gptq:w4g128); repeatable")
+    ad.add_argument("--candidate", action="append", default=[], metavar="MODEL",
+                    help="a compressed model made elsewhere (HF directory, .gguf, hub id), ranked beside the specs "
+                         "(its memory as stored on disk); repeatable")
     ad.add_argument("--prompts", help="prompt file (.txt, one a line, .jsonl, or a task config .yaml: its "
                     "prompts); default: built-in prompts")
     ad.add_argument("--steps", type=int, default=32, help="decoding steps per prompt (default 32)")
@@ -382,8 +393,11 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_run_dir(args.model, f"advise-{args.use}")
     check_out_dir(out, args.overwrite)
     lm = options.load(args)
+    cal = Calibration(args.calib, args.calib_samples, None, args.seed)
     res = advise(lm, budget, args.use, prompts, specs, args.calib, args.calib_samples, args.steps, args.seed,
-                 progress=not args.quiet, repair=not args.no_repair)
+                 progress=not args.quiet, repair=not args.no_repair, external=args.candidate,
+                 load_cand=lambda spec: options.load_candidate_for(argparse.Namespace(
+                     **{**vars(args), "candidate": spec, "layer_map": None}), lm, cal))
     return ANALYSIS.finish(res, out, args.overwrite)
 
 

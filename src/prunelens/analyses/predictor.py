@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from prunelens.analyses.trace import TraceSettings, analyze, summarize
+from prunelens.analyses.trace import TraceSettings, analyze, compare_models, summarize
 from prunelens.errors import PrunelensError
 from prunelens.metrics import spearman as rank_spearman
 from prunelens.model.loading import LoadedModel
+from prunelens.prune.candidate import Candidate
 
 ANSWER_TOKENS = 32
 """L in 1 − a^L: the length of a short generated answer (a GSM8K step, a code line or two)."""
@@ -74,10 +75,12 @@ def risk(sig: Mapping[str, float], answer_tokens: int = ANSWER_TOKENS) -> dict[s
 def collapse_signals(lm: LoadedModel, modification: Any, prompts: Sequence[str], steps: int = 32,
                      batch_size: int = 8, chat_template: bool = True, progress: bool = False
                      ) -> tuple[dict[str, float], dict[str, float]]:
-    """Signals and predicted risks of one modification on a small prompt set (no labels needed)."""
+    """Signals and predicted risks of one modification (or ``Candidate``) on a small prompt set (no labels needed)."""
     settings = TraceSettings(max_new_tokens=steps, batch_size=batch_size, chat_template=chat_template,
                                 logit_lens=False)
-    sig = signals_from_result(analyze(lm, modification, prompts, settings, progress=progress))
+    result = (compare_models(lm, modification, prompts, settings, progress) if isinstance(modification, Candidate)
+              else analyze(lm, modification, prompts, settings, progress=progress))  # a model made elsewhere
+    sig = signals_from_result(result)
     return sig, risk(sig)
 
 

@@ -268,3 +268,16 @@ def _inferred(base: LoadedModel, cand: LoadedModel, ids: torch.Tensor | None,
                              "its layer correspondence (or give --layer-map)")
     states = base_states if base_states is not None else residual_streams(base, ids)
     return infer_layer_map(states, cand, ids)
+
+
+def stored_footprint(cand: Candidate, base: LoadedModel) -> dict[str, float]:
+    """A candidate's memory as stored (a GGUF file's size; a directory's weight files) against the
+    base's parameters in bf16, and the share of the base's parameters it no longer has (deleted
+    layers): what a model made elsewhere saves, read from what its tool wrote."""
+    path = Path(cand.spec).expanduser()
+    if not path.exists():
+        path = Path(str(cand.lm.info.get("source", "")))
+    files = [path] if path.is_file() else [p for p in path.glob("*") if p.suffix in (".safetensors", ".bin", ".gguf")]
+    n_base, n_cand = float(base.info["n_params"]), float(cand.lm.info["n_params"])
+    return {"memory_vs_bf16": sum(f.stat().st_size for f in files) / (2 * n_base),
+            "removed_share": max(0.0, 1 - n_cand / n_base)}

@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=64)
     ap.add_argument("--child")
     ap.add_argument("--only-memory", action="store_true", help="only the two peak-RSS processes")
+    ap.add_argument("--only-cache", action="store_true", help="only the reference cache's size and KL error")
     a = ap.parse_args()
     if a.child:
         child(a.child, a)
@@ -108,8 +109,9 @@ def main() -> None:
     prompts, settings = builtin_prompts()[:a.prompts], TraceSettings(max_new_tokens=a.steps, batch_size=a.prompts)
     base = load_model(a.model)
     cand = load_candidate(a.candidate, base)
-    _generate(base, prompts[:1], 2)  # warm-up, untimed
-    t_gen = _generate(base, prompts, a.steps) + _generate(cand.lm, prompts, a.steps)
+    if not a.only_cache:
+        _generate(base, prompts[:1], 2)  # warm-up, untimed
+        t_gen = _generate(base, prompts, a.steps) + _generate(cand.lm, prompts, a.steps)
     t0 = time.perf_counter()
     full = compare_models(base, cand, prompts, settings, progress=False)
     t_cmp = time.perf_counter() - t0
@@ -117,8 +119,13 @@ def main() -> None:
     gc.collect()
     seq = compare_sequential(lambda: load_model(a.model), lambda b, _: load_candidate(a.candidate, b), prompts,
                              settings, k=a.topk, progress=False)
-    rss_seq, rss_alone = _rss("sequential", a), _rss("alone", a)
     sizes = seq["sequential"]["reference_bytes"]
+    if a.only_cache:
+        print(json.dumps({"model": a.model, "candidate": a.candidate, "topk": a.topk, "reference_bytes": sizes,
+                          "topk_share_of_full_logits": round(sizes["topk"] / sizes["full_logits"], 5),
+                          **_kl_error(full, seq), "date": time.strftime("%Y-%m-%d")}, indent=1))
+        return
+    rss_seq, rss_alone = _rss("sequential", a), _rss("alone", a)
     print(json.dumps({
         "model": a.model, "candidate": a.candidate, "prompts": a.prompts, "steps": a.steps,
         "compare_s": round(t_cmp, 2), "generate_both_s": round(t_gen, 2), "speed_ratio": round(t_cmp / t_gen, 3),

@@ -116,12 +116,10 @@ class Analysis:
 
 
 # the built-in analyses in the order the CLI lists them; each module registers itself on import
-BUILTIN = ("trace", "counterfactual", "compare", "subspace", "paired", "sweep", "families", "advise")
-_COMMANDS = {"trace": "analyze"}  # module -> subcommand, where they differ
-_ENTRY = {"trace": "trace.command"}  # module -> the module that registers it, where they differ
+BUILTIN = ("analyze", "counterfactual", "compare", "subspace", "paired", "sweep", "families", "advise")
 
 ANALYSES: Registry[Analysis] = Registry(
-    "analysis", lazy={_COMMANDS.get(m, m): f"prunelens.analyses.{_ENTRY.get(m, m)}:ANALYSIS" for m in BUILTIN},
+    "analysis", lazy={m: f"prunelens.analyses.{m}:ANALYSIS" for m in BUILTIN},
     discover=("prunelens.analyses",))
 
 

@@ -3,9 +3,9 @@ probabilities p, per layer on the prompts and per decoding step (``prunelens ana
 
 Modules, in the order a trace runs: ``settings`` (what is measured, the schema), ``forwards`` (the
 two sides), ``prefill`` and ``lens`` (per layer), ``decode`` (lock-step decoding), ``aggregate`` and
-``summary`` (the numbers saved), ``core`` (the loop), ``command`` (the subcommand: only the analysis
-registry imports it, so it may use analyses built on the trace, such as the predictor's verdict); the
-view is ``figures`` and ``page`` (with ``labels`` and ``sections``), which read saved results only.
+``summary`` (the numbers saved), ``core`` (the loop), ``sequential`` (one model in memory at a time);
+the view is ``figures`` and ``page`` (with ``labels`` and ``sections``), which read saved results
+only. The ``analyze`` subcommand is ``analyses/analyze.py``, above the predictor whose verdict it adds.
 """
 
 from prunelens.analyses.trace.aggregate import taylor_check

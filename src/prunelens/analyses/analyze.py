@@ -1,5 +1,6 @@
-"""``prunelens analyze``: the trace as a subcommand (arguments, run, printed summary) and its run
-directory (results.json, the figures, the page)."""
+"""``prunelens analyze``: the trace as a subcommand (arguments, run, printed summary, the predictor's
+verdict) and its run directory (results.json, the figures, the page). It lives outside ``trace/``
+because it uses the predictor, which is built on the trace."""
 
 from __future__ import annotations
 

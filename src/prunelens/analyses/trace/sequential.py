@@ -167,18 +167,17 @@ def _slice(tr: Truncated, rows: slice, t: int) -> Truncated:
     return Truncated(tr.logp[rows, t], tr.idx[rows, t], tr.log_tail[rows, t], tr.vocab, tr.temperature)
 
 
-def _step_row(stats: dict[str, torch.Tensor], h_ref: torch.Tensor, h_cand: torch.Tensor, t: str,
-              label_side: str) -> dict[str, torch.Tensor]:
+def _step_row(stats: dict[str, torch.Tensor], h_ref: torch.Tensor, h_cand: torch.Tensor,
+              t: str) -> dict[str, torch.Tensor]:
     """One step's statistics under the lock-step trace's keys (``label_top{K}``: the base's greedy
-    token among the candidate's K most likely)."""
+    token among the candidate's K most likely, ``truncated_stats``'s ``label_top{K}_cand``)."""
     out = {f"{k}_h": v for k, v in hidden_metrics(h_ref, h_cand).items()}
-    out.update({f"kl@{t}": stats["kl"], f"rkl@{t}": stats["rkl"], "p_top_ref": stats["p_top_ref"],
-                "top1_agree": stats["top1_agree"]})
+    out.update({f"kl@{t}": stats["kl"], f"rkl@{t}": stats["rkl"], "p_top_ref": stats["p_top_ref"]})
     for key, v in stats.items():
         if key.startswith("top") and key.endswith("_agree"):
             out[key] = v
-        elif key.startswith("label_top") and key.endswith(f"_{label_side}"):
-            out[key.rsplit("_", 1)[0]] = v
+        elif key.startswith("label_top") and key.endswith("_cand"):
+            out[key.removesuffix("_cand")] = v
     return {k: v.cpu() for k, v in out.items()}
 
 
@@ -224,7 +223,7 @@ def candidate_pass(cand: Candidate, ref: Reference, settings: TraceSettings, lay
             ref_s = _slice(ref.trunc, rows, s)
             for mode, z, h in (("teacher_forced", z2[0::2], h2[0::2]), ("free_running", z2[1::2], h2[1::2])):
                 st = truncated_stats(ref_s, z.cpu(), t, "ref", labels=ref.tokens[rows, s])
-                for key, v in _step_row(st, ref.h_final[rows, s], h.float().cpu(), tk, "cand").items():
+                for key, v in _step_row(st, ref.h_final[rows, s], h.float().cpu(), tk).items():
                     steps[mode].setdefault(key, []).append(v)
             tr, tok = truncate(z2[1::2], k, t), z2[1::2].argmax(-1).cpu()
             for key, v in (("logp", tr.logp), ("idx", tr.idx), ("tail", tr.log_tail), ("h", h2[1::2].float()),
@@ -264,7 +263,7 @@ def rescore(base: LoadedModel, ref: Reference, run: FreeRun, settings: TraceSett
         for s in range(N):
             z = base.adapter.head_logits(h_all[:, s]).float().cpu()
             st = truncated_stats(_slice(run.trunc, rows, s), z, t, "cand", labels=z.argmax(-1))
-            row = _step_row(st, h_all[:, s].float().cpu(), run.h[rows, s], f"{t:g}", "cand")
+            row = _step_row(st, h_all[:, s].float().cpu(), run.h[rows, s], f"{t:g}")
             row["nll_base"] = -log_probs(z).gather(-1, run.tokens[rows, s, None])[:, 0]  # the base on this token
             for key, v in row.items():
                 out.setdefault(key, [[] for _ in range(N)])[s].append(v)

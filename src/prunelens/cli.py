@@ -210,6 +210,15 @@ def _print_summary(run_dir: Path) -> None:
         print("\n".join(found.summary(found.saved(run_dir))))
 
 
+def _unfinished(run_dir: Path) -> int:
+    """1 after listing what a run still lacks (a sharded sweep's missing or failed cells), else 0."""
+    found = for_run(run_dir)
+    lines = found.unfinished(run_dir) if found is not None and found.unfinished is not None else []
+    if lines:
+        print("\n".join(lines), file=sys.stderr)
+    return 1 if lines else 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     dirs = [Path(r) for r in args.runs]
     for d in dirs:
@@ -226,7 +235,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         other = rebuild_report(dirs[0])
         if other is not None:
             print(other)
-            return 0
+            return _unfinished(dirs[0])
     print(combined_report(dirs, out))
     return 0
 
@@ -306,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: what a launched job or rerun repeats
     try:
         return args.run(args)
     except PrunelensError as e:

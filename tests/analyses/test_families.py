@@ -115,6 +115,10 @@ def test_sweeps_that_measure_other_things_are_refused(families: list[Path], monk
     m = json.loads((families[1] / "sweep.json").read_text())
     m["identity"]["options"]["seed"] = 1
     (families[1] / "sweep.json").write_text(json.dumps(m))
+    for cell in (families[1] / "cells").glob("*.json"):  # a whole sweep run with another seed
+        c = json.loads(cell.read_text())
+        c["settings"] = m["identity"]
+        cell.write_text(json.dumps(c))
     with pytest.raises(PrunelensError, match="differ in options"):
         families_result(families)
     assert main(["families", str(families[2]), "--out", str(tmp_path / "x")]) != 0

@@ -383,3 +383,52 @@ def test_cache_accepts_a_directory_another_worker_is_opening_and_refuses_foreign
     (out / "notes.txt").write_text("mine")
     with pytest.raises(PrunelensError, match="is not empty and is not a prunelens sweep"):
         CellCache(out, "sweep.json", "sweep", {"a": 1})
+
+
+# --- a merge a user can trust --------------------------------------------------------------------
+
+
+def test_report_refuses_a_cell_of_other_settings_naming_the_setting(tmp_path: Path, fake: list,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    run_sweep(_spec(), tmp_path / "s", lm=object(), progress=False)
+    cell = tmp_path / "s" / "cells" / "1--gsm8k.json"
+    data = json.loads(cell.read_text())
+    assert data["settings"] == json.loads((tmp_path / "s" / "sweep.json").read_text())["identity"]
+    data["settings"]["options"]["limit"] = 20  # e.g. a shard started by hand with another --limit
+    cell.write_text(json.dumps(data))
+    before = (tmp_path / "s" / "table.csv").read_text()
+    assert main(["report", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "cell 1/gsm8k" in err and "options.limit: 10 in sweep.json, 20 in the cell" in err
+    assert (tmp_path / "s" / "table.csv").read_text() == before  # nothing merged
+
+
+def test_report_lists_missing_and_failed_cells_with_the_rerun_command(
+        tmp_path: Path, fake: list, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    command = ["sweep", "--model", "m", "--method", "attn", "--amounts", "0,1,2", "--out", str(tmp_path / "s"),
+               "--shard", "1/2"]
+    run_sweep(_spec(), tmp_path / "s", lm=object(), progress=False, shard=(1, 2), command=command)
+    real = sweep_mod.run_task
+
+    def fail_on_2(lm, task, data_dir, options, mod=None):
+        if mod is not None and mod.amount == "2":
+            raise RuntimeError("CUDA out of memory\nsecond line")
+        return real(lm, task, data_dir, options, mod)
+
+    monkeypatch.setattr(sweep_mod, "run_task", fail_on_2)
+    with pytest.raises(RuntimeError):
+        run_sweep(_spec(), tmp_path / "s", lm=object(), progress=False, shard=(2, 2), command=command)
+    err_file = tmp_path / "s" / "cells" / "2--arc_easy.json.error"
+    assert json.loads(err_file.read_text())["error"].startswith("RuntimeError: CUDA out of memory")
+    (tmp_path / "s" / "cells" / "1--arc_easy.json").unlink()  # as if its job had died before writing
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err
+    assert "2 of 6 cells not finished" in err
+    assert "2/arc_easy: failed: RuntimeError: CUDA out of memory" in err
+    assert "1/arc_easy: missing (never finished)" in err
+    assert f"`prunelens sweep --model m --method attn --amounts 0,1,2 --out {tmp_path / 's'}` computes only" in err
+    assert "Incomplete: 4 of 6 cells" in (tmp_path / "s" / "report.html").read_text()
+    monkeypatch.setattr(sweep_mod, "run_task", real)  # the rerun computes the two cells; the error goes
+    run_sweep(_spec(), tmp_path / "s", lm=object(), progress=False, command=command)
+    assert not err_file.exists() and main(["report", str(tmp_path / "s")]) == 0

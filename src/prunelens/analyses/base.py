@@ -89,6 +89,7 @@ class Analysis:
     marker: str | None = None  # a file naming a run directory of this analysis (sweep.json)
     rebuild: Callable[[Path], str] | None = None  # the page of a saved run, from its files
     combine: Callable[[list[Path]], str] | None = None  # one page for several of its runs side by side
+    unfinished: Callable[[Path], list[str]] | None = None  # what a saved run still lacks (a sweep's cells)
     fields: Fields | None = None  # what the view reads from results.json, checked on reading it back
 
     def finish(self, result: Result, out: Path, overwrite: bool) -> int:

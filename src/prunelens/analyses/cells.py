@@ -20,7 +20,8 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterable
+import traceback
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,15 +64,15 @@ def data_hashes(paths: Iterable[str | Path]) -> dict[str, str]:
     return out
 
 
-def first_difference(a: Any, b: Any, path: str = "") -> str | None:
+def first_difference(a: Any, b: Any, path: str = "", names: tuple[str, str] = ("before", "now")) -> str | None:
     """The dotted path of the first setting where two identities differ, with both values."""
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b), key=str):
-            d = first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+            d = first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k), names)
             if d:
                 return d
         return None
-    return None if a == b else f"{path or 'identity'}: {a!r} before, {b!r} now"
+    return None if a == b else f"{path or 'identity'}: {a!r} {names[0]}, {b!r} {names[1]}"
 
 
 class CellCache:
@@ -269,3 +270,62 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 def in_shard(index: int, shard: tuple[int, int] | None) -> bool:
     return shard is None or index % shard[1] == shard[0] - 1
+
+
+# Slurm's array variables (sbatch(1), "OUTPUT ENVIRONMENT VARIABLES"): an array --array=MIN-MAX:STEP
+# runs COUNT tasks with ids MIN, MIN+STEP, …; a list (--array=1,4,9) has no single step.
+SLURM_ARRAY = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX")
+
+
+def shard_from_slurm(environ: Mapping[str, str]) -> tuple[int, int] | None:
+    """This job's ``(K, N)`` inside a Slurm job array, from its environment; None outside one.
+
+    K counts the array's tasks from 1 in id order, so ``--array=3-8`` and ``--array=0-10:2`` both
+    give K = 1 … N. An id the arithmetic does not place (a list array, an id outside MIN–MAX) is a
+    one-line error: ``--shard K/N`` then says which share is meant."""
+    if "SLURM_ARRAY_TASK_ID" not in environ:
+        return None
+    try:
+        tid, count, lo, hi = (int(environ[k]) for k in SLURM_ARRAY)
+        step = int(environ.get("SLURM_ARRAY_TASK_STEP") or 1)
+    except (KeyError, ValueError):
+        got = ", ".join(f"{k}={environ.get(k)!r}" for k in SLURM_ARRAY)
+        raise PrunelensError(f"a Slurm array job without whole-number array variables ({got}); "
+                             "give --shard K/N") from None
+    where = f"SLURM_ARRAY_TASK_ID={tid} in an array {lo}-{hi}:{step} of {count} tasks"
+    if step < 1 or (hi - lo) // step + 1 != count:
+        raise PrunelensError(f"{where}: not an evenly stepped range (a list array?); give --shard K/N")
+    if not lo <= tid <= hi or (tid - lo) % step:
+        raise PrunelensError(f"{where}: the task id is outside the array; give --shard K/N")
+    return (tid - lo) // step + 1, count
+
+
+# --- a cell that failed leaves its error beside it, in the run folder ---------------------------
+
+
+def _error_file(cell: Path) -> Path:
+    return cell.with_name(cell.name + ".error")
+
+
+def record_failure(cell: Path, error: BaseException) -> None:
+    """Write why computing ``cell`` failed, where ``report`` finds it (a worker's scheduler log may
+    be on another machine or gone); the cell itself stays unwritten."""
+    write_json(_error_file(cell), {**_me(), "error": f"{type(error).__name__}: {error}",
+                                   "traceback": traceback.format_exception(error)[-6:],
+                                   "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def clear_failure(cell: Path) -> None:
+    _error_file(cell).unlink(missing_ok=True)
+
+
+def failure(cell: Path) -> str | None:
+    """The recorded error of an unfinished cell (one line), else None."""
+    path = _error_file(cell)
+    if cell.is_file() or not path.is_file():
+        return None
+    try:
+        held = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return f"failed (its error file {path.name} is unreadable)"
+    return str(held.get("error", "failed")).splitlines()[0][:200] if isinstance(held, dict) else "failed"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,17 +27,22 @@ from prunelens.analyses.cells import (
     CellCache,
     claim,
     claimed_by,
+    clear_failure,
     first_difference,
     in_shard,
     parse_shard,
+    record_failure,
     release,
+    shard_from_slurm,
 )
+from prunelens.analyses.launch import add_launch_args, launch
 from prunelens.analyses.sweep_data import (  # noqa: F401  (SweepSpec, SweepResult, is_dense: public here too)
     SCHEMA,
     SweepResult,
     SweepSpec,
     cell_path,
     finished_cells,
+    incomplete,
     is_dense,
     load_cell,
     load_manifest,
@@ -114,31 +120,28 @@ def _build(lm: LoadedModel, spec: SweepSpec, amount: str, progress: bool):
 
 
 def run_sweep(spec: SweepSpec, out_dir: str | Path, lm: LoadedModel | Callable[[], LoadedModel] | None = None,
-              overwrite: bool = False, progress: bool = True, shard: tuple[int, int] | None = None) -> SweepResult:
+              overwrite: bool = False, progress: bool = True, shard: tuple[int, int] | None = None,
+              command: list[str] | None = None) -> SweepResult:
     """Fill every missing (amount, task) cell, then write the tables, the figure and the report.
 
     ``lm`` is a loaded model or a function loading it (called only if some cell is missing).
     ``shard=(K, N)`` takes only cells K, K+N, … of the grid; cells another live worker has claimed
     are skipped, so concurrent workers on one directory compute every cell once. The outputs then
     cover the cells finished so far; ``prunelens report DIR`` rebuilds them once all are in.
+    ``command`` (the CLI's arguments) is recorded so ``report`` can say how to rerun missing cells.
     """
     out = Path(out_dir)
-    for a in spec.amounts:
-        spec_for(spec.method, a)
     if overwrite and shard is not None:
         raise PrunelensError("--overwrite with --shard would let one shard delete the others' cells; "
                              "clear the directory once before starting the shards")
-    ident = spec.identity()  # hashes the calibration file and reads the model: once per run
-    cache, data, old = _open_cache(spec, ident, out, overwrite)
-    grid = [(a, t) for a in spec.amounts for t in spec.tasks]
+    ident, grid, opened = plan_sweep(spec, out, overwrite, command)
     mine = [c for i, c in enumerate(grid) if in_shard(i, shard)]
     todo = [(a, t) for a, t in mine if overwrite or not cell_path(out, a, t).is_file()]
     if todo:  # the model loads, and every amount fits it, before anything is written
         lm = _load_checked(spec, lm)
-    cache.open(schema=SCHEMA, model=spec.model, method=spec.method, amounts=list(spec.amounts),
-               tasks=list(spec.tasks), data_dir=spec.data_dir, data={**old, **data})
-    skipped = _compute_cells(spec, out, lm, grid, len(mine), todo, progress)
-    cells = finished_cells(out, spec)
+    opened()
+    skipped = _compute_cells(spec, out, lm, grid, len(mine), todo, progress, ident)
+    cells = finished_cells(out, spec, ident)
     result = SweepResult(spec, cells, out, saved_identity=ident)
     if cells:
         write_outputs(result)
@@ -149,6 +152,24 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, lm: LoadedModel | Callable[[
               + (f"; skipped (claimed elsewhere): {', '.join(skipped)}" if skipped else "")
               + f"; `prunelens report {out}` rebuilds the outputs once all are in", file=sys.stderr)
     return result
+
+
+def plan_sweep(spec: SweepSpec, out: Path, overwrite: bool = False, command: list[str] | None = None
+               ) -> tuple[dict[str, Any], list[tuple[str, str]], Callable[[], None]]:
+    """The sweep's identity and grid, checked against what ``out`` holds, and a function writing
+    its manifest (called once the model is known to fit, or before launching jobs)."""
+    for a in spec.amounts:
+        spec_for(spec.method, a)
+    ident = spec.identity()  # hashes the calibration file and reads the model: once per run
+    cache, data, old = _open_cache(spec, ident, out, overwrite)
+    grid = [(a, t) for a in spec.amounts for t in spec.tasks]
+    if command is None and cache.manifest.is_file() and not overwrite:
+        command = read_json(cache.manifest).get("command")
+
+    def opened() -> None:
+        cache.open(schema=SCHEMA, model=spec.model, method=spec.method, amounts=list(spec.amounts),
+                   tasks=list(spec.tasks), data_dir=spec.data_dir, data={**old, **data}, command=command)
+    return cache.identity, grid, opened
 
 
 def _open_cache(spec: SweepSpec, ident: dict[str, Any], out: Path, overwrite: bool
@@ -180,7 +201,7 @@ def _load_checked(spec: SweepSpec, lm: LoadedModel | Callable[[], LoadedModel] |
 
 
 def _compute_cells(spec: SweepSpec, out: Path, lm: Any, grid: list[tuple[str, str]], n_mine: int,
-                   todo: list[tuple[str, str]], progress: bool) -> list[str]:
+                   todo: list[tuple[str, str]], progress: bool, ident: dict[str, Any]) -> list[str]:
     """Compute and write the ``todo`` cells in order (one build per amount); returns the cells
     skipped because another worker had claimed them."""
     clock = _Clock(out, grid)
@@ -201,8 +222,12 @@ def _compute_cells(spec: SweepSpec, out: Path, lm: Any, grid: list[tuple[str, st
                 current = None  # release the previous amount's patched weights before building the next
                 current = _built(spec, lm, amount, progress)
             bar.set_postfix_str(f"{amount} {task}")
-            cell = _cell(spec, lm, amount, task, current)
+            cell = {**_cell(spec, lm, amount, task, current), "settings": ident}
             write_json(path, cell)
+            clear_failure(path)
+        except Exception as e:  # the error stays in the run folder for `report`; the sweep stops
+            record_failure(path, e)
+            raise
         finally:
             release(path)
         clock.done(cell)
@@ -285,21 +310,70 @@ def _arguments(sw: argparse.ArgumentParser) -> None:
     sw.add_argument("--out", help="sweep directory (default runs/sweep-<model>-<method>); rerun to resume")
     sw.add_argument("--overwrite", action="store_true", help="discard cached cells and start again")
     sw.add_argument("--shard", metavar="K/N", help="take every N-th cell of the grid, starting at the K-th "
-                    "(1-based), e.g. one job of a SLURM array per shard with --out on shared storage; "
-                    "concurrent shards never compute a cell twice; `prunelens report DIR` merges them")
+                    "(1-based), e.g. one job of a Slurm array per shard with --out on shared storage (inside "
+                    "an array job the default comes from SLURM_ARRAY_TASK_ID/COUNT); concurrent shards never "
+                    "compute a cell twice; `prunelens report DIR` merges them")
+    add_launch_args(sw)
+
+
+def _shard(args: argparse.Namespace) -> tuple[int, int] | None:
+    """``--shard``, else this job's share of a Slurm job array it runs in (said on the first line)."""
+    if args.shard is not None or args.launch:
+        return parse_shard(args.shard)
+    shard = shard_from_slurm(os.environ)
+    if shard is not None:
+        print(f"sweep: shard {shard[0]}/{shard[1]} from the Slurm array (SLURM_ARRAY_TASK_ID="
+              f"{os.environ['SLURM_ARRAY_TASK_ID']}); --shard K/N overrides it", file=sys.stderr)
+    return shard
+
+
+def _launch(args: argparse.Namespace, spec: SweepSpec, out: Path) -> int:
+    """Submit the sweep's unfinished cells as one job array; local launches wait and merge."""
+    if args.overwrite:
+        raise PrunelensError("--overwrite with --launch would let jobs delete each other's cells; clear the "
+                             "directory once before launching")
+    command = list(args.argv)
+    _, grid, opened = plan_sweep(spec, out, command=command)
+    n = args.jobs or (len(grid) if args.launch == "slurm" else 2)
+    if n < 1:
+        raise PrunelensError(f"--jobs must be at least 1, got {n}")
+    left = [i for i, (a, t) in enumerate(grid) if not cell_path(out, a, t).is_file()]
+    shards = sorted({i % n + 1 for i in left})
+    opened()
+    print(f"sweep: {len(left)} of {len(grid)} cells to compute in {len(shards)} {args.launch} jobs "
+          f"(shards of {n}); logs in {out / 'launch'}", file=sys.stderr)
+    job = launch(command, shards, n, args, out / "launch")
+    print(f"submitted job {job.job_id} ({len(shards)} array tasks)")
+    if args.launch == "slurm":
+        print(f"when it ends: prunelens report {out}")
+        return 0
+    failed = job.wait()
+    for line in failed:
+        print(f"sweep: {line}", file=sys.stderr)
+    res = load_sweep(out)
+    if res.cells:
+        write_outputs(res)
+        print(markdown_table(res))
+    lines = incomplete(out, res.spec, command)
+    if lines:
+        print("\n".join(lines), file=sys.stderr)
+    print(f"report: {out / 'report.html'}")
+    return 1 if lines or failed else 0
 
 
 def _run(args: argparse.Namespace) -> int:
     amounts = parse_amounts(args.method, args.amounts)
-    shard = parse_shard(args.shard)
+    shard = _shard(args)
     tasks, opts = options.task_setup(args)
     options.calibration(args)
     spec = SweepSpec(args.model, args.method, tuple(amounts), tuple(tasks), args.data_dir, opts,
                      args.importance, args.calib, args.calib_samples, args.calib_len, args.device, args.dtype)
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in f"{Path(args.model).name}-{args.method}")
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{safe}"
+    if args.launch:
+        return _launch(args, spec, out)
     res = run_sweep(spec, out, lambda: options.load(args), overwrite=args.overwrite, progress=not args.quiet,
-                    shard=shard)
+                    shard=shard, command=list(getattr(args, "argv", None) or []) or None)
     if not res.cells:
         print(f"sweep: no cell finished yet in {out}")
         return 0
@@ -317,9 +391,10 @@ def load_sweep(d: Path) -> SweepResult:
 
 
 def read_sweep(d: Path) -> tuple[SweepResult, dict[str, Any]]:
-    """``load_sweep`` and the manifest it was read from (sweep.json read and checked once)."""
+    """``load_sweep`` and the manifest it was read from (sweep.json read and checked once); cells of
+    other settings than the manifest's are refused."""
     manifest, spec = load_manifest(d / "sweep.json")
-    return SweepResult(spec, finished_cells(d, spec), d, manifest["identity"]), manifest
+    return SweepResult(spec, finished_cells(d, spec, manifest["identity"]), d, manifest["identity"]), manifest
 
 
 def _rebuild(d: Path) -> str:
@@ -327,5 +402,11 @@ def _rebuild(d: Path) -> str:
     return (d / "report.html").read_text(encoding="utf-8")
 
 
+def _unfinished(d: Path) -> list[str]:
+    manifest, spec = load_manifest(d / "sweep.json")
+    return incomplete(d, spec, manifest.get("command"))
+
+
 ANALYSIS = register(Analysis("sweep", "scores over pruning amounts: Figure-1 plot, tables and report (resumable)",
-                             _arguments, _run, schema=SCHEMA, marker="sweep.json", rebuild=_rebuild))
+                             _arguments, _run, schema=SCHEMA, marker="sweep.json", rebuild=_rebuild,
+                             unfinished=_unfinished))

@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from prunelens.analyses.base import read_checked
-from prunelens.analyses.cells import data_hashes, environment, model_fingerprint
+from prunelens.analyses.cells import (
+    claimed_by,
+    data_hashes,
+    environment,
+    failure,
+    first_difference,
+    model_fingerprint,
+)
+from prunelens.analyses.launch import shell_line
+from prunelens.errors import PrunelensError
 from prunelens.tasks.registry import TaskOptions
 
 SCHEMA = "prunelens.sweep/1"
@@ -71,10 +80,41 @@ def cell_path(out: Path, amount: str, task: str) -> Path:
     return out / "cells" / f"{safe}.json"
 
 
-def finished_cells(out: Path, spec: SweepSpec) -> list[dict[str, Any]]:
-    """The cells of ``spec``'s grid whose files are written, checked, in grid order."""
-    return [load_cell(cell_path(out, a, t)) for a in spec.amounts for t in spec.tasks
-            if cell_path(out, a, t).is_file()]
+def finished_cells(out: Path, spec: SweepSpec, identity: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The cells of ``spec``'s grid whose files are written, checked, in grid order. With the
+    sweep's ``identity``, a cell recording other settings (another shard's run with other options,
+    a copied file) is refused, naming the setting: such cells must never be merged into one table."""
+    cells = [load_cell(cell_path(out, a, t)) for a in spec.amounts for t in spec.tasks
+             if cell_path(out, a, t).is_file()]
+    for c in cells if identity is not None else ():
+        diff = c.get("settings") is not None and first_difference(identity, c["settings"], names=(
+            "in sweep.json", "in the cell"))
+        if diff:
+            raise PrunelensError(f"'{out}': cell {c['amount']}/{c['task']} was computed with other settings than "
+                                 f"the sweep ({diff}); not merging it: delete "
+                                 f"{cell_path(out, c['amount'], c['task'])} and rerun, or keep it in another --out")
+    return cells
+
+
+def incomplete(out: Path, spec: SweepSpec, command: list[str] | None) -> list[str]:
+    """Lines saying which cells of the grid are not finished, why (failed with its error, held by a
+    worker, never run) and the command computing only them (finished cells are kept)."""
+    lines = []
+    for a in spec.amounts:
+        for t in spec.tasks:
+            p = cell_path(out, a, t)
+            if p.is_file():
+                continue
+            why = failure(p)
+            held = claimed_by(p)
+            lines.append(f"  {a}/{t}: " + (f"failed: {why}" if why else f"running on {held}" if held
+                                           else "missing (never finished)"))
+    if not lines:
+        return []
+    n = len(spec.amounts) * len(spec.tasks)
+    rerun = (f"`{shell_line(command)}` computes only these (add --launch slurm to run them as a job "
+             f"array)" if command else "rerun the sweep's command without --shard: it computes only these")
+    return [f"{out}: {len(lines)} of {n} cells not finished:", *lines, rerun]
 
 
 # what a sweep's manifest and cells must hold to be read back (by its view, ``report`` and ``families``)

@@ -196,10 +196,20 @@ def reading(result: SweepResult) -> list[str]:
     return out
 
 
+def missing(result: SweepResult) -> list[str]:
+    """``amount/task`` of the grid's cells not (yet) finished."""
+    done = {(c["amount"], c["task"]) for c in result.cells}
+    return [f"{a}/{t}" for a in result.spec.amounts for t in result.spec.tasks if (a, t) not in done]
+
+
 def render_sweep_html(result: SweepResult, fig: Path) -> str:
     s = result.spec
+    gap = missing(result)
+    warn = (f'<div class="reading"><b>Incomplete: {len(result.cells)} of {len(result.cells) + len(gap)} '
+            f"cells finished</b>; missing {esc(', '.join(gap))}. `prunelens report` lists why and the "
+            "command computing only them.</div>") if gap else ""
     return html_page(f"prunelens sweep — {s.model} {s.method}",
-        f"<h1>Sweep: {esc(s.model)}, {esc(s.method)}</h1>",
+        f"<h1>Sweep: {esc(s.model)}, {esc(s.method)}</h1>", warn,
         '<p class="muted">Scores of the dense and pruned model per task; drops are relative to the dense '
         "score. Generative tasks decode freely for many steps; multiple-choice and retrieval read one step "
         "or one representation.</p>",
@@ -215,7 +225,8 @@ def write_outputs(result: SweepResult) -> None:
     out = result.out_dir
     assert out is not None
     slim = [{k: v for k, v in c.items() if k != "details"} for c in result.cells]
-    write_json(out / "results.json", {"schema": SCHEMA, "spec": result.identity(), "cells": slim,
+    write_json(out / "results.json", {"schema": SCHEMA, "spec": result.identity(), "missing": missing(result),
+                                      "cells": slim,
                                       "rows": rows(result), "table1": table1(result)})
     atomic_write_text(out / "table.csv", csv_text(result))
     atomic_write_text(out / "table.md", markdown_table(result))

@@ -25,6 +25,8 @@ from prunelens.errors import PrunelensError
 from prunelens.model.loading import PRESETS
 from prunelens.prune.candidate import check_tokenizers
 from prunelens.prune.drop import DropPlan
+from prunelens.prune.gguf_export import TENSOR_TYPES as GGUF_TYPES
+from prunelens.prune.gguf_export import family_of, save_gguf, vocab_source
 from prunelens.prune.importance import unit_scores
 from prunelens.prune.recipe import build, save_modified
 from prunelens.runs import check_out_file, write_json
@@ -46,10 +48,23 @@ from prunelens.version import __version__
 def cmd_prune(args: argparse.Namespace) -> int:
     recipe, cal = options.required_recipe(args), options.calibration(args)
     out = Path(args.out)
-    options.check_checkpoint_dir(out, args.overwrite)
+    if args.format == "gguf":
+        if out.suffix != ".gguf":
+            raise PrunelensError(f"--format gguf writes one file: --out must end in .gguf, got '{out}'")
+        check_out_file(out, args.overwrite)
+        if args.gguf_type not in GGUF_TYPES:
+            raise PrunelensError(f"--gguf-type {args.gguf_type}: offered are {', '.join(GGUF_TYPES)}")
+    else:
+        options.check_checkpoint_dir(out, args.overwrite)
     lm = options.load(args)
+    if args.format == "gguf":
+        family_of(lm.adapter.config)  # an unsupported family fails before any pruning work
+        vocab_source(lm, args.gguf_vocab)
     plan = build(lm, recipe, cal, inplace=True)
-    save_modified(lm, plan, out)
+    if args.format == "gguf":
+        save_gguf(lm, plan, out, args.gguf_type, args.gguf_vocab)
+    else:
+        save_modified(lm, plan, out)
     print(f"saved {plan.label()} to {out}")
     return 0
 
@@ -282,8 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     def prune_args(p: argparse.ArgumentParser) -> None:
         options.add_model_args(p)
         options.add_recipe_args(p)
-        p.add_argument("--out", required=True, help="checkpoint directory")
-        p.add_argument("--overwrite", action="store_true")
+        p.add_argument("--out", required=True, help="checkpoint directory (--format gguf: a .gguf file)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+        p.add_argument("--format", choices=("hf", "gguf"), default="hf",
+                       help="hf: a checkpoint plain transformers loads (default); gguf: one file llama.cpp/Ollama "
+                            "run, dropped attention as llama.cpp's deci architecture (docs/deploy.md)")
+        p.add_argument("--gguf-type", default="f16", help=f"GGUF tensor type: {', '.join(GGUF_TYPES)} (default f16)")
+        p.add_argument("--gguf-vocab", metavar="FILE.gguf",
+                       help="a GGUF of the base model to take the tokenizer from (default: the GGUF the base "
+                            "was loaded from)")
 
     def rank_args(r: argparse.ArgumentParser) -> None:
         options.add_model_args(r)

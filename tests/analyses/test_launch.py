@@ -117,7 +117,7 @@ def test_slurm_launch_submits_one_array_of_the_same_command(tiny_dir: object, tm
     for line in ("--array=0-5%2", "--partition=gpu", "--gpus-per-task=1", "--time=240"):
         assert f"#SBATCH {line}\n" in script
     jobs = [DelayedSubmission.load(p) for p in sorted((out / "launch").glob("4242_*_submitted.pkl"))]
-    assert sorted(j.args[0] for j in jobs) == [f"{k}/6" for k in range(1, 7)]
+    assert sorted(j.args[0] for j in jobs) == [f"{k}/6" for k in range(1, 7)]  # a job per cell
     # every job runs the same command line (paths and flags, nothing pickled but strings) with its shard
     cmd = jobs[0].function.command
     assert cmd[1:3] == ["-m", "prunelens.cli"] and cmd[-1] == "--shard"

@@ -91,8 +91,7 @@ class Launched:
     """What was submitted: the jobs (submitit Job objects), the shards they run and the log folder."""
 
     jobs: list[Any]
-    shards: list[int]
-    n: int
+    shards: list[str]
     logs: Path
 
     @property
@@ -107,12 +106,12 @@ class Launched:
                 job.result()
             except Exception as e:  # a failed job: its command's exit, its stderr in the log folder
                 last = str(e).strip().splitlines()
-                failed.append(f"shard {k}/{self.n}: {last[-1] if last else type(e).__name__}")
+                failed.append(f"job --shard {k}: {last[-1] if last else type(e).__name__}")
         return failed
 
 
-def launch(argv: Sequence[str], shards: Sequence[int], n: int, args: argparse.Namespace, logs: Path) -> Launched:
-    """Submit ``prunelens ARGV --shard K/N`` for each K in ``shards`` as one array job."""
+def launch(argv: Sequence[str], shards: Sequence[str], args: argparse.Namespace, logs: Path) -> Launched:
+    """Submit ``prunelens ARGV --shard S`` for each S in ``shards`` (``K/N``) as one array job."""
     if submitit is None:
         raise PrunelensError("--launch needs submitit: pip install 'prunelens[cluster]'")
     if not shards:
@@ -132,14 +131,14 @@ def launch(argv: Sequence[str], shards: Sequence[int], n: int, args: argparse.Na
     ex.update_parameters(**params)
     env = dict(os.environ)
     if cluster == "local":  # local processes share this machine's cores: split them, never oversubscribe
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // min(len(shards), args.jobs or 2)))
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(shards)))
     command = [sys.executable, "-m", "prunelens.cli", *without_launch(argv), "--shard"]
     fn = CommandFunction(command, verbose=False, cwd=os.getcwd(), env=env)
     try:
-        jobs = ex.map_array(fn, [f"{k}/{n}" for k in shards])
+        jobs = ex.map_array(fn, list(shards))
     except (OSError, subprocess.SubprocessError) as e:  # sbatch refused (partition, limits…)
         detail = getattr(e, "output", b"") or b""
         text = detail.decode(errors="replace") if isinstance(detail, bytes) else str(detail)
         raise PrunelensError(f"--launch {cluster}: submission failed: "
                              f"{(text.strip() or str(e)).splitlines()[-1]}") from None
-    return Launched(list(jobs), list(shards), n, logs)
+    return Launched(list(jobs), list(shards), logs)

@@ -334,15 +334,21 @@ def _launch(args: argparse.Namespace, spec: SweepSpec, out: Path) -> int:
                              "directory once before launching")
     command = list(args.argv)
     _, grid, opened = plan_sweep(spec, out, command=command)
-    n = args.jobs or (len(grid) if args.launch == "slurm" else 2)
+    left = [i for i, (a, t) in enumerate(grid) if not cell_path(out, a, t).is_file()]
+    n = args.jobs or (len(left) if args.launch == "slurm" else 2)
     if n < 1:
         raise PrunelensError(f"--jobs must be at least 1, got {n}")
-    left = [i for i, (a, t) in enumerate(grid) if not cell_path(out, a, t).is_file()]
-    shards = sorted({i % n + 1 for i in left})
+    if n >= len(left):  # a job per cell: shard K of the grid is cell K
+        shards = [f"{i + 1}/{len(grid)}" for i in left]
+        how = "one cell each"
+    else:  # fewer jobs than cells: every job walks the whole grid and claims the next free cell, so a
+        # slow (generative) cell never leaves the other jobs idle as a fixed split would
+        shards = ["1/1"] * n
+        how = "each taking the next unclaimed cell"
     opened()
-    print(f"sweep: {len(left)} of {len(grid)} cells to compute in {len(shards)} {args.launch} jobs "
-          f"(shards of {n}); logs in {out / 'launch'}", file=sys.stderr)
-    job = launch(command, shards, n, args, out / "launch")
+    print(f"sweep: {len(left)} of {len(grid)} cells to compute in {len(shards)} {args.launch} jobs ({how}); "
+          f"logs in {out / 'launch'}", file=sys.stderr)
+    job = launch(command, shards, args, out / "launch")
     print(f"submitted job {job.job_id} ({len(shards)} array tasks)")
     if args.launch == "slurm":
         print(f"when it ends: prunelens report {out}")

@@ -24,6 +24,7 @@ from prunelens.data import calibration_ids
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import PRESETS
 from prunelens.prune.candidate import check_tokenizers
+from prunelens.prune.ct_export import check_recipe, save_compressed_tensors
 from prunelens.prune.drop import DropPlan
 from prunelens.prune.gguf_export import TENSOR_TYPES as GGUF_TYPES
 from prunelens.prune.gguf_export import family_of, save_gguf, vocab_source
@@ -56,6 +57,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             raise PrunelensError(f"--gguf-type {args.gguf_type}: offered are {', '.join(GGUF_TYPES)}")
     else:
         options.check_checkpoint_dir(out, args.overwrite)
+    if args.format == "compressed-tensors":
+        check_recipe(list(recipe.steps))
     lm = options.load(args)
     if args.format == "gguf":
         family_of(lm.adapter.config)  # an unsupported family fails before any pruning work
@@ -63,6 +66,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     plan = build(lm, recipe, cal, inplace=True)
     if args.format == "gguf":
         save_gguf(lm, plan, out, args.gguf_type, args.gguf_vocab)
+    elif args.format == "compressed-tensors":
+        info = save_compressed_tensors(lm, plan, out)
+        print(f"packed {info['layers_packed']} linear layers as {info['scheme']} (pack-quantized, "
+              f"{info['bits_per_weight_on_disk']:.3f} bits per weight on disk with fp32 scales)")
     else:
         save_modified(lm, plan, out)
     print(f"saved {plan.label()} to {out}")
@@ -299,9 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
         options.add_recipe_args(p)
         p.add_argument("--out", required=True, help="checkpoint directory (--format gguf: a .gguf file)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-        p.add_argument("--format", choices=("hf", "gguf"), default="hf",
+        p.add_argument("--format", choices=("hf", "gguf", "compressed-tensors"), default="hf",
                        help="hf: a checkpoint plain transformers loads (default); gguf: one file llama.cpp/Ollama "
-                            "run, dropped attention as llama.cpp's deci architecture (docs/deploy.md)")
+                            "run, dropped attention as llama.cpp's deci architecture; compressed-tensors: rtn/gptq "
+                            "weights packed as llm-compressor writes them, for vLLM (docs/deploy.md)")
         p.add_argument("--gguf-type", default="f16", help=f"GGUF tensor type: {', '.join(GGUF_TYPES)} (default f16)")
         p.add_argument("--gguf-vocab", metavar="FILE.gguf",
                        help="a GGUF of the base model to take the tokenizer from (default: the GGUF the base "

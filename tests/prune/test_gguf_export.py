@@ -22,7 +22,7 @@ from prunelens.model.loading import LoadedModel
 from prunelens.prune.base import view_of
 from prunelens.prune.checkpoint import load_model
 from prunelens.prune.drop import DropPlan
-from prunelens.prune.gguf_export import ZERO_FFN, interleave_rope_rows, save_gguf
+from prunelens.prune.gguf_export import ZERO_FFN, interleave_rope_rows, save_gguf, vocab_source
 from prunelens.testing import tiny_config, tiny_model, tiny_tokenizer
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 100, 7, 12, 3, 44, 90]])
@@ -184,3 +184,31 @@ def test_bad_input_is_one_line(vocab: Path, tmp_path: Path, capsys: pytest.Captu
                  "--out", str(tmp_path / "c.gguf")]) == 2
     assert "--gguf-vocab" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "a.gguf").exists()
+
+
+@pytest.mark.slow
+def test_the_bundled_model_exports_with_its_tokenizer_and_loads_with_the_pruned_logits(real_lm: LoadedModel,
+                                                                                       tmp_path: Path) -> None:
+    plan = DropPlan(block=(20, 22, 25))
+    out = tmp_path / "m.gguf"
+    assert main(["prune", "--recipe", "block@20,22,25", "--format", "gguf", "--gguf-type", "f32",
+                 "--out", str(out)]) == 0
+    r, tensors = _read(out)
+    src = gguf.GGUFReader(vocab_source(real_lm, None))
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template", "tokenizer.ggml.pre"):
+        assert r.fields[key].contents() == src.fields[key].contents(), key
+    assert _field(r, "llama.block_count") == real_lm.adapter.n_layers - 3
+    ids = real_lm.tokenizer("The capital of France is Paris; of Italy,", return_tensors="pt").input_ids
+    with view_of(real_lm.adapter, plan), torch.no_grad():
+        want = real_lm.model(ids).logits
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        got = loaded(ids).logits
+    assert torch.allclose(got, want, atol=1e-3, rtol=1e-3), float((got - want).abs().max())
+    # attention drops of the same model: deci, no attention tensors in the dropped layers
+    assert main(["prune", "--recipe", "attn@0,9", "--format", "gguf", "--gguf-type", "q8_0",
+                 "--out", str(tmp_path / "a.gguf")]) == 0
+    r, tensors = _read(tmp_path / "a.gguf")
+    heads = list(_field(r, "deci.attention.head_count_kv"))
+    assert heads[0] == heads[9] == 0 and set(heads[1:9]) == {real_lm.adapter.config.num_key_value_heads}
+    assert not [n for n in tensors if n.startswith("blk.9.attn")]

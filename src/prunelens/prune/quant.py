@@ -36,10 +36,11 @@ class QuantSpec:
         g = "" if self.group_size == -1 else f"g{self.group_size}"
         return f"w{self.bits}{g}{'s' if self.symmetric else ''}"
 
-    def bits_per_weight(self, in_features: int) -> float:
-        """Weight bits plus the fp16 scale (and zero point, if asymmetric) of each group."""
+    def bits_per_weight(self, in_features: int, scale_bits: int = 16) -> float:
+        """Weight bits plus the scale (16-bit as deployed checkpoints store it; a compressed-tensors
+        export keeps fp32, 32) and the zero point, if asymmetric, of each group."""
         groups = 1 if self.group_size == -1 else -(-in_features // self.group_size)
-        return self.bits + groups * (16 + (0 if self.symmetric else self.bits)) / in_features
+        return self.bits + groups * (scale_bits + (0 if self.symmetric else self.bits)) / in_features
 
     def check_columns(self, in_features: int, name: str = "layer") -> None:
         """Any width works: as in GPTQ, a last group narrower than ``group_size`` is allowed."""
@@ -67,21 +68,33 @@ def _fake_quant(x: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
     return scale * (q - zero)
 
 
-def rtn_quantize(w: Tensor, spec: QuantSpec) -> Tensor:
-    """Round-to-nearest fake quantisation of W."""
+def _record(record: dict[str, Tensor] | None, scales: list[Tensor], zeros: list[Tensor]) -> None:
+    """The grid a fake-quantised W lies on, per output row and group: W = scale · (q − zero) with
+    whole q in [0, 2^bits − 1] (what a packed export writes; codes are round(W/scale) + zero)."""
+    if record is not None:
+        record["scale"], record["zero"] = torch.cat(scales, 1), torch.cat(zeros, 1)
+
+
+def rtn_quantize(w: Tensor, spec: QuantSpec, record: dict[str, Tensor] | None = None) -> Tensor:
+    """Round-to-nearest fake quantisation of W; ``record`` receives its grid (``_record``)."""
     spec.check_columns(w.shape[1])
     W = w.detach().float()
     g = W.shape[1] if spec.group_size == -1 else spec.group_size
     out = torch.empty_like(W)
+    scales, zeros = [], []
     for c in range(0, W.shape[1], g):
         scale, zero, maxq = _params(W[:, c:c + g], spec)
         out[:, c:c + g] = _fake_quant(W[:, c:c + g], scale, zero, maxq)
+        scales.append(scale)
+        zeros.append(zero)
+    _record(record, scales, zeros)
     return out.to(w.dtype)
 
 
 def gptq_quantize(w: Tensor, h: Tensor, spec: QuantSpec, blocksize: int = 128,
-                  percdamp: float = 0.01) -> Tensor:
-    """GPTQ fake quantisation of W given the layer Hessian H = 2XᵀX/n."""
+                  percdamp: float = 0.01, record: dict[str, Tensor] | None = None) -> Tensor:
+    """GPTQ fake quantisation of W given the layer Hessian H = 2XᵀX/n; ``record`` receives its grid
+    (groups in the original column order: no activation reordering, so no g_idx)."""
     spec.check_columns(w.shape[1])
     W = w.detach().float().clone()
     cols = W.shape[1]
@@ -91,6 +104,7 @@ def gptq_quantize(w: Tensor, h: Tensor, spec: QuantSpec, blocksize: int = 128,
     g = cols if spec.group_size == -1 else spec.group_size
     Q = torch.zeros_like(W)
     scale = zero = None
+    scales, zeros = [], []
     maxq = 2 ** spec.bits - 1
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -102,6 +116,8 @@ def gptq_quantize(w: Tensor, h: Tensor, spec: QuantSpec, blocksize: int = 128,
             if col % g == 0:  # group parameters from the weights as updated so far
                 group = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :g]
                 scale, zero, maxq = _params(group, spec)
+                scales.append(scale)
+                zeros.append(zero)
             w_col = W1[:, i]
             q = _fake_quant(w_col.unsqueeze(1), scale, zero, maxq).squeeze(1)
             Q[:, col] = q
@@ -109,6 +125,7 @@ def gptq_quantize(w: Tensor, h: Tensor, spec: QuantSpec, blocksize: int = 128,
             W1[:, i + 1:].sub_(torch.outer(err, Hinv1[i, i + 1:]))
             Err1[:, i] = err
         W[:, i2:].sub_(Err1 @ Hinv[i1:i2, i2:])
+    _record(record, scales, zeros)
     return Q.to(w.dtype)
 
 

@@ -38,6 +38,8 @@ from prunelens.prune.base import METHODS, Method, Spec, method_for
 from prunelens.prune.quant import QuantSpec, awq_quantize, gptq_quantize, rtn_quantize
 from prunelens.prune.sparse import Pattern, magnitude_mask, nm_violations, sparsegpt_prune, wanda_mask
 
+Grid = dict[str, torch.Tensor]  # a quantiser's grid of one layer: "scale" and "zero" per row and group
+
 
 @dataclass(frozen=True)
 class WeightMethod:
@@ -62,7 +64,8 @@ class WeightMethodDef(Method):
     makes the new weight."""
 
     stats: str = "none"  # "none", "sq_norm", "hessian" or "inputs"
-    transform: Callable[[torch.Tensor, WeightMethod, _Stats | None], torch.Tensor] | None = None
+    # (W, method, statistics, record) -> new W; a quantiser puts the grid it used into ``record``
+    transform: Callable[[torch.Tensor, WeightMethod, _Stats | None, Grid], torch.Tensor] | None = None
 
     def per_block(self, adapter: Adapter, method: WeightMethod, blocks: list[list[str]], hs: list[torch.Tensor],
                   kwargs: list[list[dict[str, Any]]], park: bool) -> tuple[list[WeightMethod], dict[str, Any]]:
@@ -110,17 +113,17 @@ class QuantMethod(WeightMethodDef):
 
 # registered lazily by name in ``base.METHODS``
 MAGNITUDE = SparsityMethod("magnitude", "prune", "smallest |W| removed per layer", "magnitude:0.5", False,
-                           transform=lambda w, m, s: w.masked_fill(magnitude_mask(w, m.pattern), 0))
+                           transform=lambda w, m, s, r: w.masked_fill(magnitude_mask(w, m.pattern), 0))
 WANDA = SparsityMethod("wanda", "prune", "smallest |W|·‖X‖ removed per output row (Wanda)", "wanda:0.5", True,
-                       stats="sq_norm", transform=lambda w, m, s: w.masked_fill(wanda_mask(w, s.acc, m.pattern), 0))
-SPARSEGPT = SparsityMethod("sparsegpt", "prune", "OBS pruning with weight updates (SparseGPT)", "sparsegpt:2:4",
-                           True, stats="hessian", transform=lambda w, m, s: sparsegpt_prune(w, s.hessian(), m.pattern))
+                       stats="sq_norm", transform=lambda w, m, s, r: w.masked_fill(wanda_mask(w, s.acc, m.pattern), 0))
+SPARSEGPT = SparsityMethod("sparsegpt", "prune", "OBS pruning with weight updates (SparseGPT)", "sparsegpt:2:4", True,
+                           stats="hessian", transform=lambda w, m, s, r: sparsegpt_prune(w, s.hessian(), m.pattern))
 RTN = QuantMethod("rtn", "quant", "round-to-nearest fake quantisation", "rtn:w8", False,
-                  transform=lambda w, m, s: rtn_quantize(w, m.quant))
+                  transform=lambda w, m, s, r: rtn_quantize(w, m.quant, r))
 GPTQ = QuantMethod("gptq", "quant", "GPTQ fake quantisation with error feedback", "gptq:w4g128", True,
-                   stats="hessian", transform=lambda w, m, s: gptq_quantize(w, s.hessian(), m.quant))
+                   stats="hessian", transform=lambda w, m, s, r: gptq_quantize(w, s.hessian(), m.quant, record=r))
 AWQ = QuantMethod("awq", "quant", "activation-aware channel scaling and clipping, then rounding (AWQ)",
-                  "awq:w4g128", True, stats="inputs", transform=lambda w, m, s: awq_quantize(w, s.acc, m.quant))
+                  "awq:w4g128", True, stats="inputs", transform=lambda w, m, s, r: awq_quantize(w, s.acc, m.quant))
 
 
 def parse_weight_method(spec: str) -> WeightMethod:
@@ -156,6 +159,9 @@ class WeightPatch:
     method: WeightMethod
     weights: dict[str, torch.Tensor]
     report: dict[str, Any] = field(default_factory=dict)
+    # per layer, the quantisation grid (scale and zero point per row and group) the new weights lie
+    # on, for writing them packed; empty for sparsity and AWQ (whose channel scales stay in W)
+    grids: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     view_order: ClassVar[int] = 0
 
@@ -305,8 +311,9 @@ def collect_stats(adapter: Adapter, layer: nn.Module, paths: list[str], hs: list
     return stats
 
 
-def _modify(method: WeightMethod, w: torch.Tensor, stats: _Stats | None) -> torch.Tensor:
-    return method.method.transform(w, method, stats)  # type: ignore[misc]
+def _modify(method: WeightMethod, w: torch.Tensor, stats: _Stats | None, record: dict[str, torch.Tensor]
+            ) -> torch.Tensor:
+    return method.method.transform(w, method, stats, record)  # type: ignore[misc]
 
 
 def _check_columns(adapter: Adapter, method: WeightMethod, blocks: list[list[str]]) -> None:
@@ -321,14 +328,18 @@ def _check_columns(adapter: Adapter, method: WeightMethod, blocks: list[list[str
 
 
 def _new_weights(adapter: Adapter, paths: list[str], method: WeightMethod, stats: dict[str, _Stats],
-                 rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """One block's new weights by path (a report row appended for each); ``stats`` are used up."""
+                 rows: list[dict[str, Any]], grids: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One block's new weights by path (a report row appended for each, a quantiser's grid put in
+    ``grids``); ``stats`` are used up."""
     new: dict[str, torch.Tensor] = {}
     for p in paths:
         mod = adapter.model.get_submodule(p)
         with onloaded(mod):  # an offloaded layer's weight is read on its execution device
             w = mod.weight.data
-            new[p] = _modify(method, w, stats.pop(p, None)).to(w.dtype)
+            record: dict[str, torch.Tensor] = {}
+            new[p] = _modify(method, w, stats.pop(p, None), record).to(w.dtype)
+            if record:
+                grids[p] = {k: v.cpu() for k, v in record.items()}
             rows.append(_report_row(p, w, new[p], method))
         if is_offloaded(mod):  # kept where the dense weight waits (CPU or disk), not on the compute device
             new[p] = offload_copy(mod, new[p])
@@ -358,6 +369,7 @@ def sparsify(
         raise PrunelensError(f"{method.name} needs calibration text")
     t0 = time.perf_counter()
     new: dict[str, torch.Tensor] = {}
+    grids: dict[str, dict[str, torch.Tensor]] = {}
     rows: list[dict[str, Any]] = []
     timings: list[float] = []
     park = is_dispatched(adapter.model)
@@ -371,7 +383,7 @@ def sparsify(
         layer = adapter.layers[i]
         bm = per_block[i]
         stats = collect_stats(adapter, layer, paths, hs, kwargs[i], bm.method.stats) if calibrated and paths else {}
-        new.update(_new_weights(adapter, paths, bm, stats, rows))
+        new.update(_new_weights(adapter, paths, bm, stats, rows, grids))
         if calibrated:  # the next block sees this block's modified outputs
             patch = WeightPatch(bm, {p: new[p] for p in paths})
             with patch.view(adapter):
@@ -383,7 +395,7 @@ def sparsify(
         timings.append(time.perf_counter() - tb)
         bar.update(1)
     bar.close()
-    patch = WeightPatch(method, new)
+    patch = WeightPatch(method, new, grids=grids)
     patch.report = weight_report(adapter, rows, method)
     patch.report.update(allocation)
     patch.report.update(seconds=time.perf_counter() - t0, seconds_per_block=timings,

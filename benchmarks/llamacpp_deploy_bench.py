@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -83,17 +84,8 @@ def bytes_read(path: Path, context: float) -> dict[str, float]:
 def llamacpp_stage(a: argparse.Namespace, work: Path, text: Path) -> None:
     exp = json.loads((work / "export.json").read_text())
     files = {k: work / ("dense.gguf" if k == "dense" else f"{k.replace(':', '')}.gguf") for k in exp}
-    out = run([str(a.bin / "llama-bench"), "-m", ",".join(map(str, files.values())), "-p", str(PROMPT_TOKENS),
-               "-n", str(GEN_TOKENS), "-t", str(a.threads), "-r", str(a.reps), "-fa", "on", "-o", "json"],
-              work / "bench.log")
-    rows = json.loads(out[out.index("["):out.rindex("]") + 1])
-    res: dict[str, Any] = {}
-    for k, f in files.items():
-        mine = [r for r in rows if Path(r["model_filename"]).name == f.name]
-        res[k] = {"pp_tps": next(r["avg_ts"] for r in mine if r["n_gen"] == 0),
-                  "tg_tps": next(r["avg_ts"] for r in mine if r["n_prompt"] == 0),
-                  "tg_tps_sd": next(r["stddev_ts"] for r in mine if r["n_prompt"] == 0)}
-    common = ["-f", str(text), "-c", "512", "--chunks", str(a.chunks), "-t", str(a.threads), "-fa", "on"]
+    res = bench_rounds(a, files, work)
+    common = ["-f", str(text), "-c", "512", "--chunks", str(a.chunks), "-t", str(a.threads), "-fa", "on", "-lv", "4"]
     base = run([str(a.bin / "llama-perplexity"), "-m", str(files["dense"]), *common, "--kl-divergence-base",
                 str(work / "dense.kld")], work / "ppl-dense.log")
     res["dense"]["kv_mib"] = kv_mib(base)
@@ -106,9 +98,28 @@ def llamacpp_stage(a: argparse.Namespace, work: Path, text: Path) -> None:
     (work / "llamacpp.json").write_text(json.dumps(res, indent=1))
 
 
+def bench_rounds(a: argparse.Namespace, files: dict[str, Path], work: Path) -> dict[str, Any]:
+    """llama-bench on every file in turn, ``--rounds`` times: a drift of this machine's speed during
+    the run then hits every file alike; each figure is the median over rounds (spread: min–max)."""
+    seen: dict[str, dict[str, list[float]]] = {k: {"pp": [], "tg": []} for k in files}
+    for _ in range(a.rounds):
+        for k, f in files.items():
+            out = run([str(a.bin / "llama-bench"), "-m", str(f), "-p", str(PROMPT_TOKENS), "-n", str(GEN_TOKENS),
+                       "-t", str(a.threads), "-r", str(a.reps), "-fa", "on", "-o", "json"], work / "bench.log")
+            rows = json.loads(out[out.index("["):out.rindex("]") + 1])
+            seen[k]["pp"].append(next(x["avg_ts"] for x in rows if x["n_gen"] == 0))
+            seen[k]["tg"].append(next(x["avg_ts"] for x in rows if x["n_prompt"] == 0))
+    return {k: {"pp_tps": statistics.median(v["pp"]), "tg_tps": statistics.median(v["tg"]),
+                "tg_range": [min(v["tg"]), max(v["tg"])], "tg_rounds": v["tg"]} for k, v in seen.items()}
+
+
 def kv_mib(log: str) -> float:
     m = re.search(r"llama_kv_cache: size =\s*([\d.]+) MiB", log)
     return float(m.group(1)) if m else float("nan")
+
+
+def rng(q: dict[str, Any]) -> str:
+    return f"{q['tg_tps']:.1f} ({q['tg_range'][0]:.1f}–{q['tg_range'][1]:.1f})"
 
 
 def report(a: argparse.Namespace, work: Path) -> str:
@@ -117,20 +128,22 @@ def report(a: argparse.Namespace, work: Path) -> str:
     dense = bytes_read(work / "dense.gguf", ctx)
     d = lc["dense"]
     lines = [f"{a.model}, {a.type} GGUFs, llama-bench -p {PROMPT_TOKENS} -n {GEN_TOKENS} -t {a.threads} -r {a.reps} "
-             f"-fa on; KL over {a.chunks} WikiText-2 chunks of 512 (second half)", "",
-             "| file | layers dropped | size MiB | prompt tok/s | gen tok/s | gen time saved / token | ideal saving "
-             "(bytes read) | saved ÷ ideal | KV MiB @512 | KL llama.cpp | KL prunelens (fp32) | same top-1 llama.cpp |",
+             f"-fa on, {a.rounds} rounds over the files in turn (median, min–max); KL over {a.chunks} WikiText-2 "
+             "chunks of 512 (second half)", "",
+             "| file | layers dropped | size MiB | prompt tok/s | gen tok/s (range) | gen time saved / token | "
+             "ideal saving (bytes read) | saved ÷ ideal | KV cache MiB (2048 cells) | KL llama.cpp | "
+             "KL prunelens (fp32) | same top-1 llama.cpp |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|",
-             f"| dense | — | {exp['dense']['bytes'] / 2**20:.1f} | {d['pp_tps']:.1f} | {d['tg_tps']:.1f} "
-             f"±{d['tg_tps_sd']:.1f} | — | — | — | {d['kv_mib']:.2f} | — | — | — |"]
+             f"| dense | — | {exp['dense']['bytes'] / 2**20:.1f} | {d['pp_tps']:.1f} | {rng(d)} "
+             f"| — | — | — | {d['kv_mib']:.2f} | — | — | — |"]
     for k, e in exp.items():
         if k == "dense":
             continue
         q = lc[k]
         saved = 1 - d["tg_tps"] / q["tg_tps"]
         ideal = 1 - bytes_read(work / f"{k.replace(':', '')}.gguf", ctx)["total"] / dense["total"]
-        lines.append(f"| {k} | {e['label']} | {e['bytes'] / 2**20:.1f} | {q['pp_tps']:.1f} | {q['tg_tps']:.1f} "
-                     f"±{q['tg_tps_sd']:.1f} | {saved:.1%} | {ideal:.1%} | {saved / ideal:.2f} | {q['kv_mib']:.2f} | "
+        lines.append(f"| {k} | {e['label']} | {e['bytes'] / 2**20:.1f} | {q['pp_tps']:.1f} | {rng(q)} "
+                     f"| {saved:.1%} | {ideal:.1%} | {saved / ideal:.2f} | {q['kv_mib']:.2f} | "
                      f"{q['llamacpp']['mean_kld']:.4f} | {e['prunelens']['mean_kld']:.4f} | "
                      f"{q['llamacpp']['same_top']:.1%} |")
     return "\n".join(lines)
@@ -146,7 +159,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path)
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=2, help="llama-bench repetitions per round")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds over all files, interleaved")
     a = ap.parse_args()
     work = a.work or cache_dir() / "deploy-bench" / f"{a.model}-{a.type}"
     work.mkdir(parents=True, exist_ok=True)

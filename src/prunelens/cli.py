@@ -29,6 +29,7 @@ from prunelens.prune.drop import DropPlan
 from prunelens.prune.gguf_export import TENSOR_TYPES as GGUF_TYPES
 from prunelens.prune.gguf_export import family_of, save_gguf, vocab_source
 from prunelens.prune.importance import unit_scores
+from prunelens.prune.nas_export import check_family, save_nemotron_nas
 from prunelens.prune.recipe import build, save_modified
 from prunelens.runs import check_out_file, write_json
 from prunelens.tasks.mcq import answer_flips
@@ -63,9 +64,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.format == "gguf":
         family_of(lm.adapter.config)  # an unsupported family fails before any pruning work
         vocab_source(lm, args.gguf_vocab)
+    elif args.format == "nemotron-nas":
+        check_family(lm.adapter.config)
     plan = build(lm, recipe, cal, inplace=True)
     if args.format == "gguf":
         save_gguf(lm, plan, out, args.gguf_type, args.gguf_vocab)
+    elif args.format == "nemotron-nas":
+        save_nemotron_nas(lm, plan, out)
     elif args.format == "compressed-tensors":
         info = save_compressed_tensors(lm, plan, out)
         print(f"packed {info['layers_packed']} linear layers as {info['scheme']} (pack-quantized, "
@@ -306,10 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
         options.add_recipe_args(p)
         p.add_argument("--out", required=True, help="checkpoint directory (--format gguf: a .gguf file)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-        p.add_argument("--format", choices=("hf", "gguf", "compressed-tensors"), default="hf",
+        p.add_argument("--format", choices=("hf", "gguf", "compressed-tensors", "nemotron-nas"), default="hf",
                        help="hf: a checkpoint plain transformers loads (default); gguf: one file llama.cpp/Ollama "
                             "run, dropped attention as llama.cpp's deci architecture; compressed-tensors: rtn/gptq "
-                            "weights packed as llm-compressor writes them, for vLLM (docs/deploy.md)")
+                            "weights packed as llm-compressor writes them, for vLLM; nemotron-nas: dropped "
+                            "sublayers as DeciLM no-ops that vLLM/SGLang/TensorRT-LLM skip (docs/deploy.md)")
         p.add_argument("--gguf-type", default="f16", help=f"GGUF tensor type: {', '.join(GGUF_TYPES)} (default f16)")
         p.add_argument("--gguf-vocab", metavar="FILE.gguf",
                        help="a GGUF of the base model to take the tokenizer from (default: the GGUF the base "

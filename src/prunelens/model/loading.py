@@ -30,6 +30,7 @@ import torch
 
 from prunelens.errors import PrunelensError
 from prunelens.model.arch import Adapter
+from prunelens.model.nemotron_nas import is_nemotron_nas, nas_to_safetensors
 from prunelens.model.placement import Placement, execution_device
 
 
@@ -268,6 +269,8 @@ def resolve_source(name: str) -> tuple[Path | str, dict[str, Any]]:
             return gguf_to_safetensors(path), {"gguf": path.name}
         if not (path / "config.json").exists():
             raise PrunelensError(f"model directory {path} has no config.json")
+        if is_nemotron_nas(path):  # transformers has no DeciLM: read as its base family (model.nemotron_nas)
+            return nas_to_safetensors(path, cache_dir() / "models"), {"path": str(path), "format": "nemotron-nas"}
         return path, {"path": str(path)}
     looks_like_path = name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1
     if looks_like_path:

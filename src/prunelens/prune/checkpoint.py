@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import save_file
 
 from prunelens.errors import PrunelensError
 from prunelens.model import loading
@@ -99,13 +101,23 @@ def pruned_state_and_config(adapter: Adapter, plan: DropPlan,
 SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size
 
 
+def save_tensors(state: dict[str, torch.Tensor], folder: Path) -> None:
+    """A state dict as safetensors shards of at most 5 GB with their index, named as transformers
+    names them (for exports whose tensors are not a module's: packed, padded, renamed)."""
+    split = split_torch_state_dict_into_shards(state, max_shard_size=SHARD_BYTES)
+    for fname, names in split.filename_to_tensors.items():
+        save_file({n: state[n].contiguous() for n in names}, Path(folder) / fname, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (Path(folder) / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+
+
 def save_sharded(adapter: Adapter, plan: DropPlan, out_dir: str | Path,
                  extra_meta: dict[str, Any] | None = None, shard_bytes: int = SHARD_BYTES) -> Any:
     """The checkpoint of ``save_pruned`` for a model spread by a device map: tensors are read one
     module at a time (offloaded ones through their hooks, so a weight patch's overlay is what gets
     written) and written shard by shard, so the CPU holds at most one shard, never the model."""
     from huggingface_hub.constants import SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE
-    from safetensors.torch import save_file
 
     _check_dense(adapter, plan)
     rename, keep, new_index = _renamer(adapter, plan)

@@ -18,22 +18,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors.torch import save_file
 
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
 from prunelens.model.views import Modification
-from prunelens.prune.checkpoint import pruned_state_and_config
+from prunelens.prune.checkpoint import pruned_state_and_config, save_tensors
 from prunelens.prune.plan import DropPlan
 from prunelens.prune.quant import QuantSpec
 from prunelens.prune.weights import WeightPatch
+from prunelens.runs import atomic_dir
 
 try:
     from compressed_tensors.compressors import ModelCompressor
@@ -105,16 +102,6 @@ def _packed(w: torch.Tensor, grid: dict[str, torch.Tensor], spec: QuantSpec, sch
     return PackedQuantizationCompressor.compress(state, scheme)
 
 
-def _save_shards(state: dict[str, torch.Tensor], folder: Path) -> None:
-    """safetensors shards of at most 5 GB with their index, as transformers writes them."""
-    split = split_torch_state_dict_into_shards(state, max_shard_size="5GB")
-    for fname, names in split.filename_to_tensors.items():
-        save_file({n: state[n].contiguous() for n in names}, folder / fname, metadata={"format": "pt"})
-    if split.is_sharded:
-        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-
-
 def save_compressed_tensors(lm: LoadedModel, modification: Modification, out: str | Path) -> dict[str, Any]:
     """Write the modified model as a ``pack-quantized`` checkpoint directory (atomically: built in a
     temp directory, renamed at the end); returns what was packed and the bits per weight on disk."""
@@ -158,20 +145,12 @@ def save_compressed_tensors(lm: LoadedModel, modification: Modification, out: st
     ignore = sorted({n if not n.startswith(prefix) else renamed(n) for n in linears} - {None})
     qcfg = QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore, format="pack-quantized",
                               quantization_status="compressed")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _save_shards(state, tmp)
+    info = {"layers_packed": len([p for p in patch.grids if renamed(p)]), "scheme": spec.label(),
+            "bits_per_weight_on_disk": 8 * packed_bytes / max(n_weights, 1), "ignored": ignore}
+    with atomic_dir(out) as tmp:
+        save_tensors(state, tmp)
         config.save_pretrained(tmp)
         ModelCompressor(quantization_config=qcfg).update_config(str(tmp))
         lm.tokenizer.save_pretrained(tmp)
-        info = {"layers_packed": len([p for p in patch.grids if renamed(p)]), "scheme": spec.label(),
-                "bits_per_weight_on_disk": 8 * packed_bytes / max(n_weights, 1), "ignored": ignore}
         (tmp / "prunelens-export.json").write_text(json.dumps(info, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return info

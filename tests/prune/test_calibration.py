@@ -22,7 +22,7 @@ def test_each_linear_gets_the_hessian_of_its_own_input(monkeypatch) -> None:
     calib = torch.randint(0, 97, (6, 12), generator=torch.Generator().manual_seed(1))
     seen: dict[str, torch.Tensor] = {}
 
-    def spy(method, w, stats):  # record what the pipeline hands to the algorithm
+    def spy(method, w, stats, record):  # record what the pipeline hands to the algorithm
         path = next(p for p, m in ad.model.named_modules() if getattr(m, "weight", None) is not None
                     and m.weight.data.data_ptr() == w.data_ptr())
         seen[path] = stats.hessian().clone()

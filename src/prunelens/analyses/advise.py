@@ -44,6 +44,7 @@ from prunelens.model.tokens import encode_prompts
 from prunelens.model.views import view_of
 from prunelens.prune.base import methods
 from prunelens.prune.candidate import Candidate, stored_footprint
+from prunelens.prune.deploy import route
 from prunelens.prune.recipe import Calibration, Recipe, build, footprint, split_specs
 from prunelens.render import esc, html_page, html_table, img, save_figure, subplots, text, val
 from prunelens.runs import check_out_dir, default_run_dir
@@ -425,7 +426,10 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
     else:
         lines.append("generative retention: no calibration for this model (fitted for "
                      f"{', '.join(sorted(shipped_retention_fits()))}); run benchmarks/predictor_validation.py on it")
-    return [*lines, f"recommendation: {res['recommendation']}"]
+    best = next((r for r in res["rows"] if r["meets_budget"]), None)
+    how = route(best["spec"]) if best else None
+    deploy = [f"deploy: {how} (docs/deploy.md)"] if how else []
+    return [*lines, f"recommendation: {res['recommendation']}", *deploy]
 
 
 ANALYSIS = register(Analysis(

@@ -24,12 +24,14 @@ from prunelens.data import calibration_ids
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import PRESETS
 from prunelens.prune.candidate import check_tokenizers
+from prunelens.prune.ct_export import check_model as check_ct_model
 from prunelens.prune.ct_export import check_recipe, save_compressed_tensors
 from prunelens.prune.drop import DropPlan
 from prunelens.prune.gguf_export import TENSOR_TYPES as GGUF_TYPES
 from prunelens.prune.gguf_export import family_of, save_gguf, vocab_source
 from prunelens.prune.importance import unit_scores
-from prunelens.prune.nas_export import check_family, save_nemotron_nas
+from prunelens.prune.nas_export import check_model as check_nas_model
+from prunelens.prune.nas_export import save_nemotron_nas
 from prunelens.prune.recipe import build, save_modified
 from prunelens.runs import check_out_file, write_json
 from prunelens.tasks.mcq import answer_flips
@@ -65,7 +67,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         family_of(lm.adapter.config)  # an unsupported family fails before any pruning work
         vocab_source(lm, args.gguf_vocab)
     elif args.format == "nemotron-nas":
-        check_family(lm.adapter.config)
+        check_nas_model(lm)
+    elif args.format == "compressed-tensors":
+        check_ct_model(lm, list(recipe.steps))
     plan = build(lm, recipe, cal, inplace=True)
     if args.format == "gguf":
         save_gguf(lm, plan, out, args.gguf_type, args.gguf_vocab)

@@ -114,15 +114,27 @@ def test_slurm_launch_submits_one_array_of_the_same_command(tiny_dir: object, tm
     printed = capsys.readouterr().out
     assert "submitted job 4242 (6 array tasks)" in printed and f"prunelens report {out}" in printed
     script = (tmp_path / "bin" / "submitted.sh").read_text()
-    for line in ("--array=0-5%2", "--partition=gpu", "--gpus-per-task=1", "--time=240"):
+    for line in ("--array=0-5%2", "--partition=gpu", "--gpus-per-task=1", "--ntasks-per-node=1", "--time=240"):
         assert f"#SBATCH {line}\n" in script
     jobs = [DelayedSubmission.load(p) for p in sorted((out / "launch").glob("4242_*_submitted.pkl"))]
     assert sorted(j.args[0] for j in jobs) == [f"{k}/6" for k in range(1, 7)]  # a job per cell
     # every job runs the same command line (paths and flags, nothing pickled but strings) with its shard
     cmd = jobs[0].function.command
     assert cmd[1:3] == ["-m", "prunelens.cli"] and cmd[-1] == "--shard"
+    assert jobs[0].function.env is None  # the node's own environment, not this shell's (GPUs, tokens)
     assert cmd[3:-1] == without_launch(argv) and "--launch" not in cmd
     assert json.loads((out / "sweep.json").read_text())["command"] == argv  # for `report`'s rerun line
+
+
+def test_a_refused_submission_is_one_line(tiny_dir: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    path = _fake_slurm(tmp_path / "bin")
+    (tmp_path / "bin" / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: gpux' >&2\n"
+                                             "exit 1\n")
+    monkeypatch.setenv("PATH", path)
+    assert main(_sweep(tiny_dir, tmp_path / "s", "--launch", "slurm", "--slurm-partition", "gpux")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("prunelens: error: --launch slurm: submission failed") and "gpux" in err
 
 
 def test_launch_without_the_extra_or_slurm_is_one_line(tiny_dir: object, tmp_path: Path,
@@ -139,7 +151,7 @@ def test_launch_without_the_extra_or_slurm_is_one_line(tiny_dir: object, tmp_pat
 
 def test_times_and_command_lines() -> None:
     assert minutes("4:00:00") == 240 and minutes("1-00:30:00") == 1470 and minutes("90") == 90
-    assert minutes("0:10:30") == 11
+    assert minutes("0:10:30") == 11 and minutes("30:00") == 30 and minutes("1-12") == 2160  # sbatch's M:S, D-H
     for bad in ("soon", "1:2:3:4", "0:00:00"):
         with pytest.raises(PrunelensError, match="--slurm-time"):
             minutes(bad)

@@ -18,7 +18,7 @@ from transformers.utils.quantization_config import CompressedTensorsConfig
 from prunelens.cli import main
 from prunelens.prune.base import view_of
 from prunelens.prune.checkpoint import load_model
-from prunelens.prune.ct_export import scheme_of
+from prunelens.prune.ct_export import save_compressed_tensors, scheme_of
 from prunelens.prune.quant import QuantSpec
 from prunelens.prune.recipe import Calibration, Recipe, build
 from prunelens.testing import save_tiny
@@ -134,3 +134,16 @@ def test_the_bundled_model_packs_and_loads_back_exactly(real_lm, tmp_path: Path)
     info = json.loads((out / "prunelens-export.json").read_text())
     assert info["layers_packed"] == 7 * real_lm.adapter.n_layers
     assert info["bits_per_weight_on_disk"] == pytest.approx(4 + (32 + 0) / 64 + 4 / 64)  # fp32 scale, packed zp
+
+
+def test_a_bfloat16_model_packs_to_its_own_weights(tiny: Path, tmp_path: Path) -> None:
+    """Weights held in bf16 (as on a GPU): the grid is checked at the model's dtype and written in fp32."""
+    lm = load_model(str(tiny), dtype="bfloat16")
+    mod = build(lm, Recipe.parse("gptq:w4g16"), Calibration(samples=4, seq_len=16), progress=False)
+    save_compressed_tensors(lm, mod, tmp_path / "ct")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.bfloat16,
+                                                  quantization_config=CompressedTensorsConfig(dequantize=True))
+    with view_of(lm.adapter, mod):
+        for name, p in lm.model.named_parameters():
+            if "proj" in name:
+                assert torch.equal(loaded.get_parameter(name), p), name

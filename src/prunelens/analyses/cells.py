@@ -141,6 +141,11 @@ def _claim_file(cell: Path) -> Path:
     return cell.with_name(cell.name + ".claim")
 
 
+def claim_path(cell: Path) -> Path:
+    """Where a worker's claim on ``cell`` lies (a job killed on another host leaves it behind)."""
+    return _claim_file(cell)
+
+
 def _me() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid()}
 

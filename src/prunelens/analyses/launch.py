@@ -23,6 +23,7 @@ from prunelens.errors import PrunelensError
 
 try:
     import submitit
+    from submitit.core.utils import FailedJobError
     from submitit.helpers import CommandFunction
 except ImportError:  # the optional cluster extra
     submitit = None
@@ -50,8 +51,11 @@ def add_launch_args(p: argparse.ArgumentParser) -> None:
 
 
 def minutes(text: str) -> int:
-    """Slurm's ``[D-]H:MM:SS`` / ``H:MM`` / ``MM`` time as whole minutes (rounded up)."""
-    days, _, rest = text.rpartition("-")
+    """A Slurm time limit as whole minutes (rounded up), in sbatch's forms: M, M:S, H:M:S, D-H,
+    D-H:M, D-H:M:S."""
+    days, dash, rest = text.partition("-")
+    if not dash:
+        days, rest = "", text
     try:
         parts = [int(x) for x in rest.split(":")]
         d = int(days) if days else 0
@@ -59,7 +63,10 @@ def minutes(text: str) -> int:
         raise PrunelensError(f"--slurm-time takes [D-]H:MM:SS, got '{text}'") from None
     if not 1 <= len(parts) <= 3 or min(parts + [d]) < 0:
         raise PrunelensError(f"--slurm-time takes [D-]H:MM:SS, got '{text}'")
-    h, m, s = ([0] * (3 - len(parts)) + parts) if len(parts) > 1 else (0, parts[0], 0)
+    if dash:  # after a day count the first field is hours
+        h, m, s = (parts + [0, 0])[:3]
+    else:
+        h, m, s = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
     total = d * 1440 + h * 60 + m + (1 if s else 0)
     if total < 1:
         raise PrunelensError(f"--slurm-time '{text}' is shorter than a minute")
@@ -122,21 +129,22 @@ def launch(argv: Sequence[str], shards: Sequence[str], args: argparse.Namespace,
     except RuntimeError as e:  # submitit's check for srun/sbatch: not on a Slurm login node
         raise PrunelensError(f"--launch {cluster}: {str(e).strip().splitlines()[0]} (--launch local runs the "
                              "same jobs on this machine)") from None
-    params: dict[str, Any] = {"name": "prunelens", "timeout_min": minutes(args.slurm_time)}
+    # one task per job: Slurm refuses --gpus-per-task without a task count
+    params: dict[str, Any] = {"name": "prunelens", "timeout_min": minutes(args.slurm_time), "tasks_per_node": 1}
     if cluster == "slurm":
         opt = {"slurm_partition": args.slurm_partition, "slurm_gpus_per_task": args.slurm_gpus_per_task,
                "slurm_cpus_per_task": args.slurm_cpus_per_task, "slurm_mem_gb": args.slurm_mem_gb,
                "slurm_array_parallelism": args.slurm_array_parallelism}
         params.update({k: v for k, v in opt.items() if v is not None})
     ex.update_parameters(**params)
-    env = dict(os.environ)
+    env = None  # a Slurm job keeps the environment its node gives it (GPUs, scratch), nothing pickled
     if cluster == "local":  # local processes share this machine's cores: split them, never oversubscribe
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(shards)))
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(shards)))}
     command = [sys.executable, "-m", "prunelens.cli", *without_launch(argv), "--shard"]
-    fn = CommandFunction(command, verbose=False, cwd=os.getcwd(), env=env)
+    fn = CommandFunction(command, verbose=True, cwd=os.getcwd(), env=env)  # verbose: output streams to the log
     try:
         jobs = ex.map_array(fn, list(shards))
-    except (OSError, subprocess.SubprocessError) as e:  # sbatch refused (partition, limits…)
+    except (OSError, subprocess.SubprocessError, FailedJobError) as e:  # sbatch refused
         detail = getattr(e, "output", b"") or b""
         text = detail.decode(errors="replace") if isinstance(detail, bytes) else str(detail)
         raise PrunelensError(f"--launch {cluster}: submission failed: "

@@ -335,6 +335,9 @@ def _launch(args: argparse.Namespace, spec: SweepSpec, out: Path) -> int:
     command = list(args.argv)
     _, grid, opened = plan_sweep(spec, out, command=command)
     left = [i for i, (a, t) in enumerate(grid) if not cell_path(out, a, t).is_file()]
+    if not left:
+        print(f"sweep: every cell is finished; `prunelens report {out}` shows them")
+        return 0
     n = args.jobs or (len(left) if args.launch == "slurm" else 2)
     if n < 1:
         raise PrunelensError(f"--jobs must be at least 1, got {n}")

@@ -12,6 +12,7 @@ from typing import Any
 
 from prunelens.analyses.base import read_checked
 from prunelens.analyses.cells import (
+    claim_path,
     claimed_by,
     data_hashes,
     environment,
@@ -107,8 +108,10 @@ def incomplete(out: Path, spec: SweepSpec, command: list[str] | None) -> list[st
                 continue
             why = failure(p)
             held = claimed_by(p)
-            lines.append(f"  {a}/{t}: " + (f"failed: {why}" if why else f"running on {held}" if held
-                                           else "missing (never finished)"))
+            lines.append(f"  {a}/{t}: " + (
+                f"failed: {why}" if why else
+                f"claimed by {held} (if that job is gone, delete {claim_path(p)})" if held else
+                "missing (never finished)"))
     if not lines:
         return []
     n = len(spec.amounts) * len(spec.tasks)

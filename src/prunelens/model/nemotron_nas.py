@@ -100,7 +100,11 @@ def nas_to_safetensors(path: str | Path, cache: Path) -> Path:
         for q in files:  # tokenizer and generation files, as they are
             if q.name != "config.json" and not q.name.startswith("model"):
                 shutil.copy2(q, tmp / q.name)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process converted it meanwhile: keep theirs
+            if not (out / "config.json").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -25,6 +25,7 @@ import torch
 
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
+from prunelens.model.placement import is_dispatched
 from prunelens.model.views import Modification
 from prunelens.prune.checkpoint import pruned_state_and_config, save_tensors
 from prunelens.prune.plan import DropPlan
@@ -58,6 +59,22 @@ def check_recipe(steps: list[Any]) -> None:
                              "--format hf (vLLM serves that as it is)")
 
 
+def check_model(lm: LoadedModel, steps: list[Any]) -> None:
+    """What the loaded model makes impossible, before any quantisation work: an offloaded or
+    device-mapped model (the export reads the whole state dict), and a group size that does not
+    divide some layer's input width (compressed-tensors packs whole groups)."""
+    if is_dispatched(lm.model):
+        raise PrunelensError("--format compressed-tensors reads the whole model at once: load it on one device "
+                             "(no --device auto / --offload-dir), or save --format hf and pack with llm-compressor")
+    groups = {s.value.quant.group_size for s in steps if s.method.name in ("rtn", "gptq")} - {-1}
+    for name, mod in lm.model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.startswith(lm.adapter.spec.layers):
+            bad = [g for g in groups if mod.in_features % g]
+            if bad:
+                raise PrunelensError(f"--format compressed-tensors: {name} has {mod.in_features} inputs, not a "
+                                     f"multiple of the group size {bad[0]} (compressed-tensors packs whole groups)")
+
+
 def _quant_patch(parts: list[Any]) -> WeightPatch:
     """The one quantisation patch whose grids the file packs."""
     quant = [p for p in parts if isinstance(p, WeightPatch) and p.method.quant is not None]
@@ -88,15 +105,15 @@ def _packed(w: torch.Tensor, grid: dict[str, torch.Tensor], spec: QuantSpec, sch
     if in_f % g:
         raise PrunelensError(f"--format compressed-tensors: {name} has {in_f} inputs, not a multiple of the group "
                              f"size {g} (compressed-tensors packs whole groups)")
-    scale, zero = grid["scale"].float(), grid["zero"].float()
+    scale, zero = grid["scale"].float().cpu(), grid["zero"].float().cpu()
     s, z = scale.repeat_interleave(g, 1), zero.repeat_interleave(g, 1)
-    w = w.float()
-    q = torch.clamp(torch.round(w / s) + z, 0, 2 ** spec.bits - 1)
-    if not torch.equal(s * (q - z), w):
+    q = torch.clamp(torch.round(w.detach().float().cpu() / s) + z, 0, 2 ** spec.bits - 1)
+    grid_w = s * (q - z)  # the fp32 grid the quantiser computed; the model holds it in its own dtype
+    if not torch.equal(grid_w.to(w.dtype), w.detach().cpu()):
         raise PrunelensError(f"--format compressed-tensors: {name}'s weights are off their quantisation grid "
                              "(modified after quantising?); save with --format hf")
     half = 2 ** (spec.bits - 1)  # compressed-tensors' codes and zero points are signed
-    state = {"weight": w, "weight_scale": scale if g != in_f else scale.reshape(out_f, 1)}
+    state = {"weight": grid_w, "weight_scale": scale if g != in_f else scale.reshape(out_f, 1)}
     if not spec.symmetric:
         state["weight_zero_point"] = (zero - half).to(torch.int8)
     return PackedQuantizationCompressor.compress(state, scheme)

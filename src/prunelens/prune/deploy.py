@@ -8,8 +8,8 @@ from prunelens.prune.recipe import Recipe
 
 # kind of change -> (the --format that realises it, where it then runs faster)
 ROUTES = {
-    "sublayer": ("gguf", "llama.cpp/Ollama hold no weights or KV cache for a dropped attention; --format "
-                 "nemotron-nas does the same for vLLM/SGLang/TensorRT-LLM"),
+    "sublayer": ("gguf", "llama.cpp/Ollama hold no weights or KV cache for a dropped attention (an HF base "
+                 "adds --gguf-vocab BASE.gguf); --format nemotron-nas does the same for vLLM/SGLang/TensorRT-LLM"),
     "block": ("gguf", "fewer layers in every engine; --format hf for vLLM"),
     "quant": ("compressed-tensors", "vLLM serves the packed int4/int8 weights"),
     "awq": ("hf", "dense: AWQ's channel scales have no packed export here"),

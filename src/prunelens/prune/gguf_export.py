@@ -227,8 +227,8 @@ def _tensors(lm: LoadedModel, lay: Layout, fam: Family) -> Iterator[tuple[str, t
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if target is None:
             raise PrunelensError(f"--format gguf: no llama.cpp name for tensor '{name}'")
-        if rope_rows and (".q_proj." in name or ".k_proj." in name):
-            t = torch.from_numpy(interleave_rope_rows(t.numpy(), heads if ".q_proj." in name else kv))
+        if rope_rows and (".q_proj." in name or ".k_proj." in name):  # fp32: numpy has no bfloat16
+            t = torch.from_numpy(interleave_rope_rows(t.float().numpy(), heads if ".q_proj." in name else kv))
         yield target, t
     yield from _stand_ins(config, lay)
 

@@ -26,6 +26,7 @@ import torch
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
 from prunelens.model.nemotron_nas import FAMILIES, HUB_CODE, ffn_width
+from prunelens.model.placement import is_dispatched
 from prunelens.model.views import Modification
 from prunelens.prune.checkpoint import METADATA_KEY, pruned_state_and_config, save_tensors
 from prunelens.prune.plan import DropPlan
@@ -38,7 +39,8 @@ def _block_config(attn_off: bool, mlp_off: bool, group: int, mult: float) -> dic
             "ffn": {"no_op": mlp_off, "replace_with_linear": False, "ffn_mult": None if mlp_off else mult}}
 
 
-def nas_config(config: Any, skip: DropPlan, n_layers: int, meta: dict[str, Any]) -> tuple[dict[str, Any], int]:
+def nas_config(config: Any, skip: DropPlan, n_layers: int, meta: dict[str, Any], dtype: torch.dtype = torch.float32
+               ) -> tuple[dict[str, Any], int]:
     """The nemotron-nas config.json for the pruned base, and the (padded) MLP width it declares."""
     heads, hidden = config.num_attention_heads, config.hidden_size
     kv = getattr(config, "num_key_value_heads", None) or heads
@@ -58,7 +60,8 @@ def nas_config(config: Any, skip: DropPlan, n_layers: int, meta: dict[str, Any])
         "rms_norm_eps": config.rms_norm_eps, "rope_theta": theta,
         "rope_scaling": None, "hidden_act": config.hidden_act, "tie_word_embeddings": config.tie_word_embeddings,
         "attention_bias": bias, "o_proj_bias": bias, "mlp_bias": False,
-        "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "torch_dtype": "float32",
+        "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
         "block_configs": [_block_config(i in skip.attn, i in skip.mlp, heads // kv, mult) for i in range(n_layers)],
         METADATA_KEY: {**meta, "base_model_type": config.model_type, "intermediate_size": config.intermediate_size},
     }, width
@@ -90,6 +93,18 @@ def _nas_state(state: dict[str, torch.Tensor], skip: DropPlan, n_layers: int, pr
     return out
 
 
+def check_model(lm: LoadedModel) -> None:
+    """Refusals before any pruning work: another family, RoPE scaling or sliding windows, biases
+    DeciLM cannot declare, and a model spread over devices (the export reads it whole)."""
+    config = lm.adapter.config
+    if is_dispatched(lm.model):
+        raise PrunelensError("--format nemotron-nas reads the whole model at once: load it on one device "
+                             "(no --device auto / --offload-dir)")
+    if getattr(config, "mlp_bias", False) or config.model_type == "llama" and getattr(config, "attention_bias", False):
+        raise PrunelensError("--format nemotron-nas: MLP or o_proj biases of this Llama have no DeciLM form")
+    check_family(config)
+
+
 def check_family(config: Any) -> None:
     if config.model_type not in FAMILIES:
         raise PrunelensError(f"--format nemotron-nas supports {', '.join(FAMILIES)} models (DeciLM is Llama's "
@@ -103,7 +118,7 @@ def save_nemotron_nas(lm: LoadedModel, modification: Modification, out: str | Pa
     """Write the modified model as a nemotron-nas checkpoint directory (atomically)."""
     adapter, out = lm.adapter, Path(out)
     config = adapter.config
-    check_family(config)
+    check_model(lm)
     parts = modification.parts()
     drops = [p for p in parts if isinstance(p, DropPlan)]
     plan = drops[0] if drops else DropPlan()
@@ -115,7 +130,7 @@ def save_nemotron_nas(lm: LoadedModel, modification: Modification, out: str | Pa
         meta = getattr(pruned, METADATA_KEY)
         skip = DropPlan(attn=tuple(meta["skip"]["attn"]), mlp=tuple(meta["skip"]["mlp"]))
         n = pruned.num_hidden_layers
-        cfg, width = nas_config(config, skip, n, meta)
+        cfg, width = nas_config(config, skip, n, meta, next(iter(state.values())).dtype)
         tensors = _nas_state(state, skip, n, adapter.spec.layers + ".", width, cfg["attention_bias"],
                              bool(config.tie_word_embeddings))
         with atomic_dir(out) as tmp:

@@ -73,6 +73,16 @@ def _read(path: Path) -> tuple[gguf.GGUFReader, dict[str, gguf.ReaderTensor]]:
     return r, {t.name: t for t in r.tensors}
 
 
+def _same_logits(lm: LoadedModel, plan: DropPlan, path: Path, ids: torch.Tensor, tol: float) -> None:
+    """transformers' GGUF loader reads the file back with the logits of prunelens's pruned view."""
+    with view_of(lm.adapter, plan), torch.no_grad():
+        want = lm.model(ids).logits
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with torch.no_grad():
+        got = loaded(ids).logits
+    assert torch.allclose(got, want, atol=tol, rtol=tol), float((got - want).abs().max())
+
+
 def _field(r: gguf.GGUFReader, key: str):
     return r.fields[key].contents()
 
@@ -90,12 +100,7 @@ def test_block_drop_is_the_own_architecture_and_loads_in_transformers_with_the_p
     # the written layer 1 is the model's layer 3
     down = tensors["blk.1.ffn_down.weight"]
     assert np.array_equal(np.asarray(down.data), lm.model.model.layers[3].mlp.down_proj.weight.numpy())
-    with view_of(lm.adapter, plan), torch.no_grad():
-        want = lm.model(IDS).logits
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
-    with torch.no_grad():
-        got = loaded(IDS).logits
-    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), float((got - want).abs().max())
+    _same_logits(lm, plan, tmp_path / "m.gguf", IDS, 1e-4)
 
 
 def test_sublayer_drops_are_deci_with_absent_attention_and_a_zero_mlp(vocab: Path, tmp_path: Path) -> None:
@@ -199,12 +204,7 @@ def test_the_bundled_model_exports_with_its_tokenizer_and_loads_with_the_pruned_
         assert r.fields[key].contents() == src.fields[key].contents(), key
     assert _field(r, "llama.block_count") == real_lm.adapter.n_layers - 3
     ids = real_lm.tokenizer("The capital of France is Paris; of Italy,", return_tensors="pt").input_ids
-    with view_of(real_lm.adapter, plan), torch.no_grad():
-        want = real_lm.model(ids).logits
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
-    with torch.no_grad():
-        got = loaded(ids).logits
-    assert torch.allclose(got, want, atol=1e-3, rtol=1e-3), float((got - want).abs().max())
+    _same_logits(real_lm, plan, out, ids, 1e-3)
     # attention drops of the same model: deci, no attention tensors in the dropped layers
     assert main(["prune", "--recipe", "attn@0,9", "--format", "gguf", "--gguf-type", "q8_0",
                  "--out", str(tmp_path / "a.gguf")]) == 0

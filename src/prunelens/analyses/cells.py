@@ -137,13 +137,9 @@ class CellCache:
 # --- claims: several workers on one cache directory ---------------------------------------------
 
 
-def _claim_file(cell: Path) -> Path:
-    return cell.with_name(cell.name + ".claim")
-
-
 def claim_path(cell: Path) -> Path:
     """Where a worker's claim on ``cell`` lies (a job killed on another host leaves it behind)."""
-    return _claim_file(cell)
+    return cell.with_name(cell.name + ".claim")
 
 
 def _me() -> dict[str, Any]:
@@ -211,7 +207,7 @@ def claim(cell: Path) -> bool:
     O_EXCL creation is atomic on local and NFS v3+ file systems. A claim left by a dead worker on
     this host is moved aside (atomically, so of two workers reclaiming it only one wins) and retaken.
     """
-    lock = _claim_file(cell)
+    lock = claim_path(cell)
     for _ in range(3):
         if cell.is_file():
             return False
@@ -246,7 +242,7 @@ def claim(cell: Path) -> bool:
 
 def release(cell: Path) -> None:
     """Drop this worker's claim on ``cell`` (after writing it, or when its computation failed)."""
-    lock = _claim_file(cell)
+    lock = claim_path(cell)
     held = _holder(lock)
     if held is not None and {k: held.get(k) for k in ("host", "pid")} == _me():
         lock.unlink(missing_ok=True)
@@ -254,7 +250,7 @@ def release(cell: Path) -> None:
 
 def claimed_by(cell: Path) -> str | None:
     """``host:pid`` of the live worker holding an unfinished cell, else None."""
-    held = _holder(_claim_file(cell))
+    held = _holder(claim_path(cell))
     if not held or cell.is_file() or not _alive(held):
         return None
     return f"{held.get('host')}:{held.get('pid')}"

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from prunelens.errors import PrunelensError
+from prunelens.runs import atomic_dir
 
 FAMILIES = ("llama", "qwen2")
 # NVIDIA's DeciLM code on the Hub, by reference (nothing of it is copied here); engines ship their own
@@ -92,19 +91,10 @@ def nas_to_safetensors(path: str | Path, cache: Path) -> Path:
     if (out / "config.json").exists():
         return out
     config, state = _read(path, json.loads((path / "config.json").read_text()))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    try:
+    with atomic_dir(out) as tmp:  # a job converting the same file at once replaces it with the same content
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         config.save_pretrained(tmp)
         for q in files:  # tokenizer and generation files, as they are
             if q.name != "config.json" and not q.name.startswith("model"):
                 shutil.copy2(q, tmp / q.name)
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process converted it meanwhile: keep theirs
-            if not (out / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

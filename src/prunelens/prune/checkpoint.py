@@ -9,9 +9,11 @@ lives here rather than in ``model.loading``, which knows nothing of pruning.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +26,14 @@ from prunelens.model import loading
 from prunelens.model.arch import Adapter
 from prunelens.model.loading import LoadedModel
 from prunelens.model.placement import is_dispatched, state_tensors
+from prunelens.model.views import Modification
 from prunelens.prune.plan import DropPlan, install_permanently
 from prunelens.runs import atomic_dir
 
 METADATA_KEY = "prunelens"
 
 
-def _renamer(adapter: Adapter, plan: DropPlan) -> tuple[Any, list[int], dict[int, int]]:
+def renamer(adapter: Adapter, plan: DropPlan) -> tuple[Any, list[int], dict[int, int]]:
     """For each state-dict name: its name in the pruned checkpoint and whether it is zeroed, or None
     if its block is dropped; also the kept blocks and their new indices."""
     spec, prefix = adapter.spec, adapter.spec.layers + "."
@@ -80,6 +83,19 @@ def _check_dense(adapter: Adapter, plan: DropPlan) -> None:
                              "prune and save from the dense model instead")
 
 
+@contextlib.contextmanager
+def merged(adapter: Adapter, modification: Modification | None) -> Iterator[DropPlan]:
+    """The modification's weight parts entered (the model holds their weights while the block runs)
+    and its drop plan, which every saver writes in its own way (removed, zeroed, no-op, deci)."""
+    parts = modification.parts() if modification is not None else []
+    drops = [p for p in parts if isinstance(p, DropPlan)]
+    with contextlib.ExitStack() as stack:
+        for p in parts:
+            if not isinstance(p, DropPlan):
+                stack.enter_context(p.view(adapter))
+        yield drops[0] if drops else DropPlan()
+
+
 def pruned_state_and_config(adapter: Adapter, plan: DropPlan,
                             extra_meta: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], Any]:
     """State dict and config of the pruned model as plain transformers understands it.
@@ -89,7 +105,7 @@ def pruned_state_and_config(adapter: Adapter, plan: DropPlan,
     the live model except for the zero tensors created here.
     """
     _check_dense(adapter, plan)
-    rename, keep, new_index = _renamer(adapter, plan)
+    rename, keep, new_index = renamer(adapter, plan)
     state: dict[str, torch.Tensor] = {}
     for name, tensor in adapter.model.state_dict(keep_vars=False).items():
         r = rename(name)
@@ -120,7 +136,7 @@ def save_sharded(adapter: Adapter, plan: DropPlan, out_dir: str | Path,
     from huggingface_hub.constants import SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE
 
     _check_dense(adapter, plan)
-    rename, keep, new_index = _renamer(adapter, plan)
+    rename, keep, new_index = renamer(adapter, plan)
     config = _pruned_config(adapter, plan, keep, new_index, extra_meta)
     model, out = adapter.model, Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

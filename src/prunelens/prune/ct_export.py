@@ -16,7 +16,6 @@ the weights here, off any grid; and compressed-tensors no longer has sparse layo
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,7 @@ from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
 from prunelens.model.placement import is_dispatched
 from prunelens.model.views import Modification
-from prunelens.prune.checkpoint import pruned_state_and_config, save_tensors
-from prunelens.prune.plan import DropPlan
+from prunelens.prune.checkpoint import merged, pruned_state_and_config, renamer, save_tensors
 from prunelens.prune.quant import QuantSpec
 from prunelens.prune.weights import WeightPatch
 from prunelens.runs import atomic_dir
@@ -125,26 +123,19 @@ def save_compressed_tensors(lm: LoadedModel, modification: Modification, out: st
     if ModelCompressor is None:
         raise PrunelensError("--format compressed-tensors needs compressed-tensors: "
                              "pip install 'prunelens[candidates]'")
-    parts = modification.parts()
-    drops = [p for p in parts if isinstance(p, DropPlan)]
-    plan = drops[0] if drops else DropPlan()
-    if plan.attn or plan.mlp:
-        raise PrunelensError(SUBLAYERS)
-    patch = _quant_patch(parts)
+    patch = _quant_patch(modification.parts())
     spec, scheme = patch.method.quant, scheme_of(patch.method.quant)
     assert spec is not None
     adapter, out = lm.adapter, Path(out)
-    keep = [i for i in range(adapter.n_layers) if i not in plan.block]
-    prefix = adapter.spec.layers + "."
+    with merged(adapter, modification) as plan:
+        if plan.attn or plan.mlp:
+            raise PrunelensError(SUBLAYERS)
+        rename = renamer(adapter, plan)[0]
 
-    def renamed(path: str) -> str | None:
-        idx, rest = path[len(prefix):].split(".", 1)
-        return f"{prefix}{keep.index(int(idx))}.{rest}" if int(idx) in keep else None
+        def renamed(path: str) -> str | None:  # a module's path in the saved checkpoint (None: block dropped)
+            r = rename(path + ".weight")
+            return None if r is None else r[0].removesuffix(".weight")
 
-    with contextlib.ExitStack() as stack:
-        for p in parts:
-            if not isinstance(p, DropPlan):
-                stack.enter_context(p.view(adapter))
         state, config = pruned_state_and_config(adapter, plan)
         packed_bytes, n_weights = 0, 0
         for path, grid in patch.grids.items():
@@ -159,7 +150,7 @@ def save_compressed_tensors(lm: LoadedModel, modification: Modification, out: st
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # one tensor in the file, as transformers saves tied weights
     linears = [n for n, m in adapter.model.named_modules() if isinstance(m, torch.nn.Linear) and n not in patch.grids]
-    ignore = sorted({n if not n.startswith(prefix) else renamed(n) for n in linears} - {None})
+    ignore = sorted({renamed(n) for n in linears} - {None})
     qcfg = QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore, format="pack-quantized",
                               quantization_status="compressed")
     info = {"layers_packed": len([p for p in patch.grids if renamed(p)]), "scheme": spec.label(),

@@ -20,9 +20,7 @@ interleaved RoPE where the target architecture uses it (llama, deci), as llama.c
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +34,9 @@ from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
 from prunelens.model.placement import state_tensors
 from prunelens.model.views import Modification
+from prunelens.prune.checkpoint import merged
 from prunelens.prune.plan import DropPlan
+from prunelens.runs import atomic_write_with
 
 Q = gguf.GGMLQuantizationType
 # tensor types offered: (type of 2-D weights, type of the token embedding, llama.cpp's file type)
@@ -73,6 +73,7 @@ class Layout:
     """What the file holds per layer (indices of the written layers): the source layer, and the
     per-layer arrays; ``arch`` is the family's own one or ``deci``."""
 
+    family: Family
     arch: Any
     keep: list[int]
     attn_off: set[int] = field(default_factory=set)
@@ -111,7 +112,7 @@ def layout(config: Any, plan: DropPlan) -> Layout:
     gone = set(plan.block) | (set(plan.attn) & set(plan.mlp))
     keep = [i for i in range(n) if i not in gone]
     new = {old: k for k, old in enumerate(keep)}
-    out = Layout(fam.arch, keep, {new[i] for i in plan.attn if i in new}, {new[i] for i in plan.mlp if i in new})
+    out = Layout(fam, fam.arch, keep, {new[i] for i in plan.attn if i in new}, {new[i] for i in plan.mlp if i in new})
     if out.attn_off or out.mlp_off:
         if not fam.deci:
             raise PrunelensError(f"--format gguf: {config.model_type} has no llama.cpp architecture for "
@@ -132,7 +133,7 @@ def interleave_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, d // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _array(t: torch.Tensor, qtype: Any, name: str) -> tuple[np.ndarray, Any]:
+def _array(t: torch.Tensor, qtype: Any) -> tuple[np.ndarray, Any]:
     """The tensor in the requested type through gguf-py's own quantisers; 1-D tensors (norms,
     biases) stay F32 as llama.cpp keeps them, rows a block does not divide fall back to F16."""
     a = t.detach().to(torch.float32).cpu().numpy()
@@ -199,12 +200,12 @@ def _hparams(w: gguf.GGUFWriter, config: Any, lay: Layout, file_type: Any) -> No
     w.add_file_type(file_type)
 
 
-def _tensors(lm: LoadedModel, lay: Layout, fam: Family) -> Iterator[tuple[str, torch.Tensor]]:
+def _tensors(lm: LoadedModel, lay: Layout) -> Iterator[tuple[str, torch.Tensor]]:
     """(GGUF name, tensor) of every tensor the file holds, the stand-in zeros included."""
     config, prefix = lm.adapter.config, lm.adapter.spec.layers + "."
     names = gguf.get_tensor_name_map(lay.arch, len(lay.keep))
     new = {old: k for k, old in enumerate(lay.keep)}
-    rope_rows = fam.interleaved_rope or lay.deci
+    rope_rows = lay.family.interleaved_rope or lay.deci
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     tied = getattr(config, "tie_word_embeddings", False)
@@ -251,30 +252,21 @@ def save_gguf(lm: LoadedModel, modification: Modification | None, out: str | Pat
     """Write the modified model as one GGUF file (atomically: a temp file renamed at the end)."""
     if tensor_type not in TENSOR_TYPES:
         raise PrunelensError(f"--gguf-type {tensor_type}: offered are {', '.join(TENSOR_TYPES)}")
-    parts = modification.parts() if modification is not None else []
-    drops = [p for p in parts if isinstance(p, DropPlan)]
-    plan = drops[0] if drops else DropPlan()
-    fam, lay = family_of(lm.adapter.config), layout(lm.adapter.config, plan)
     src = vocab_source(lm, vocab)
     weight_type, embed_type, file_type = TENSOR_TYPES[tensor_type]
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[lay.arch], use_temp_file=True)
-    try:
-        _copy_vocab(w, src, gguf.MODEL_ARCH_NAMES[fam.arch])
-        _hparams(w, lm.adapter.config, lay, file_type)
-        with contextlib.ExitStack() as stack:
-            for p in parts:
-                if not isinstance(p, DropPlan):
-                    stack.enter_context(p.view(lm.adapter))
-            for name, t in _tensors(lm, lay, fam):
-                data, qtype = _array(t, embed_type if name.startswith("token_embd") else weight_type, name)
+
+    def write(tmp: Path) -> None:
+        with merged(lm.adapter, modification) as plan:
+            lay = layout(lm.adapter.config, plan)
+            w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[lay.arch], use_temp_file=True)
+            _copy_vocab(w, src, gguf.MODEL_ARCH_NAMES[lay.family.arch])
+            _hparams(w, lm.adapter.config, lay, file_type)
+            for name, t in _tensors(lm, lay):
+                data, qtype = _array(t, embed_type if name.startswith("token_embd") else weight_type)
                 w.add_tensor(name, data, raw_dtype=qtype if qtype not in (Q.F32, Q.F16) else None)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+
+    return atomic_write_with(Path(out), write)

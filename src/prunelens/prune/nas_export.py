@@ -16,7 +16,6 @@ dropped units, the sublayers to skip), from which ``model.nemotron_nas`` loads t
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from prunelens.model.loading import LoadedModel
 from prunelens.model.nemotron_nas import FAMILIES, HUB_CODE, ffn_width
 from prunelens.model.placement import is_dispatched
 from prunelens.model.views import Modification
-from prunelens.prune.checkpoint import METADATA_KEY, pruned_state_and_config, save_tensors
+from prunelens.prune.checkpoint import METADATA_KEY, merged, pruned_state_and_config, save_tensors
 from prunelens.prune.plan import DropPlan
 from prunelens.runs import atomic_dir
 
@@ -119,13 +118,7 @@ def save_nemotron_nas(lm: LoadedModel, modification: Modification, out: str | Pa
     adapter, out = lm.adapter, Path(out)
     config = adapter.config
     check_model(lm)
-    parts = modification.parts()
-    drops = [p for p in parts if isinstance(p, DropPlan)]
-    plan = drops[0] if drops else DropPlan()
-    with contextlib.ExitStack() as stack:
-        for p in parts:
-            if not isinstance(p, DropPlan):
-                stack.enter_context(p.view(adapter))
+    with merged(adapter, modification) as plan:
         state, pruned = pruned_state_and_config(adapter, plan)
         meta = getattr(pruned, METADATA_KEY)
         skip = DropPlan(attn=tuple(meta["skip"]["attn"]), mlp=tuple(meta["skip"]["mlp"]))

@@ -13,7 +13,6 @@ the dense model). A spec may not appear twice.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ from prunelens.data import calibration_ids, read_text_file, read_texts
 from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
 from prunelens.prune.base import Composite, Modification, Spec, combine, view_of
-from prunelens.prune.checkpoint import save_pruned
+from prunelens.prune.checkpoint import merged, save_pruned
 from prunelens.prune.drop import LAYER_ITEM, DropPlan, DropRequest, parse_drop
 from prunelens.prune.importance import METRICS
 from prunelens.prune.importance import select_drop as _select_drop
@@ -269,15 +268,10 @@ def _calibration(cal: Calibration | None, kw: dict[str, Any]) -> Calibration:
 
 def save_modified(lm: LoadedModel, modification: Modification, out_dir: str | Path) -> Path:
     """Save any modification (layer drops and/or weight patches) as a plain HF checkpoint."""
-    parts = modification.parts()
-    drops = [p for p in parts if isinstance(p, DropPlan)]
-    patches = [p for p in parts if not isinstance(p, DropPlan)]
+    patches = [p for p in modification.parts() if not isinstance(p, DropPlan)]
     extra = {"weights": [p.saved_meta() for p in patches]} if patches else None  # type: ignore[attr-defined]
-    with contextlib.ExitStack() as stack:
-        for p in patches:
-            stack.enter_context(p.view(lm.adapter))
-        return save_pruned(lm.adapter, drops[0] if drops else DropPlan(), out_dir, lm.tokenizer,
-                           extra_meta=extra)
+    with merged(lm.adapter, modification) as plan:
+        return save_pruned(lm.adapter, plan, out_dir, lm.tokenizer, extra_meta=extra)
 
 
 def footprint(lm: LoadedModel, modification: Modification) -> dict[str, float]:

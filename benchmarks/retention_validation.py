@@ -38,6 +38,7 @@ from prunelens.runs import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 GRIDS = {"smollm2-135m": "docs/sweeps/predictor-smollm2",
+         "gemma3-270m": "docs/sweeps/predictor-gemma3-270m",
          "qwen2.5-coder-1.5b": "docs/sweeps/predictor-qwen1.5b-pool500"}
 CANDIDATE_FEATURES = (("tf_kl",), ("tf_kl_early",), ("tf_taylor_kl",), ("tf_top1_disagree",),
                       ("fr_token_disagree",), ("tf_kl", "tf_top1_disagree"))
@@ -76,7 +77,7 @@ def main() -> None:
         cov = interval_coverage(rs, coverage=a.coverage)
         out["models"][model] = {"fit": fit, "nested_coverage": cov, "n_questions": len(rs[0]["gen_hits"])}
         fits[model] = {k: fit[k] for k in ("features", "weights", "coverage", "radius", "log_range", "n_rows",
-                                           "methods", "lomo_mae")}
+                                           "methods", "lomo_mae", "scatter")}
         fits[model]["grid"] = GRIDS[model]
         print(f"{model:20s} {len(rs)} prunings, {len(fit['methods'])} methods, {len(rs[0]['gen_hits'])} questions: "
               f"LOMO MAE {fit['lomo_mae']:.3f} (goal <= 0.10); {a.coverage:.0%} interval ±{fit['radius']:.3f}; "
@@ -88,7 +89,7 @@ def main() -> None:
             out["feature_table"].append({"model": model, "features": list(feats), "lomo_mae": f2["lomo_mae"],
                                          "radius": f2["radius"], "coverage_held_out": c2["coverage_held_out"]})
     names = list(rows)
-    for tr, te in ((names[0], names[1]), (names[1], names[0])):
+    for tr, te in ((x, y) for x in names for y in names if x != y):
         fit = out["models"][tr]["fit"]
         plain = [abs(predict_retention(fit, r)[0] - measured(r)) for r in rows[te]]
         anch = []
@@ -99,7 +100,7 @@ def main() -> None:
         out["transfer"].append(row)
         print(f"held-out family: fit on {tr} -> {te}: MAE {row['mae']:.3f}; intercept re-fitted on one "
               f"method of {te} (mean over anchors): {row['mae_one_anchor']:.3f}")
-    fig, axes = subplots(1, 2, figsize=(9, 4))
+    fig, axes = subplots(1, len(names), figsize=(4.5 * len(names), 4))
     for ax, model in zip(axes, names, strict=True):
         f = out["models"][model]["fit"]
         meas, pred = np.array(f["measured"]), np.array(f["lomo_predictions"])

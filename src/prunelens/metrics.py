@@ -369,3 +369,32 @@ def subspace_metrics(z_dense: Tensor, z_pruned: Tensor, idx: Tensor,
         "mass_dense": (torch.logsumexp(sd, -1) - torch.logsumexp(zd, -1)).exp(),
         "mass_pruned": (torch.logsumexp(sp, -1) - torch.logsumexp(zp, -1)).exp(),
     }
+
+
+def expected_calibration_error(confidence: Sequence[float], correct: Sequence[float], bins: int = 10) -> float:
+    """ECE: Σ_b (n_b / n)·|accuracy_b − mean confidence_b| over equal-width confidence bins (the last
+    bin closed). Pruning can keep accuracy while its probabilities stop meaning what they say."""
+    c = torch.tensor(list(confidence), dtype=torch.float64)
+    y = torch.tensor(list(correct), dtype=torch.float64)
+    if c.numel() == 0 or c.shape != y.shape:
+        raise ValueError("ECE needs one confidence per outcome, and at least one")
+    b = torch.clamp((c * bins).long(), max=bins - 1)
+    err = torch.zeros((), dtype=torch.float64)
+    for i in range(bins):
+        m = b == i
+        if m.any():
+            err += m.sum() / c.numel() * (y[m].mean() - c[m].mean()).abs()
+    return float(err)
+
+
+def rank_at_first_divergence(z: Tensor, tokens: Tensor) -> tuple[int, int] | None:
+    """(step, rank) where a model teacher-forced on a reference continuation first prefers another
+    token: the reference token's 1-based rank in its logits ``z`` [T, V] there (ties count against
+    it); None when its top token follows the reference at every step. A rank of 2–5 means the
+    answer was demoted, not erased."""
+    top = z.argmax(-1)
+    off = (top != tokens).nonzero()
+    if off.numel() == 0:
+        return None
+    t = int(off[0, 0])
+    return t, int((z[t] >= z[t, tokens[t]]).sum())

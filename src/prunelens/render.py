@@ -74,6 +74,7 @@ tr.group th{background:#e8eef7;text-align:left}
 .diff{background:#ffe2b8}
 img{max-width:100%;height:auto;border:1px solid #eee}
 .reading{background:#f5f8ff;border-left:4px solid #6c8ebf;padding:.5em .8em;margin:.5em 0}
+.verdict{font-size:1.1em;background:#f3faf6;border-left:4px solid #2a7;padding:.5em .8em;margin:.5em 0}
 .scroll{overflow-x:auto}
 .drop{background:#ffd9d9;font-weight:600}
 details{margin:.5em 0}summary{cursor:pointer;font-weight:600}

@@ -9,10 +9,13 @@ import pytest
 import torch
 
 from prunelens.analyses import advise as adv
+from prunelens.analyses import advise_page
 from prunelens.cli import main
 from prunelens.errors import PrunelensError
 from prunelens.prune.checkpoint import load_model
-from prunelens.testing import save_tiny
+from prunelens.testing import save_tiny, shared_data_dir
+
+DATA = shared_data_dir()
 
 
 def test_budget_parses_percent_and_share() -> None:
@@ -39,15 +42,15 @@ def test_candidates_meet_the_budget_on_a_tiny_model() -> None:
     model = tiny_model("llama")  # per layer: attention 3072 weights, MLP 6144, so 36864 in all
     lm = LoadedModel(model, tiny_tokenizer(), Adapter(model), {"name": "tiny-llama"})
     assert adv._linear_params(lm)[0] == 36864
-    got = adv.candidates(lm, 0.25, repair=False)  # 9216 weights: 3 attentions, 2 MLPs, 1 block (cosine or SLEB)
+    got = adv.candidates(lm, 0.25, repair=False, slow=True)  # 9216 weights: 3 attentions, 2 MLPs, 1 block
     assert got == ["attn:3", "mlp:2", "block:1", "sleb:1", "wanda:0.25", "wanda:2:4", "sparsegpt:0.25",
                    "sparsegpt:2:4", "owl:0.25", "owl-sparsegpt:0.25", "rtn:w4g128", "gptq:w4g128", "awq:w4g128"]
-    # by default each drop comes with a linear repair and unstructured Wanda/SparseGPT with a scale one
+    # by default each drop comes with a linear repair; the methods that take minutes to build and the
+    # scale-repaired weight methods come with slow=True
     assert adv.candidates(lm, 0.25) == [
         "attn:3", "attn:3+repair:linear", "mlp:2", "mlp:2+repair:linear", "block:1", "block:1+repair:linear",
-        "sleb:1", "wanda:0.25", "wanda:0.25+repair:scale", "wanda:2:4", "sparsegpt:0.25",
-        "sparsegpt:0.25+repair:scale", "sparsegpt:2:4", "owl:0.25", "owl-sparsegpt:0.25", "rtn:w4g128",
-        "gptq:w4g128", "awq:w4g128"]
+        "wanda:0.25", "wanda:2:4", "sparsegpt:0.25", "sparsegpt:2:4", "rtn:w4g128", "gptq:w4g128"]
+    assert "wanda:0.25+repair:scale" in adv.candidates(lm, 0.25, slow=True)
     for spec in got[:4]:
         req = method_for(spec).parse(spec)
         plan = DropPlan(**{req.kind: tuple(range(req.count))})
@@ -55,7 +58,7 @@ def test_candidates_meet_the_budget_on_a_tiny_model() -> None:
     assert not any(s.startswith("attn:") for s in adv.candidates(lm, 0.26))  # would need all 4
     assert "block:3" in adv.candidates(lm, 0.6)
     assert not any(s.startswith("block:") for s in adv.candidates(lm, 0.9))
-    assert adv.candidates(lm, 0.8)[-1] == "owl-sparsegpt:0.8"  # past 4-bit quantisation's saving
+    assert adv.candidates(lm, 0.8, slow=True)[-1] == "owl-sparsegpt:0.8"  # past 4-bit quantisation's saving
 
 
 def test_repair_gain_is_measured_against_the_same_pruning_unrepaired() -> None:
@@ -71,7 +74,7 @@ def test_repair_gain_is_measured_against_the_same_pruning_unrepaired() -> None:
     assert g["of"] == "block:4" and g == pytest.approx({"of": "block:4", "tf_kl": 0.3, "risk": 0.1,
                                                         "retention": 0.05})
     assert "repair_gain" not in rows[0] and "repair_gain" not in rows[2]
-    assert adv.gain_text(g) == "vs block:4: KL -0.300, risk -0.100, retention +0.05"
+    assert advise_page.gain_text(g) == "vs block:4: KL -0.300, risk -0.100, retention +0.05"
 
 
 @pytest.mark.slow
@@ -111,7 +114,35 @@ def test_advise_ranks_real_candidates_by_risk(tmp_path: Path) -> None:
     page = (out / "report.html").read_text()
     assert "Evidence" in page and "free-generation answers" in page and "data:image/png" in page
     assert "vs attn:4: KL" in page
-    assert "predicted generative retention" in res["recommendation"]
+    # multiple-choice use: ranked and recommended by the one-step risk, which does not saturate
+    assert "predicted risk" in res["recommendation"] and "retention floor" not in res["recommendation"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is absent")
+def test_calibrate_on_the_real_model_measures_an_anchor_and_traces_its_lost_answers(tmp_path: Path,
+                                                                                    capsys) -> None:
+    out = tmp_path / "adv"
+    rc = main(["advise", "--budget", "20%", "--use", "generative", "--recipe", "block:6,wanda:0.2",
+               "--calibrate", "1", "--limit", "60", "--data-dir", str(DATA), "--recovery-samples", "2",
+               "--steps", "8", "--cells", str(tmp_path / "cells"), "--out", str(out), "--quiet"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert err.index("advise: 2 candidates — block:6, wanda:0.2") < err.index("calibration anchors: ")
+    res = json.loads((out / "results.json").read_text())
+    cal = res["calibration"]
+    assert cal["model"] == "intercept" and cal["asked"] == 60 and cal["dense_right"] >= 8
+    assert "smollm2-135m" not in cal["prior_from"]  # its own grid is not used to calibrate it
+    (a,) = cal["anchors"]
+    assert a["n"] == cal["dense_right"] and a["recovery"]["n"] == min(a["n"] - a["k"], 16)
+    rec = a["recovery"]
+    if rec["n"]:
+        assert len(rec["ranks"]) <= rec["n"] and all(r >= 2 for r in rec["ranks"])
+        assert 0 <= rec["sampled"] <= 1 and 0 <= rec.get("in_context", 0) <= 1
+    assert 0 <= a["ece"] <= 1 and 0 <= cal["dense_ece"] <= 1  # ARC has options: the MCQ read's ECE
+    page = (out / "report.html").read_text()
+    assert page.index("retention floor") < page.index("<h2>Evidence</h2>")
+    assert "Where the lost answers went" in page or rec["n"] == 0
 
 
 def test_decode_timing_runs_exactly_the_asked_tokens_even_past_eos() -> None:
@@ -150,3 +181,126 @@ def test_an_external_candidate_is_ranked_beside_the_specs(tmp_path: Path) -> Non
     n_params = int(load_model(str(base)).info["n_params"])
     assert ext["memory_vs_bf16"] == pytest.approx(stored / (2 * n_params), rel=1e-9)
     assert not ext["meets_budget"] and view["meets_budget"]  # a dense fp32 file saves nothing on disk
+
+
+def _own_answers_config(tmp_path: Path, base: Path, n: int = 12) -> Path:
+    """A generate task config whose gold answers are what the dense tiny model says: it answers all
+    right, so each anchor's retention is the share of them it keeps."""
+    from prunelens.analyses.recovery import GenItem, Target, answer
+
+    lm = load_model(str(base))
+    prompts = [f"w{10 + i} w{40 + 2 * i} w{90 - i}" for i in range(n)]
+    target = Target("own", "test", tuple(GenItem(i, ({"role": "user", "content": p},), bool)
+                                         for i, p in enumerate(prompts)), 3, (), False, {})
+    golds = [g.text.strip() for g in answer(lm, target, target.items)]
+    lines = [json.dumps({"q": p, "a": a}) + "\n" for p, a in zip(prompts, golds, strict=True)]
+    (tmp_path / "own.jsonl").write_text("".join(lines))
+    cfg = tmp_path / "own.yaml"
+    cfg.write_text("task: own\nkind: generate\ndata_files: own.jsonl\nprompt: '{{q}}'\ntarget: '{{a}}'\n"
+                   "max_new_tokens: 3\nchat_template: false\n")
+    return cfg
+
+
+def test_calibrate_measures_anchors_on_the_users_task_and_resumes(tmp_path: Path, capsys) -> None:
+    base = save_tiny(tmp_path / "base")
+    cfg = _own_answers_config(tmp_path, base)
+    cells = tmp_path / "cells"
+    argv = ["advise", "--model", str(base), "--budget", "10%", "--use", "generative", "--recipe",
+            "attn:1,mlp:1,block:2", "--prompts", str(cfg), "--calibrate", "2", "--steps", "4", "--cells", str(cells),
+            "--recovery-samples", "2", "--quiet", "--out", str(tmp_path / "adv")]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    plan = err.index("advise: 3 candidates — attn:1, mlp:1, block:2")
+    assert plan < err.index("cost: about") and "2 anchor(s) measured on own (12 questions" in err
+    assert "calibration anchors: " in err
+    res = json.loads((tmp_path / "adv" / "results.json").read_text())
+    cal = res["calibration"]
+    assert cal["model"] == "intercept+slope" and cal["dense_right"] == cal["asked"] == 12
+    assert cal["source"].startswith("your task config own.yaml")
+    # the anchors are the quartiles of the KL range (of three candidates: the two ends), each measured
+    # on the 12 questions, and were named before they were measured
+    kls = sorted(r["signals"]["tf_kl"] for r in res["rows"])
+    assert sorted(a["tf_kl"] for a in cal["anchors"]) == [kls[0], kls[-1]]
+    for a in cal["anchors"]:
+        assert a["n"] == 12 and 0 <= a["k"] <= 12 and len(a["examples"]) == min(3, 12 - a["k"])
+        assert a["recovery"]["n"] == min(12 - a["k"], 16)
+    rows = {r["spec"]: r for r in res["rows"]}
+    for r in rows.values():
+        q = r["retention"]
+        assert 0 <= q["low"] <= q["predicted"] <= q["high"] <= 1
+    for a in cal["anchors"]:
+        assert rows[a["spec"]]["retention"]["measured"] == pytest.approx(a["k"] / 12)
+    # ranked by predicted retention, and the recommendation names the floor
+    preds = [r["retention"]["predicted"] for r in res["rows"] if r["meets_budget"]]
+    assert preds == sorted(preds, reverse=True) and "retention floor" in res["recommendation"]
+    page = (tmp_path / "adv" / "report.html").read_text()
+    assert page.index(res["recommendation"][:40]) < page.index("<h2>Evidence</h2>")
+    # the same command again resumes from the cells: nothing is measured twice
+    stamps = {p.name: p.stat().st_mtime_ns for p in cells.glob("cells/*.json")}
+    assert len(stamps) == 3  # dense and two anchors
+    assert main([*argv, "--overwrite"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in cells.glob("cells/*.json")} == stamps
+    again = json.loads((tmp_path / "adv" / "results.json").read_text())
+    assert again["calibration"]["weights"] == cal["weights"]
+
+
+def test_calibrate_refuses_a_task_the_dense_model_cannot_do_in_one_line(tmp_path: Path, capsys) -> None:
+    base = save_tiny(tmp_path / "base")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"q": f"w{i}", "a": "never"}) + "\n" for i in range(10, 20)))
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("task: bad\nkind: generate\ndata_files: d.jsonl\nprompt: '{{q}}'\ntarget: '{{a}}'\n"
+                   "max_new_tokens: 2\n")
+    assert main(["advise", "--model", str(base), "--budget", "10%", "--use", "generative", "--recipe", "attn:1",
+                 "--prompts", str(cfg), "--calibrate", "1", "--steps", "2", "--cells", str(tmp_path / "c"),
+                 "--quiet", "--out", str(tmp_path / "adv")]) != 0
+    err = capsys.readouterr().err
+    assert "error: the dense model answers only 0 of 10 calibration questions (bad) right" in err
+    assert "Traceback" not in err and not (tmp_path / "adv").exists()  # refused before any candidate was built
+    mcq = tmp_path / "mcq.yaml"
+    mcq.write_text("task: m\nkind: multiple_choice\ndata_files: d.jsonl\nprompt: '{{q}}'\nchoices: ['a', 'b']\n"
+                   "answer: 0\n")
+    assert main(["advise", "--model", str(base), "--budget", "10%", "--use", "generative", "--recipe", "attn:1",
+                 "--prompts", str(mcq), "--calibrate", "1", "--quiet", "--out", str(tmp_path / "adv2")]) != 0
+    assert "needs a 'generate' config" in capsys.readouterr().err
+
+
+def test_recommendation_says_what_meets_the_floor_or_what_comes_closest() -> None:
+    def row(spec: str, p: float, saved: float = 0.3) -> dict:
+        return {"spec": spec, "meets_budget": True, "saved": saved, "decode_speedup": 1.2, "risk": 0.99,
+                "signals": {"tf_top1_disagree": 0.1}, "retention": {"predicted": p, "low": p - 0.1, "high": p + 0.05}}
+
+    met = adv.recommendation([row("a", 0.95), row("b", 0.92)], "generative", 0.25, 0.9)
+    assert met.startswith("for generative use at a 25% saving, a, predicted retention 0.95 [0.85, 1.00]")
+    assert "meets the 0.90 retention floor (so do 1 more); its interval reaches below the floor" in met
+    none = adv.recommendation([row("q", 0.8, 0.73), row("b", 0.5)], "generative", 0.25, 0.9)
+    assert none.startswith("nothing meets the 0.90 retention floor at a 25% saving; closest: q, predicted "
+                           "retention 0.80 [0.70, 0.85], saves 73%")
+
+
+def test_trade_off_labels_never_overlap(tmp_path: Path) -> None:
+    """Eight candidates on almost the same point: their names stand in a column, apart."""
+    import matplotlib
+    from matplotlib.text import Text
+
+    matplotlib.use("Agg")
+    rows = [{"spec": f"candidate-{i}", "meets_budget": True, "saved": 0.25 + 0.001 * i, "decode_speedup": 1.0,
+             "risk": 0.9, "retention": {"predicted": 0.5 + 0.002 * i, "low": 0.4, "high": 0.6,
+                                        "outside_fitted_range": False}} for i in range(8)]
+    res = {"rows": rows, "use": "generative", "budget": 0.25, "min_retention": 0.9}
+    from prunelens.analyses import advise_page as page
+
+    drawn = []
+    real = page.save_figure
+    page.save_figure = lambda fig, path: drawn.append(fig) or real(fig, path)
+    try:
+        page.advise_figures(res, tmp_path)
+    finally:
+        page.save_figure = real
+    fig = drawn[0]
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        boxes = [Text.get_window_extent(t, r) for t in ax.texts]  # the name itself, not its leader line
+        assert len(boxes) == 8
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        assert any(abs(line.get_ydata()[0] - 0.9) < 1e-9 for line in ax.lines if len(line.get_ydata()) == 2)

@@ -85,9 +85,9 @@ def test_dense_correct_keeps_questions_right_in_both_formats(monkeypatch, tmp_pa
                 "gen_text": [""] * len(idx), "mcq_shares": [0.5, 0.5]}
 
     monkeypatch.setattr(pe, "both_formats", fake_side)
-    lm = SimpleNamespace(info={"name": "stand-in"})  # both_formats is replaced: no model is run
+    lm = SimpleNamespace(info={"name": "stand-in"}, tokenizer=None)  # both_formats is replaced: no model runs
     res = pe.paired_eval(lm, "arc_easy", tmp_path, {"m": object()}, limit=6, select="dense-correct",
-                         progress=False)  # type: ignore[arg-type]
+                         progress=False, samples=0)  # type: ignore[arg-type]
     assert seen == {"dense": [0, 1, 2, 3, 4, 5], "m": [1, 2, 3]}
     assert (res["pool"], res["n"]) == (6, 3)
     assert res["dense_pool"]["mcq_acc"] == pytest.approx(4 / 6) and res["dense"]["mcq_acc"] == 1.0
@@ -120,6 +120,14 @@ def test_paired_on_the_real_model_pairs_dense_with_itself_exactly() -> None:
     golds = [q["gold"] for q in res["questions"]]
     hits = [float(c == g) for c, g in zip(res["dense"]["per_question"]["mcq_choice"], golds, strict=True)]
     assert res["dense"]["mcq_acc"] == pytest.approx(sum(hits) / 12)
+    # where the lost answers went: every answer the drop lost is traced, none for the model vs itself
+    right = [[a == g for a, g in zip(side["per_question"]["gen_answer"], golds, strict=True)]
+             for side in (res["dense"], pruned)]
+    lost = sum(d and not m for d, m in zip(*right, strict=True))
+    w = pruned["where_answers_went"]
+    assert w["n"] == min(lost, 16) and len(w.get("ranks", [])) <= w["n"]
+    assert same["where_answers_went"]["n"] == 0
+    assert same["where_answers_went"]["ece"]["dense"] == pytest.approx(same["where_answers_went"]["ece"]["pruned"])
     # letters style: one step over the option letters, every choice a valid position
     let = pe.paired_eval(lm, "arc_easy", DATA, {}, limit=6, seed=3, style="letters", progress=False)
     assert let["methods"] == [] and len(let["dense"]["per_question"]["mcq_choice"]) == 6
@@ -133,20 +141,19 @@ def test_free_answer_budget_is_the_flag(monkeypatch, tmp_path: Path, task: str, 
                                         used: int) -> None:
     qs = [pe.PairedQuestion(i, f"q{i}", ("a", "b"), 0, 1.0 if task == "gsm8k" else None) for i in range(3)]
     monkeypatch.setattr(pe, "paired_questions", lambda *a, **k: qs)
-    monkeypatch.setattr(pe, "_mcq_choices", lambda lm, s, questions, *a: [0] * len(questions))
+    monkeypatch.setattr(pe, "mcq_probs", lambda lm, s, questions, *a: [[1.0, 0.0]] * len(questions))
     budgets = []
 
-    def fake_generate(lm, prompts, new_tokens, *a, **k):
-        budgets.append(new_tokens)
-        return ["a"] * len(prompts)
+    def fake_answer(lm, target, items, *a, **k):
+        budgets.append(target.max_new_tokens)
+        return [pe.Generation("a", ())] * len(items)
 
     def fake_gsm8k(lm, data_dir, limit, seed, shots, mod, batch_size, new_tokens, *a):
         budgets.append(new_tokens)
         return SimpleNamespace(samples=[{"index": q.index, "flexible": 1.0} for q in qs])
 
-    monkeypatch.setattr(pe, "generate", fake_generate)
+    monkeypatch.setattr(pe, "answer", fake_answer)
     monkeypatch.setattr(pe, "evaluate_gsm8k", fake_gsm8k)
-    monkeypatch.setattr(pe, "render", lambda tok, turns, chat: turns[0]["content"])
     lm = SimpleNamespace(info={"name": "stand-in"}, tokenizer=None)
     res = pe.paired_eval(lm, task, tmp_path, {}, limit=3, progress=False, gen_tokens=given)  # type: ignore[arg-type]
     assert budgets == [used] and res["gen_tokens"] == used

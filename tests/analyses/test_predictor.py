@@ -221,7 +221,7 @@ def test_the_shipped_fits_serve_the_bundled_models_only() -> None:
 
 
 def test_pareto_front_by_definition() -> None:
-    from prunelens.analyses.advise import pareto_front
+    from prunelens.analyses.advise_page import pareto_front
 
     pts = [(0.25, 0.9), (0.25, 0.5), (0.5, 0.6), (0.3, 0.9), (0.6, 0.1), (0.5, 0.2)]
     assert pareto_front(pts) == [2, 3, 4]

@@ -232,3 +232,22 @@ def test_report_from_run_dirs_rejects_bad_dirs(tmp_path: Path) -> None:
         report_from_run_dirs([broken], tmp_path / "r.html")
     assert "\n" not in str(exc.value)
     assert not (tmp_path / "r.html").exists()
+
+
+def test_the_page_opens_with_the_decision_then_the_texts_then_the_numbers() -> None:
+    """A decision page: the one-sentence verdict and the next commands first, the dense vs pruned
+    texts (first divergence highlighted) before the summary table and figures."""
+    from prunelens.analyses.predictor import verdict
+
+    r = synthetic_result()
+    r["verdict"] = verdict(r)
+    r["next"] = {"model": "smollm2-135m", "recipe": "attn:2"}
+    page = render_html([(r, [])])
+    # a = 0.828: a/(1 − a) = 4.8 greedy tokens on the dense path, under 8: it breaks
+    sentence = page.index("attn@2,4 breaks in generation: about 4.82 greedy tokens before its output leaves")
+    texts, summary = page.index("Dense vs pruned texts"), page.index("<h2>Summary</h2>")
+    assert sentence < page.index("prunelens advise --model smollm2-135m") < texts < summary
+    assert "prunelens eval --model smollm2-135m --recipe &#x27;attn:2&#x27;" in page
+    assert "a one-step (multiple-choice) read changes 17% of the time" in page
+    r["verdict"]["retention"] = {"predicted": 0.95, "low": 0.9, "high": 0.98}
+    assert "attn@2,4 likely holds up in generation: predicted to keep 95% [90%, 98%]" in render_html([(r, [])])

@@ -61,10 +61,41 @@ def test_interval_coverage_matches_its_level_on_families_drawn_from_the_prior(n_
 
 
 def test_anchors_spread_over_the_range_and_the_prior_comes_from_the_shipped_fits() -> None:
-    assert choose_anchors([3.0, -1.0, 0.5, 2.0, -3.0], 2) == [4, 0]  # lowest and highest log KL
+    assert choose_anchors([3.0, -1.0, 0.5, 2.0, -3.0], 2) == [1, 3]  # the quartiles of log KL, not the ends
+    assert choose_anchors([3.0, -1.0, 0.5, 2.0, -3.0, 1.0, 4.0], 3) == [1, 5, 0]
     assert choose_anchors([3.0, -1.0, 0.5], 1) == [2] and choose_anchors([1.0], 0) == []
     fits = {"a": {"weights": [-1.7, -0.97]}, "b": {"weights": [0.2, -0.90]}}
     mean, cov = prior_from_fits(fits)
     assert np.allclose(mean, [-0.75, -0.935])
     # the intercepts' spread as measured; the slopes' (0.05) floored: two families understate it
     assert cov[0, 0] == pytest.approx(np.std([-1.7, 0.2], ddof=1) ** 2) and cov[1, 1] == pytest.approx(0.25 ** 2)
+
+
+def test_the_interval_for_a_measured_share_is_the_predicted_counts_quantiles() -> None:
+    import math
+
+    from prunelens.analyses.selfcal import count_interval
+
+    # a retention known exactly (variance 0): the binomial's own 10 % and 90 % quantiles
+    def cdf(k: int) -> float:
+        return sum(math.comb(100, i) for i in range(k + 1)) / 2 ** 100
+
+    lo = next(k for k in range(101) if cdf(k) >= 0.1)
+    hi = next(k for k in range(101) if cdf(k) >= 0.9)
+    assert count_interval(0.0, 0.0, 100, 0.8) == (lo / 100, hi / 100)
+    # shares of 0 and 1 are reachable: a measured 0/22 can fall inside
+    assert count_interval(-5.0, 0.5, 22, 0.8)[0] == 0.0 and count_interval(5.0, 0.5, 22, 0.8)[1] == 1.0
+    # coverage of measured shares: families drawn from the prior, 22 questions per measurement
+    rng = np.random.default_rng(3)
+    mean, cov = np.array([-0.75, -0.73]), np.diag([1.0, 0.0625])
+    grid = np.exp(np.linspace(-3.5, 1.5, 9))
+    inside = []
+    for _ in range(300):
+        w = rng.multivariate_normal(mean, cov)
+        picks = choose_anchors(list(np.log(grid)), 2)
+        cal = calibrate(_anchors(rng, w, [grid[i] for i in picks], 22), mean, cov, coverage=0.8)
+        for kl in grid:
+            r = predict(cal, kl, n_items=22)
+            measured = rng.binomial(22, _sig(w[0] + w[1] * np.log(kl))) / 22
+            inside.append(r["low"] <= measured <= r["high"])
+    assert 0.78 <= float(np.mean(inside)) <= 0.92, float(np.mean(inside))

@@ -97,6 +97,7 @@ def _run(args: argparse.Namespace) -> int:
             label = plan.label()
     out = out or default_run_dir(args.model, label)
     result["verdict"] = verdict(result)
+    result["next"] = {"model": args.model, "recipe": None if candidate is not None else "+".join(recipe.specs)}
     write_trace_run(result, out, overwrite=args.overwrite)
     if args.save_pruned:
         save_modified(lm, plan, args.save_pruned)

@@ -264,11 +264,22 @@ def retention_fit(rows: Sequence[Mapping[str, Any]], hits: str = "gen_hits",
     errors = np.abs(np.array(lomo) - measured)
     logs = x[:, 1:]
     return {"features": list(features), "weights": w.tolist(), "coverage": coverage,
-            "radius": conformal_radius(errors, coverage),
+            "radius": conformal_radius(errors, coverage), "scatter": method_scatter(x @ w, k, n),
             "log_range": [[float(c.min()), float(c.max())] for c in logs.T],
             "n_rows": len(rows), "methods": sorted({r["method"] for r in rows}),
             "lomo_mae": float(errors.mean()), "lomo_predictions": [float(v) for v in lomo],
             "measured": measured.tolist(), "specs": [r.get("spec", "") for r in rows]}
+
+
+def method_scatter(z: np.ndarray, k: np.ndarray, n: np.ndarray) -> float:
+    """How far prunings lie from the fitted curve beyond their questions' noise, in logit units: the
+    s.d. of logit(measured) − z after the binomial variance of each measured share is taken out (two
+    parameters fitted: divided by m − 2). A new method of a calibrated model is off its curve by about
+    this much, however many anchors were measured."""
+    share = (k + 0.5) / (n + 1)  # never 0 or 1: a logit exists
+    resid = np.log(share / (1 - share)) - z
+    noise = 1 / ((n + 1) * share * (1 - share))
+    return float(math.sqrt(max(float(np.sum(resid ** 2 - noise)) / max(len(z) - 2, 1), 0.0)))
 
 
 def lomo_retention(rows: Sequence[Mapping[str, Any]], hits: str = "gen_hits",

@@ -35,6 +35,13 @@ def prior_from_fits(fits: Mapping[str, Mapping[str, Any]]) -> tuple[np.ndarray, 
     return w.mean(axis=0), np.diag(sd ** 2)
 
 
+def scatter_from_fits(fits: Mapping[str, Mapping[str, Any]]) -> float:
+    """The methods' scatter about their model's curve (``predictor.method_scatter``), pooled over the
+    shipped fits (root mean square); 0 where none records it."""
+    s = [float(f["scatter"]) for f in fits.values() if f.get("scatter") is not None]
+    return math.sqrt(sum(v * v for v in s) / len(s)) if s else 0.0
+
+
 def _sigmoid(z: np.ndarray | float) -> Any:
     return 1 / (1 + np.exp(-np.asarray(z, dtype=float)))
 
@@ -56,13 +63,15 @@ def _map(x: np.ndarray, k: np.ndarray, n: np.ndarray, mean: np.ndarray, prec: np
 
 
 def calibrate(anchors: Sequence[Mapping[str, float]], mean: np.ndarray, cov: np.ndarray,
-              coverage: float = 0.8) -> dict[str, Any]:
+              coverage: float = 0.8, scatter: float = 0.0) -> dict[str, Any]:
     """The calibrated fit from anchors (each ``tf_kl``, ``k`` answers kept of ``n``); see the module
-    docstring for the model each N gets. JSON-ready."""
+    docstring for the model each N gets. ``scatter``: how far a method lies off its model's curve
+    (logit s.d.), added to every prediction's variance. JSON-ready."""
     logs = np.log(np.maximum([float(a["tf_kl"]) for a in anchors], 1e-6))
     k = np.array([float(a["k"]) for a in anchors])
     n = np.array([float(a["n"]) for a in anchors])
     out: dict[str, Any] = {"model": MODELS[min(len(anchors), 2)], "n_anchors": len(anchors), "coverage": coverage,
+                           "scatter": scatter,
                            "log_range": [float(logs.min()), float(logs.max())] if len(logs) else None}
     if len(anchors) == 0:
         out.update(weights=mean.tolist(), cov=cov.tolist(), anchor_log=None)
@@ -81,9 +90,14 @@ def calibrate(anchors: Sequence[Mapping[str, float]], mean: np.ndarray, cov: np.
     return out
 
 
-def predict(cal: Mapping[str, Any], tf_kl: float) -> dict[str, float]:
+def predict(cal: Mapping[str, Any], tf_kl: float, n_items: int | None = None) -> dict[str, float]:
     """Predicted retention at ``tf_kl`` with its interval, and how far outside the anchors' KL range
-    it lies (in units of that range's width, at least one unit of log KL; 0 inside)."""
+    it lies (in units of that range's width, at least one unit of log KL; 0 inside).
+
+    With ``n_items`` the interval is for the share *measured* on that many questions, not the true
+    retention: the quantiles of the predicted count of right answers (binomial given the retention,
+    the retention uncertain as fitted), so a user comparing with a 22-question measurement gets an
+    interval of shares that measurement can take."""
     x = math.log(max(float(tf_kl), 1e-6))
     w0, w1 = cal["weights"]
     z = w0 + w1 * x
@@ -93,22 +107,39 @@ def predict(cal: Mapping[str, Any], tf_kl: float) -> dict[str, float]:
         c = np.asarray(cal["cov"])
         v = np.array([1.0, x])
         var = float(v @ c @ v)
+    # the candidate's own scatter about the curve, and the anchors' (carried into the fitted curve)
+    var += float(cal.get("scatter", 0.0)) ** 2 * (1 + 1 / cal["n_anchors"] if cal["n_anchors"] else 1)
     q = NormalDist().inv_cdf((1 + cal["coverage"]) / 2) * math.sqrt(max(var, 0.0))
     outside = 0.0
     if cal["log_range"] is not None:
         lo, hi = cal["log_range"]
         outside = max(lo - x, x - hi, 0.0) / max(hi - lo, 1.0)
-    return {"predicted": float(_sigmoid(z)), "low": float(_sigmoid(z - q)), "high": float(_sigmoid(z + q)),
-            "outside": outside}
+    low, high = float(_sigmoid(z - q)), float(_sigmoid(z + q))
+    if n_items:
+        low, high = count_interval(z, max(var, 0.0), n_items, cal["coverage"])
+    return {"predicted": float(_sigmoid(z)), "low": low, "high": high, "outside": outside}
+
+
+def count_interval(z: float, var: float, n: int, coverage: float) -> tuple[float, float]:
+    """Central ``coverage`` interval of k/n where k ~ Binomial(n, σ(Z)), Z ~ Normal(z, var): the
+    predictive distribution of a share measured on n questions (Gauss–Hermite over Z)."""
+    x, w = np.polynomial.hermite.hermgauss(48)
+    p = np.clip(_sigmoid(z + math.sqrt(2 * var) * x), 1e-12, 1 - 1e-12)
+    k = np.arange(n + 1)
+    log_c = np.array([math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) for i in k])
+    pmf = (w[:, None] / math.sqrt(math.pi) * np.exp(log_c + np.outer(np.log(p), k)
+                                                    + np.outer(np.log1p(-p), n - k))).sum(0)
+    cdf = np.cumsum(pmf / pmf.sum())
+    a = (1 - coverage) / 2
+    return float(np.searchsorted(cdf, a) / n), float(min(np.searchsorted(cdf, 1 - a), n) / n)
 
 
 def choose_anchors(log_kls: Sequence[float], n: int) -> list[int]:
-    """Indices of ``n`` candidates spread over the KL range (evenly spaced quantiles of log KL), so the
-    slope is fitted across the range rather than at one end."""
+    """Indices of ``n`` candidates spread over the KL range: the (j + ½)/n quantiles of log KL (the
+    median for one; the quartiles for two). Not the two ends: the mildest pruning keeps every answer
+    and the harshest none, and a share of 1 or 0 says little about where the curve lies."""
     order = sorted(range(len(log_kls)), key=lambda i: log_kls[i])
     if n <= 0 or not order:
         return []
-    if n == 1:
-        return [order[len(order) // 2]]
-    picks = [order[round(j * (len(order) - 1) / (n - 1))] for j in range(n)]
+    picks = [order[round((j + 0.5) / n * (len(order) - 1))] for j in range(n)]
     return list(dict.fromkeys(picks))

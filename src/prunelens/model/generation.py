@@ -81,15 +81,30 @@ def generate_full(
     desc: str = "generate",
     until: Callable[[str], bool] | None = None,
     engine: str = "continuous",
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> list[Generation]:
-    """Greedy generation keeping the token ids; ``until(text)`` is an extra stop test per row."""
+    """Generation keeping the token ids; ``until(text)`` is an extra stop test per row. Greedy unless
+    ``temperature`` > 0: then each token is sampled from softmax(z / T), seeded, so the k samples
+    that test whether a pruned model still holds an answer are reproducible."""
     if max_new_tokens < 1:
         raise PrunelensError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if engine not in ENGINES:
         raise PrunelensError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     run = _generate_continuous if engine == "continuous" else _generate_static
+    pick = picker(temperature, seed, lm.device)
     with view_of(lm.adapter, modification), decode_attention(lm.device):
-        return run(lm, prompts, max_new_tokens, tuple(stop), batch_size, progress, desc, until)
+        return run(lm, prompts, max_new_tokens, tuple(stop), batch_size, progress, desc, until, pick)
+
+
+def picker(temperature: float, seed: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The next-token rule: argmax, or a seeded draw from softmax(z / T) for T > 0."""
+    if temperature < 0:
+        raise PrunelensError(f"temperature must be 0 (greedy) or positive, got {temperature}")
+    if temperature == 0:
+        return lambda z: z.argmax(-1)
+    g = torch.Generator(device=device).manual_seed(seed)
+    return lambda z: torch.multinomial(torch.softmax(z.float() / temperature, -1), 1, generator=g).squeeze(-1)
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -102,8 +117,8 @@ def _finish(tok: Any, ids: list[int], stop: Sequence[str]) -> Generation:
 
 
 def _generate_static(lm: LoadedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str],
-                     batch_size: int, progress: bool, desc: str, until: Callable[[str], bool] | None
-                     ) -> list[Generation]:
+                     batch_size: int, progress: bool, desc: str, until: Callable[[str], bool] | None,
+                     pick: Callable[[torch.Tensor], torch.Tensor]) -> list[Generation]:
     from transformers import DynamicCache
 
     tok, model, dev = lm.tokenizer, lm.model, lm.device
@@ -121,7 +136,7 @@ def _generate_static(lm: LoadedModel, prompts: Sequence[Sequence[int]], max_new_
         gen: list[list[int]] = [[] for _ in idx]
         done = torch.zeros(len(idx), dtype=torch.bool, device=dev)
         for step in range(max_new_tokens):
-            nxt = z.argmax(-1)
+            nxt = pick(z)
             for r, t in enumerate(nxt.tolist()):
                 if done[r]:
                     continue
@@ -227,7 +242,8 @@ def _advance_rows(tok: Any, active: list[_Row], nxt: list[int], eos: set[int], s
 
 def _generate_continuous(lm: LoadedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                          stop: Sequence[str], batch_size: int, progress: bool, desc: str,
-                         until: Callable[[str], bool] | None) -> list[Generation]:
+                         until: Callable[[str], bool] | None,
+                         pick: Callable[[torch.Tensor], torch.Tensor]) -> list[Generation]:
     tok, model, dev = lm.tokenizer, lm.model, lm.device
     pad, eos = pad_id(lm), eos_ids(lm)
     prefix_cache, n_shared = _shared_prefix_cache(model, prompts, dev)
@@ -251,7 +267,7 @@ def _generate_continuous(lm: LoadedModel, prompts: Sequence[Sequence[int]], max_
             else:
                 cache, mask, z = wave, new_mask, z_new
             active += [_Row(i, []) for i in new]
-        nxt = z.argmax(-1).tolist()
+        nxt = pick(z).tolist()
         keep, n_made = _advance_rows(tok, active, nxt, eos, stop, until, max_new_tokens, out)
         made += n_made
         if len(keep) < len(active):

@@ -34,7 +34,8 @@ from prunelens.tasks.gsm8k import normalise
 from prunelens.tasks.mcq import Item, evaluate_items
 from prunelens.tasks.mcq import item_hits as mcq_hits
 
-__all__ = ["TaskConfig", "config_task", "evaluate_config", "extract_answer", "load_config", "matches"]
+__all__ = ["TaskConfig", "answer_is_right", "config_task", "evaluate_config", "extract_answer", "generate_turns",
+           "load_config", "matches"]
 
 Chosen = list[tuple[int, dict[str, Any]]]  # (row index, row) of the sampled questions
 
@@ -82,16 +83,24 @@ def matches(pred: str | None, target: str, cfg: dict[str, Any]) -> bool:
     return norm(pred) == norm(str(target))
 
 
-def _generate_prompts(lm: LoadedModel, cfg: TaskConfig, rows: Chosen, shots: list[dict[str, Any]],
-                      chat_template: bool) -> list[Any]:
+def generate_turns(cfg: TaskConfig, row: dict[str, Any], index: int) -> list[dict[str, str]]:
+    """The conversation a generate config asks one row in: its shots as solved turns, then the row."""
     key = "fewshot_target" if "fewshot_target" in cfg.raw else "target"
     turns: list[dict[str, str]] = []
-    for i, r in enumerate(shots):
+    for i, r in enumerate(cfg.data[0]):
         turns += [{"role": "user", "content": cfg.value("prompt", r, i)},
                   {"role": "assistant", "content": str(cfg.value(key, r, i)).strip()}]
+    return [*turns, {"role": "user", "content": cfg.value("prompt", row, index)}]
+
+
+def answer_is_right(cfg: TaskConfig, row: dict[str, Any], index: int, text: str) -> bool:
+    """A generate config's own scoring of one answer: its extraction, then its match with the target."""
+    return matches(extract_answer(text, cfg.extract), str(cfg.value("target", row, index)).strip(), cfg.raw)
+
+
+def _generate_prompts(lm: LoadedModel, cfg: TaskConfig, rows: Chosen, chat_template: bool) -> list[Any]:
     use_chat = chat_template and cfg.raw.get("chat_template", True)
-    return [render(lm.tokenizer, [*turns, {"role": "user", "content": cfg.value("prompt", r, i)}], use_chat)
-            for i, r in rows]
+    return [render(lm.tokenizer, generate_turns(cfg, r, i), use_chat) for i, r in rows]
 
 
 def evaluate_config(lm: LoadedModel, task: Task, data_dir: str | Path | None, o: TaskOptions,
@@ -106,14 +115,14 @@ def evaluate_config(lm: LoadedModel, task: Task, data_dir: str | Path | None, o:
     chosen = [(i, rows[i]) for i in sample_indices(len(rows), limit, o.seed)]
     new = o.new_tokens(task)
     if cfg.kind == "generate":
-        return _evaluate_generate(lm, cfg, task, chosen, shots, new, o, modification)
+        return _evaluate_generate(lm, cfg, task, chosen, new, o, modification)
     return _evaluate_code(lm, cfg, task, chosen, new, o, modification)
 
 
-def _evaluate_generate(lm: LoadedModel, cfg: TaskConfig, task: Task, chosen: Chosen, shots: list[dict[str, Any]],
-                       new: int, o: TaskOptions, modification: Any) -> TaskScore:
+def _evaluate_generate(lm: LoadedModel, cfg: TaskConfig, task: Task, chosen: Chosen, new: int, o: TaskOptions,
+                       modification: Any) -> TaskScore:
     """Greedy answers, extracted and matched with the target (exact match, and how many had a match)."""
-    prompts = _generate_prompts(lm, cfg, chosen, shots, o.chat_template)
+    prompts = _generate_prompts(lm, cfg, chosen, o.chat_template)
     outs = generate(lm, prompts, new, tuple(cfg.raw.get("until") or ()), modification, o.batch_size,
                     o.progress, cfg.name)
     hits, formatted, samples = [], [], []

@@ -23,6 +23,8 @@ from prunelens.analyses.trace.labels import (
 from prunelens.analyses.trace.sections import (
     field_section,
     kv_table,
+    next_commands,
+    one_sentence,
     prompt_table,
     selection_section,
     verdict_section,
@@ -172,9 +174,10 @@ def render_html(runs: list[tuple[dict[str, Any], list[Path]]], title: str = "pru
            f"<h1>{esc(title)}</h1>",
            '<p class="muted">Dense vs pruned, traced through hidden states h → logits z → probabilities '
            "p = softmax(z/T), per layer and per decoding step.</p>",
-           f'<div class="runs" {grid}>', *(_header_card(r) for r in results), "</div>",
-           "<h2>Summary</h2>", _summary_table(results)]
-    out += _per_run("Verdict", verdict_section, results)
+           f'<div class="runs" {grid}>', *(_header_card(r) for r in results), "</div>"]
+    out += _per_run("Verdict", _decision, results)
+    out += _per_run("Dense vs pruned texts (first divergence highlighted)", prompt_table, results)
+    out += ["<h2>Summary</h2>", _summary_table(results)]
     out += _per_run("The field's comparison statistics", field_section, results)
     out.append("<h2>Reading</h2>")
     for r in results:
@@ -187,6 +190,15 @@ def render_html(runs: list[tuple[dict[str, Any], list[Path]]], title: str = "pru
     out += _run_sections(results)
     out.append("</body></html>")
     return "\n".join(out)
+
+
+def _decision(result: dict[str, Any]) -> str:
+    """The one-sentence verdict, the commands to run next, then the verdict's caveats."""
+    first = one_sentence(result)
+    cmds = next_commands(result)
+    return ((f'<p class="verdict"><b>{esc(first)}</b></p>' if first else "")
+            + ("<p>Next: " + " · ".join(f"<code>{esc(c)}</code>" for c in cmds) + "</p>" if cmds else "")
+            + verdict_section(result))
 
 
 def _per_run(title: str, section: Any, results: list[dict[str, Any]]) -> list[str]:
@@ -227,7 +239,6 @@ def _run_sections(results: list[dict[str, Any]]) -> list[str]:
                 out.append(f"<h3>{esc(run_name(r))}</h3>")
             out.append(section(r) or f'<p class="muted">{empty}</p>')
 
-    per_run("Prompts", prompt_table, "No per-prompt results.")
     per_run("Pruning selection", selection_section, "")
     if any(weights_section(r) for r in results):
         per_run("Weights: sparsity and quantisation", weights_section, "No weight modification.")

@@ -187,3 +187,40 @@ def verdict_section(result: dict[str, Any]) -> str:
                    f'{esc(lm.get("source", "—"))}, base layers without a counterpart '
                    f'{esc(lm.get("dropped", []))}</p>' + "".join(f'<p class="muted">note: {esc(n)}</p>' for n in notes))
     return "".join(out)
+
+
+def one_sentence(result: dict[str, Any]) -> str:
+    """The verdict in one sentence: what the pruning does to generation and to multiple choice."""
+    v = result.get("verdict")
+    if not isinstance(v, dict) or "risk_multiple_choice" not in v:
+        return ""
+    name = str((result.get("pruning") or {}).get("label") or "the pruning")
+    mc = float(v["risk_multiple_choice"])
+    r = v.get("retention")
+    if isinstance(r, dict):
+        p = float(r["predicted"])
+        gen = ("likely holds up in generation" if p >= 0.9 else "loses some generative answers" if p >= 0.7
+               else "breaks in generation")
+        how = (f"predicted to keep {p:.0%} [{float(r['low']):.0%}, {float(r['high']):.0%}] of the dense model's "
+               "right generative answers")
+    else:
+        run = v.get("agreeing_tokens")
+        run = float("inf") if run is None else float(run)
+        gen = ("likely holds up in generation" if run >= 32 else "drifts within a short generated answer"
+               if run >= 8 else "breaks in generation")
+        how = f"about {run:.3g} greedy tokens before its output leaves the dense model's"
+    mcq = ("multiple choice barely moves" if mc < 0.05
+           else f"a one-step (multiple-choice) read changes {mc:.0%} of the time")
+    return f"{name} {gen}: {how}; {mcq}."
+
+
+def next_commands(result: dict[str, Any]) -> list[str]:
+    """What to run next: advise to calibrate a verdict on this model, eval to measure this pruning."""
+    nxt = result.get("next")
+    if not isinstance(nxt, dict) or not nxt.get("model"):
+        return []
+    model, spec = str(nxt["model"]), nxt.get("recipe")
+    out = [f"prunelens advise --model {model} --budget 25% --use generative --calibrate 2"]
+    if spec:
+        out.append(f"prunelens eval --model {model} --recipe '{spec}' --tasks gsm8k,arc_easy --limit 50")
+    return out

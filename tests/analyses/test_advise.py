@@ -124,14 +124,14 @@ def test_calibrate_on_the_real_model_measures_an_anchor_and_traces_its_lost_answ
                                                                                     capsys) -> None:
     out = tmp_path / "adv"
     rc = main(["advise", "--budget", "20%", "--use", "generative", "--recipe", "block:6,wanda:0.2",
-               "--calibrate", "1", "--limit", "60", "--data-dir", str(DATA), "--recovery-samples", "2",
+               "--calibrate", "1", "--limit", "120", "--data-dir", str(DATA), "--recovery-samples", "2",
                "--steps", "8", "--cells", str(tmp_path / "cells"), "--out", str(out), "--quiet"])
     assert rc == 0
     err = capsys.readouterr().err
     assert err.index("advise: 2 candidates — block:6, wanda:0.2") < err.index("calibration anchors: ")
     res = json.loads((out / "results.json").read_text())
     cal = res["calibration"]
-    assert cal["model"] == "intercept" and cal["asked"] == 60 and cal["dense_right"] >= 8
+    assert cal["model"] == "intercept" and cal["asked"] == 120 and cal["dense_right"] >= 8
     assert "smollm2-135m" not in cal["prior_from"]  # its own grid is not used to calibrate it
     (a,) = cal["anchors"]
     assert a["n"] == cal["dense_right"] and a["recovery"]["n"] == min(a["n"] - a["k"], 16)

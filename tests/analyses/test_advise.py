@@ -181,6 +181,10 @@ def test_an_external_candidate_is_ranked_beside_the_specs(tmp_path: Path) -> Non
     n_params = int(load_model(str(base)).info["n_params"])
     assert ext["memory_vs_bf16"] == pytest.approx(stored / (2 * n_params), rel=1e-9)
     assert not ext["meets_budget"] and view["meets_budget"]  # a dense fp32 file saves nothing on disk
+    # a model with no grid of its own and no --calibrate: the prior, said plainly, never "no calibration"
+    res = json.loads((tmp_path / "adv" / "results.json").read_text())
+    assert res["calibration"]["model"] == "prior" and res["calibration"]["anchors"] == []
+    assert "No anchor of this model was measured" in (tmp_path / "adv" / "report.html").read_text()
 
 
 def _own_answers_config(tmp_path: Path, base: Path, n: int = 12) -> Path:
@@ -304,3 +308,18 @@ def test_trade_off_labels_never_overlap(tmp_path: Path) -> None:
         assert len(boxes) == 8
         assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
         assert any(abs(line.get_ydata()[0] - 0.9) < 1e-9 for line in ax.lines if len(line.get_ydata()) == 2)
+
+
+def test_cost_estimate_counts_the_forward_passes_it_prints() -> None:
+    from prunelens.analyses.calibration import estimate
+    from prunelens.analyses.recovery import GenItem, Target
+
+    speed = {"step_b1": 0.01, "step_b8": 0.02}
+    # per candidate: 3 × 32 batch-8 steps of signals (8 prompts), 2 × 2 × 32 batch-1 timed steps
+    e = estimate(speed, 2, 8, 32, 2, 0, None, 4)
+    assert (e["forward_passes"], e["per_candidate_s"], e["calibration_s"]) == (2 * (96 + 128), 3.2, 0.0)
+    target = Target("t", "test", tuple(GenItem(i, (), bool) for i in range(16)), 40, (), False, {})
+    # calibration: the dense model on 2 batches × 40 tokens, then each of 2 anchors on the same until the
+    # dense pass has said how many it had right
+    assert estimate(speed, 0, 8, 32, 2, 2, target, 0)["calibration_s"] == pytest.approx((80 + 2 * 80) * 0.02)
+    assert estimate(speed, 0, 8, 32, 2, 2, target, 0, n_right=8)["calibration_s"] == pytest.approx(2 * 40 * 0.02)

@@ -137,6 +137,10 @@ def _recovery(cal: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
 
 
 def calibration_text(cal: dict[str, Any]) -> str:
+    if not cal["anchors"]:
+        return (f"No anchor of this model was measured: retention comes from the prior of the shipped fits "
+                f"({', '.join(cal['prior_from'])}), its {cal['coverage']:.0%} interval as wide as those models "
+                "disagree; --calibrate 2 measures two candidates of this model and narrows it.")
     anchors = ", ".join(f"{a['spec']} kept {a['k']:.0f}/{a['n']}" for a in cal["anchors"]) or "none measured"
     how = {"prior": "the prior alone (the other models' fits: a wide interval)",
            "intercept": "the intercept through the anchor, the prior's slope",
@@ -212,7 +216,8 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
         recs = _recovery(cal)
         if recs:
             lines.append(f"where the lost answers went: {reading(recs)}")
-        lines.append(f"calibration cells: {cal['cells']}")
+        if cal.get("cells"):
+            lines.append(f"calibration cells: {cal['cells']}")
     elif fit:
         lines.append(f"generative retention: share of the dense model's right free-generation answers kept, "
                      f"{fit['coverage']:.0%} interval, fitted on {fit['fitted_on']} (held-out-method MAE "

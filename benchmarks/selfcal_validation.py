@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from prunelens import builtin_prompts, load_model
-from prunelens.analyses.cells import CellCache, environment, model_fingerprint
+from prunelens.analyses.cells import CellCache, cell_name, environment, model_fingerprint
 from prunelens.analyses.predictor import collapse_signals, retention_fit
 from prunelens.analyses.selfcal import calibrate, choose_anchors, predict, prior_from_fits, scatter_from_fits
 from prunelens.model.memory import release_freed_memory
@@ -105,7 +105,7 @@ def target_rows(out: Path) -> dict[tuple[str, str], list[dict[str, Any]]]:
         right = [q for q, h in dense[task].items() if h]
         rs = []
         for p in prunings:
-            cell = out / "cells" / f"{''.join(c if c.isalnum() or c in '-_.@' else '_' for c in p['spec'] or '')}.json"
+            cell = out / "cells" / f"{cell_name(p['spec'] or '')}.json"
             if p["spec"] is None or not cell.is_file():
                 continue
             rs.append({"spec": p["spec"], "method": p["method"], "tf_kl": _cell(cell)["tf_kl"],

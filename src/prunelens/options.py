@@ -24,6 +24,7 @@ from prunelens.prune.importance import METRICS
 from prunelens.prune.recipe import Calibration, Recipe, build
 from prunelens.runs import check_writable_parent
 from prunelens.tasks.config import load_config
+from prunelens.tasks.config_file import is_task_config
 from prunelens.tasks.registry import TaskOptions, check_task, tasks_help
 
 # below this, z/T turns a 0.1-nat logit gap into 100 nats: the distribution is numerically one-hot
@@ -330,7 +331,7 @@ def task_setup(args: argparse.Namespace) -> tuple[list[str], Any]:
 def prompt_texts(path: str) -> list[str]:
     """Prompts of a .txt/.jsonl file, or of a task config .yaml (each row's zero-shot prompt)."""
 
-    if path.lower().endswith((".yaml", ".yml")):
+    if is_task_config(path):
         return load_config(path).prompts()
     return read_texts(path, "prompt")
 

@@ -43,7 +43,6 @@ from prunelens.analyses.calibration import (
     dense_first,
     estimate,
     identity_of,
-    is_task_config,
     probe,
 )
 from prunelens.analyses.paired import check_paired_task
@@ -59,6 +58,7 @@ from prunelens.prune.base import methods
 from prunelens.prune.candidate import Candidate, stored_footprint
 from prunelens.prune.recipe import Calibration, Recipe, build, footprint, split_specs
 from prunelens.runs import check_out_dir, default_run_dir
+from prunelens.tasks.config_file import is_task_config
 
 SCHEMA = "prunelens.advise/1"
 USES = ("generative", "multiple-choice", "retrieval")
@@ -241,12 +241,13 @@ def advise(lm: LoadedModel, budget: float, use: str, prompts: Sequence[str],
         if say is not None:
             say(f"calibration: the dense model answers {n_right} of {len(target.items)} questions right; each "
                 f"anchor is asked those (about {left['calibration_s'] / 60:.1f} min for the {n_anchors})")
+    cal = Calibration(calib, calib_samples, None, seed)
     rows = []
     bar = tqdm([*specs, *external], desc="candidates", unit="pruning", disable=not progress)
     for spec in bar:
         bar.set_postfix_str(spec, refresh=True)
         rows.append(score_candidate(lm, spec, spec in external, load_cand, prompts, prompt_ids, steps, budget, use,
-                                    Calibration(calib, calib_samples, None, seed)))
+                                    cal))
         release_freed_memory()
     cal_info, fit_info = None, None
     if own is not None:
@@ -257,7 +258,7 @@ def advise(lm: LoadedModel, budget: float, use: str, prompts: Sequence[str],
                     "grid": own[1]["grid"]}
     else:
         cal_info = calibrated(lm, rows, target, n_anchors, opened,
-                              lambda s: build(lm, s, Calibration(calib, calib_samples, None, seed), progress=False),
+                              lambda s: build(lm, s, cal, progress=False),
                               samples, seed, progress=progress, say=say)
     repair_gains(rows)
     rank(rows, use)

@@ -19,6 +19,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,7 @@ def builtin_target(lm: LoadedModel, data_dir: str | Path | None, limit: int, see
     """Free-generation ARC-Easy, asked as ``paired`` asks it (the format the shipped fits were made on)."""
     setup = PairedSetup("arc_easy", "cloze", data_dir or "", limit, seed, 0, 8, chat_template, False)
     target = paired_target(setup, paired_questions("arc_easy", data_dir, limit, seed), lm.tokenizer)
-    return Target(target.name, "built-in ARC-Easy questions, free generation", target.items, target.max_new_tokens,
-                  target.stop, target.chat_template, target.identity, target.option_probs, target.golds)
+    return replace(target, source="built-in ARC-Easy questions, free generation")
 
 
 def config_target(path: str | Path, limit: int | None, seed: int, chat_template: bool = True) -> Target:
@@ -74,10 +74,6 @@ def config_target(path: str | Path, limit: int | None, seed: int, chat_template:
                   task.max_new_tokens, tuple(cfg.raw.get("until") or ()),
                   chat_template and bool(cfg.raw.get("chat_template", True)),
                   {"config": task.identity(None), "limit": limit, "seed": seed})
-
-
-def is_task_config(path: str | None) -> bool:
-    return bool(path) and str(path).lower().endswith((".yaml", ".yml"))
 
 
 def cells_dir(model: str, target: Target, calib: Any) -> Path:

@@ -75,6 +75,11 @@ def first_difference(a: Any, b: Any, path: str = "", names: tuple[str, str] = ("
     return None if a == b else f"{path or 'identity'}: {a!r} {names[0]}, {b!r} {names[1]}"
 
 
+def cell_name(key: str) -> str:
+    """A cell key as a file name: anything but letters, digits and ``-_.@`` becomes ``_``."""
+    return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in key)
+
+
 class CellCache:
     """Finished cells of one run under ``out``, keyed by strings; see the module docstring.
     ``adopt`` takes over a directory written before it had a manifest (its cells are kept)."""
@@ -116,13 +121,11 @@ class CellCache:
         return self
 
     def path(self, key: str) -> Path:
-        safe = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in key)
-        return self.out / self.cells / f"{safe}.json"
+        return self.out / self.cells / f"{cell_name(key)}.json"
 
     def run_dir(self, key: str) -> Path:
         """A cell that is a whole run directory (results.json, figures, report) under runs/."""
-        safe = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in key)
-        return self.out / "runs" / safe
+        return self.out / "runs" / cell_name(key)
 
     def has(self, key: str) -> bool:
         return self.path(key).is_file()

@@ -58,6 +58,7 @@ from prunelens.registry import did_you_mean
 from prunelens.render import esc, html_page, html_table, img, save_figure, subplots, val
 from prunelens.runs import check_out_dir, default_run_dir
 from prunelens.tasks.config import config_task
+from prunelens.tasks.config_file import is_task_config
 from prunelens.tasks.data import sample_indices
 from prunelens.tasks.gsm8k import evaluate_gsm8k, normalise
 from prunelens.tasks.loglik import Request, score_requests
@@ -87,7 +88,7 @@ class PairedQuestion:
 
 def check_paired_task(task: str, data_dir: str | Path | None) -> Rows:
     """The task's rows (a local file or the Hub), or a one-line error naming what is wrong."""
-    if task.lower().endswith((".yaml", ".yml")):
+    if is_task_config(task):
         cfg = config_task(task).config
         if cfg.kind != "multiple_choice":
             raise PrunelensError(f"paired task '{task}' is a {cfg.kind} config: its items have a target but no "

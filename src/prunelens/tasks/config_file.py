@@ -46,6 +46,11 @@ _REQUIRED = {"multiple_choice": ("prompt", "choices", "answer"), "generate": ("p
              "code": ("prompt", "tests")}
 
 
+def is_task_config(name: str | Path | None) -> bool:
+    """Whether a task name or prompts path names a YAML task config (by its suffix)."""
+    return bool(name) and str(name).lower().endswith((".yaml", ".yml"))
+
+
 def is_template(v: Any) -> bool:
     return isinstance(v, str) and ("{{" in v or "{%" in v)
 

@@ -19,6 +19,7 @@ from prunelens.errors import PrunelensError
 from prunelens.model.loading import LoadedModel
 from prunelens.tasks.base import GENERATIVE, KINDS, PERPLEXITY, TASKS, Task, TaskOptions, TaskScore
 from prunelens.tasks.config import config_task
+from prunelens.tasks.config_file import is_task_config
 from prunelens.tasks.retrieval import retrieval_task
 
 __all__ = ["GENERATIVE", "PERPLEXITY", "TASKS", "TaskOptions", "TaskScore", "check_task", "get_task", "item_hits",
@@ -31,7 +32,7 @@ def get_task(name: str) -> Task:
         return TASKS.get(name)
     if name.startswith("retrieval:") and len(name) > len("retrieval:"):
         return retrieval_task(name)
-    if name.lower().endswith((".yaml", ".yml")):
+    if is_task_config(name):
         return config_task(name)
     raise PrunelensError(f"{TASKS.unknown(name)}; or retrieval:DIR or a task config .yaml")
 
